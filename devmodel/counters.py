@@ -1,0 +1,27 @@
+"""Counters shared by the transports, the aperture and the register BAR the guest can read.
+
+Plain integer attributes rather than a dict: the trapped-access hot path bumps them, and an
+attribute increment on a slotted object is the cheapest thing Python offers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class DeviceCounters:
+    trapped_reads: int = 0
+    trapped_writes: int = 0
+    # Accesses refused for their shape: out of range, unaligned, bad size, wrong region.
+    bad_accesses: int = 0
+    # Malformed or unsupported protocol messages answered with an error or refused.
+    protocol_errors: int = 0
+    page_ins: int = 0
+    # Accesses answered with the failure policy (all-ones reads, dropped writes).
+    failed_accesses: int = 0
+    resets: int = 0
+    client_connects: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
