@@ -43,9 +43,7 @@ class Aperture(Protocol):
 def check_aperture_size(size: int) -> None:
     """Raise ValueError unless `size` is a power of two BAR0 can have."""
     if size < MIN_APERTURE or size > MAX_APERTURE or size & (size - 1):
-        raise ValueError(
-            f"aperture size must be a power of two from 1M to 1T, not {size:#x}"
-        )
+        raise ValueError(f"aperture size must be a power of two from 1M to 1T, not {size:#x}")
 
 
 class OwnedMemory:
