@@ -1,0 +1,7 @@
+"""`python -m devmodel`."""
+
+import sys
+
+from devmodel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transports: each one turns a hypervisor interface's guest accesses into calls on the device."""
