@@ -1,0 +1,773 @@
+/*
+ * bartest: the devmodel test guest's BAR exerciser.
+ *
+ * Runs inside the guest's initramfs as root. It finds the devmodel PCI function by
+ * vendor:device, enables it, maps BAR0 (the lent-memory aperture) and BAR2 (the register block)
+ * through sysfs with O_SYNC (uncached, so every load and store is one trapped access of exactly
+ * its size), runs the tests named on the kernel command line and prints one result line per
+ * test on the console:
+ *
+ *     DEVMODEL-RESULT {"test":"pattern","ok":true,...}
+ *
+ * Busybox's devmem forks per access (about 5.6 ms each), far too slow for loops; this program
+ * does the tight loops in C. Built on the host with gcc -static by build-initramfs; the result
+ * format is documented in qemu-configs/README.md.
+ *
+ * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
+ *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
+ *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
+ *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
+ *                         default 1M; the last 64 KiB of the BAR are always tested too)
+ *   devmodel.iters=N      loop count of the timing tests (default 20000)
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PREFIX "DEVMODEL-RESULT "
+#define SYSFS_PCI "/sys/bus/pci/devices"
+#define TAIL_BYTES (64u << 10)
+#define REGS_BYTES 0x60u
+#define MAX_TESTS 16
+/* Linux's IORESOURCE_* bits as sysfs `resource` shows them. */
+#define IORESOURCE_IO 0x00000100ull
+#define IORESOURCE_MEM 0x00000200ull
+#define IORESOURCE_PREFETCH 0x00002000ull
+#define IORESOURCE_MEM_64 0x00100000ull
+
+struct options {
+	unsigned vendor, device;
+	uint64_t bytes, iters;
+	char *tests[MAX_TESTS];
+	int ntests;
+};
+
+struct resource {
+	uint64_t start, end, flags;
+};
+
+struct device {
+	int found;
+	char path[300];
+	char name[256];
+	struct resource res[6];
+	volatile uint8_t *bar0, *bar2;
+	uint64_t bar0_size, bar2_size;
+};
+
+static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
+			     .iters = 20000};
+static struct device dev;
+
+/* ---- output: one JSON object per line, written with one write() so lines never interleave */
+
+struct line {
+	char buf[8192];
+	size_t len;
+};
+
+static void add(struct line *l, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void add(struct line *l, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	if (l->len >= sizeof(l->buf))
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(l->buf + l->len, sizeof(l->buf) - l->len, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		l->len += (size_t)n;
+	if (l->len >= sizeof(l->buf))
+		l->len = sizeof(l->buf) - 1;
+}
+
+static void begin(struct line *l, const char *test)
+{
+	l->len = 0;
+	add(l, PREFIX "{\"test\":\"%s\"", test);
+}
+
+/* Lines that are not a test's result (start, end) carry "event" instead of "test". */
+static void begin_event(struct line *l, const char *event)
+{
+	l->len = 0;
+	add(l, PREFIX "{\"event\":\"%s\"", event);
+}
+
+static void emit(struct line *l)
+{
+	const char *p;
+	size_t left;
+	ssize_t n;
+
+	add(l, "}\n");
+	for (p = l->buf, left = l->len; left > 0; p += n, left -= (size_t)n) {
+		n = write(STDOUT_FILENO, p, left);
+		if (n <= 0)
+			return;
+	}
+}
+
+/* A result line for a test that could not run; `why` must not need JSON escaping. */
+static int fail_line(const char *test, const char *why, ...) __attribute__((format(printf, 2, 3)));
+static int fail_line(const char *test, const char *why, ...)
+{
+	struct line l;
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, why);
+	vsnprintf(msg, sizeof(msg), why, ap);
+	va_end(ap);
+	begin(&l, test);
+	add(&l, ",\"ok\":false,\"error\":\"%s\"", msg);
+	emit(&l);
+	return 1;
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- command line */
+
+static uint64_t parse_size(const char *s)
+{
+	char *end;
+	uint64_t v = strtoull(s, &end, 0);
+
+	switch (*end) {
+	case 'k': case 'K': return v << 10;
+	case 'm': case 'M': return v << 20;
+	case 'g': case 'G': return v << 30;
+	default: return v;
+	}
+}
+
+static void split_tests(char *list)
+{
+	char *save = NULL, *t;
+
+	opt.ntests = 0;
+	for (t = strtok_r(list, ",", &save); t && opt.ntests < MAX_TESTS;
+	     t = strtok_r(NULL, ",", &save))
+		opt.tests[opt.ntests++] = t;
+}
+
+static void parse_cmdline(void)
+{
+	static char cmdline[4096];
+	char *save = NULL, *tok;
+	FILE *f = fopen("/proc/cmdline", "r");
+
+	if (!f)
+		return;
+	if (!fgets(cmdline, sizeof(cmdline), f))
+		cmdline[0] = 0;
+	fclose(f);
+	for (tok = strtok_r(cmdline, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save)) {
+		if (!strncmp(tok, "devmodel.pciid=", 15))
+			sscanf(tok + 15, "%x:%x", &opt.vendor, &opt.device);
+		else if (!strncmp(tok, "devmodel.bytes=", 15))
+			opt.bytes = parse_size(tok + 15);
+		else if (!strncmp(tok, "devmodel.iters=", 15))
+			opt.iters = parse_size(tok + 15);
+		else if (!strncmp(tok, "devmodel.test=", 14))
+			split_tests(tok + 14);
+	}
+}
+
+/* ---- finding, enabling and mapping the device */
+
+static int read_file(const char *dir, const char *name, char *buf, size_t size)
+{
+	char path[400];
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, size - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	buf[n] = 0;
+	return (int)n;
+}
+
+static unsigned long read_hex(const char *dir, const char *name)
+{
+	char buf[64];
+
+	if (read_file(dir, name, buf, sizeof(buf)) < 0)
+		return ~0ul;
+	return strtoul(buf, NULL, 16);
+}
+
+static volatile uint8_t *map_bar(int index, uint64_t size)
+{
+	char path[400];
+	void *p;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/resource%d", dev.path, index);
+	fd = open(path, O_RDWR | O_SYNC);
+	if (fd < 0)
+		return NULL;
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void find_device(void)
+{
+	struct dirent *e;
+	DIR *d = opendir(SYSFS_PCI);
+	char buf[1024], *p;
+	int i, fd;
+
+	if (!d)
+		return;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(dev.path, sizeof(dev.path), SYSFS_PCI "/%s", e->d_name);
+		if (read_hex(dev.path, "vendor") == opt.vendor &&
+		    read_hex(dev.path, "device") == opt.device) {
+			snprintf(dev.name, sizeof(dev.name), "%s", e->d_name);
+			dev.found = 1;
+			break;
+		}
+	}
+	closedir(d);
+	if (!dev.found)
+		return;
+	if (read_file(dev.path, "resource", buf, sizeof(buf)) > 0) {
+		p = buf;
+		for (i = 0; i < 6; i++) {
+			struct resource *r = &dev.res[i];
+
+			if (sscanf(p, "%" SCNx64 " %" SCNx64 " %" SCNx64, &r->start, &r->end,
+				   &r->flags) != 3)
+				break;
+			p = strchr(p, '\n');
+			if (!p)
+				break;
+			p++;
+		}
+	}
+	/* Enabling turns on memory decoding; without it every access reads all-ones. */
+	snprintf(buf, sizeof(buf), "%s/enable", dev.path);
+	fd = open(buf, O_WRONLY);
+	if (fd >= 0) {
+		if (write(fd, "1", 1) != 1)
+			perror("bartest: enable");
+		close(fd);
+	}
+	if (dev.res[0].start) {
+		dev.bar0_size = dev.res[0].end - dev.res[0].start + 1;
+		dev.bar0 = map_bar(0, dev.bar0_size);
+	}
+	if (dev.res[2].start) {
+		dev.bar2_size = dev.res[2].end - dev.res[2].start + 1;
+		dev.bar2 = map_bar(2, dev.bar2_size);
+	}
+}
+
+/* ---- access helpers: volatile, so each is exactly one load or store of its size */
+
+static inline void wr(volatile uint8_t *b, uint64_t off, unsigned size, uint64_t v)
+{
+	switch (size) {
+	case 1: *(volatile uint8_t *)(b + off) = (uint8_t)v; break;
+	case 2: *(volatile uint16_t *)(b + off) = (uint16_t)v; break;
+	case 4: *(volatile uint32_t *)(b + off) = (uint32_t)v; break;
+	default: *(volatile uint64_t *)(b + off) = v; break;
+	}
+}
+
+static inline uint64_t rd(volatile uint8_t *b, uint64_t off, unsigned size)
+{
+	switch (size) {
+	case 1: return *(volatile uint8_t *)(b + off);
+	case 2: return *(volatile uint16_t *)(b + off);
+	case 4: return *(volatile uint32_t *)(b + off);
+	default: return *(volatile uint64_t *)(b + off);
+	}
+}
+
+static inline uint64_t size_mask(unsigned size)
+{
+	return size == 8 ? ~0ull : (1ull << (8 * size)) - 1;
+}
+
+/* The pattern's byte at BAR offset `off`: depends on the position and a per-run seed, so data
+ * left from an earlier run or written to the wrong place never matches by accident. */
+static inline uint8_t pat(uint64_t seed, uint64_t off)
+{
+	uint64_t x = (off + seed) * 0x9e3779b97f4a7c15ull;
+
+	return (uint8_t)((x >> 56) ^ (x >> 29));
+}
+
+/* What an access of `size` bytes at `off` must see (little-endian, as the guest is). */
+static inline uint64_t expect(uint64_t seed, uint64_t off, unsigned size)
+{
+	uint64_t v = 0;
+	unsigned i;
+
+	for (i = 0; i < size; i++)
+		v |= (uint64_t)pat(seed, off + i) << (8 * i);
+	return v;
+}
+
+struct verify {
+	uint64_t mismatches[4][4]; /* [log2 write size][log2 read size] */
+	uint64_t accesses;
+	uint64_t first_off;        /* valid when first_size != 0 */
+	unsigned first_size;
+	uint64_t first_want, first_got;
+};
+
+/* Fill [off, off+len) and read it back so that every pair of access sizes meets once.
+ *
+ * The range is cut into 16 equal pieces. Quarter w (pieces 4w..4w+3) is written with
+ * (1 << w)-byte stores; piece 4w+r is then read with (1 << r)-byte loads. Every byte is written
+ * once and read once (reading the whole range with all four sizes would take four times as
+ * long: each trapped read is a round trip to the device model), yet each write size is
+ * checked against each read size. `len` must be a multiple of 128. */
+static void fill_verify(volatile uint8_t *bar, uint64_t off, uint64_t len, uint64_t seed,
+			struct verify *v)
+{
+	uint64_t piece = len / 16, o, end, got, want;
+	unsigned w, r, size;
+
+	for (w = 0; w < 4; w++) {
+		size = 1u << w;
+		for (o = off + 4 * w * piece, end = o + 4 * piece; o < end; o += size)
+			wr(bar, o, size, expect(seed, o, size));
+		v->accesses += 4 * piece / size;
+	}
+	for (w = 0; w < 4; w++) {
+		for (r = 0; r < 4; r++) {
+			size = 1u << r;
+			o = off + (4 * w + r) * piece;
+			for (end = o + piece; o < end; o += size) {
+				got = rd(bar, o, size);
+				want = expect(seed, o, size);
+				if (got == want)
+					continue;
+				if (!v->mismatches[w][r]++ && !v->first_size) {
+					v->first_off = o;
+					v->first_size = size;
+					v->first_want = want;
+					v->first_got = got;
+				}
+			}
+			v->accesses += piece / size;
+		}
+	}
+}
+
+static uint64_t total_mismatches(const struct verify *v)
+{
+	uint64_t n = 0;
+	int w, r;
+
+	for (w = 0; w < 4; w++)
+		for (r = 0; r < 4; r++)
+			n += v->mismatches[w][r];
+	return n;
+}
+
+static void add_verify(struct line *l, const struct verify *v)
+{
+	int w, r;
+
+	add(l, ",\"mismatches\":%" PRIu64 ",\"by_size\":{", total_mismatches(v));
+	for (w = 0; w < 4; w++)
+		for (r = 0; r < 4; r++)
+			add(l, "%s\"w%dr%d\":%" PRIu64, w || r ? "," : "", 1 << w, 1 << r,
+			    v->mismatches[w][r]);
+	add(l, "},\"accesses\":%" PRIu64, v->accesses);
+	if (v->first_size)
+		add(l, ",\"first_mismatch\":{\"offset\":\"0x%" PRIx64 "\",\"size\":%u,"
+		       "\"want\":\"0x%" PRIx64 "\",\"got\":\"0x%" PRIx64 "\"}",
+		    v->first_off, v->first_size, v->first_want, v->first_got);
+}
+
+static uint64_t pattern_bytes(void)
+{
+	uint64_t n = opt.bytes & ~127ull;
+
+	if (n < 128)
+		n = 128;
+	if (n > dev.bar0_size - TAIL_BYTES)
+		n = dev.bar0_size - TAIL_BYTES;
+	return n;
+}
+
+static int need_bar0(const char *test)
+{
+	if (!dev.found)
+		return fail_line(test, "no PCI function %04x:%04x", opt.vendor, opt.device);
+	if (!dev.bar0)
+		return fail_line(test, "cannot map BAR0 of %s: %s", dev.name, strerror(errno));
+	if (dev.bar0_size < 2 * TAIL_BYTES)
+		return fail_line(test, "BAR0 is too small (%" PRIu64 " bytes)", dev.bar0_size);
+	return 0;
+}
+
+/* ---- tests; each prints its lines and returns 0 when it passed */
+
+static int test_enumerate(void)
+{
+	struct line l;
+	unsigned char cfg[64];
+	char buf[400];
+	uint32_t bar0_reg = 0;
+	int i, fd, first = 1, ok;
+
+	if (!dev.found)
+		return fail_line("enumerate", "no PCI function %04x:%04x", opt.vendor, opt.device);
+	snprintf(buf, sizeof(buf), "%s/config", dev.path);
+	fd = open(buf, O_RDONLY);
+	if (fd >= 0) {
+		if (read(fd, cfg, sizeof(cfg)) == (ssize_t)sizeof(cfg))
+			memcpy(&bar0_reg, cfg + 0x10, 4);
+		close(fd);
+	}
+	/* BAR0 must decode as memory, 64-bit, prefetchable: type bits 2:1 = 10b, bit 3 set. */
+	ok = (bar0_reg & 0xf) == 0xc && dev.bar0_size > 0;
+	begin(&l, "enumerate");
+	add(&l, ",\"ok\":%s,\"slot\":\"%s\",\"vendor\":\"0x%04lx\",\"device\":\"0x%04lx\"",
+	    ok ? "true" : "false", dev.name, read_hex(dev.path, "vendor"),
+	    read_hex(dev.path, "device"));
+	add(&l, ",\"subsystem_vendor\":\"0x%04lx\",\"subsystem_device\":\"0x%04lx\"",
+	    read_hex(dev.path, "subsystem_vendor"), read_hex(dev.path, "subsystem_device"));
+	add(&l, ",\"class\":\"0x%06lx\",\"revision\":\"0x%02lx\",\"bar0_reg\":\"0x%08" PRIx32 "\"",
+	    read_hex(dev.path, "class"), read_hex(dev.path, "revision"), bar0_reg);
+	add(&l, ",\"bars\":[");
+	for (i = 0; i < 6; i++) {
+		const struct resource *r = &dev.res[i];
+
+		if (!r->flags)
+			continue;
+		add(&l, "%s{\"index\":%d,\"start\":\"0x%" PRIx64 "\",\"size\":%" PRIu64
+			",\"flags\":\"0x%" PRIx64 "\",\"mem\":%s,\"io\":%s,\"mem64\":%s,"
+			"\"prefetch\":%s}",
+		    first ? "" : ",", i, r->start, r->start ? r->end - r->start + 1 : 0, r->flags,
+		    r->flags & IORESOURCE_MEM ? "true" : "false",
+		    r->flags & IORESOURCE_IO ? "true" : "false",
+		    r->flags & IORESOURCE_MEM_64 ? "true" : "false",
+		    r->flags & IORESOURCE_PREFETCH ? "true" : "false");
+		first = 0;
+	}
+	add(&l, "]");
+	emit(&l);
+	return !ok;
+}
+
+static int test_pattern(void)
+{
+	uint64_t seed = now_ns(), n, t0;
+	struct { const char *name; uint64_t off, len; } ranges[2];
+	struct verify v;
+	struct line l;
+	int i, failed = 0;
+
+	if (need_bar0("pattern"))
+		return 1;
+	n = pattern_bytes();
+	ranges[0].name = "start";
+	ranges[0].off = 0;
+	ranges[0].len = n;
+	ranges[1].name = "tail";
+	ranges[1].off = dev.bar0_size - TAIL_BYTES;
+	ranges[1].len = TAIL_BYTES;
+	for (i = 0; i < 2; i++) {
+		memset(&v, 0, sizeof(v));
+		t0 = now_ns();
+		fill_verify(dev.bar0, ranges[i].off, ranges[i].len, seed, &v);
+		begin(&l, "pattern");
+		add(&l, ",\"ok\":%s,\"range\":\"%s\",\"offset\":\"0x%" PRIx64 "\",\"bytes\":%" PRIu64
+			",\"seed\":\"0x%" PRIx64 "\",\"ms\":%" PRIu64,
+		    total_mismatches(&v) ? "false" : "true", ranges[i].name, ranges[i].off,
+		    ranges[i].len, seed, (now_ns() - t0) / 1000000);
+		add_verify(&l, &v);
+		emit(&l);
+		failed |= total_mismatches(&v) != 0;
+	}
+	return failed;
+}
+
+static void boundary_end(struct line *l, uint64_t qword_off, int at_end, uint64_t seed,
+			 int *failures)
+{
+	uint64_t shadow, got, want, off, val, mask;
+	unsigned size, shift;
+
+	shadow = expect(seed, qword_off, 8);
+	wr(dev.bar0, qword_off, 8, shadow);
+	/* Stores of 8, 4, 2, 1 bytes against the BAR's edge, each read back at once... */
+	for (size = 8; size >= 1; size /= 2) {
+		off = at_end ? qword_off + 8 - size : qword_off;
+		shift = (unsigned)(off - qword_off) * 8;
+		mask = size_mask(size);
+		val = (seed * size) & mask;
+		wr(dev.bar0, off, size, val);
+		shadow = (shadow & ~(mask << shift)) | (val << shift);
+		got = rd(dev.bar0, off, size);
+		if (got != val)
+			add(l, "%s{\"op\":\"readback\",\"offset\":\"0x%" PRIx64 "\",\"size\":%u,"
+			       "\"want\":\"0x%" PRIx64 "\",\"got\":\"0x%" PRIx64 "\"}",
+			    (*failures)++ ? "," : "", off, size, val, got);
+	}
+	/* ...then loads of 1, 2, 4, 8 bytes against the same edge see the merged qword. */
+	for (size = 1; size <= 8; size *= 2) {
+		off = at_end ? qword_off + 8 - size : qword_off;
+		shift = (unsigned)(off - qword_off) * 8;
+		want = (shadow >> shift) & size_mask(size);
+		got = rd(dev.bar0, off, size);
+		if (got != want)
+			add(l, "%s{\"op\":\"read\",\"offset\":\"0x%" PRIx64 "\",\"size\":%u,"
+			       "\"want\":\"0x%" PRIx64 "\",\"got\":\"0x%" PRIx64 "\"}",
+			    (*failures)++ ? "," : "", off, size, want, got);
+	}
+}
+
+/* Accesses of every size at offset 0 and at the last byte, word, dword and qword of BAR0:
+ * catches byte-lane errors and off-by-one range checks at the BAR's end. */
+static int test_boundary(void)
+{
+	uint64_t seed = now_ns() | 0x0101010101010101ull;
+	struct line l;
+	int failures = 0;
+
+	if (need_bar0("boundary"))
+		return 1;
+	begin(&l, "boundary");
+	add(&l, ",\"bar_size\":%" PRIu64 ",\"checks\":16,\"failed\":[", dev.bar0_size);
+	boundary_end(&l, 0, 0, seed, &failures);
+	boundary_end(&l, dev.bar0_size - 8, 1, seed ^ 0xa5a5a5a5a5a5a5a5ull, &failures);
+	add(&l, "],\"failures\":%d,\"ok\":%s", failures, failures ? "false" : "true");
+	emit(&l);
+	return failures != 0;
+}
+
+static int test_regs(void)
+{
+	struct line l;
+	unsigned off, n;
+
+	if (!dev.found)
+		return fail_line("regs", "no PCI function %04x:%04x", opt.vendor, opt.device);
+	if (!dev.bar2)
+		return fail_line("regs", "cannot map BAR2 of %s", dev.name);
+	n = dev.bar2_size < REGS_BYTES ? (unsigned)dev.bar2_size : REGS_BYTES;
+	begin(&l, "regs");
+	add(&l, ",\"ok\":true,\"bar2_size\":%" PRIu64 ",\"dwords\":[", dev.bar2_size);
+	for (off = 0; off < n; off += 4)
+		add(&l, "%s\"0x%08" PRIx64 "\"", off ? "," : "", rd(dev.bar2, off, 4));
+	add(&l, "]");
+	emit(&l);
+	return 0;
+}
+
+struct timing {
+	uint64_t read4_ns, read8_ns, write4_ns, reg_read4_ns;
+};
+
+/* Tight loops of trapped accesses at `off` in BAR0; ns per access. The write loop ends with a
+ * read so that the posted writes have reached the device model before the clock stops. */
+static void time_accesses(uint64_t off, uint64_t iters, struct timing *t)
+{
+	volatile uint64_t sink = 0;
+	uint64_t i, t0;
+
+	t0 = now_ns();
+	for (i = 0; i < iters; i++)
+		sink += rd(dev.bar0, off, 4);
+	t->read4_ns = (now_ns() - t0) / iters;
+	t0 = now_ns();
+	for (i = 0; i < iters; i++)
+		sink += rd(dev.bar0, off, 8);
+	t->read8_ns = (now_ns() - t0) / iters;
+	t0 = now_ns();
+	for (i = 0; i < iters; i++)
+		wr(dev.bar0, off, 4, i);
+	sink += rd(dev.bar0, off, 4);
+	t->write4_ns = (now_ns() - t0) / iters;
+	t->reg_read4_ns = 0;
+	if (dev.bar2) {
+		t0 = now_ns();
+		for (i = 0; i < iters; i++)
+			sink += rd(dev.bar2, 0, 4);
+		t->reg_read4_ns = (now_ns() - t0) / iters;
+	}
+	(void)sink;
+}
+
+static void add_timing(struct line *l, uint64_t iters, const struct timing *t)
+{
+	add(l, ",\"iters\":%" PRIu64 ",\"read4_ns\":%" PRIu64 ",\"read8_ns\":%" PRIu64
+	       ",\"write4_ns\":%" PRIu64 ",\"reg_read4_ns\":%" PRIu64,
+	    iters, t->read4_ns, t->read8_ns, t->write4_ns, t->reg_read4_ns);
+}
+
+static int test_timing(void)
+{
+	struct timing t;
+	struct line l;
+	uint64_t iters = opt.iters ? opt.iters : 1;
+
+	if (need_bar0("timing"))
+		return 1;
+	time_accesses(0x1000, iters, &t);
+	begin(&l, "timing");
+	add(&l, ",\"ok\":true");
+	add_timing(&l, iters, &t);
+	emit(&l);
+	return 0;
+}
+
+struct smp_thread {
+	pthread_t id;
+	int index, ncpus, cpu;
+	uint64_t off, len, iters, ms;
+	struct verify v;
+	struct timing t;
+};
+
+static void *smp_run(void *arg)
+{
+	struct smp_thread *s = arg;
+	cpu_set_t set;
+	uint64_t t0;
+
+	if (s->index < s->ncpus) {
+		CPU_ZERO(&set);
+		CPU_SET(s->index, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+	s->cpu = sched_getcpu();
+	t0 = now_ns();
+	fill_verify(dev.bar0, s->off, s->len, now_ns() + (uint64_t)s->index, &s->v);
+	s->ms = (now_ns() - t0) / 1000000;
+	time_accesses(s->off, s->iters, &s->t);
+	return NULL;
+}
+
+/* Two threads, one per vCPU, each filling and verifying its own half of the pattern region and
+ * then timing accesses, all at once: concurrent trapped accesses from several vCPUs. */
+static int test_smp(void)
+{
+	struct smp_thread th[2];
+	struct line l;
+	uint64_t half, mismatches = 0;
+	int i, started = 0, ncpus = get_nprocs();
+
+	if (need_bar0("smp"))
+		return 1;
+	half = (pattern_bytes() / 2) & ~127ull;
+	if (half < 128)
+		half = 128;
+	memset(th, 0, sizeof(th));
+	for (i = 0; i < 2; i++) {
+		th[i].index = i;
+		th[i].ncpus = ncpus;
+		th[i].off = (uint64_t)i * half;
+		th[i].len = half;
+		th[i].iters = opt.iters ? opt.iters : 1;
+		if (pthread_create(&th[i].id, NULL, smp_run, &th[i]) == 0)
+			started++;
+		else
+			break;
+	}
+	for (i = 0; i < started; i++)
+		pthread_join(th[i].id, NULL);
+	for (i = 0; i < started; i++) {
+		begin(&l, "smp");
+		add(&l, ",\"ok\":%s,\"thread\":%d,\"cpu\":%d,\"offset\":\"0x%" PRIx64
+			"\",\"bytes\":%" PRIu64 ",\"ms\":%" PRIu64,
+		    total_mismatches(&th[i].v) ? "false" : "true", i, th[i].cpu, th[i].off,
+		    th[i].len, th[i].ms);
+		add_verify(&l, &th[i].v);
+		add_timing(&l, th[i].iters, &th[i].t);
+		emit(&l);
+		mismatches += total_mismatches(&th[i].v);
+	}
+	begin(&l, "smp");
+	add(&l, ",\"ok\":%s,\"summary\":true,\"threads\":%d,\"cpus\":%d,\"mismatches\":%" PRIu64,
+	    started == 2 && !mismatches ? "true" : "false", started, ncpus, mismatches);
+	emit(&l);
+	return started != 2 || mismatches != 0;
+}
+
+static const struct {
+	const char *name;
+	int (*run)(void);
+} tests[] = {
+	{"enumerate", test_enumerate}, {"pattern", test_pattern}, {"boundary", test_boundary},
+	{"regs", test_regs},           {"timing", test_timing},   {"smp", test_smp},
+};
+
+int main(int argc, char **argv)
+{
+	struct line l;
+	int i, j, failed = 0, known;
+	uint64_t t0;
+
+	parse_cmdline();
+	if (argc > 1) {
+		opt.ntests = 0;
+		for (i = 1; i < argc && opt.ntests < MAX_TESTS; i++)
+			opt.tests[opt.ntests++] = argv[i];
+	}
+	find_device();
+	begin_event(&l, "start");
+	add(&l, ",\"pciid\":\"%04x:%04x\",\"slot\":\"%s\",\"bytes\":%" PRIu64
+		",\"iters\":%" PRIu64 ",\"cpus\":%d",
+	    opt.vendor, opt.device, dev.found ? dev.name : "", opt.bytes, opt.iters, get_nprocs());
+	emit(&l);
+	for (i = 0; i < opt.ntests; i++) {
+		if (!strcmp(opt.tests[i], "done") || !opt.tests[i][0])
+			continue; /* init's business: power off after the tests */
+		known = 0;
+		for (j = 0; j < (int)(sizeof(tests) / sizeof(tests[0])); j++) {
+			if (strcmp(opt.tests[i], tests[j].name))
+				continue;
+			known = 1;
+			t0 = now_ns();
+			if (tests[j].run())
+				failed++;
+			fprintf(stderr, "bartest: %s took %" PRIu64 " ms\n", tests[j].name,
+				(now_ns() - t0) / 1000000);
+		}
+		if (!known)
+			failed += fail_line(opt.tests[i], "unknown test");
+	}
+	return failed > 100 ? 100 : failed;
+}
