@@ -1,0 +1,160 @@
+"""Trapped-access benchmark: devmodel against peers measured in the same run.
+
+Prints, for 8-byte REGION_READs of BAR0 over a real unix socket from a client process:
+reads per second and per-read latency (median, p99) for
+  - devmodel (`devmodel run`, a separate process, the real server),
+  - a C server that answers without doing anything (the floor the socket sets),
+and the ratio between them; then the device model's own Python time per request (bytes in to
+bytes out, measured in-process without the socket), which is what the Xen transport will
+pay too. Usage: bench/bench_vfio_user.py [--reads N]. Not a test: machines here are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from devmodel.pci.function import PciFunction
+
+from devmodel.aperture import OwnedMemory
+from devmodel.client import VfioUserClient
+from devmodel.counters import DeviceCounters
+from devmodel.pci.identity import PciIdentity
+from protocol.vfio_user import events as ev
+from protocol.vfio_user.connection import ServerConnection
+
+HERE = Path(__file__).resolve().parent
+
+
+def wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server for {path} did not start")
+        time.sleep(0.01)
+
+
+def measure_socket(path: str, reads: int, negotiate: bool) -> list[float]:
+    """Per-read round trips in seconds, from a blocking client."""
+    with VfioUserClient(path) as client:
+        if negotiate:
+            client.attach()
+        sock = client.sock
+        buf = bytearray(64)
+        samples = []
+        perf = time.perf_counter
+        for i in range(reads):
+            req = struct.pack("<HHIIIQII", i & 0xFFFF, 9, 32, 0, 0, (i % 4096) * 8, 0, 8)
+            t0 = perf()
+            sock.sendall(req)
+            got = 0
+            while got < 40:
+                got += sock.recv_into(memoryview(buf)[got:], 40 - got)
+            samples.append(perf() - t0)
+    return samples
+
+
+def summarize(name: str, samples: list[float]) -> dict[str, float]:
+    samples = samples[len(samples) // 10 :]  # drop warm-up
+    med = statistics.median(samples)
+    p99 = sorted(samples)[int(len(samples) * 0.99)]
+    rate = len(samples) / sum(samples)
+    print(
+        f"  {name:<28} {rate:>10,.0f} reads/s   "
+        f"median {med * 1e6:7.1f} us   p99 {p99 * 1e6:7.1f} us"
+    )
+    return {"rate": rate, "median": med, "p99": p99}
+
+
+def device_model_own_time(reads: int) -> float:
+    """Python time per REGION_READ from request bytes to reply bytes, without a socket."""
+    counters = DeviceCounters()
+    device = PciFunction(PciIdentity(), OwnedMemory(256 << 20), counters)
+    conn = ServerConnection()
+    # VERSION 0.0 without capabilities, then the reply, to reach the READY state.
+    conn.receive_data(struct.pack("<HHIIIHH", 0, 1, 20, 0, 0, 0, 0))
+    conn.send(conn.version_reply(conn.next_event()))
+    requests = [
+        struct.pack("<HHIIIQII", i & 0xFFFF, 9, 32, 0, 0, (i % 4096) * 8, 0, 8) for i in range(1024)
+    ]
+    perf = time.perf_counter
+    t0 = perf()
+    for i in range(reads):
+        conn.receive_data(requests[i & 1023])
+        e = conn.next_event()
+        coro = device.bar_read(e.region, e.offset, e.count)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            data = done.value
+        conn.send(ev.RegionReadReply(e.msg_id, e.offset, e.region, data))
+    return (perf() - t0) / reads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=20000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="devmodel-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        echo_bin = tmp / "echo_server"
+        subprocess.run(["gcc", "-O2", "-o", str(echo_bin), str(HERE / "echo_server.c")], check=True)
+        echo_sock = str(tmp / "echo.sock")
+        procs.append(subprocess.Popen([str(echo_bin), echo_sock]))
+        wait_for(echo_sock, procs[-1])
+        dm_sock = str(tmp / "dm.sock")
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "devmodel",
+                    "run",
+                    "--socket-path",
+                    dm_sock,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+        )
+        wait_for(dm_sock, procs[-1])
+        print(f"8-byte trapped reads over a unix socket, {args.reads} each, one client process:")
+        # Alternate the two so that machine noise hits both alike.
+        dm_samples: list[float] = []
+        floor_samples: list[float] = []
+        for _ in range(4):
+            floor_samples += measure_socket(echo_sock, args.reads // 4, negotiate=False)
+            dm_samples += measure_socket(dm_sock, args.reads // 4, negotiate=True)
+        floor = summarize("C null server (floor)", floor_samples)
+        dm = summarize("devmodel", dm_samples)
+        print(
+            f"  ratio devmodel/floor: throughput {dm['rate'] / floor['rate']:.2f}x, "
+            f"median latency {dm['median'] / floor['median']:.2f}x "
+            f"(+{(dm['median'] - floor['median']) * 1e6:.1f} us per read)"
+        )
+        own = device_model_own_time(args.reads * 5)
+        print(
+            f"device model's own time per REGION_READ (bytes in to bytes out): {own * 1e6:.2f} us"
+        )
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

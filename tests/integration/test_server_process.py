@@ -1,0 +1,270 @@
+"""The device model as a separate process, driven over its real unix socket."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from devmodel.client import ErrorReplyReceived, VfioUserClient
+from protocol.vfio_user import constants as c
+from protocol.vfio_user import events as ev
+from tests.integration.conftest import DevmodelProcess, start_devmodel
+
+APERTURE = 256 << 20
+
+
+def test_attach_sequence_describes_the_device(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        seen = client.attach()
+    version = seen["version"]
+    assert (version.major, version.minor) == (0, 0)
+    assert version.capabilities.max_msg_fds <= 16
+    info = seen["info"]
+    assert info.flags == c.DEVICE_FLAGS_PCI | c.DEVICE_FLAGS_RESET
+    assert (info.num_regions, info.num_irqs) == (9, 5)
+    bar0 = seen["regions"][0]
+    assert bar0.size == APERTURE
+    # Never MMAP: a vfio-user mapping cannot be revoked.
+    assert not bar0.flags & c.REGION_INFO_FLAG_MMAP
+    assert bar0.flags & c.REGION_INFO_FLAG_READ and bar0.flags & c.REGION_INFO_FLAG_WRITE
+    assert seen["regions"][1].size == 0  # upper half of the 64-bit BAR0
+    assert seen["regions"][2].size == 4096
+    assert seen["regions"][7].size >= 256
+    config = seen["config"]
+    assert struct.unpack_from("<HH", config, 0) == (0x1234, 0x10E5)
+    bar0_low = struct.unpack_from("<I", config, 0x10)[0]
+    assert bar0_low & 0x7 == 0x4  # memory, 64-bit
+    assert bar0_low & 0x8  # prefetchable
+
+
+@pytest.mark.devmodel_args("--pci-id", "abcd:0123", "--aperture-size", "64M")
+def test_options_reach_the_guest(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        seen = client.attach()
+    assert struct.unpack_from("<HH", seen["config"], 0) == (0xABCD, 0x0123)
+    assert seen["regions"][0].size == 64 << 20
+
+
+def test_tight_loop_of_8_byte_reads_and_writes(devmodel: DevmodelProcess) -> None:
+    rng = random.Random(1)
+    model: dict[int, bytes] = {}
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        for _ in range(3000):
+            offset = rng.randrange(APERTURE // 8) * 8
+            if rng.random() < 0.5:
+                data = rng.randbytes(8)
+                client.write(0, offset, data)
+                model[offset] = data
+            else:
+                assert client.read(0, offset, 8) == model.get(offset, bytes(8))
+        for offset, data in model.items():
+            assert client.read(0, offset, 8) == data
+
+
+def test_every_access_size_at_natural_alignment(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        base = APERTURE - 64
+        for size in (1, 2, 4, 8):
+            for i in range(0, 16, size):
+                client.write(0, base + i, bytes((base + i + k) & 0xFF for k in range(size)))
+            for probe in (1, 2, 4, 8):
+                for i in range(0, 16, probe):
+                    got = client.read(0, base + i, probe)
+                    assert got == bytes((base + i + k) & 0xFF for k in range(probe))
+
+
+@pytest.mark.parametrize(
+    ("offset", "count", "region"),
+    [
+        (1, 8, 0),  # unaligned
+        (2, 4, 0),  # unaligned
+        (0, 3, 0),  # odd size
+        (0, 16, 0),  # larger than a trapped access
+        (APERTURE, 4, 0),  # just past the end
+        (APERTURE - 4, 8, 0),  # crosses the end (and unaligned for 8)
+        (1 << 62, 8, 0),  # far outside
+        (0, 4, 6),  # no ROM
+        (0, 4, 8),  # no VGA
+        (0, 4, 9),  # no such region
+        (0, 4, 4),  # absent BAR
+    ],
+)
+def test_bad_accesses_get_an_error_and_the_stream_survives(
+    devmodel: DevmodelProcess, offset: int, count: int, region: int
+) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        client.write(0, 0, b"\x11" * 8)
+        with pytest.raises(ErrorReplyReceived) as info:
+            client.read(region, offset, count)
+        assert info.value.reply.errno in (errno.EINVAL, errno.EFAULT)
+        with pytest.raises(ErrorReplyReceived):
+            client.write(region, offset, bytes(count))
+        # A posted bad write gets no reply at all: the next reply must be for the next read.
+        client.posted_write(region, offset, bytes(count))
+        assert client.read(0, 0, 8) == b"\x11" * 8
+
+
+def test_count_zero_and_oversized_requests(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        header = struct.pack("<HHIII", 500, 9, 32, 0, 0)
+        client.send_raw(header + struct.pack("<QII", 0, 0, 0))
+        reply = client.conn  # the raw reply must be an error for msg 500
+        client.conn._pending[500] = 9  # we bypassed the connection; tell it what we asked
+        err = client.receive()
+        assert isinstance(err, ev.ErrorReply) and err.msg_id == 500 and err.errno == errno.EINVAL
+        client.conn._pending[501] = 9
+        client.send_raw(
+            struct.pack("<HHIII", 501, 9, 32, 0, 0) + struct.pack("<QII", 0, 0, 8 << 20)
+        )
+        err = client.receive()
+        assert isinstance(err, ev.ErrorReply) and err.errno == errno.E2BIG
+        assert reply is client.conn
+        assert client.read(0, 0, 4) == bytes(4)
+
+
+def test_posted_writes_are_never_answered(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        for i in range(2000):
+            client.posted_write(0, (i % 512) * 8, struct.pack("<Q", i))
+        # If any posted write had been answered, this reply would not match.
+        assert struct.unpack("<Q", client.read(0, (1999 % 512) * 8, 8))[0] == 1999
+
+
+def test_write_multi_applies_every_entry(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        writes = tuple(ev.WriteEntry(i * 8, 0, struct.pack("<Q", i * 3)) for i in range(200))
+        reply = client.request(ev.RegionWriteMulti(client.next_id(), writes))
+        assert isinstance(reply, ev.RegionWriteMultiReply) and reply.wr_cnt == 200
+        client.send(ev.RegionWriteMulti(client.next_id(), writes[:3], no_reply=True))
+        for i in (0, 100, 199):
+            assert struct.unpack("<Q", client.read(0, i * 8, 8))[0] == i * 3
+
+
+def test_fds_are_kept_while_mapped_and_closed_on_unmap_and_disconnect(
+    devmodel: DevmodelProcess,
+) -> None:
+    baseline = devmodel.open_fds()
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        connected = devmodel.open_fds()
+        memfd = os.memfd_create("guest-ram")
+        os.ftruncate(memfd, 1 << 20)
+        client.request(ev.DmaMap(client.next_id(), 3, 0, 0x100000, 1 << 20, memfd))
+        os.close(memfd)
+        assert devmodel.open_fds() == connected + 1
+        with pytest.raises(ErrorReplyReceived) as info:
+            client.request(ev.DmaMap(client.next_id(), 3, 0, 0x100000, 4096, None))
+        assert info.value.reply.errno == errno.EEXIST
+        client.request(ev.DmaUnmap(client.next_id(), 0, 0x100000, 1 << 20))
+        assert devmodel.open_fds() == connected
+        efd = os.eventfd(0)
+        flags = c.IRQ_SET_DATA_EVENTFD | c.IRQ_SET_ACTION_TRIGGER
+        client.request(ev.DeviceSetIrqs(client.next_id(), flags, c.PciIrq.INTX, 0, 1, fds=(efd,)))
+        os.close(efd)
+        memfd = os.memfd_create("more-ram")
+        client.request(ev.DmaMap(client.next_id(), 3, 0, 0x200000, 4096, memfd))
+        os.close(memfd)
+        assert devmodel.open_fds() == connected + 2
+    # Disconnect closes the eventfd and the DMA fd the client left behind.
+    for _ in range(100):
+        if devmodel.open_fds() == baseline:
+            break
+        time.sleep(0.02)
+    assert devmodel.open_fds() == baseline
+
+
+def test_malformed_framing_drops_the_client_but_not_the_server(
+    devmodel: DevmodelProcess,
+) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        client.send_raw(struct.pack("<HHIII", 1, 9, 32, 0x7, 0) + bytes(16))  # type 7
+        with pytest.raises((ConnectionError, OSError)):
+            client.receive()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(devmodel.socket_path)
+    raw.sendall(struct.pack("<HHIII", 1, 1, 8, 0, 0))  # size below the header
+    assert raw.recv(100) == b""
+    raw.close()
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        client.write(0, 8, b"alive!!!")
+        assert client.read(0, 8, 8) == b"alive!!!"
+    assert devmodel.proc.poll() is None
+
+
+def test_memory_persists_across_clients(devmodel: DevmodelProcess) -> None:
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        client.write(0, 4096, b"persist!")
+    with VfioUserClient(devmodel.socket_path) as client:
+        client.attach()
+        assert client.read(0, 4096, 8) == b"persist!"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_stop_signals_exit_zero_and_remove_the_socket(tmp_path: Path, sig: int) -> None:
+    dm = start_devmodel(tmp_path)
+    with VfioUserClient(dm.socket_path) as client:
+        client.attach()
+        assert dm.stop(sig) == 0
+    assert not os.path.exists(dm.socket_path)
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
+    stale = tmp_path / "dev.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # leaves the file, nobody listening
+    dm = start_devmodel(tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "devmodel", "run", "--socket-path", dm.socket_path],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "another process is serving" in second.stderr
+    finally:
+        assert dm.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--aperture-size", "3M"],
+        ["--aperture-size", "lots"],
+        ["--pci-id", "12345"],
+        ["--granule", "8K"],
+        [],
+    ],
+)
+def test_bad_options_exit_2_with_one_clear_line(tmp_path: Path, args: list[str]) -> None:
+    extra = ["--socket-path", str(tmp_path / "x.sock")] if args else []
+    done = subprocess.run(
+        [sys.executable, "-m", "devmodel", "run", *extra, *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("devmodel run: error:")
