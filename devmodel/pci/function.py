@@ -1,0 +1,260 @@
+"""The PCI function every transport drives: config space, BAR0 (the aperture), BAR2 (registers).
+
+Transport-neutral on purpose: the vfio-user server maps REGION_READ/WRITE, config accesses,
+DEVICE_RESET and SET_IRQS onto these calls; a Xen ioreq transport routes by `bar_address` and
+does the same. Nothing here knows about sockets, messages or event channels.
+
+Regions, by vfio PCI region index:
+
+| index | what | size |
+|---|---|---|
+| 0 | BAR0: the aperture; 64-bit prefetchable memory (occupies BAR0 and BAR1) | aperture.size |
+| 1 | upper half of BAR0, not a region of its own | 0 |
+| 2 | BAR2: the register block (`registers.py`); 32-bit memory | 4 KiB |
+| 3-5 | absent | 0 |
+| 6 | expansion ROM: none | 0 |
+| 7 | config space (conventional) | 256 |
+| 8 | VGA: none | 0 |
+
+Errors: every refused access raises `AccessError` and bumps `counters.bad_accesses`.
+EINVAL for a bad size (not 1/2/4/8), a misaligned access, or a region that does not exist;
+EFAULT for a well-formed access outside its region (and any config access beyond 256 bytes).
+
+The memory-space enable bit is deliberately not checked on BAR accesses: a client only sends
+accesses for BARs it decodes, and checking would cost the hot path while risking a wedged
+device if a client's view of the command register ever differed. Address-routed transports
+use `bar_address`, which is None while decoding is off.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from devmodel.aperture import Aperture
+from devmodel.counters import DeviceCounters
+from devmodel.pci.config_space import CONFIG_SPACE_SIZE, BarSpec, ConfigSpace, MsixLayout
+from devmodel.pci.errors import AccessError
+from devmodel.pci.identity import PciIdentity
+from devmodel.pci.irqs import IrqIndex, IrqTable
+from devmodel.pci.registers import (
+    MSIX_PBA_OFFSET,
+    MSIX_TABLE_OFFSET,
+    MSIX_VECTORS,
+    REGISTER_BAR_SIZE,
+    VALID_SIZES,
+    Feature,
+    RegisterBlock,
+    shape_error,
+)
+
+__all__ = [
+    "APERTURE_BAR",
+    "NUM_REGIONS",
+    "REGION_CONFIG",
+    "REGION_ROM",
+    "REGION_VGA",
+    "REGISTER_BAR",
+    "AccessError",
+    "PciFunction",
+]
+
+APERTURE_BAR = 0
+REGISTER_BAR = 2
+REGION_ROM = 6
+REGION_CONFIG = 7
+REGION_VGA = 8
+NUM_REGIONS = 9
+MSI_VECTORS = 1
+NO_FEATURES = Feature(0)
+
+
+class PciFunction:
+    """One emulated function; BAR0 accesses are the hot path and are kept to a few int ops."""
+
+    __slots__ = (
+        "_aperture_read",
+        "_aperture_write",
+        "_bar0_size",
+        "_bars",
+        "aperture",
+        "config",
+        "counters",
+        "identity",
+        "irqs",
+        "on_decode_change",
+        "registers",
+    )
+
+    def __init__(
+        self,
+        identity: PciIdentity,
+        aperture: Aperture,
+        counters: DeviceCounters,
+        *,
+        features: Feature = NO_FEATURES,
+    ) -> None:
+        self.identity = identity
+        self.aperture = aperture
+        self.counters = counters
+        self._bars = {
+            APERTURE_BAR: BarSpec(APERTURE_BAR, aperture.size, is_64bit=True, prefetchable=True),
+            REGISTER_BAR: BarSpec(
+                REGISTER_BAR, REGISTER_BAR_SIZE, is_64bit=False, prefetchable=False
+            ),
+        }
+        msix = MsixLayout(MSIX_VECTORS, REGISTER_BAR, MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET)
+        self.config = ConfigSpace(identity, tuple(self._bars.values()), msix)
+        self.irqs = IrqTable(msi_vectors=MSI_VECTORS, msix_vectors=MSIX_VECTORS)
+        self.registers = RegisterBlock(
+            aperture.size,
+            aperture.granule,
+            features | Feature.MSI | Feature.MSIX,
+            counters,
+            self._msix_pending,
+        )
+        # Called after a config write or reset that changed where a BAR decodes (an address,
+        # or memory-space enable): address-routed transports (Xen) re-register their ranges.
+        self.on_decode_change: Callable[[], None] | None = None
+        # Bound once: the hot path must not look these up per access.
+        self._bar0_size = aperture.size
+        self._aperture_read = aperture.read
+        self._aperture_write = aperture.write
+
+    def _msix_pending(self) -> int:
+        return self.irqs.pending_bits(IrqIndex.MSIX)
+
+    # --- describing regions --------------------------------------------------------------
+
+    def region_size(self, bar: int) -> int:
+        """Size of a BAR (0-5) or vfio region index (6 ROM, 7 config, 8 VGA); 0 if absent."""
+        spec = self._bars.get(bar)
+        if spec is not None:
+            return spec.size
+        return CONFIG_SPACE_SIZE if bar == REGION_CONFIG else 0
+
+    def bar_is_64bit(self, bar: int) -> bool:
+        spec = self._bars.get(bar)
+        return spec is not None and spec.is_64bit
+
+    def bar_is_prefetchable(self, bar: int) -> bool:
+        spec = self._bars.get(bar)
+        return spec is not None and spec.prefetchable
+
+    def bar_is_io(self, bar: int) -> bool:
+        """Always False: both BARs are memory; there is no I/O space to emulate."""
+        return False
+
+    def bar_address(self, bar: int) -> int | None:
+        """Guest-programmed BAR address, or None if absent or memory decoding is off."""
+        return self.config.bar_address(bar)
+
+    # --- BAR accesses ----------------------------------------------------------------------
+
+    async def bar_read(self, bar: int, offset: int, size: int) -> bytes:
+        """Read `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset` in a BAR."""
+        if bar == APERTURE_BAR:
+            if size in VALID_SIZES and not offset & (size - 1) and 0 <= offset <= (
+                self._bar0_size - size
+            ):
+                self.counters.trapped_reads += 1
+                return await self._aperture_read(offset, size)
+            raise self._refused(bar, offset, size)
+        if bar == REGISTER_BAR:
+            try:
+                return self.registers.read(offset, size)
+            except AccessError:
+                self.counters.bad_accesses += 1
+                raise
+        raise self._refused(bar, offset, size)
+
+    async def bar_write(self, bar: int, offset: int, data: bytes) -> None:
+        """Write `data` (1, 2, 4 or 8 bytes, naturally aligned) at `offset` in a BAR."""
+        size = len(data)
+        if bar == APERTURE_BAR:
+            if size in VALID_SIZES and not offset & (size - 1) and 0 <= offset <= (
+                self._bar0_size - size
+            ):
+                self.counters.trapped_writes += 1
+                await self._aperture_write(offset, data)
+                return
+            raise self._refused(bar, offset, size)
+        if bar == REGISTER_BAR:
+            try:
+                self.registers.write(offset, data)
+            except AccessError:
+                self.counters.bad_accesses += 1
+                raise
+            return
+        raise self._refused(bar, offset, size)
+
+    def _refused(self, bar: int, offset: int, size: int) -> AccessError:
+        """Count a refused BAR access and build its error (the slow path, off the hot one)."""
+        self.counters.bad_accesses += 1
+        if bar != APERTURE_BAR:
+            return AccessError(errno.EINVAL, f"no memory BAR {bar}")
+        error = shape_error(offset, size, self._bar0_size, "BAR0")
+        return error or AccessError(errno.EINVAL, f"BAR0: refused {size} bytes at {offset:#x}")
+
+    # --- config space ----------------------------------------------------------------------
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """Any offset and size within the 256 bytes; EFAULT beyond them."""
+        try:
+            return self.config.read(offset, size)
+        except AccessError:
+            self.counters.bad_accesses += 1
+            raise
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Write through the config masks; read-only bits never change and never raise."""
+        before = self._decode_state()
+        try:
+            self.config.write(offset, data)
+        except AccessError:
+            self.counters.bad_accesses += 1
+            raise
+        self._notify_if_changed(before)
+
+    def _decode_state(self) -> tuple[int | None, ...]:
+        return tuple(self.config.bar_address(bar) for bar in self._bars)
+
+    def _notify_if_changed(self, before: tuple[int | None, ...]) -> None:
+        if self.on_decode_change is not None and self._decode_state() != before:
+            self.on_decode_change()
+
+    # --- lifetime and interrupts ---------------------------------------------------------
+
+    def reset(self) -> None:
+        """DEVICE_RESET / FLR: power-on config and registers, aperture contents discarded.
+
+        Counts in `counters.resets` (transports should not count it again). IRQ eventfds
+        survive, masks and pending interrupts do not (see irqs.py).
+        """
+        before = self._decode_state()
+        self.config.reset()
+        self.registers.reset()
+        self.irqs.reset()
+        self.aperture.reset()
+        self.counters.resets += 1
+        self._notify_if_changed(before)
+
+    def raise_interrupt(self, vector: int = 0) -> bool:
+        """Signal the guest with whatever mechanism its driver enabled; True if signalled.
+
+        MSI-X if enabled (vector selects the entry), else MSI (one vector), else INTx unless
+        the command register disables it. MSI and MSI-X need bus mastering, as on real
+        hardware. Masking beyond that is the client's: QEMU masks by detaching eventfds.
+        """
+        config = self.config
+        if config.msix_enabled:
+            return config.bus_master_enabled and self.irqs.trigger(IrqIndex.MSIX, vector)
+        if config.msi_enabled:
+            return config.bus_master_enabled and self.irqs.trigger(IrqIndex.MSI, 0)
+        if not config.intx_disabled:
+            return self.irqs.trigger(IrqIndex.INTX, 0)
+        return False
+
+    def close(self) -> None:
+        """Release the IRQ eventfds. The aperture belongs to whoever created it."""
+        self.irqs.close()

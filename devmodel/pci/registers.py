@@ -1,0 +1,246 @@
+"""BAR2: the register block a guest (or a test) reads to identify the device and watch it work.
+
+The layout is the one table `REGISTERS`; `render_markdown` turns it into the documentation, so
+the two cannot drift. Rules for the whole BAR (4 KiB, 32-bit, non-prefetchable):
+
+- Accesses are 1, 2, 4 or 8 bytes, naturally aligned (AccessError EINVAL otherwise) and inside
+  the BAR (EFAULT otherwise). An 8-byte access may span two 4-byte registers; a 4-byte access
+  to either half of a 64-bit register returns that half.
+- Offsets no row covers read 0 and ignore writes.
+- Writes to read-only registers are ignored and *not* counted as bad accesses: per PCI custom a
+  read-only register silently drops writes, and `bad_accesses` counts shape errors only (size,
+  alignment, range), so it stays a signal of a broken or hostile client rather than noise.
+- Counters are the live `DeviceCounters` values, wrapped to 64 bits. Reading a 64-bit counter
+  as two 4-byte halves is not atomic against a concurrent increment; read it with one 8-byte
+  access, or read high-low-high.
+- The MSI-X table and PBA live here too. The table is plain storage with the spec's masks
+  (entries power on masked); the PBA reflects the pending bits of the MSI-X IRQ index, which is
+  what QEMU's vfio-user client reads from the server.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import IntFlag, StrEnum
+from operator import attrgetter
+
+from devmodel.counters import DeviceCounters
+from devmodel.pci.errors import AccessError
+
+REGISTER_BAR_SIZE = 0x1000
+MAGIC = int.from_bytes(b"DMDL", "little")
+INTERFACE_VERSION = 1
+
+MSIX_VECTORS = 4
+MSIX_ENTRY_SIZE = 16
+MSIX_TABLE_OFFSET = 0x800
+MSIX_PBA_OFFSET = 0xC00
+MSIX_PBA_SIZE = 8 * ((MSIX_VECTORS + 63) // 64)
+MSIX_CTRL_MASKED = 1
+# Writable bits of one table entry: address (dword aligned), upper address, data, mask bit.
+_MSIX_ENTRY_WMASK = b"".join(
+    v.to_bytes(4, "little") for v in (0xFFFFFFFC, 0xFFFFFFFF, 0xFFFFFFFF, MSIX_CTRL_MASKED)
+)
+_MSIX_ENTRY_RESET = bytes(12) + MSIX_CTRL_MASKED.to_bytes(4, "little")
+
+VALID_SIZES = frozenset((1, 2, 4, 8))
+
+
+class Feature(IntFlag):
+    """Bits of the FEATURES register: what a guest-side tool may rely on."""
+
+    MSI = 1 << 0  # MSI capability present
+    MSIX = 1 << 1  # MSI-X capability present (table and PBA in this BAR)
+    LENT = 1 << 2  # BAR0 is backed by a lender: an access may wait for a page-in
+    DIRECT = 1 << 3  # resident windows are mapped straight into the guest (Xen fast path)
+
+
+class RegAccess(StrEnum):
+    RO = "RO"
+    RW = "RW"
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    name: str
+    offset: int
+    width: int
+    access: RegAccess
+    description: str
+
+
+RO, RW = RegAccess.RO, RegAccess.RW
+
+REGISTERS: tuple[Register, ...] = (
+    Register("MAGIC", 0x00, 4, RO, 'ASCII "DMDL" as a little-endian u32 (0x4c444d44)'),
+    Register("VERSION", 0x04, 4, RO, "register interface version; changes only incompatibly"),
+    Register("APERTURE_SIZE", 0x08, 8, RO, "BAR0 size in bytes"),
+    Register("GRANULE", 0x10, 4, RO, "lease granule in bytes: the unit of lending and revoking"),
+    Register("FEATURES", 0x14, 4, RO, "feature bits (MSI 0, MSIX 1, LENT 2, DIRECT 3)"),
+    Register("SCRATCH", 0x18, 4, RW, "free for software (tests); 0 after reset"),
+    Register("TRAPPED_READS", 0x20, 8, RO, "BAR0 reads served by the device model"),
+    Register("TRAPPED_WRITES", 0x28, 8, RO, "BAR0 writes served by the device model"),
+    Register("BAD_ACCESSES", 0x30, 8, RO, "accesses refused for size, alignment or range"),
+    Register("PROTOCOL_ERRORS", 0x38, 8, RO, "malformed or unsupported transport messages"),
+    Register("PAGE_INS", 0x40, 8, RO, "lent pages brought back in by the lender"),
+    Register("FAILED_ACCESSES", 0x48, 8, RO, "accesses answered by the failure policy"),
+    Register("RESETS", 0x50, 8, RO, "device resets (DEVICE_RESET / FLR)"),
+    Register("CLIENT_CONNECTS", 0x58, 8, RO, "transport clients that attached"),
+    Register(
+        "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
+        f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "
+        "vector control)",
+    ),
+    Register("MSIX_PBA", MSIX_PBA_OFFSET, MSIX_PBA_SIZE, RO, "MSI-X pending bit array"),
+)
+REGISTER_BY_NAME = {reg.name: reg for reg in REGISTERS}
+# The 64-bit counters shown here, by register name: every DeviceCounters field must have one.
+COUNTER_REGISTERS = {f.name.upper(): f.name for f in fields(DeviceCounters)}
+# The scalar registers all sit below this offset; the rest of the BAR is tables or zeros.
+_SCALAR_END = max(r.offset + r.width for r in REGISTERS if r.offset < MSIX_TABLE_OFFSET)
+
+
+def render_markdown() -> str:
+    """The register layout as a Markdown table, for docs/ and `--help-registers`."""
+    lines = [
+        f"BAR2: {REGISTER_BAR_SIZE:#x} bytes, 32-bit, non-prefetchable. Little-endian.",
+        "Unlisted offsets read 0 and ignore writes.",
+        "",
+        "| offset | width | access | name | description |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.offset:#05x} | {r.width} | {r.access} | {r.name} | {r.description} |"
+        for r in REGISTERS
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def shape_error(offset: int, size: int, region_size: int, what: str) -> AccessError | None:
+    """The AccessError a BAR access deserves, or None: EINVAL for shape, EFAULT for range.
+
+    Size and alignment are checked first, so a naturally aligned access (which can never
+    straddle the end of a power-of-two BAR) is either inside or wholly outside: EFAULT means
+    "well formed, wrong place".
+    """
+    if size not in VALID_SIZES:
+        return AccessError(errno.EINVAL, f"{what}: {size}-byte access (1, 2, 4 or 8 only)")
+    if offset & (size - 1):
+        return AccessError(errno.EINVAL, f"{what}: {size}-byte access at {offset:#x} unaligned")
+    if not 0 <= offset <= region_size - size:
+        return AccessError(
+            errno.EFAULT, f"{what}: access at {offset:#x} outside the {region_size:#x}-byte BAR"
+        )
+    return None
+
+
+class RegisterBlock:
+    """The live contents of BAR2."""
+
+    __slots__ = ("_getters", "_msix_table", "_pending_msix", "_rw", "_rw_mask")
+
+    def __init__(
+        self,
+        aperture_size: int,
+        granule: int,
+        features: Feature,
+        counters: DeviceCounters,
+        pending_msix: Callable[[], int],
+    ) -> None:
+        constants: dict[str, int] = {
+            "MAGIC": MAGIC,
+            "VERSION": INTERFACE_VERSION,
+            "APERTURE_SIZE": aperture_size,
+            "GRANULE": granule,
+            "FEATURES": int(features),
+        }
+        self._getters: list[tuple[Register, Callable[[], int]]] = []
+        self._rw = bytearray(_SCALAR_END)
+        self._rw_mask = bytearray(_SCALAR_END)
+        for reg in REGISTERS:
+            if reg.offset >= _SCALAR_END:
+                continue
+            if reg.name in constants:
+                self._getters.append((reg, _constant(constants[reg.name])))
+            elif reg.name in COUNTER_REGISTERS:
+                self._getters.append((reg, _counter_getter(counters, COUNTER_REGISTERS[reg.name])))
+            elif reg.access is RW:
+                self._rw_mask[reg.offset : reg.offset + reg.width] = b"\xff" * reg.width
+            else:
+                raise AssertionError(f"register {reg.name} has no value source")
+        self._pending_msix = pending_msix
+        self._msix_table = bytearray(_MSIX_ENTRY_RESET * MSIX_VECTORS)
+
+    @property
+    def scratch(self) -> int:
+        reg = REGISTER_BY_NAME["SCRATCH"]
+        return int.from_bytes(self._rw[reg.offset : reg.offset + reg.width], "little")
+
+    def read(self, offset: int, size: int) -> bytes:
+        if (error := shape_error(offset, size, REGISTER_BAR_SIZE, "BAR2")) is not None:
+            raise error
+        if offset < _SCALAR_END:
+            image = self._rw[:]
+            for reg, getter in self._getters:
+                value = getter() & ((1 << (8 * reg.width)) - 1)
+                image[reg.offset : reg.offset + reg.width] = value.to_bytes(reg.width, "little")
+            return bytes(image[offset : offset + size])
+        rel = offset - MSIX_TABLE_OFFSET
+        if 0 <= rel < len(self._msix_table):
+            return bytes(self._msix_table[rel : rel + size])
+        rel = offset - MSIX_PBA_OFFSET
+        if 0 <= rel < MSIX_PBA_SIZE:
+            pba = self._pending_msix().to_bytes(MSIX_PBA_SIZE, "little")
+            return pba[rel : rel + size]
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if (error := shape_error(offset, len(data), REGISTER_BAR_SIZE, "BAR2")) is not None:
+            raise error
+        if offset < _SCALAR_END:
+            _masked_store(self._rw, self._rw_mask, offset, data)
+            return
+        rel = offset - MSIX_TABLE_OFFSET
+        if 0 <= rel < len(self._msix_table):
+            _masked_store(self._msix_table, _MSIX_ENTRY_WMASK, rel, data, len(_MSIX_ENTRY_WMASK))
+
+    def msix_entry(self, vector: int) -> tuple[int, int, bool]:
+        """(address, data, masked) of one MSI-X table entry, for transports that inject MSIs."""
+        entry = self._msix_table[vector * MSIX_ENTRY_SIZE : (vector + 1) * MSIX_ENTRY_SIZE]
+        address = int.from_bytes(entry[0:8], "little")
+        data = int.from_bytes(entry[8:12], "little")
+        return address, data, bool(entry[12] & MSIX_CTRL_MASKED)
+
+    def reset(self) -> None:
+        """Power-on contents: scratch 0, every MSI-X entry cleared and masked."""
+        self._rw[:] = bytes(len(self._rw))
+        self._msix_table[:] = _MSIX_ENTRY_RESET * MSIX_VECTORS
+
+
+def _constant(value: int) -> Callable[[], int]:
+    def read() -> int:
+        return value
+
+    return read
+
+
+def _counter_getter(counters: DeviceCounters, name: str) -> Callable[[], int]:
+    getter = attrgetter(name)
+
+    def read() -> int:
+        value: int = getter(counters)
+        return value
+
+    return read
+
+
+def _masked_store(
+    buf: bytearray, mask: bytes | bytearray, offset: int, data: bytes, period: int = 0
+) -> None:
+    """Store `data` at `offset` keeping the bits `mask` marks read-only (mask repeats if period)."""
+    for i, value in enumerate(data):
+        at = offset + i
+        writable = mask[at % period] if period else mask[at]
+        buf[at] = (buf[at] & ~writable) | (value & writable)
