@@ -133,6 +133,11 @@ class PciFunction:
             return spec.size
         return CONFIG_SPACE_SIZE if bar == REGION_CONFIG else 0
 
+    @property
+    def config_size(self) -> int:
+        """Config space size: conventional 256 bytes (no extended space, no PCIe capability)."""
+        return CONFIG_SPACE_SIZE
+
     def bar_is_64bit(self, bar: int) -> bool:
         spec = self._bars.get(bar)
         return spec is not None and spec.is_64bit
