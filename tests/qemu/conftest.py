@@ -1,0 +1,136 @@
+"""Fixtures for the qemu tests: the provisioned test bed and a few shared guest boots.
+
+A guest boot costs several seconds under TCG, so the tests share boots: one single-vCPU guest
+runs every single-threaded guest test, one two-vCPU guest runs the smp test, and each test
+function checks its own part of the results. On a failure the report carries the guest's
+serial console, QEMU's stderr and the device model's stderr.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Generator, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+
+from .testbed import QEMU_CONFIGS, DevmodelServer, GuestRun, Reaper, boot_guest
+
+# Guest parameters that keep both boots to a few seconds each: every trapped read is a socket
+# round trip of tens of microseconds under TCG.
+PATTERN_BYTES = 64 << 10
+TIMING_ITERS = 5000
+GUEST_APPEND = f"devmodel.bytes={PATTERN_BYTES} devmodel.iters={TIMING_ITERS}"
+BOOT_TIMEOUT = 120.0
+PROVISION_TIMEOUT = 900.0
+
+_boots: list[tuple[str, GuestRun]] = []
+
+
+@pytest.fixture(scope="session")
+def testbed(pytestconfig: pytest.Config) -> Path:
+    """Provision the QEMU test bed once per session, its progress shown live.
+
+    A cold provisioning takes about 20 s and is worth watching; a warm one prints nothing.
+    """
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    output: list[str] = []
+    with capman.global_and_fixture_disabled() if capman else nullcontext():
+        proc = subprocess.Popen([str(QEMU_CONFIGS / "provision")], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            output.append(line)
+        try:
+            rc = proc.wait(PROVISION_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    if rc != 0:
+        pytest.fail(f"qemu-configs/provision failed with status {rc}:\n{''.join(output)}",
+                    pytrace=False)
+    return QEMU_CONFIGS
+
+
+@pytest.fixture(scope="session")
+def reaper() -> Iterator[Reaper]:
+    """Kills, at the end of the session, any process a failed test left running."""
+    r = Reaper()
+    yield r
+    r.reap()
+
+
+def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int) -> GuestRun:
+    """Start a fresh device model, boot a guest against it, then stop the device model.
+
+    The device model is stopped (SIGTERM) as soon as the guest has powered off, so its exit
+    status is part of the result.
+    """
+    error = ""
+    try:
+        server = DevmodelServer(reaper, workdir)
+    except RuntimeError as exc:
+        error = str(exc)
+    if error:
+        pytest.fail(error, pytrace=False)
+    run = boot_guest(reaper, workdir, tests, server=server, smp=smp, append=GUEST_APPEND,
+                     timeout=BOOT_TIMEOUT)
+    run.server_returncode = server.stop()
+    _boots.append((name, run))
+    if run.event("end") is None:
+        logs = "\n".join(f"----- {title} -----\n{text}" for title, text in run.log_sections())
+        pytest.fail(f"the {name} guest never printed its end line (run-qemu exit "
+                    f"{run.returncode} after {run.seconds:.1f} s)\n{logs}", pytrace=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
+    """One single-vCPU guest that ran every single-threaded test."""
+    return _boot(reaper, tmp_path_factory.mktemp("guest"), "single-vCPU",
+                 ["enumerate", "pattern", "boundary", "regs", "timing"], smp=1)
+
+
+@pytest.fixture(scope="session")
+def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory
+              ) -> GuestRun:
+    """A two-vCPU guest running the concurrent test."""
+    return _boot(reaper, tmp_path_factory.mktemp("smp-guest"), "two-vCPU", ["smp"], smp=2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the logs of the guest a failed test looked at to its report."""
+    report = yield
+    if report.failed and isinstance(item, pytest.Function):
+        for value in item.funcargs.values():
+            if isinstance(value, GuestRun | DevmodelServer):
+                report.sections.extend(value.log_sections())
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How long each guest took from launch to power-off, and what its timing loops saw."""
+    if not _boots:
+        return
+    terminalreporter.section("qemu guests")
+    for name, run in _boots:
+        end = run.event("end") or {}
+        terminalreporter.write_line(
+            f"{name}: {run.seconds:.1f} s from launch to exit, guest uptime at its end line "
+            f"{end.get('uptime', '?')} s, device model exit {run.server_returncode}"
+        )
+        for line in run.lines("timing") + [r for r in run.lines("smp") if "thread" in r]:
+            who = f"thread {line['thread']}" if "thread" in line else "timing"
+            terminalreporter.write_line(
+                f"  {who}: read4 {line['read4_ns']} ns, read8 {line['read8_ns']} ns, "
+                f"posted write4 {line['write4_ns']} ns, BAR2 read4 {line['reg_read4_ns']} ns "
+                f"({line['iters']} iterations)"
+            )
+

@@ -1,0 +1,222 @@
+"""Real guests against a real device model: the processes behind the qemu tests.
+
+Every process starts in a session of its own so that its whole process group (run-qemu and
+QEMU, or the device model and anything it spawns) can be killed at once, whatever state a
+failing or hanging test leaves it in. Output goes to files, not pipes, so a chatty process can
+never block on a full pipe while the harness waits for something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+QEMU_CONFIGS = REPO / "qemu-configs"
+DEVMODEL = REPO / ".venv" / "bin" / "devmodel"
+RESULT_PREFIX = "DEVMODEL-RESULT "
+# Beyond run-qemu's own --timeout: the harness's last resort if run-qemu itself hangs.
+HARD_TIMEOUT_MARGIN = 15.0
+# Most of a log is the kernel's boot chatter; on failure show its end, which is what matters.
+LOG_TAIL = 12_000
+
+
+def tail(text: str, limit: int = LOG_TAIL) -> str:
+    if len(text) <= limit:
+        return text
+    return f"[... {len(text) - limit} characters cut ...]\n{text[-limit:]}"
+
+
+class Process:
+    """A child in its own session whose group is killed on stop, with its output in a file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path,
+                 stdout_path: Path | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.stdout_path = stdout_path or log_path
+        with log_path.open("wb") as err:
+            out = stdout_path.open("wb") if stdout_path else err
+            try:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=err, start_new_session=True)
+            finally:
+                if out is not err:
+                    out.close()
+        self.returncode: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status, or None if the process is still running after `timeout` seconds."""
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def kill_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 5.0) -> int:
+        """Signal the process, give it `grace` seconds, then SIGKILL its whole group.
+
+        The group is killed even after a clean exit: a process may leave children behind.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.wait(grace)
+        self.kill_group(signal.SIGKILL)
+        if rc is None:
+            rc = self.proc.wait()
+        self.returncode = rc
+        return rc
+
+
+@dataclass
+class Reaper:
+    """Kills every process it was given: the safety net behind each test's own stops."""
+
+    procs: list[Process] = field(default_factory=list)
+
+    def add(self, proc: Process) -> Process:
+        self.procs.append(proc)
+        return proc
+
+    def reap(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(signal.SIGKILL, grace=0.5)
+        self.procs.clear()
+
+
+class DevmodelServer:
+    """`devmodel run` serving vfio-user on a unix socket, started as a user would start it."""
+
+    def __init__(self, reaper: Reaper, workdir: Path, *args: str,
+                 aperture_size: str = "256M", pci_id: str = "1234:10e5",
+                 startup_timeout: float = 20.0) -> None:
+        if not DEVMODEL.exists():
+            raise RuntimeError(f"{DEVMODEL} is missing: run scripts/setup-env")
+        self.socket_path = workdir / "devmodel.sock"
+        argv = [str(DEVMODEL), "run", "--socket-path", str(self.socket_path),
+                "--aperture-size", aperture_size, "--pci-id", pci_id, *args]
+        self.process = reaper.add(Process("devmodel", argv, workdir / "devmodel.stderr"))
+        deadline = time.monotonic() + startup_timeout
+        while not self.socket_path.is_socket():
+            if self.process.proc.poll() is not None:
+                raise RuntimeError(
+                    f"devmodel exited with status {self.process.proc.returncode} before it "
+                    f"listened:\n{tail(self.process.log())}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"devmodel did not create {self.socket_path} within "
+                                   f"{startup_timeout:g} s:\n{tail(self.process.log())}")
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        return self.process.stop(signal.SIGTERM, grace=10.0)
+
+    def log_sections(self) -> list[tuple[str, str]]:
+        return [(f"devmodel stderr ({shlex.join(self.process.argv)})",
+                 tail(self.process.log()))]
+
+
+@dataclass
+class GuestRun:
+    """One guest boot: its parsed result lines and everything needed to explain a failure."""
+
+    argv: list[str]
+    serial: str
+    qemu_stderr: str
+    returncode: int | None
+    seconds: float
+    results: list[dict[str, Any]]
+    server: DevmodelServer | None = None
+    server_returncode: int | None = None
+
+    def lines(self, test: str) -> list[dict[str, Any]]:
+        return [r for r in self.results if r.get("test") == test]
+
+    def line(self, test: str) -> dict[str, Any]:
+        """The single result line of `test`."""
+        found = self.lines(test)
+        assert len(found) == 1, f"expected one {test!r} result line, got {found}"
+        return found[0]
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((r for r in self.results if r.get("event") == name), None)
+
+    def log_sections(self) -> list[tuple[str, str]]:
+        sections = [
+            (f"guest serial console ({self.seconds:.1f} s, run-qemu exit {self.returncode})",
+             tail(self.serial)),
+            (f"QEMU stderr ({shlex.join(self.argv)})", tail(self.qemu_stderr)),
+        ]
+        if self.server is not None:
+            sections += self.server.log_sections()
+        return sections
+
+
+def parse_results(serial: str) -> Iterator[dict[str, Any]]:
+    """The guest's result objects, in order.
+
+    The prefix is searched anywhere in a line, because a kernel message may land in front of
+    it on the shared console; a line that does not parse is returned as a `parse_error` so a
+    test fails on it instead of missing it.
+    """
+    for line in serial.splitlines():
+        at = line.find(RESULT_PREFIX)
+        if at < 0:
+            continue
+        text = line[at + len(RESULT_PREFIX):].strip()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield {"parse_error": str(exc), "line": text}
+            continue
+        yield obj if isinstance(obj, dict) else {"parse_error": "not an object", "line": text}
+
+
+def boot_guest(reaper: Reaper, workdir: Path, tests: list[str], *,
+               server: DevmodelServer | None = None, smp: int = 1, append: str = "",
+               timeout: float = 90.0, msg_timeout: int | None = None,
+               qemu_args: tuple[str, ...] = ()) -> GuestRun:
+    """Boot the test guest, run `tests` in it and return what it printed.
+
+    Blocks until the guest powers off or `timeout` passes (then run-qemu kills QEMU, and the
+    harness kills run-qemu's group if even that hangs).
+    """
+    argv = [str(QEMU_CONFIGS / "run-qemu"), "--smp", str(smp), "--test", ",".join(tests),
+            "--timeout", f"{timeout:g}"]
+    if server is not None:
+        argv += ["--socket", str(server.socket_path)]
+    if append:
+        argv += ["--append", append]
+    if msg_timeout is not None:
+        argv += ["--msg-timeout", str(msg_timeout)]
+    if qemu_args:
+        argv += ["--", *qemu_args]
+    t0 = time.monotonic()
+    qemu = reaper.add(Process("qemu", argv, workdir / "qemu.stderr",
+                              stdout_path=workdir / "serial.log"))
+    rc = qemu.wait(timeout + HARD_TIMEOUT_MARGIN)
+    seconds = time.monotonic() - t0
+    qemu.stop(signal.SIGKILL, grace=0)
+    serial = qemu.stdout()
+    return GuestRun(argv=argv, serial=serial, qemu_stderr=qemu.log(), returncode=rc,
+                    seconds=seconds, results=list(parse_results(serial)), server=server)
