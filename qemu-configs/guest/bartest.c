@@ -19,6 +19,7 @@
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
  *   devmodel.iters=N      loop count of the timing tests (default 20000)
+ *   devmodel.scratch=OFF  BAR2 offset of a register the regs test may write (default: none)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -52,6 +53,7 @@
 struct options {
 	unsigned vendor, device;
 	uint64_t bytes, iters;
+	long scratch; /* BAR2 offset of a register free for tests; -1: none */
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -70,7 +72,7 @@ struct device {
 };
 
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
-			     .iters = 20000};
+			     .iters = 20000, .scratch = -1};
 static struct device dev;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
@@ -192,6 +194,8 @@ static void parse_cmdline(void)
 			opt.bytes = parse_size(tok + 15);
 		else if (!strncmp(tok, "devmodel.iters=", 15))
 			opt.iters = parse_size(tok + 15);
+		else if (!strncmp(tok, "devmodel.scratch=", 17))
+			opt.scratch = strtol(tok + 17, NULL, 0);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -577,10 +581,16 @@ static int test_boundary(void)
 	return failures != 0;
 }
 
+/* BAR2's first 0x60 bytes (the scalar registers) as dwords and as qwords, for the host to
+ * decode with the layout in devmodel/pci/registers.py, which this program does not repeat.
+ * With devmodel.scratch=OFFSET it also writes a register the host names as scratch: a dword,
+ * then one byte inside it, each read back (BAR2 writes and their byte lanes). */
 static int test_regs(void)
 {
+	uint64_t want, got, seed = now_ns() & 0xffffffffu;
 	struct line l;
 	unsigned off, n;
+	int ok = 1;
 
 	if (!dev.found)
 		return fail_line("regs", "no PCI function %04x:%04x", opt.vendor, opt.device);
@@ -588,12 +598,30 @@ static int test_regs(void)
 		return fail_line("regs", "cannot map BAR2 of %s", dev.name);
 	n = dev.bar2_size < REGS_BYTES ? (unsigned)dev.bar2_size : REGS_BYTES;
 	begin(&l, "regs");
-	add(&l, ",\"ok\":true,\"bar2_size\":%" PRIu64 ",\"dwords\":[", dev.bar2_size);
+	add(&l, ",\"bar2_size\":%" PRIu64 ",\"dwords\":[", dev.bar2_size);
 	for (off = 0; off < n; off += 4)
 		add(&l, "%s\"0x%08" PRIx64 "\"", off ? "," : "", rd(dev.bar2, off, 4));
+	add(&l, "],\"qwords\":[");
+	for (off = 0; off + 8 <= n; off += 8)
+		add(&l, "%s\"0x%016" PRIx64 "\"", off ? "," : "", rd(dev.bar2, off, 8));
 	add(&l, "]");
+	if (opt.scratch >= 0 && (uint64_t)opt.scratch + 4 <= dev.bar2_size) {
+		off = (unsigned)opt.scratch & ~3u;
+		wr(dev.bar2, off, 4, seed);
+		got = rd(dev.bar2, off, 4);
+		add(&l, ",\"scratch\":{\"offset\":\"0x%x\",\"wrote\":\"0x%08" PRIx64
+			"\",\"read\":\"0x%08" PRIx64 "\"", off, seed, got);
+		ok &= got == seed;
+		wr(dev.bar2, off + 1, 1, 0xa5);
+		want = (seed & ~0xff00ull) | 0xa500;
+		got = rd(dev.bar2, off, 4);
+		add(&l, ",\"byte1_wrote\":\"0xa5\",\"read_after\":\"0x%08" PRIx64
+			"\",\"want_after\":\"0x%08" PRIx64 "\"}", got, want);
+		ok &= got == want;
+	}
+	add(&l, ",\"ok\":%s", ok ? "true" : "false");
 	emit(&l);
-	return 0;
+	return !ok;
 }
 
 struct timing {

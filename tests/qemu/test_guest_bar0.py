@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import PATTERN_BYTES, TIMING_ITERS
-from .testbed import GuestRun
+from .conftest import APERTURE, PATTERN_BYTES, TIMING_ITERS
+from .testbed import ACCESS_SIZES, TAIL_BYTES, GuestRun, fill_verify_accesses
 
 pytestmark = pytest.mark.qemu
-
-APERTURE = 256 << 20
-TAIL_BYTES = 64 << 10
-SIZES = (1, 2, 4, 8)
-
-
-def accesses(length: int) -> int:
-    """What bartest's fill_verify does on `length` bytes: each quarter written with one size,
-    each sixteenth read with one size."""
-    writes = sum(length // 4 // size for size in SIZES)
-    reads = 4 * sum(length // 16 // size for size in SIZES)
-    return writes + reads
 
 
 def test_guest_pattern_at_start_and_end_of_bar0(guest: GuestRun) -> None:
@@ -30,8 +18,8 @@ def test_guest_pattern_at_start_and_end_of_bar0(guest: GuestRun) -> None:
         APERTURE - TAIL_BYTES, TAIL_BYTES)
     for line in lines.values():
         assert line["mismatches"] == 0, line.get("first_mismatch")
-        assert line["by_size"] == {f"w{w}r{r}": 0 for w in SIZES for r in SIZES}
-        assert line["accesses"] == accesses(line["bytes"])
+        assert line["by_size"] == {f"w{w}r{r}": 0 for w in ACCESS_SIZES for r in ACCESS_SIZES}
+        assert line["accesses"] == sum(fill_verify_accesses(line["bytes"]))
         assert line["ok"] is True
 
 

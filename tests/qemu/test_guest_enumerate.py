@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from devmodel.pci.identity import PciIdentity
+from devmodel.pci.registers import REGISTER_BAR_SIZE
 
+from .conftest import APERTURE
 from .testbed import GuestRun
 
 pytestmark = pytest.mark.qemu
-
-APERTURE = 256 << 20
-REGISTER_BAR = 4 << 10
 
 
 def test_guest_finds_function_with_its_identity(guest: GuestRun) -> None:
@@ -41,7 +40,7 @@ def test_guest_bar0_is_256m_64bit_prefetchable(guest: GuestRun) -> None:
 
 def test_guest_bar2_is_a_4k_register_block(guest: GuestRun) -> None:
     bars = {bar["index"]: bar for bar in guest.line("enumerate")["bars"]}
-    assert bars[2]["size"] == REGISTER_BAR
+    assert bars[2]["size"] == REGISTER_BAR_SIZE
     assert bars[2]["mem"] and not bars[2]["io"]
 
 

@@ -29,6 +29,22 @@ HARD_TIMEOUT_MARGIN = 15.0
 # Most of a log is the kernel's boot chatter; on failure show its end, which is what matters.
 LOG_TAIL = 12_000
 
+# What bartest does (qemu-configs/guest/bartest.c), for tests that count accesses.
+TAIL_BYTES = 64 << 10  # the pattern test always covers the last 64 KiB of BAR0 too
+ACCESS_SIZES = (1, 2, 4, 8)
+# boundary: at each end of BAR0 one priming qword store, then 8/4/2/1-byte stores each read
+# back, then 1/2/4/8-byte loads.
+BOUNDARY_WRITES = 2 * (1 + 4)
+BOUNDARY_READS = 2 * (4 + 4)
+
+
+def fill_verify_accesses(length: int) -> tuple[int, int]:
+    """(stores, loads) of bartest's fill_verify on `length` bytes: each quarter written with
+    one access size, each sixteenth read with one."""
+    writes = sum(length // 4 // size for size in ACCESS_SIZES)
+    reads = 4 * sum(length // 16 // size for size in ACCESS_SIZES)
+    return writes, reads
+
 
 def tail(text: str, limit: int = LOG_TAIL) -> str:
     if len(text) <= limit:
