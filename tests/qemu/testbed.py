@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -52,6 +53,13 @@ def tail(text: str, limit: int = LOG_TAIL) -> str:
     return f"[... {len(text) - limit} characters cut ...]\n{text[-limit:]}"
 
 
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM if the harness dies (even by SIGKILL): no device
+    model or QEMU outlives a killed test run. The signal survives setpriv's exec."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
 class Process:
     """A child in its own session whose group is killed on stop, with its output in a file."""
 
@@ -64,8 +72,8 @@ class Process:
         with log_path.open("wb") as err:
             out = stdout_path.open("wb") if stdout_path else err
             try:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=err, start_new_session=True)
+                self.proc = subprocess.Popen(_die_with_parent(argv), stdin=subprocess.DEVNULL,
+                                             stdout=out, stderr=err, start_new_session=True)
             finally:
                 if out is not err:
                     out.close()
