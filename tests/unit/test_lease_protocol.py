@@ -1,0 +1,403 @@
+"""Lease protocol wire format: round trips, exact layouts, refusal of malformed bodies, checks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from protocol.errors import ProtocolError
+from protocol.lease import (
+    Access,
+    BorrowerConnection,
+    Bye,
+    ByeReason,
+    Error,
+    ErrorCode,
+    Event,
+    Grant,
+    GrantAck,
+    GrantNack,
+    Hello,
+    LeaseProtocolError,
+    LenderConnection,
+    MsgType,
+    NackReason,
+    PageIn,
+    PageInDone,
+    PageInStatus,
+    Ping,
+    Pong,
+    Revoke,
+    Revoked,
+    RevokeMode,
+)
+from protocol.lease.checks import check_grant, check_grant_fd, geometry_problem, range_problem
+from protocol.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
+from protocol.lease.wire import decode, decode_message, encode, fd_count
+from tests.unit.test_lease_protocol_support import (
+    APERTURE,
+    GRANULE,
+    RW,
+    FdPool,
+    MiB,
+    deliver,
+    fd_pool,
+    is_open,
+    open_pair,
+    raw_message,
+    sample_events,
+)
+
+
+@pytest.fixture
+def pool() -> Iterator[FdPool]:
+    with fd_pool() as p:
+        yield p
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {e.TYPE for e in sample_events(0)} == set(MsgType)
+
+
+@pytest.mark.parametrize("index", range(len(sample_events(0))))
+def test_wire_round_trip(index: int, pool: FdPool) -> None:
+    fd = pool.new()
+    event = sample_events(fd)[index]
+    data = encode(event)
+    fds = (fd,) if isinstance(event, Grant) else ()
+    assert decode_message(data, fds) == event
+    assert fd_count(event.TYPE) == len(fds)
+
+
+def test_connection_round_trip_both_directions(pool: FdPool) -> None:
+    """Every message through a real pair of connections, in the direction the spec allows."""
+    b2l, l2b = "borrower->lender", "lender->borrower"
+    script: list[tuple[str, Event]] = [
+        (l2b, Grant(1, 0, GRANULE, 0, RW, pool.new())),
+        (l2b, Grant(2, GRANULE, GRANULE, GRANULE, 1, pool.new())),
+        (l2b, Grant(9, 4 * GRANULE, 2 * GRANULE, 0, RW, pool.new())),
+        (b2l, GrantAck(1)),
+        (b2l, GrantNack(2, NackReason.OVERLAPS_LIVE_LEASE, "lease 1 covers 0x200000")),
+        (b2l, GrantAck(9)),
+        (l2b, Revoke(1, RevokeMode.EVICT)),
+        (l2b, Revoke(9, RevokeMode.RELEASE)),
+        (b2l, Revoked(9)),
+        (b2l, Revoked(1)),
+        (b2l, PageIn(10, 8 * MiB, 2 * MiB, Access.READ)),
+        (b2l, PageIn(11, 0, 4 * MiB, Access.WRITE)),
+        (l2b, PageInDone(11, PageInStatus.NOT_LENT, "released")),
+        (l2b, PageInDone(10, PageInStatus.OK)),
+        (b2l, Ping(5)),
+        (l2b, Ping(5)),
+        (l2b, Pong(5)),
+        (b2l, Pong(5)),
+        (b2l, Error(MsgType.GRANT, 3, ErrorCode.BAD_FD_COUNT, "2 fds")),
+        (l2b, Error(0x7777, 12, ErrorCode.UNKNOWN_TYPE, "")),
+    ]
+    borrower, lender = open_pair()
+    assert borrower.peer_hello == lender.local_hello
+    assert lender.peer_hello == borrower.local_hello
+    assert borrower.version == lender.version == (1, 0)
+    for direction, event in script:
+        if direction == b2l:
+            assert deliver(borrower, lender, event) == event
+        else:
+            # No kernel in between: a Grant's fd number is passed through unchanged.
+            assert deliver(lender, borrower, event) == event
+    assert borrower.awaiting_answers() == lender.awaiting_answers() == frozenset()
+    assert borrower.owed_answers() == lender.owed_answers() == frozenset()
+    bye = Bye(ByeReason.NORMAL, "guest shut down")
+    assert deliver(borrower, lender, bye) == bye
+    borrower, lender = open_pair()
+    bye = Bye(ByeReason.TIMEOUT, "REVOKE 1 took 10 s")
+    assert deliver(lender, borrower, bye) == bye
+
+
+# -- exact layouts (the specification's examples are these bytes) -----------------------------
+
+
+def test_hello_layout() -> None:
+    hello = Hello(7, 256 * MiB, 2 * MiB, features=0, max_leases=64, name="dm")
+    expected = (
+        bytes.fromhex("0100 0000 3800 0000 0000 0000 0000 0000")  # HELLO, flags, 56, id 0
+        + b"LEND"
+        + bytes.fromhex("0100 0000")  # version 1.0
+        + bytes.fromhex("0700 0000 0000 2000")  # guest 7, granule 2 MiB
+        + bytes.fromhex("0000 0010 0000 0000")  # aperture 256 MiB
+        + bytes.fromhex("0000 0000 0000 0000")  # features
+        + bytes.fromhex("4000 0000 0200")  # max_leases 64, name_len 2
+        + b"dm"
+    )
+    assert encode(hello) == expected
+
+
+def test_grant_layout() -> None:
+    grant = Grant(0x1122, 0x40_0000, 0x20_0000, 0x60_0000, RW, 9, 0)
+    assert encode(grant) == struct.pack(
+        "<HHIQQQQII", 0x10, 0, 48, 0x1122, 0x400000, 0x200000, 0x600000, 3, 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "size"),
+    [
+        (Bye(), 22),
+        (Error(1, 2, 3), 24),
+        (Ping(1), 16),
+        (Pong(1), 16),
+        (GrantAck(1), 16),
+        (GrantNack(1, 1), 22),
+        (Revoke(1, RevokeMode.EVICT), 20),
+        (Revoked(1), 16),
+        (PageIn(1, 0, GRANULE, Access.READ), 36),
+        (PageInDone(1, 0), 22),
+    ],
+)
+def test_message_sizes(event: Event, size: int) -> None:
+    assert len(encode(event)) == size
+
+
+def test_header_flags_are_ignored_on_receipt() -> None:
+    data = bytearray(encode(Ping(77)))
+    data[2:4] = b"\xff\xff"
+    assert decode_message(bytes(data)) == Ping(77)
+
+
+def test_hello_may_carry_bytes_after_the_name() -> None:
+    data = encode(Hello(1, APERTURE, GRANULE, name="x")) + b"future"
+    header = struct.pack("<HHIQ", MsgType.HELLO, 0, len(data), 0)
+    assert decode_message(header + data[16:]) == Hello(1, APERTURE, GRANULE, name="x")
+
+
+def test_open_code_families_keep_unknown_values() -> None:
+    nack = decode_message(raw_message(MsgType.GRANT_NACK, 4, struct.pack("<IH", 4242, 0)))
+    assert nack == GrantNack(4, 4242)
+    done = decode_message(raw_message(MsgType.PAGE_IN_DONE, 4, struct.pack("<IH", 77, 0)))
+    assert done == PageInDone(4, 77)
+    bye = decode_message(raw_message(MsgType.BYE, 0, struct.pack("<IH", 900, 0)))
+    assert bye == Bye(900)
+    assert code_name(NackReason, 4242) == "NackReason(4242)"
+    assert code_name(NackReason, 3) == "OVERLAPS_LIVE_LEASE"
+
+
+# -- refusal of malformed input ---------------------------------------------------------------
+
+
+def _refused(data: bytes, fds: tuple[int, ...] = ()) -> LeaseProtocolError:
+    with pytest.raises(LeaseProtocolError) as info:
+        decode_message(data, fds)
+    assert isinstance(info.value, ProtocolError)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "body"),
+    [
+        (MsgType.PING, b"\x00"),
+        (MsgType.PONG, b"\x00" * 8),
+        (MsgType.GRANT_ACK, b"\x00"),
+        (MsgType.REVOKED, b"\x00"),
+        (MsgType.REVOKE, b""),
+        (MsgType.REVOKE, b"\x01\x00\x00\x00\x00"),
+        (MsgType.PAGE_IN, b"\x00" * 19),
+        (MsgType.PAGE_IN, b"\x00" * 21),
+        (MsgType.PAGE_IN_DONE, b"\x00" * 5),
+        (MsgType.GRANT_NACK, b""),
+        (MsgType.BYE, b"\x00"),
+        (MsgType.ERROR, b"\x00" * 7),
+        (MsgType.HELLO, b"LEND" + b"\x00" * 20),
+        (MsgType.GRANT, b"\x00" * 31),
+        (MsgType.GRANT, b"\x00" * 33),
+    ],
+)
+def test_wrong_body_size_is_malformed(msg_type: int, body: bytes) -> None:
+    err = _refused(raw_message(msg_type, 1, body), (5,) if msg_type == MsgType.GRANT else ())
+    assert (err.fatal, err.code) == (False, ErrorCode.MALFORMED)
+
+
+@pytest.mark.parametrize(
+    ("text", "declared"),
+    [
+        (b"\xff\xfe", 2),  # not UTF-8
+        (b"a\x00b", 3),  # NUL
+        (b"abc", 2),  # a byte after the string
+        (b"ab", 3),  # string runs past the body
+        (b"x" * (MAX_TEXT_BYTES + 1), MAX_TEXT_BYTES + 1),  # over the limit
+    ],
+)
+def test_bad_strings_are_malformed(text: bytes, declared: int) -> None:
+    for msg_type in (MsgType.BYE, MsgType.GRANT_NACK, MsgType.PAGE_IN_DONE):
+        err = _refused(raw_message(msg_type, 1, struct.pack("<IH", 1, declared) + text))
+        assert err.code == ErrorCode.MALFORMED
+    err = _refused(raw_message(MsgType.ERROR, 1, struct.pack("<IHH", 1, 1, declared) + text))
+    assert err.code == ErrorCode.MALFORMED
+
+
+def test_hello_name_limit_and_magic() -> None:
+    good = encode(Hello(1, APERTURE, GRANULE, name="n" * MAX_NAME_BYTES))
+    assert isinstance(decode_message(good), Hello)
+    body = bytearray(good[16:])
+    struct.pack_into("<H", body, 36, MAX_NAME_BYTES + 1)
+    body += b"n"
+    assert _refused(raw_message(MsgType.HELLO, 0, bytes(body))).code == ErrorCode.MALFORMED
+    bad_magic = bytearray(good)
+    bad_magic[16:20] = b"VFIO"
+    assert _refused(bytes(bad_magic)).code == ErrorCode.MALFORMED
+
+
+def test_closed_enumerations_refuse_unknown_values() -> None:
+    assert _refused(raw_message(MsgType.REVOKE, 1, struct.pack("<I", 3))).code == (
+        ErrorCode.MALFORMED
+    )
+    assert _refused(raw_message(MsgType.REVOKE, 1, struct.pack("<I", 0))).code == (
+        ErrorCode.MALFORMED
+    )
+    body = struct.pack("<QQI", 0, GRANULE, 3)
+    assert _refused(raw_message(MsgType.PAGE_IN, 1, body)).code == ErrorCode.MALFORMED
+
+
+def test_fd_counts() -> None:
+    grant = encode(Grant(1, 0, GRANULE, 0, RW, 5))
+    assert _refused(grant, ()).code == ErrorCode.BAD_FD_COUNT
+    assert _refused(grant, (5, 6)).code == ErrorCode.BAD_FD_COUNT
+    for event in (Ping(1), Bye(), GrantAck(1), Revoke(1, RevokeMode.EVICT)):
+        assert _refused(encode(event), (5,)).code == ErrorCode.BAD_FD_COUNT
+
+
+def test_unknown_type() -> None:
+    err = _refused(raw_message(0x7777, 1, b"whatever"))
+    assert (err.fatal, err.code) == (False, ErrorCode.UNKNOWN_TYPE)
+    assert _refused(raw_message(0, 1)).code == ErrorCode.UNKNOWN_TYPE
+
+
+def test_decode_never_closes_fds(pool: FdPool) -> None:
+    fd = pool.new()
+    with pytest.raises(LeaseProtocolError):
+        decode(MsgType.PING, 1, b"", (fd,))
+    assert is_open(fd)
+
+
+def test_decode_message_framing() -> None:
+    assert _refused(b"\x01\x00").fatal
+    assert _refused(encode(Ping(1)) + b"\x00").fatal
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Ping(1 << 64),
+        Ping(-1),
+        Grant(1, 0, GRANULE, 0, RW, -1),
+        Grant(1, 1 << 64, GRANULE, 0, RW, 3),
+        Grant(1, 0, GRANULE, 0, 1 << 32, 3),
+        GrantNack(1, 1, "x" * (MAX_TEXT_BYTES + 1)),
+        Bye(0, "nul\x00"),
+        Bye(0, "\ud800"),
+        Error(1 << 16, 1, 1),
+        Hello(1, APERTURE, GRANULE, name="n" * (MAX_NAME_BYTES + 1)),
+        Hello(1 << 32, APERTURE, GRANULE),
+        PageIn(1, 0, GRANULE, 3),  # type: ignore[arg-type]
+        Revoke(1, 0),  # type: ignore[arg-type]
+    ],
+)
+def test_encode_refuses_what_does_not_fit(event: Event) -> None:
+    with pytest.raises(LeaseProtocolError) as info:
+        encode(event)
+    assert not info.value.fatal
+
+
+# -- shared checks ----------------------------------------------------------------------------
+
+
+def test_geometry_and_range_checks() -> None:
+    assert geometry_problem(APERTURE, GRANULE) is None
+    assert geometry_problem(APERTURE, 8192) is not None
+    assert geometry_problem(APERTURE + GRANULE, GRANULE) is not None
+    assert geometry_problem(MiB // 2, 4096) is not None
+    assert geometry_problem(MiB, 2 * MiB) is not None
+    assert geometry_problem(1 << 30, 1 << 30) is None
+    geometry = {"aperture_size": APERTURE, "granule": GRANULE}
+    assert range_problem(0, GRANULE, **geometry) is None
+    assert range_problem(APERTURE - GRANULE, GRANULE, **geometry) is None
+    assert range_problem(0, 0, **geometry) is not None
+    assert range_problem(4096, GRANULE, **geometry) is not None
+    assert range_problem(0, 4096, **geometry) is not None
+    assert range_problem(APERTURE, GRANULE, **geometry) is not None
+
+
+@pytest.mark.parametrize(
+    ("grant", "reason"),
+    [
+        (Grant(1, 0, GRANULE, 0, RW, 3), None),
+        (Grant(1, 0, GRANULE, 0, 1, 3), None),
+        (Grant(1, 0, GRANULE, 0, 2, 3), NackReason.BAD_PROTECTION),
+        (Grant(1, 0, GRANULE, 0, 0, 3), NackReason.BAD_PROTECTION),
+        (Grant(1, 0, GRANULE, 0, 7, 3), NackReason.BAD_PROTECTION),
+        (Grant(1, 0, GRANULE, 0, RW, 3, 1), NackReason.UNSUPPORTED_FLAGS),
+        (Grant(1, 4096, GRANULE, 0, RW, 3), NackReason.MISALIGNED),
+        (Grant(1, 0, 4096, 0, RW, 3), NackReason.MISALIGNED),
+        (Grant(1, 0, GRANULE, 4096, RW, 3), NackReason.MISALIGNED),
+        (Grant(1, 0, 0, 0, RW, 3), NackReason.MISALIGNED),
+        (Grant(1, APERTURE - GRANULE, 2 * GRANULE, 0, RW, 3), NackReason.OUTSIDE_APERTURE),
+        (Grant(1, (1 << 64) - GRANULE, GRANULE, 0, RW, 3), NackReason.OUTSIDE_APERTURE),
+    ],
+)
+def test_check_grant(grant: Grant, reason: NackReason | None) -> None:
+    assert check_grant(grant, aperture_size=APERTURE, granule=GRANULE) == reason
+
+
+def test_borrower_connection_check_grant_uses_the_session_geometry() -> None:
+    borrower, _ = open_pair()
+    assert borrower.check_grant(Grant(1, APERTURE, GRANULE, 0, RW, 3)) == (
+        NackReason.OUTSIDE_APERTURE
+    )
+    with pytest.raises(LeaseProtocolError):
+        BorrowerConnection().check_grant(Grant(1, 0, GRANULE, 0, RW, 3))
+    assert isinstance(LenderConnection(), LenderConnection)
+
+
+def _memfd(size: int, seals: int) -> int:
+    fd = os.memfd_create("lease-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_check_grant_fd() -> None:
+    shrink = fcntl.F_SEAL_SHRINK
+    opened: list[int] = []
+    try:
+        good = _memfd(2 * GRANULE, shrink)
+        unsealed = _memfd(2 * GRANULE, 0)
+        write_sealed = _memfd(GRANULE, shrink | fcntl.F_SEAL_WRITE)
+        r, w = os.pipe()
+        read_only = os.open(f"/proc/self/fd/{good}", os.O_RDONLY)
+        opened += [good, unsealed, write_sealed, r, w, read_only]
+
+        def check(fd: int, fd_offset: int = 0, length: int = GRANULE, prot: int = RW) -> object:
+            return check_grant_fd(fd, fd_offset=fd_offset, length=length, prot=prot)
+
+        assert check(good) is None
+        assert check(good, GRANULE, GRANULE) is None
+        assert check(good, GRANULE, 2 * GRANULE) == NackReason.FD_TOO_SMALL
+        assert check(unsealed) == NackReason.FD_NOT_SEALED
+        assert check(write_sealed) == NackReason.BAD_FD
+        assert check(write_sealed, prot=1) is None
+        assert check(r) == NackReason.BAD_FD
+        assert check(read_only) == NackReason.BAD_FD
+        assert check(read_only, prot=1) is None
+        os.close(unsealed)
+        assert check(unsealed) == NackReason.BAD_FD
+    finally:
+        for fd in opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)

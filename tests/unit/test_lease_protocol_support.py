@@ -1,0 +1,199 @@
+"""Helpers shared by the lease-protocol tests (this module holds no tests itself).
+
+Named like a test module only so that it sits with the files it serves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+from protocol.errors import ProtocolError
+from protocol.lease import (
+    Access,
+    BorrowerConnection,
+    Bye,
+    ByeReason,
+    Error,
+    ErrorCode,
+    Event,
+    Grant,
+    GrantAck,
+    GrantNack,
+    Hello,
+    LeaseProtocolError,
+    LenderConnection,
+    NackReason,
+    PageIn,
+    PageInDone,
+    PageInStatus,
+    Ping,
+    Pong,
+    Revoke,
+    Revoked,
+    RevokeMode,
+)
+from protocol.lease.constants import HEADER_SIZE
+from protocol.lease.wire import HEADER
+from protocol.sansio import CLOSED, NEED_DATA, Sentinel
+
+MiB = 1 << 20
+GUEST = 7
+APERTURE = 256 * MiB
+GRANULE = 2 * MiB
+RW = 3
+
+
+def borrower_hello(**changes: object) -> Hello:
+    fields: dict[str, object] = {
+        "guest_id": GUEST,
+        "aperture_size": APERTURE,
+        "granule": GRANULE,
+        "features": 0,
+        "max_leases": 0,
+        "name": "devmodel",
+    }
+    fields.update(changes)
+    return Hello(**fields)  # type: ignore[arg-type]
+
+
+def lender_hello(**changes: object) -> Hello:
+    return borrower_hello(**{"name": "gpu-lender", **changes})
+
+
+def raw_message(msg_type: int, msg_id: int = 0, body: bytes = b"", flags: int = 0) -> bytes:
+    return HEADER.pack(msg_type, flags, HEADER_SIZE + len(body), msg_id) + body
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class FdPool:
+    """Real fds for tests (pipe read ends), all closed at the end whoever owned them last."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def new(self) -> int:
+        r, w = os.pipe()
+        self._fds += (r, w)
+        return r
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+@contextmanager
+def fd_pool() -> Iterator[FdPool]:
+    pool = FdPool()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def open_pair() -> tuple[BorrowerConnection, LenderConnection]:
+    """A borrower and a lender connection that have completed the handshake."""
+    borrower, lender = BorrowerConnection(), LenderConnection()
+    out = borrower.send(borrower_hello())
+    lender.receive_data(out.data)
+    assert isinstance(lender.next_event(), Hello)
+    out = lender.send(lender.hello_reply("gpu-lender"))
+    borrower.receive_data(out.data)
+    assert isinstance(borrower.next_event(), Hello)
+    return borrower, lender
+
+
+def deliver(
+    sender: BorrowerConnection | LenderConnection,
+    receiver: BorrowerConnection | LenderConnection,
+    event: Event,
+) -> Event:
+    """Send `event` through `sender` and return what `receiver` makes of it."""
+    out = sender.send(event)
+    receiver.receive_data(out.data, out.fds)
+    got = receiver.next_event()
+    assert not isinstance(got, Sentinel), got
+    return got
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A raised error as the tests compare it."""
+
+    fatal: bool
+    code: int
+    reply: Event | None
+
+
+Outcome = Event | Failure | Sentinel
+
+
+def drain(conn: BorrowerConnection | LenderConnection) -> list[Outcome]:
+    """Everything next_event() yields until NEED_DATA, CLOSED or a fatal error."""
+    seen: list[Outcome] = []
+    while True:
+        try:
+            got = conn.next_event()
+        except LeaseProtocolError as exc:
+            seen.append(Failure(exc.fatal, exc.code, exc.reply))
+            if exc.fatal:
+                return seen
+            continue
+        except ProtocolError as exc:  # pragma: no cover - would be a bug: wrong class raised
+            raise AssertionError(f"plain ProtocolError escaped: {exc}") from exc
+        if got is NEED_DATA:
+            return seen
+        seen.append(got)
+        if got is CLOSED:
+            return seen
+
+
+def feed_all(
+    conn: BorrowerConnection | LenderConnection,
+    chunks: Sequence[tuple[bytes, Sequence[int]]],
+    eof: bool = True,
+) -> list[Outcome]:
+    """Feed chunks one by one, draining after each; stop at the first fatal error."""
+    seen: list[Outcome] = []
+    for data, fds in chunks:
+        conn.receive_data(data, fds)
+        seen += drain(conn)
+        if seen and isinstance(seen[-1], Failure) and seen[-1].fatal:
+            return seen
+    if eof:
+        conn.receive_data(b"")
+        seen += drain(conn)
+    return seen
+
+
+# One valid sample of every message, for round trips and the exhaustive table tests.
+def sample_events(fd: int) -> list[Event]:
+    return [
+        borrower_hello(features=0x5, max_leases=64, name="devmodel-ü"),
+        Bye(ByeReason.GUEST_REFUSED, "guest 7 is not mine"),
+        Bye(),
+        Error(0x7777, 99, ErrorCode.UNKNOWN_TYPE, "what is this"),
+        Ping(0xFFFF_FFFF_FFFF_FFFF),
+        Pong(0),
+        Grant(1, 2 * MiB, 4 * MiB, 6 * MiB, RW, fd, 0),
+        GrantAck(1),
+        GrantNack(1, NackReason.FD_NOT_SEALED, "add F_SEAL_SHRINK"),
+        Revoke(1, RevokeMode.EVICT),
+        Revoke(2, RevokeMode.RELEASE),
+        Revoked(1),
+        PageIn(3, 8 * MiB, 2 * MiB, Access.READ),
+        PageIn(4, 8 * MiB, 2 * MiB, Access.WRITE),
+        PageInDone(3, PageInStatus.OK),
+        PageInDone(4, PageInStatus.NO_MEMORY, "VRAM budget exhausted"),
+    ]
