@@ -377,7 +377,8 @@ class ServerConnection(_Base):
         elif isinstance(event, ev.DmaRead | ev.DmaWrite):
             return self._send_request(event)
         else:
-            key = (event.msg_id, _reply_command(event))
+            command = _reply_command(event)  # first: it refuses what is not a reply
+            key = (event.msg_id, command)
         owed = self._owed
         n = owed.get(key, 0)
         if not n:
