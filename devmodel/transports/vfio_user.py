@@ -359,7 +359,6 @@ class _Session:
 
     def _reset(self, e: ev.DeviceReset) -> Any:
         self.device.reset()
-        self.counters.resets += 1
         log.info("device reset by the client")
         return ev.Ack(e.msg_id, Command.DEVICE_RESET)
 
