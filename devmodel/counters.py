@@ -22,6 +22,13 @@ class DeviceCounters:
     failed_accesses: int = 0
     resets: int = 0
     client_connects: int = 0
+    # Lease engine.
+    grants: int = 0
+    grant_nacks: int = 0
+    revokes: int = 0
+    # Accesses that had to wait for a revoke or a page-in.
+    faults: int = 0
+    lender_losses: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

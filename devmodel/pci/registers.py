@@ -88,6 +88,11 @@ REGISTERS: tuple[Register, ...] = (
     Register("FAILED_ACCESSES", 0x48, 8, RO, "accesses answered by the failure policy"),
     Register("RESETS", 0x50, 8, RO, "device resets (DEVICE_RESET / FLR)"),
     Register("CLIENT_CONNECTS", 0x58, 8, RO, "transport clients that attached"),
+    Register("GRANTS", 0x60, 8, RO, "leases the lender granted and the device accepted"),
+    Register("GRANT_NACKS", 0x68, 8, RO, "grants refused (bad range, fd, protection ...)"),
+    Register("REVOKES", 0x70, 8, RO, "leases revoked by the lender"),
+    Register("FAULTS", 0x78, 8, RO, "accesses that waited for a revoke or a page-in"),
+    Register("LENDER_LOSSES", 0x80, 8, RO, "times the lender connection was lost"),
     Register(
         "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "

@@ -1,0 +1,432 @@
+"""The lease engine: serves aperture accesses from lent memory, revokes, pages in.
+
+Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd, so an access
+never holds anything across an await; only waits (for a revoke to finish or a page-in to be
+answered) suspend, and each wait is per window with a deadline. Nothing global is held across a
+wait, so a vfio-user client (one access at a time) and Xen (one per vCPU) both fit.
+
+Forward progress: when a grant makes a window resident, the accesses waiting on it are
+performed inside the grant itself, before any other message (such as an immediate REVOKE) can
+be processed. A lender that revokes right after every grant still sees every fault served.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from devmodel.counters import DeviceCounters
+from devmodel.leases.backing import FdStore, GrantRefused
+from devmodel.leases.policy import FailurePolicy
+from devmodel.leases.states import LIVE, Trigger, WindowState, transition
+from devmodel.leases.table import WindowTable
+from devmodel.leases.window import Pending, Window
+from devmodel.pci.errors import AccessError
+from devmodel.ratelimit import RateLimitedLogger
+from protocol.lease.constants import (
+    GRANT_FLAGS_KNOWN,
+    PROT_WRITE,
+    VALID_PROTS,
+    Access,
+    NackReason,
+    PageInStatus,
+    RevokeMode,
+    code_name,
+)
+
+log = logging.getLogger("devmodel.leases")
+
+S = WindowState
+
+
+class LenderPort(Protocol):
+    """How the engine reaches the lender: asks for a page-in; False if no lender is there."""
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool: ...
+
+
+class UnknownLease(Exception):
+    """A REVOKE named a lease this side does not hold."""
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    # Every wait ends well before QEMU's vfio-user reply timeout (5 s by default).
+    page_in_timeout: float = 2.0
+    revoke_timeout: float = 2.0
+    policy: FailurePolicy = FailurePolicy.ALL_ONES
+    max_leases: int = 1 << 22
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: int
+    start: int
+    end: int
+    deadline: float
+
+
+EventSink = Callable[[str, dict[str, object]], None]
+UnmapHook = Callable[[int, int], Awaitable[None]]
+
+
+class LeaseEngine:
+    """The aperture as a set of leased windows (implements `devmodel.aperture.Aperture`)."""
+
+    def __init__(
+        self,
+        size: int,
+        granule: int,
+        counters: DeviceCounters,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self._size = size
+        self._granule = granule
+        self.counters = counters
+        self.config = config or EngineConfig()
+        self.port: LenderPort | None = None
+        # Transports that map resident windows into the guest (the Xen fast path) register
+        # here; a revoke awaits every hook before it drops the engine's own access.
+        self.unmap_hooks: list[UnmapHook] = []
+        self.on_event: EventSink | None = None
+        self._table = WindowTable()
+        self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
+        self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
+        self._requests: dict[int, _Request] = {}
+        self._next_request = 1
+        self._fds = FdStore()
+        self._fail_log = RateLimitedLogger(log)
+
+    # ------------------------------------------------------------------ Aperture protocol
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def granule(self) -> int:
+        return self._granule
+
+    async def read(self, offset: int, size: int) -> bytes:
+        w = self._table.find(offset)
+        if w is not None and w.state is S.RESIDENT:
+            data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+            if len(data) == size:
+                return data
+        return await self._slow(offset, size, None)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        w = self._table.find(offset)
+        if (
+            w is not None
+            and w.state is S.RESIDENT
+            and w.prot & PROT_WRITE
+            and os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data)
+        ):
+            return
+        await self._slow(offset, len(data), data)
+
+    def reset(self) -> None:
+        """Device reset: lent memory belongs to the lender, so nothing here changes."""
+
+    def close(self) -> None:
+        for w in list(self._table):
+            self._fail_waiters(w.waiters, "device closing")
+        self._fds.close_all()
+        self._table = WindowTable()
+        self._live.clear()
+        self._evicted.clear()
+
+    # ------------------------------------------------------------------ queries
+
+    def windows(self) -> Iterator[Window]:
+        return iter(self._table)
+
+    def window_at(self, offset: int) -> Window | None:
+        return self._table.find(offset)
+
+    @property
+    def lease_count(self) -> int:
+        return len(self._live)
+
+    @property
+    def kept_fds(self) -> int:
+        return len(self._fds)
+
+    # ------------------------------------------------------------------ the slow path
+
+    async def _slow(self, offset: int, size: int, data: bytes | None) -> bytes:
+        deadline = trio.current_time() + self.config.page_in_timeout
+        waited = False
+        while True:
+            w = self._table.find(offset)
+            if w is None:
+                return self._fail(offset, size, data, "nothing is lent there")
+            state = w.state
+            if state is S.RESIDENT:
+                return self._perform(w, offset, size, data)
+            if state is S.LOST:
+                return self._fail(offset, size, data, "the lender is gone")
+            if state is S.EVICTED:
+                access = Access.READ if data is None else Access.WRITE
+                if not self._start_page_in(w, access, deadline):
+                    return self._fail(offset, size, data, "no lender to page in from")
+                continue  # an in-process lender may have answered already
+            # REVOKING or PAGING_IN: wait for it, within the deadline.
+            if not waited:
+                self.counters.faults += 1
+                waited = True
+            pending = Pending(offset, size, data)
+            w.waiters.append(pending)
+            with trio.move_on_at(deadline):
+                await pending.done.wait()
+            if pending.served:
+                return pending.result
+            if not pending.done.is_set():
+                holder = self._table.find(offset)
+                if holder is not None and pending in holder.waiters:
+                    holder.waiters.remove(pending)
+                if holder is not None and holder.state is S.PAGING_IN:
+                    self._page_in_failed(holder.request_id, "deadline passed")
+                return self._fail(offset, size, data, "page-in deadline passed")
+            if pending.retry:
+                continue
+            return self._fail(offset, size, data, "page-in failed")
+
+    def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
+        at = w.fd_offset + offset - w.start
+        try:
+            if data is None:
+                got = os.pread(w.fd, size, at)
+                if len(got) == size:
+                    return got
+            elif w.prot & PROT_WRITE:
+                if os.pwrite(w.fd, data, at) == len(data):
+                    return b""
+            else:
+                return self._fail(offset, size, data, "the lease is read-only")
+        except OSError as exc:
+            return self._fail(offset, size, data, f"lender memory failed: {exc.strerror}")
+        return self._fail(offset, size, data, "lender memory shrank under the lease")
+
+    def _fail(self, offset: int, size: int, data: bytes | None, why: str) -> bytes:
+        self.counters.failed_accesses += 1
+        self._fail_log.warning(
+            "%s of %d bytes at %#x failed: %s",
+            "read" if data is None else "write",
+            size,
+            offset,
+            why,
+        )
+        if data is None:
+            return self.config.policy.read_result(size)
+        self.config.policy.write_result()
+        return b""
+
+    def _start_page_in(self, w: Window, access: Access, deadline: float) -> bool:
+        port = self.port
+        if port is None:
+            return False
+        rid = self._next_request
+        self._next_request += 1
+        w.state = transition(w.state, Trigger.FAULT)
+        w.request_id = rid
+        self._requests[rid] = _Request(rid, w.start, w.end, deadline)
+        self.counters.page_ins += 1
+        self._emit("PAGE_IN_REQUESTED", {"request": rid, "offset": w.start, "length": w.length})
+        if not port.send_page_in(rid, w.start, w.length, access):
+            self._page_in_failed(rid, "lender unreachable")
+            return False
+        return True
+
+    # ------------------------------------------------------------------ lender side
+
+    def grant(
+        self,
+        lease_id: int,
+        offset: int,
+        length: int,
+        fd_offset: int,
+        prot: int,
+        fd: int,
+        flags: int = 0,
+    ) -> None:
+        """Accept a GRANT or raise GrantRefused (nothing changed). `fd` is consumed."""
+        try:
+            pieces = self._check_grant(lease_id, offset, length, prot, flags)
+        except GrantRefused:
+            os.close(fd)
+            raise
+        kept = self._fds.adopt(fd, fd_offset, length, prot)
+        end = offset + length
+        served: list[Pending] = []
+        for old in pieces:
+            transition(old.state, Trigger.GRANT)  # validates; the part granted becomes RESIDENT
+            served += old.take_waiters(offset, end)
+            self._table.remove(old)
+            self._forget_evicted(old)
+            for start, stop in ((old.start, offset), (end, old.end)):
+                if start < stop:
+                    rest = Window(
+                        start, stop - start, old.state, old.lease_id, request_id=old.request_id
+                    )
+                    rest.waiters = old.take_waiters(start, stop)
+                    self._table.add(rest)
+                    if rest.state in (S.EVICTED, S.PAGING_IN):
+                        self._evicted.setdefault(rest.lease_id, set()).add(rest)
+        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot)
+        self._table.add(w)
+        self._live[lease_id] = w
+        self.counters.grants += 1
+        self._emit("LEASE_GRANTED", {"lease": lease_id, "offset": offset, "length": length})
+        # Forward progress: the accesses that waited for this memory are served now.
+        for p in served:
+            p.result = self._perform(w, p.offset, p.size, p.data)
+            p.served = True
+            p.done.set()
+
+    def _check_grant(
+        self, lease_id: int, offset: int, length: int, prot: int, flags: int
+    ) -> list[Window]:
+        g = self._granule
+        if lease_id in self._live or lease_id in self._evicted:
+            raise GrantRefused(NackReason.DUPLICATE_LEASE_ID, f"lease {lease_id} already exists")
+        if prot not in VALID_PROTS:
+            raise GrantRefused(NackReason.BAD_PROTECTION, f"protection {prot:#x} is not R or RW")
+        if flags & ~GRANT_FLAGS_KNOWN:
+            raise GrantRefused(NackReason.UNSUPPORTED_FLAGS, f"grant flags {flags:#x} unknown")
+        if length <= 0 or offset < 0 or offset + length > self._size:
+            raise GrantRefused(
+                NackReason.OUTSIDE_APERTURE,
+                f"{offset:#x}+{length:#x} is outside the {self._size:#x}-byte aperture",
+            )
+        if offset % g or length % g:
+            raise GrantRefused(
+                NackReason.MISALIGNED, f"{offset:#x}+{length:#x} is not on {g:#x} granules"
+            )
+        if len(self._live) >= self.config.max_leases:
+            raise GrantRefused(NackReason.TOO_MANY_LEASES, f"{len(self._live)} leases are live")
+        pieces = self._table.overlapping(offset, offset + length)
+        for w in pieces:
+            if w.state in LIVE:
+                raise GrantRefused(
+                    NackReason.OVERLAPS_LIVE_LEASE,
+                    f"{offset:#x}+{length:#x} overlaps live lease {w.lease_id}",
+                )
+        return pieces
+
+    async def revoke(self, lease_id: int, mode: RevokeMode) -> None:
+        """Take a lease back; returns once nothing here can reach its pages (send REVOKED)."""
+        w = self._live.get(lease_id)
+        if w is None:
+            self._revoke_evicted(lease_id, mode)
+            return
+        w.state = transition(w.state, Trigger.REVOKE)
+        self.counters.revokes += 1
+        # 1. New accesses now wait (state REVOKING). 2. Transports unmap the window.
+        with trio.move_on_after(self.config.revoke_timeout) as scope:
+            for hook in self.unmap_hooks:
+                await hook(w.start, w.length)
+        if scope.cancelled_caught:
+            log.error("unmapping lease %d took over %.1f s", lease_id, self.config.revoke_timeout)
+        # 3. In-flight accesses: none can be, an access never awaits while it holds the fd.
+        if w.state is not S.REVOKING:  # the lender vanished meanwhile; lender_lost cleaned up
+            return
+        # 4. Drop our own access to the memory, then (by returning) acknowledge.
+        self._fds.release(w.fd)
+        w.fd = -1
+        del self._live[lease_id]
+        if mode is RevokeMode.EVICT:
+            w.state = transition(w.state, Trigger.REVOKED_EVICT)
+            self._evicted.setdefault(lease_id, set()).add(w)
+        else:
+            w.state = transition(w.state, Trigger.REVOKED_RELEASE)
+            self._table.remove(w)
+        self._emit("LEASE_REVOKED", {"lease": lease_id, "mode": mode.name})
+        for p in w.waiters:
+            p.retry = True
+            p.done.set()
+        w.waiters = []
+
+    def _revoke_evicted(self, lease_id: int, mode: RevokeMode) -> None:
+        pieces = self._evicted.get(lease_id)
+        if pieces is None:
+            raise UnknownLease(f"no lease {lease_id}")
+        if mode is RevokeMode.EVICT:
+            return  # already holds no memory
+        for w in list(pieces):
+            w.state = transition(w.state, Trigger.RELEASE)
+            self._table.remove(w)
+            self._fail_waiters(w.waiters, "lease released")
+        del self._evicted[lease_id]
+        self._emit("LEASE_RELEASED", {"lease": lease_id})
+
+    def _forget_evicted(self, w: Window) -> None:
+        pieces = self._evicted.get(w.lease_id)
+        if pieces is not None:
+            pieces.discard(w)
+            if not pieces:
+                del self._evicted[w.lease_id]
+
+    def page_in_done(self, request_id: int, status: int) -> None:
+        if status == PageInStatus.OK:
+            # The grants came first; whatever the request still covers was not granted.
+            self._page_in_failed(request_id, "lender reported OK without granting", quiet=True)
+        else:
+            self._page_in_failed(request_id, f"lender: {code_name(PageInStatus, status)}")
+
+    def _page_in_failed(self, request_id: int, why: str, quiet: bool = False) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for w in self._table.overlapping(req.start, req.end):
+            if w.state is S.PAGING_IN and w.request_id == request_id:
+                if not quiet:
+                    self._emit("PAGE_IN_FAILED", {"request": request_id, "reason": why})
+                w.state = transition(w.state, Trigger.PAGE_IN_FAILED)
+                w.request_id = 0
+                self._fail_waiters(w.waiters, why)
+                w.waiters = []
+
+    def lender_lost(self) -> None:
+        """Every window LOST, every fd closed; the device keeps answering with the policy."""
+        for w in list(self._table):
+            if w.fd >= 0:
+                self._fds.release(w.fd)
+                w.fd = -1
+            if w.state is not S.LOST:
+                w.state = transition(w.state, Trigger.LENDER_LOST)
+            self._fail_waiters(w.waiters, "lender lost")
+            w.waiters = []
+        self._live.clear()
+        self._evicted.clear()
+        self._requests.clear()
+        self.counters.lender_losses += 1
+        self._emit("LENDER_LOST", {})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fail_waiters(self, waiters: list[Pending], why: str) -> None:
+        for p in waiters:
+            if not p.done.is_set():
+                p.done.set()
+
+    def _emit(self, name: str, data: dict[str, object]) -> None:
+        if self.on_event is not None:
+            self.on_event(name, data)
+
+
+__all__ = [
+    "AccessError",
+    "EngineConfig",
+    "LeaseEngine",
+    "LenderPort",
+    "UnknownLease",
+    "errno",
+]

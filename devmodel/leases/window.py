@@ -1,0 +1,52 @@
+"""A window: one granule-aligned range of the aperture with one state and its waiting accesses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from devmodel.leases.states import WindowState
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """An access waiting on a window (REVOKING or PAGING_IN).
+
+    When a grant makes its window resident the engine performs the access *right there*, before
+    anything else can run, and stores the result: that is the forward-progress guarantee (a
+    revoke that follows the grant cannot complete before the waiters were served).
+    """
+
+    offset: int
+    size: int
+    data: bytes | None  # None for a read
+    done: trio.Event = field(default_factory=trio.Event)
+    served: bool = False
+    result: bytes = b""
+    # Woken without being served: look at the window again (a revoke finished).
+    retry: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Window:
+    start: int
+    length: int
+    state: WindowState
+    lease_id: int = 0
+    fd: int = -1
+    fd_offset: int = 0
+    prot: int = 0
+    request_id: int = 0  # the PAGE_IN this window waits on (PAGING_IN)
+    waiters: list[Pending] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def take_waiters(self, start: int, end: int) -> list[Pending]:
+        """Remove and return the waiters whose access lies in [start, end)."""
+        inside = [p for p in self.waiters if start <= p.offset < end]
+        if inside:
+            self.waiters = [p for p in self.waiters if not start <= p.offset < end]
+        return inside
