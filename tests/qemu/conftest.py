@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,8 @@ BOOT_TIMEOUT = 120.0
 PROVISION_TIMEOUT = 900.0
 
 _boots: list[tuple[str, GuestRun]] = []
+# Guest runs a test booted through the `boot` fixture, for its failure report.
+_RUNS = pytest.StashKey[list[GuestRun]]()
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +110,48 @@ def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFa
     return _boot(reaper, tmp_path_factory.mktemp("smp-guest"), "two-vCPU", ["smp"], smp=2)
 
 
+@pytest.fixture
+def start_devmodel(reaper: Reaper, tmp_path: Path) -> Iterator[Callable[..., DevmodelServer]]:
+    """A factory for device models with this test's options, stopped when the test ends.
+
+    `start_devmodel("--granule", "4K", aperture_size="1G")`: extra arguments go to
+    `devmodel run`; it returns once the socket exists.
+    """
+    servers: list[DevmodelServer] = []
+
+    def start(*args: str, **kwargs: Any) -> DevmodelServer:
+        workdir = tmp_path / f"devmodel{len(servers)}"
+        workdir.mkdir()
+        servers.append(DevmodelServer(reaper, workdir, *args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def boot(testbed: Path, reaper: Reaper, tmp_path: Path, request: pytest.FixtureRequest
+         ) -> Callable[..., GuestRun]:
+    """Boot a guest for this test alone: `boot(["enumerate"], server=s, smp=2, append=...)`.
+
+    Takes boot_guest's keyword arguments; every run's logs go into the report if the test
+    fails. Prefer the shared `guest` and `smp_guest` boots when their tests suffice: each boot
+    costs several seconds.
+    """
+    runs = request.node.stash.setdefault(_RUNS, [])
+
+    def run(tests: list[str], **kwargs: Any) -> GuestRun:
+        workdir = tmp_path / f"guest{len(runs)}"
+        workdir.mkdir()
+        result = boot_guest(reaper, workdir, tests, timeout=BOOT_TIMEOUT, **kwargs)
+        runs.append(result)
+        _boots.append((request.node.name, result))
+        return result
+
+    return run
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -114,9 +159,11 @@ def pytest_runtest_makereport(
     """Attach the logs of the guest a failed test looked at to its report."""
     report = yield
     if report.failed and isinstance(item, pytest.Function):
-        for value in item.funcargs.values():
-            if isinstance(value, GuestRun | DevmodelServer):
-                report.sections.extend(value.log_sections())
+        runs: list[GuestRun] = item.stash.get(_RUNS, [])
+        sources: list[GuestRun | DevmodelServer] = [*runs]
+        sources += [v for v in item.funcargs.values() if isinstance(v, GuestRun | DevmodelServer)]
+        for source in sources:
+            report.sections.extend(source.log_sections())
     return report
 
 
@@ -127,9 +174,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("qemu guests")
     for name, run in _boots:
         end = run.event("end") or {}
+        server = ("" if run.server_returncode is None
+                  else f", device model exit {run.server_returncode}")
         terminalreporter.write_line(
             f"{name}: {run.seconds:.1f} s from launch to exit, guest uptime at its end line "
-            f"{end.get('uptime', '?')} s, device model exit {run.server_returncode}"
+            f"{end.get('uptime', '?')} s{server}"
         )
         for line in run.lines("timing") + [r for r in run.lines("smp") if "thread" in r]:
             who = f"thread {line['thread']}" if "thread" in line else "timing"
