@@ -19,10 +19,15 @@ from dataclasses import dataclass
 
 import trio
 
-from devmodel.aperture import DEFAULT_GRANULE, OwnedMemory
+from devmodel.aperture import DEFAULT_GRANULE
 from devmodel.counters import DeviceCounters
+from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.engine import EngineConfig, LeaseEngine
+from devmodel.leases.lender_link import LenderLink
+from devmodel.leases.policy import FailurePolicy
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
+from devmodel.pci.registers import Feature
 from devmodel.sizes import format_size
 from devmodel.transports.vfio_user import VfioUserServer
 
@@ -43,6 +48,16 @@ class RunOptions:
     granule: int = DEFAULT_GRANULE
     vendor_id: int = 0x1234
     device_id: int = 0x10E5
+    page_in_timeout: float = 2.0
+    revoke_timeout: float = 2.0
+    failure_policy: FailurePolicy = FailurePolicy.ALL_ONES
+    # Without a lender socket, devmodel lends itself private memory (the built-in lender).
+    lender_socket: str | None = None
+    guest_id: int = 0
+
+
+# The built-in lender cuts the aperture into at most this many leases.
+BUILTIN_MAX_LEASES = 65536
 
 
 def open_listener(options: RunOptions) -> socket.socket:
@@ -102,17 +117,30 @@ def _socket_file(path: str | None) -> Iterator[None]:
 
 async def run(options: RunOptions) -> None:
     counters = DeviceCounters()
-    try:
-        aperture = OwnedMemory(options.aperture_size, options.granule)
-    except (ValueError, OSError) as exc:
-        raise StartupError(f"cannot create the aperture: {exc}") from None
+    config = EngineConfig(
+        page_in_timeout=options.page_in_timeout,
+        revoke_timeout=options.revoke_timeout,
+        policy=options.failure_policy,
+    )
+    aperture = LeaseEngine(options.aperture_size, options.granule, counters, config)
+    builtin: BuiltinLender | None = None
+    if options.lender_socket is None:
+        chunk = max(options.granule, options.aperture_size // BUILTIN_MAX_LEASES)
+        try:
+            builtin = BuiltinLender(aperture, chunk)
+            builtin.lend_everything()
+        except OSError as exc:
+            raise StartupError(f"cannot create the built-in lender's memory: {exc}") from None
     identity = PciIdentity(vendor_id=options.vendor_id, device_id=options.device_id)
-    device = PciFunction(identity, aperture, counters)
+    device = PciFunction(identity, aperture, counters, features=Feature.LENT)
     listener = open_listener(options)
     owned_path = options.socket_path if options.listen_fd is None else None
     server = VfioUserServer(device, counters)
     with listener, _socket_file(owned_path), trio.open_signal_receiver(*STOP_SIGNALS) as sigs:
         async with trio.open_nursery() as nursery:
+            if options.lender_socket is not None:
+                link = LenderLink(aperture, options.lender_socket, options.guest_id)
+                nursery.start_soon(link.run)
             await nursery.start(server.serve, listener)
             log.info(
                 "serving %04x:%04x, BAR0 %s (granule %s) on %s",
@@ -130,4 +158,6 @@ async def run(options: RunOptions) -> None:
                 nursery.cancel_scope.cancel()
                 break
     aperture.close()
+    if builtin is not None:
+        builtin.close()
     log.info("stopped; counters: %s", counters.as_dict())

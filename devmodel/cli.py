@@ -16,6 +16,7 @@ import trio
 from devmodel import __version__
 from devmodel.aperture import DEFAULT_GRANULE, GRANULES, check_aperture_size
 from devmodel.app import RunOptions, StartupError, run
+from devmodel.leases.policy import FailurePolicy
 from devmodel.pci.identity import parse_pci_id
 from devmodel.sizes import format_size, parse_size
 
@@ -50,6 +51,18 @@ def _pci_id_arg(text: str) -> tuple[int, int]:
         return parse_pci_id(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 4.5:
+        raise argparse.ArgumentTypeError(
+            "timeouts must be above 0 and below 4.5 s (QEMU gives up on a reply after 5 s)"
+        )
+    return value
 
 
 def _fd_arg(text: str) -> int:
@@ -114,6 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="PCI vendor and device id in hex (default 1234:10e5)",
     )
     run_p.add_argument(
+        "--lender-socket",
+        metavar="PATH",
+        help="borrow BAR0's memory from the lender listening on this unix socket "
+        "(docs/lease-protocol.md); without it devmodel lends itself private memory",
+    )
+    run_p.add_argument(
+        "--domid",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the guest's id, sent to the lender in HELLO (default 0)",
+    )
+    run_p.add_argument(
+        "--page-in-timeout",
+        type=_seconds_arg,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long an access waits for a page-in before the failure policy applies "
+        "(default 2; keep it under the client's reply timeout, 5 s for QEMU)",
+    )
+    run_p.add_argument(
+        "--revoke-timeout",
+        type=_seconds_arg,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long a revoke waits for transports to unmap the window (default 2)",
+    )
+    run_p.add_argument(
+        "--failure-policy",
+        choices=[p.value for p in FailurePolicy],
+        default=FailurePolicy.ALL_ONES.value,
+        help="what an access gets when its memory cannot be had: all-ones reads and dropped "
+        "writes (default, like a PCI master abort), zeros, or an error reply",
+    )
+    run_p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -140,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         granule=args.granule,
         vendor_id=vendor,
         device_id=device,
+        page_in_timeout=args.page_in_timeout,
+        revoke_timeout=args.revoke_timeout,
+        failure_policy=FailurePolicy(args.failure_policy),
+        lender_socket=args.lender_socket,
+        guest_id=args.domid,
     )
     try:
         trio.run(run, options)
