@@ -255,6 +255,9 @@ class ServerConnection(_Base):
         self._owed: dict[tuple[int, int], int] = {}
         self._pending: dict[int, int] = {}  # our DMA_READ/WRITE ids awaiting replies
         self._next_id = 0
+        # The id of the accepted VERSION awaiting its reply; only that reply changes the state
+        # (an error reply to a refused, stray VERSION must not undo a negotiation).
+        self._version_id: int | None = None
 
     # ------------------------------------------------------------------ receiving
 
@@ -294,6 +297,7 @@ class ServerConnection(_Base):
                 return self._refuse(msg_id, command, errno.EINVAL, str(exc), fds, no_reply)
         if command == Command.VERSION:
             self.state = State.VERSION_PENDING
+            self._version_id = msg_id
         if not no_reply:
             key = (msg_id, command)
             owed = self._owed
@@ -390,7 +394,8 @@ class ServerConnection(_Base):
             del owed[key]
         else:
             owed[key] = n - 1
-        if key[1] == Command.VERSION:
+        if key[1] == Command.VERSION and key[0] == self._version_id:
+            self._version_id = None
             self.state = State.READY if isinstance(event, ev.VersionReply) else State.AWAIT_VERSION
         data, fds = codec.encode(event)
         return Outgoing(data, fds)
