@@ -7,6 +7,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -401,3 +402,42 @@ def test_check_grant_fd() -> None:
         for fd in opened:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+# -- the specification's worked example ---------------------------------------------------------
+
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "lease-protocol.md"
+
+
+def _example_bytes() -> bytes:
+    """Every hex byte in the code blocks of the specification's section 12, in order."""
+    text = SPEC.read_text(encoding="utf-8")
+    section = text.split("## 12. Example", 1)[1].split("## 13.", 1)[0]
+    out = bytearray()
+    for block in section.split("```")[1::2]:
+        for line in block.splitlines():
+            hex_part = line.split("   ", 1)[0]  # a comment follows three spaces
+            out += bytes.fromhex(hex_part)
+    return bytes(out)
+
+
+def test_the_specifications_example_decodes_as_described() -> None:
+    data = _example_bytes()
+    events: list[Event] = []
+    while data:
+        length = struct.unpack_from("<I", data, 4)[0]
+        fds = (7,) if data[0] == MsgType.GRANT else ()
+        events.append(decode_message(data[:length], fds))
+        data = data[length:]
+    assert events == [
+        Hello(7, 256 * MiB, 2 * MiB, 0, 1024, "devmodel"),
+        Hello(7, 256 * MiB, 2 * MiB, 0, 0, "gpu"),
+        PageIn(1, 0x800000, 2 * MiB, Access.WRITE),
+        Grant(1, 0x800000, 2 * MiB, 0, RW, 7),
+        PageInDone(1, PageInStatus.OK),
+        GrantAck(1),
+        Revoke(1, RevokeMode.EVICT),
+        Revoked(1),
+        GrantNack(2, NackReason.FD_NOT_SEALED, "no seal"),
+        Error(0x7777, 9, ErrorCode.UNKNOWN_TYPE),
+    ]
