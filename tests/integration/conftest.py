@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,17 @@ class DevmodelProcess:
             raise
 
 
+def _accepts(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def start_devmodel(tmp_path: Path, *args: str, name: str = "dev.sock") -> DevmodelProcess:
     sock = str(tmp_path / name)
     stderr_path = tmp_path / f"{name}.stderr"
@@ -49,7 +61,8 @@ def start_devmodel(tmp_path: Path, *args: str, name: str = "dev.sock") -> Devmod
             start_new_session=True,
         )
     deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
+    # Wait until it accepts: a socket file alone may be a stale one left from before.
+    while not _accepts(sock):
         if proc.poll() is not None:
             raise RuntimeError(f"devmodel exited {proc.returncode}: {stderr_path.read_text()}")
         if time.monotonic() > deadline:

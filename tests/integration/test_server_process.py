@@ -241,10 +241,11 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
             text=True,
             timeout=30,
         )
-        assert second.returncode == 1
+        assert second.returncode == 1, second.stderr
         assert "another process is serving" in second.stderr
     finally:
-        assert dm.stop() == 0
+        status = dm.stop()
+        assert status == 0, dm.stderr()
 
 
 @pytest.mark.parametrize(
