@@ -220,11 +220,13 @@ LENDER_SEND: Final[Mapping[State, Mapping[MsgType, State]]] = {
 }
 
 
+_BY_NUMBER: Final[Mapping[int, MsgType]] = {int(t): t for t in MsgType}
+
+
 def known_type(raw: int) -> TypeKey:
-    try:
-        return MsgType(raw)
-    except ValueError:
-        return None
+    # A dict rather than MsgType(raw): this runs for every message, and an enum call costs
+    # several times a lookup (and an exception for unknown numbers).
+    return _BY_NUMBER.get(raw)
 
 
 def type_name(raw: int) -> str:
@@ -412,17 +414,18 @@ class _Connection:
         return CLOSED
 
     def _dispatch(self, raw_type: int, msg_id: int, body: bytes, fds: list[int]) -> Event | None:
-        known = known_type(raw_type)
+        known = _BY_NUMBER.get(raw_type)
         outcome = self.RECEIVE[self._state][known]
-        name = type_name(raw_type)
         if outcome is Verdict.DISCARD:
             _close_fds(fds)
             return None
         if outcome is Verdict.FATAL:
             _close_fds(fds)
+            name = type_name(raw_type)
             raise self._fail(f"the {self.role.value} cannot receive {name} in {self._state.name}")
         if outcome is Verdict.REJECT:
             _close_fds(fds)
+            name = type_name(raw_type)
             if known is None:
                 raise self._refuse(raw_type, msg_id, ErrorCode.UNKNOWN_TYPE, f"unknown {name}")
             why = f"the {self.role.value} never receives {name}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 from typing import Final
 
 from protocol.lease.constants import (
@@ -95,7 +96,9 @@ def _body(event: Event) -> tuple[int, bytes]:
     if isinstance(event, GrantAck | Revoked):
         return event.lease_id, b""
     if isinstance(event, PageIn):
-        return event.request_id, PAGE_IN_BODY.pack(event.offset, event.length, Access(event.access))
+        if event.access not in _ACCESSES:
+            raise ValueError(f"unknown access type {event.access}")
+        return event.request_id, PAGE_IN_BODY.pack(event.offset, event.length, event.access)
     if isinstance(event, PageInDone):
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "PAGE_IN_DONE text")
         return event.request_id, CODE_TEXT_BODY.pack(event.status, len(text)) + text
@@ -103,7 +106,9 @@ def _body(event: Event) -> tuple[int, bytes]:
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "GRANT_NACK text")
         return event.lease_id, CODE_TEXT_BODY.pack(event.reason, len(text)) + text
     if isinstance(event, Revoke):
-        return event.lease_id, REVOKE_BODY.pack(RevokeMode(event.mode))
+        if event.mode not in _MODES:
+            raise ValueError(f"unknown revoke mode {event.mode}")
+        return event.lease_id, REVOKE_BODY.pack(event.mode)
     if isinstance(event, Ping | Pong):
         return event.token, b""
     if isinstance(event, Error):
@@ -168,11 +173,23 @@ def _text(msg_type: MsgType, body: bytes, start: int, length: int, limit: int) -
         raise _malformed(msg_type, "string is not valid UTF-8") from None
 
 
-def _code(family: type[ByeReason | NackReason | PageInStatus | ErrorCode], value: int) -> int:
-    try:
-        return family(value)
-    except ValueError:
-        return value
+def _members(family: type[IntEnum]) -> dict[int, IntEnum]:
+    return {int(member): member for member in family}
+
+
+# Dict lookups instead of enum calls: these run for every message, and an enum call costs
+# several times as much (plus an exception for values a newer peer may send).
+_BYE_REASONS: Final = _members(ByeReason)
+_NACK_REASONS: Final = _members(NackReason)
+_STATUSES: Final = _members(PageInStatus)
+_ERROR_CODES: Final = _members(ErrorCode)
+_MODES: Final[dict[int, RevokeMode]] = {int(m): m for m in RevokeMode}
+_ACCESSES: Final[dict[int, Access]] = {int(a): a for a in Access}
+
+
+def _code(known: dict[int, IntEnum], value: int) -> int:
+    """The enum member for a known code, the bare number for one this version does not know."""
+    return known.get(value, value)
 
 
 def _hello(msg_id: int, body: bytes) -> Hello:
@@ -192,7 +209,7 @@ def _bye(msg_id: int, body: bytes) -> Bye:
         raise _malformed(MsgType.BYE, "body too short")
     reason, text_len = CODE_TEXT_BODY.unpack_from(body)
     text = _text(MsgType.BYE, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return Bye(_code(ByeReason, reason), text)
+    return Bye(_code(_BYE_REASONS, reason), text)
 
 
 def _error(msg_id: int, body: bytes) -> Error:
@@ -200,7 +217,7 @@ def _error(msg_id: int, body: bytes) -> Error:
         raise _malformed(MsgType.ERROR, "body too short")
     code, ref_type, text_len = ERROR_BODY.unpack_from(body)
     text = _text(MsgType.ERROR, body, ERROR_BODY.size, text_len, MAX_TEXT_BYTES)
-    return Error(ref_type, msg_id, _code(ErrorCode, code), text)
+    return Error(ref_type, msg_id, _code(_ERROR_CODES, code), text)
 
 
 def _ping(msg_id: int, body: bytes) -> Ping:
@@ -223,16 +240,16 @@ def _grant_nack(msg_id: int, body: bytes) -> GrantNack:
         raise _malformed(MsgType.GRANT_NACK, "body too short")
     reason, text_len = CODE_TEXT_BODY.unpack_from(body)
     text = _text(MsgType.GRANT_NACK, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return GrantNack(msg_id, _code(NackReason, reason), text)
+    return GrantNack(msg_id, _code(_NACK_REASONS, reason), text)
 
 
 def _revoke(msg_id: int, body: bytes) -> Revoke:
     _exact(MsgType.REVOKE, body, REVOKE_BODY.size)
     (mode,) = REVOKE_BODY.unpack(body)
-    try:
-        return Revoke(msg_id, RevokeMode(mode))
-    except ValueError:
-        raise _malformed(MsgType.REVOKE, f"unknown mode {mode}") from None
+    known = _MODES.get(mode)
+    if known is None:
+        raise _malformed(MsgType.REVOKE, f"unknown mode {mode}")
+    return Revoke(msg_id, known)
 
 
 def _revoked(msg_id: int, body: bytes) -> Revoked:
@@ -243,10 +260,10 @@ def _revoked(msg_id: int, body: bytes) -> Revoked:
 def _page_in(msg_id: int, body: bytes) -> PageIn:
     _exact(MsgType.PAGE_IN, body, PAGE_IN_BODY.size)
     offset, length, access = PAGE_IN_BODY.unpack(body)
-    try:
-        return PageIn(msg_id, offset, length, Access(access))
-    except ValueError:
-        raise _malformed(MsgType.PAGE_IN, f"unknown access type {access}") from None
+    known = _ACCESSES.get(access)
+    if known is None:
+        raise _malformed(MsgType.PAGE_IN, f"unknown access type {access}")
+    return PageIn(msg_id, offset, length, known)
 
 
 def _page_in_done(msg_id: int, body: bytes) -> PageInDone:
@@ -254,7 +271,7 @@ def _page_in_done(msg_id: int, body: bytes) -> PageInDone:
         raise _malformed(MsgType.PAGE_IN_DONE, "body too short")
     status, text_len = CODE_TEXT_BODY.unpack_from(body)
     text = _text(MsgType.PAGE_IN_DONE, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return PageInDone(msg_id, _code(PageInStatus, status), text)
+    return PageInDone(msg_id, _code(_STATUSES, status), text)
 
 
 _DECODERS: Final[dict[int, Callable[[int, bytes], Event]]] = {
