@@ -796,3 +796,13 @@ def test_nothing_but_hello_or_bye_before_the_handshake(
         conn.next_event()
     assert info.value.fatal and isinstance(info.value.reply, Bye)
     assert not (fds and is_open(fds[0]))
+
+
+def test_a_hello_with_an_fd_is_fatal(pool: FdPool) -> None:
+    conn = LenderConnection()
+    fd = pool.new()
+    conn.receive_data(encode(borrower_hello()), (fd,))
+    with pytest.raises(LeaseProtocolError) as info:
+        conn.next_event()
+    assert info.value.fatal and info.value.code == ErrorCode.OTHER and not is_open(fd)
+    assert isinstance(info.value.reply, Bye)
