@@ -119,6 +119,9 @@ def _dec_version(
     msg_id: int, p: memoryview, fds: Sequence[int], nr: bool, lim: Limits
 ) -> ev.VersionRequest:
     _no_fds(Command.VERSION, fds)
+    if nr:
+        # Unanswerable, and it would leave the negotiation pending for good.
+        raise _bad("VERSION cannot be sent with NO_REPLY")
     _at_least(Command.VERSION, p, 4)
     major, minor = struct.unpack_from("<HH", p)
     caps, keys = parse_capabilities(bytes(p[4:]))
