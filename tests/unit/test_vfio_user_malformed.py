@@ -801,3 +801,14 @@ def test_io_fds_reply_naming_a_missing_fd_is_fatal(bag: FdBag) -> None:
 def test_reply_decoders_cover_every_command() -> None:
     assert set(codec.REPLY_DECODERS) == set(Command)
     assert set(codec.REQUEST_DECODERS) == set(Command)
+
+
+def test_posted_version_is_refused_and_negotiation_stays_open() -> None:
+    """A VERSION with NO_REPLY cannot be answered; taking it would wedge the negotiation."""
+    server = ServerConnection()
+    bad = refused(server, posted(0, Command.VERSION, VERSION_PAYLOAD), errno.EINVAL)
+    assert bad.no_reply
+    # refused() fed a plain VERSION afterwards: it was taken, and it can be answered.
+    reply = server.version_reply(ev.VersionRequest(0x4242, 0, 0))
+    server.send(reply)
+    assert state(server) is State.READY
