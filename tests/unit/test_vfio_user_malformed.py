@@ -419,12 +419,12 @@ FIXED = [
 ]
 
 
-@pytest.mark.parametrize("command", FIXED)
-@pytest.mark.parametrize("delta", [-1, +1])
+@pytest.mark.parametrize(
+    ("command", "delta"),
+    [(cmd, d) for cmd in FIXED for d in (-1, +1) if VALID[cmd] or d > 0],
+)
 def test_wrong_payload_length(command: Command, delta: int) -> None:
     payload = VALID[command]
-    if delta < 0 and not payload:
-        pytest.skip("an empty payload cannot be shorter")
     payload = payload[:-1] if delta < 0 else payload + b"\0"
     refused(ready_server(), raw(1, command, payload), errno.EINVAL)
 
