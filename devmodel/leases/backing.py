@@ -20,6 +20,8 @@ from protocol.lease.constants import PROT_WRITE, NackReason
 # Linux fcntl numbers; the stdlib exposes them from 3.8 on Linux but typeshed may not.
 F_GET_SEALS: int = getattr(fcntl, "F_GET_SEALS", 1034)
 F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; the fcntl module does not export it
 PAGE = 4096
 
 
@@ -106,6 +108,9 @@ def _check(
         seals = None  # not a sealable file (a plain file): pread keeps us safe anyway
     if seals is not None and not seals & F_SEAL_SHRINK:
         return GrantRefused(NackReason.FD_NOT_SEALED, "memfd is not sealed against shrinking")
+    if seals is not None and prot & PROT_WRITE and seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        # Every write would fail with EPERM (docs/lease-protocol.md 9.2: BAD_FD).
+        return GrantRefused(NackReason.BAD_FD, "memfd is write-sealed, prot asks for write")
     return None
 
 

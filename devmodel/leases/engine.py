@@ -116,20 +116,25 @@ class LeaseEngine:
     async def read(self, offset: int, size: int) -> bytes:
         w = self._table.find(offset)
         if w is not None and w.state is S.RESIDENT:
-            data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
-            if len(data) == size:
-                return data
+            try:
+                data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+            except OSError:
+                pass  # the slow path tries again and answers with the failure policy
+            else:
+                if len(data) == size:
+                    return data
         return await self._slow(offset, size, None)
 
     async def write(self, offset: int, data: bytes) -> None:
         w = self._table.find(offset)
-        if (
-            w is not None
-            and w.state is S.RESIDENT
-            and w.prot & PROT_WRITE
-            and os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data)
-        ):
-            return
+        if w is not None and w.state is S.RESIDENT and w.prot & PROT_WRITE:
+            # A lender may write-seal its memfd after the grant (EPERM): the slow path tries
+            # again and answers with the failure policy instead of raising into the transport.
+            try:
+                if os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data):
+                    return
+            except OSError:
+                pass
         await self._slow(offset, len(data), data)
 
     def reset(self) -> None:
