@@ -101,7 +101,7 @@ def _check(
             f"fd holds {st.st_size:#x} bytes, the lease needs {fd_offset + length:#x}",
         )
     if mode == os.O_WRONLY or (prot & PROT_WRITE and mode != os.O_RDWR):
-        return GrantRefused(NackReason.BAD_PROTECTION, "fd access mode does not allow the prot")
+        return GrantRefused(NackReason.BAD_FD, "fd access mode does not allow the prot")
     try:
         seals = fcntl.fcntl(fd, F_GET_SEALS)
     except OSError:

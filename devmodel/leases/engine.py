@@ -264,7 +264,7 @@ class LeaseEngine:
     ) -> None:
         """Accept a GRANT or raise GrantRefused (nothing changed). `fd` is consumed."""
         try:
-            pieces = self._check_grant(lease_id, offset, length, prot, flags)
+            pieces = self._check_grant(lease_id, offset, length, fd_offset, prot, flags)
         except GrantRefused:
             os.close(fd)
             raise
@@ -297,7 +297,7 @@ class LeaseEngine:
             p.done.set()
 
     def _check_grant(
-        self, lease_id: int, offset: int, length: int, prot: int, flags: int
+        self, lease_id: int, offset: int, length: int, fd_offset: int, prot: int, flags: int
     ) -> list[Window]:
         g = self._granule
         if lease_id in self._live or lease_id in self._evicted:
@@ -306,14 +306,17 @@ class LeaseEngine:
             raise GrantRefused(NackReason.BAD_PROTECTION, f"protection {prot:#x} is not R or RW")
         if flags & ~GRANT_FLAGS_KNOWN:
             raise GrantRefused(NackReason.UNSUPPORTED_FLAGS, f"grant flags {flags:#x} unknown")
-        if length <= 0 or offset < 0 or offset + length > self._size:
+        # docs/lease-protocol.md 9.2: a zero length and an fd_offset off the granule are
+        # MISALIGNED too (a window must be mappable with pages of the granule's size).
+        if length <= 0 or offset % g or length % g or fd_offset % g:
+            raise GrantRefused(
+                NackReason.MISALIGNED,
+                f"{offset:#x}+{length:#x} at fd offset {fd_offset:#x} is not on {g:#x} granules",
+            )
+        if offset < 0 or offset + length > self._size:
             raise GrantRefused(
                 NackReason.OUTSIDE_APERTURE,
                 f"{offset:#x}+{length:#x} is outside the {self._size:#x}-byte aperture",
-            )
-        if offset % g or length % g:
-            raise GrantRefused(
-                NackReason.MISALIGNED, f"{offset:#x}+{length:#x} is not on {g:#x} granules"
             )
         if len(self._live) >= self.config.max_leases:
             raise GrantRefused(NackReason.TOO_MANY_LEASES, f"{len(self._live)} leases are live")
