@@ -1,0 +1,273 @@
+"""Fakes for the lease engine tests: sealed memfds and a LenderPort that records PAGE_INs.
+
+`FakeLender` is the lender side as the engine sees it: it records every PAGE_IN the engine
+sends and lets a test answer them (grant a range from any memfd, then PAGE_IN_DONE), either by
+hand, inline (an in-process lender answering inside `send_page_in`, like BuiltinLender), or from
+a task (`serve`). It hands out strictly increasing lease ids as the protocol requires, and keeps
+its own copy of every fd it grants so tests can look at (and poison) the lender's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from devmodel.counters import DeviceCounters
+from devmodel.leases.engine import EngineConfig, LeaseEngine
+from devmodel.leases.policy import FailurePolicy
+from protocol.lease.constants import PROT_READ, PROT_WRITE, Access, PageInStatus, RevokeMode
+
+PAGE = 4096
+RW = PROT_READ | PROT_WRITE
+RO = PROT_READ
+
+# Linux fcntl numbers (stdlib names exist on Linux, but not in every typeshed).
+F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
+F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+def memfd(
+    size: int,
+    name: str = "lease-test",
+    *,
+    seals: int = F_SEAL_SHRINK,
+    fill: bytes = b"",
+) -> int:
+    """A memfd of `size` bytes starting with `fill`, carrying `seals` (0: none)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if fill:
+            assert os.pwrite(fd, fill, 0) == len(fill)
+        if seals:
+            fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pattern(seed: int, length: int) -> bytes:
+    """Deterministic, position-dependent bytes: a misplaced read cannot match by accident."""
+    unit = bytes((seed * 131 + i * 7 + (i >> 8)) & 0xFF for i in range(256))
+    reps = -(-length // len(unit))
+    return (unit * reps)[:length]
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def fds_of_memfd(name: str) -> list[int]:
+    """This process's fds that refer to a memfd called `name`."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{entry}").startswith(f"/memfd:{name} "):
+                found.append(int(entry))
+    return found
+
+
+def memfd_is_mapped(name: str) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(f"/memfd:{name} " in line for line in maps)
+
+
+def file_key(fd: int) -> tuple[int, int, int]:
+    """What FdStore de-duplicates on: (device, inode, access mode)."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def make_engine(
+    size: int = 1 << 20,
+    granule: int = PAGE,
+    *,
+    policy: FailurePolicy = FailurePolicy.ALL_ONES,
+    page_in_timeout: float = 2.0,
+    revoke_timeout: float = 2.0,
+    max_leases: int = 1 << 22,
+) -> LeaseEngine:
+    config = EngineConfig(page_in_timeout, revoke_timeout, policy, max_leases)
+    return LeaseEngine(size, granule, DeviceCounters(), config)
+
+
+@dataclass(frozen=True, slots=True)
+class PageIn:
+    request_id: int
+    offset: int
+    length: int
+    access: Access
+
+
+Answer = Callable[["FakeLender", PageIn], object]
+
+
+class FakeLender:
+    """A LenderPort that records PAGE_INs; tests answer them by granting and PAGE_IN_DONE."""
+
+    def __init__(
+        self, engine: LeaseEngine, *, reachable: bool = True, inline: Answer | None = None
+    ) -> None:
+        self.engine = engine
+        engine.port = self
+        self.reachable = reachable
+        # Called inside send_page_in: an in-process lender that answers at once.
+        self.inline = inline
+        self.page_ins: list[PageIn] = []
+        self.unanswered: list[PageIn] = []
+        self.granted: list[int] = []  # lease ids the engine accepted, in order
+        self.next_lease = 1
+        self._arrival: trio.Event | None = None
+        self._own: list[int] = []  # fds this lender opened; closed by close()
+
+    # ---------------------------------------------------------------- LenderPort
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
+        pi = PageIn(request_id, offset, length, access)
+        self.page_ins.append(pi)
+        if not self.reachable:
+            return False
+        self.unanswered.append(pi)
+        if self._arrival is not None:
+            self._arrival.set()
+            self._arrival = None
+        if self.inline is not None:
+            self.inline(self, pi)
+        return True
+
+    # ---------------------------------------------------------------- lender actions
+
+    def own(self, fd: int) -> int:
+        """Let the lender close `fd` in close()."""
+        self._own.append(fd)
+        return fd
+
+    def grant(
+        self,
+        offset: int,
+        length: int,
+        fd: int,
+        fd_offset: int | None = None,
+        prot: int = RW,
+        flags: int = 0,
+    ) -> int:
+        """GRANT a dup of `fd` (the lender keeps `fd`); raises GrantRefused like the engine."""
+        lease = self.next_lease
+        self.next_lease += 1
+        self.engine.grant(
+            lease,
+            offset,
+            length,
+            offset if fd_offset is None else fd_offset,
+            prot,
+            os.dup(fd),
+            flags,
+        )
+        self.granted.append(lease)
+        return lease
+
+    def take(self, request_id: int | None = None) -> PageIn:
+        """Remove an unanswered PAGE_IN (the oldest, or the one with `request_id`)."""
+        for i, pi in enumerate(self.unanswered):
+            if request_id is None or pi.request_id == request_id:
+                return self.unanswered.pop(i)
+        raise AssertionError(f"no unanswered PAGE_IN {request_id}")
+
+    def answer(
+        self,
+        pi: PageIn,
+        fd: int,
+        fd_offset: int | None = None,
+        prot: int = RW,
+        status: int = PageInStatus.OK,
+    ) -> int:
+        """Grant the requested range from `fd`, then PAGE_IN_DONE; returns the new lease id."""
+        if pi in self.unanswered:
+            self.unanswered.remove(pi)
+        lease = self.grant(pi.offset, pi.length, fd, fd_offset, prot)
+        self.engine.page_in_done(pi.request_id, status)
+        return lease
+
+    def fail(self, pi: PageIn, status: int) -> None:
+        if pi in self.unanswered:
+            self.unanswered.remove(pi)
+        self.engine.page_in_done(pi.request_id, status)
+
+    async def next_page_in(self) -> PageIn:
+        while not self.unanswered:
+            self._arrival = trio.Event()
+            await self._arrival.wait()
+        return self.unanswered.pop(0)
+
+    async def serve(self, home: int, *, evict_after_grant: bool = False) -> None:
+        """Answer every PAGE_IN from `home` (fd_offset = aperture offset), forever.
+
+        With `evict_after_grant` the lender takes every lease back (EVICT) right after granting
+        it, before PAGE_IN_DONE: the hostile pattern the forward-progress rule is about.
+        """
+        while True:
+            pi = await self.next_page_in()
+            lease = self.grant(pi.offset, pi.length, home)
+            if evict_after_grant:
+                await self.engine.revoke(lease, RevokeMode.EVICT)
+            self.engine.page_in_done(pi.request_id, PageInStatus.OK)
+
+    def close(self) -> None:
+        for fd in self._own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._own.clear()
+
+
+def answer_from(home: int) -> Answer:
+    """An inline answer: grant the range from `home` at fd_offset = aperture offset."""
+
+    def answer(lender: FakeLender, pi: PageIn) -> None:
+        lender.answer(pi, home)
+
+    return answer
+
+
+class Box:
+    """The outcome of a task started with `spawn`: its return value or its exception."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.finished_at = -1.0
+
+    def get(self) -> object:
+        assert self.done, "the task has not finished"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def spawn(nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], *args: object) -> Box:
+    """Run `fn(*args)` in `nursery`, recording its outcome (exceptions included) in a Box."""
+    box = Box()
+
+    async def run() -> None:
+        try:
+            box.value = await fn(*args)
+        except Exception as exc:
+            box.error = exc
+        box.finished_at = trio.current_time()
+        box.done = True
+
+    nursery.start_soon(run)
+    return box
