@@ -320,6 +320,7 @@ def _dec_mig_write(
     _no_fds(Command.MIG_DATA_WRITE, fds)
     _at_least(Command.MIG_DATA_WRITE, p, 8)
     m = _parse("MigData", p)
+    _argsz(Command.MIG_DATA_WRITE, m.argsz, 8)
     if m.size != len(p) - 8:
         raise _bad(f"MIG_DATA_WRITE says {m.size} bytes but carries {len(p) - 8}")
     return ev.MigDataWrite(msg_id, bytes(p[8:]), m.argsz, nr)

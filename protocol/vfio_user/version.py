@@ -112,7 +112,7 @@ def negotiate(
 
     write_multiple is on only when both sides want it. pgsizes must share 4 KiB.
     """
-    if proposed.pgsizes and not proposed.pgsizes & ours.pgsizes:
+    if not proposed.pgsizes & ours.pgsizes:
         raise ProtocolError(
             f"client page sizes {proposed.pgsizes:#x} share none with ours {ours.pgsizes:#x}",
             fatal=False,
