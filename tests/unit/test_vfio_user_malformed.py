@@ -815,26 +815,16 @@ def test_posted_version_is_refused_and_negotiation_stays_open() -> None:
 
 
 def test_version_with_no_common_page_size_is_refused() -> None:
-    from protocol.vfio_user.connection import ServerConnection
-    from protocol.vfio_user.events import ErrorReply, VersionRequest
-    from protocol.vfio_user.version import Capabilities
-
     server = ServerConnection()
-    request = VersionRequest(0, 0, 0, Capabilities(pgsizes=0), frozenset({"pgsizes"}))
-    assert isinstance(server.version_reply(request), ErrorReply)
+    request = ev.VersionRequest(0, 0, 0, Capabilities(pgsizes=0), frozenset({"pgsizes"}))
+    assert isinstance(server.version_reply(request), ev.ErrorReply)
 
 
 def test_mig_data_write_with_short_argsz_is_refused() -> None:
-    import errno
-    import struct
-
-    from protocol.vfio_user.connection import ServerConnection
-    from protocol.vfio_user.events import BadRequest
-
     server = ServerConnection()
     server.receive_data(struct.pack("<HHIIIHH", 0, 1, 20, 0, 0, 0, 0))
     server.send(server.version_reply(server.next_event()))
     payload = struct.pack("<II", 4, 2) + b"ab"
     server.receive_data(struct.pack("<HHIII", 7, 18, 16 + len(payload), 0, 0) + payload)
     event = server.next_event()
-    assert isinstance(event, BadRequest) and event.errno == errno.EINVAL
+    assert isinstance(event, ev.BadRequest) and event.errno == errno.EINVAL
