@@ -1,0 +1,527 @@
+"""The lender link: the lease protocol (docs/lease-protocol.md) over the lender's unix socket.
+
+The link is the only place where the lender's bytes meet the device model, so it is built to
+survive any lender: every ProtocolError, OSError or deadline ends only the current connection,
+`LeaseEngine.lender_lost()` drops every lease of it, and the link reconnects with exponential
+backoff for as long as the device model runs. The guest meanwhile sees the failure policy for
+lent ranges and nothing worse; a restarted lender simply grants again.
+
+One connection is one `_Session`: a reader (the main loop, which handles messages strictly in
+order, as the specification's ordering rules require), a writer draining an outbound queue,
+a keepalive, and one task per REVOKE in progress. The outbound queue exists because the engine
+asks for page-ins synchronously, from inside a guest access (`send_page_in` cannot await); it
+is bounded by pausing the reader while it is long, and the writer has a deadline, so a lender
+that stops reading cannot make the device model buffer without limit.
+
+Every wait has a deadline: connecting, the lender's HELLO, each write, each revoke, and the
+idle read, which the keepalive bounds by pinging a silent lender.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from devmodel.leases.backing import GrantRefused
+from devmodel.leases.engine import LeaseEngine, UnknownLease
+from devmodel.ratelimit import RateLimitedLogger
+from protocol.errors import ProtocolError
+from protocol.lease import (
+    Access,
+    BorrowerConnection,
+    Bye,
+    ByeReason,
+    Error,
+    ErrorCode,
+    Event,
+    Grant,
+    GrantAck,
+    GrantNack,
+    Hello,
+    LeaseProtocolError,
+    MsgType,
+    NackReason,
+    PageIn,
+    PageInDone,
+    PageInStatus,
+    Ping,
+    Pong,
+    Revoke,
+    Revoked,
+    State,
+)
+from protocol.lease.connection import clip
+from protocol.lease.constants import MAX_NAME_BYTES, code_name
+from protocol.sansio import CLOSED, NEED_DATA
+
+log = logging.getLogger("devmodel.lender")
+
+RECV_BUFFER: Final = 64 << 10
+# The specification asks for room for at least 4 fds per recvmsg; more costs nothing.
+MAX_FDS_PER_RECV: Final = 16
+_FD_SIZE: Final = array.array("i").itemsize
+ANCILLARY_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_RECV * _FD_SIZE)
+# The reader stops reading while this much is waiting to be written (answers pile up only when
+# the lender does not read them).
+OUTBOUND_HIGH_WATER: Final = 1 << 20
+# A revoke is bounded by the engine's own revoke timeout; this is the margin on top after which
+# the link gives up on the connection (it never sends REVOKED early).
+REVOKE_MARGIN: Final = 1.0
+HELLO_MAX_LEASES: Final = 0xFFFFFFFF
+
+
+class _Ended(Exception):
+    """Why a connection ended, and the BYE to send before closing it (None: send nothing)."""
+
+    def __init__(self, reason: str, bye: Bye | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.bye = bye
+
+
+class LenderLink:
+    """Keeps one lender connection alive for one device model; the engine's `LenderPort`.
+
+    `run()` never returns on its own; cancel it to stop (a BYE is then sent, best effort, once
+    every lease has been dropped, as section 6.5 requires of a borrower).
+    """
+
+    def __init__(
+        self,
+        engine: LeaseEngine,
+        path: str,
+        guest_id: int,
+        *,
+        name: str = "devmodel",
+        reconnect_min: float = 0.05,
+        reconnect_max: float = 2.0,
+        connect_timeout: float = 2.0,
+        hello_timeout: float = 2.0,
+        write_timeout: float = 2.0,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 2.0,
+        bye_timeout: float = 0.2,
+    ) -> None:
+        if not 0 < reconnect_min <= reconnect_max:
+            raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        self.engine = engine
+        self.path = path
+        self.guest_id = guest_id
+        self.name = clip(name, MAX_NAME_BYTES)
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.connect_timeout = connect_timeout
+        self.hello_timeout = hello_timeout
+        self.write_timeout = write_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.bye_timeout = bye_timeout
+        # Sessions whose handshake completed, and connections attempted: for logs and tests.
+        self.sessions = 0
+        self.attempts = 0
+        self.last_end_reason = ""
+        self._session: _Session | None = None
+        self._last_failure = ""
+        self._log = RateLimitedLogger(log)
+        engine.port = self
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is open (handshake done, not failed)."""
+        s = self._session
+        return s is not None and s.usable
+
+    # ------------------------------------------------------------------ LenderPort
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
+        s = self._session
+        if s is None or not s.usable:
+            return False
+        try:
+            s.send(PageIn(request_id, offset, length, access))
+        except LeaseProtocolError as exc:
+            self._log.warning("cannot ask the lender for a page-in: %s", exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def run(self) -> None:
+        delay = self.reconnect_min
+        while True:
+            opened = await self._connect_once()
+            if opened:
+                delay = self.reconnect_min
+            # Jitter spreads the reconnects of many device models after a lender restart.
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.reconnect_max)
+
+    async def _connect_once(self) -> bool:
+        """One connection from connect to close; True if its handshake completed."""
+        self.attempts += 1
+        try:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._note_failure(f"cannot create a socket: {exc.strerror}")
+            return False
+        session = _Session(self, sock)
+        # What a cancellation (the device model stopping) leaves in place: a polite BYE.
+        ended = _Ended("the device model is stopping", Bye(ByeReason.NORMAL, "stopping"))
+        try:
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    await sock.connect(self.path)
+            except (OSError, trio.TooSlowError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "timed out"
+                self._note_failure(f"cannot connect to the lender at {self.path}: {why}")
+                ended = _Ended("not connected")
+                return False
+            session.connected = True
+            ended = await session.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(session, ended)
+        return session.opened
+
+    def _note_failure(self, why: str) -> None:
+        # Say it once at warning level; repeating it every backoff step would flood the log.
+        if why != self._last_failure:
+            log.warning("%s; retrying", why)
+            self._last_failure = why
+        else:
+            log.debug("%s; retrying", why)
+
+    async def _teardown(self, session: _Session, ended: _Ended) -> None:
+        if self._session is session:
+            self._session = None
+        if session.opened:
+            # Drop every lease (fds closed) before anything else, BYE included (section 6.5).
+            self.engine.lender_lost()
+            self.last_end_reason = ended.reason
+            log.warning("lender connection ended: %s", ended.reason)
+        elif session.connected:
+            self._note_failure(f"lender handshake failed: {ended.reason}")
+        if ended.bye is not None and session.connected:
+            await session.say_bye(ended.bye)
+        session.close()
+
+
+class _Session:
+    """One connection to the lender; everything in it ends with it."""
+
+    def __init__(self, link: LenderLink, sock: trio.socket.SocketType) -> None:
+        self.link = link
+        self.engine = link.engine
+        self.sock = sock
+        self.conn = BorrowerConnection()
+        self.connected = False
+        self.opened = False
+        self.failure: _Ended | None = None
+        self._nursery: trio.Nursery | None = None
+        # Outbound bytes: the writer takes from `_out`; `_inflight` is what it is writing now.
+        self._out: deque[bytes] = deque()
+        self._out_bytes = 0
+        self._inflight = memoryview(b"")
+        self._wakeup = trio.Event()
+        self._progress = trio.Event()
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._last_heard = trio.current_time()
+        self._heard = trio.Event()
+        self._next_token = 1
+
+    @property
+    def usable(self) -> bool:
+        return self.opened and self.failure is None and self.conn.state is State.OPEN
+
+    # ------------------------------------------------------------------ structure
+
+    async def run(self) -> _Ended:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._guarded, self._writer)
+            nursery.start_soon(self._guarded, self._reader)
+        assert self.failure is not None  # the reader only ever ends by ending the session
+        return self.failure
+
+    def end(self, ended: _Ended) -> None:
+        if self.failure is None:
+            self.failure = ended
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one task of the session; whatever it raises ends the session, not the process."""
+        try:
+            await fn(*args)
+        except _Ended as exc:
+            self.end(exc)
+        except ProtocolError as exc:
+            reply = getattr(exc, "reply", None)
+            self.end(_Ended(f"protocol error: {exc}", reply if isinstance(reply, Bye) else None))
+        except OSError as exc:
+            self.end(_Ended(f"socket error: {exc.strerror or exc}"))
+        except Exception as exc:
+            # A bug, possibly provoked by a lender: log it fully but keep the device model up.
+            log.exception("internal error in the lender link")
+            text = clip(f"internal error: {type(exc).__name__}")
+            self.end(_Ended(f"internal error: {exc!r}", Bye(ByeReason.INTERNAL_ERROR, text)))
+
+    # ------------------------------------------------------------------ output
+
+    def send(self, event: Event) -> None:
+        """Queue `event` for the writer; the order of calls is the order on the wire."""
+        out = self.conn.send(event)
+        assert not out.fds  # the borrower never sends file descriptors
+        self._out.append(out.data)
+        self._out_bytes += len(out.data)
+        self._wakeup.set()
+
+    async def _writer(self) -> None:
+        while True:
+            if not self._out:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            batch = b"".join(self._out)
+            self._out.clear()
+            self._inflight = memoryview(batch)
+            with trio.move_on_after(self.link.write_timeout) as scope:
+                while self._inflight:
+                    sent = await self.sock.send(self._inflight)
+                    self._inflight = self._inflight[sent:]
+            if scope.cancelled_caught:
+                raise _Ended(
+                    f"the lender read nothing for {self.link.write_timeout:g} s",
+                    Bye(ByeReason.TIMEOUT, "not reading"),
+                )
+            self._out_bytes -= len(batch)
+            self._progress.set()
+            self._progress = trio.Event()
+
+    async def say_bye(self, bye: Bye) -> None:
+        """Best effort, short deadline: whatever is queued, then BYE, if the state allows."""
+        try:
+            tail = self.conn.send(bye).data
+        except ProtocolError:
+            return
+        data = bytes(self._inflight) + b"".join(self._out) + tail
+        self._out.clear()
+        with trio.move_on_after(self.link.bye_timeout), contextlib.suppress(OSError):
+            view = memoryview(data)
+            while view:
+                view = view[await self.sock.send(view) :]
+
+    def close(self) -> None:
+        self.conn.close()
+        self.sock.close()
+
+    # ------------------------------------------------------------------ input
+
+    async def _receive(self) -> None:
+        while self._out_bytes > OUTBOUND_HIGH_WATER:
+            await self._progress.wait()  # the writer's deadline bounds this wait
+        nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
+            [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+        )
+        fds: list[int] = []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise _Ended(
+                "file descriptors were lost (MSG_CTRUNC)",
+                Bye(ByeReason.PROTOCOL_ERROR, "ancillary data truncated"),
+            )
+        self._last_heard = trio.current_time()
+        self._heard.set()
+        self.conn.receive_data(self._view[:nbytes], fds)
+
+    async def _next_event(self) -> Event | None:
+        """The next event (None at the end of the stream); refused messages are answered here."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except LeaseProtocolError as exc:
+                if exc.fatal:
+                    bye = exc.reply if isinstance(exc.reply, Bye) else None
+                    raise _Ended(f"protocol error: {exc}", bye) from None
+                self._refused(exc)
+                continue
+            if event is NEED_DATA:
+                await self._receive()
+                continue
+            if event is CLOSED:
+                return None
+            return event
+
+    def _refused(self, exc: LeaseProtocolError) -> None:
+        self.link._log.warning("refused a message from the lender: %s", exc)
+        reply = exc.reply
+        if isinstance(reply, GrantNack):
+            self.engine.counters.grant_nacks += 1
+        if reply is not None:
+            self.send(reply)
+
+    # ------------------------------------------------------------------ the session
+
+    async def _reader(self) -> None:
+        link = self.link
+        engine = self.engine
+        self.send(
+            Hello(
+                guest_id=link.guest_id,
+                aperture_size=engine.size,
+                granule=engine.granule,
+                features=0,
+                max_leases=min(engine.config.max_leases, HELLO_MAX_LEASES),
+                name=link.name,
+            )
+        )
+        answer: Event | None = None
+        with trio.move_on_after(link.hello_timeout) as scope:
+            answer = await self._next_event()
+        if scope.cancelled_caught:
+            raise _Ended(
+                f"no HELLO from the lender within {link.hello_timeout:g} s",
+                Bye(ByeReason.TIMEOUT, "no HELLO in time"),
+            )
+        if answer is None:
+            raise _Ended("the lender closed the connection during the handshake")
+        if isinstance(answer, Bye):
+            raise _Ended(f"the lender refused: {_bye_text(answer)}")
+        assert isinstance(answer, Hello)  # the connection refuses anything else as fatal
+        self.opened = True
+        link.sessions += 1
+        link._session = self
+        link._last_failure = ""
+        log.info(
+            "lender %r at %s: version %d.%d, guest %d",
+            answer.name,
+            link.path,
+            answer.major,
+            answer.minor,
+            link.guest_id,
+        )
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, self._keepalive)
+        while True:
+            event = await self._next_event()
+            if event is None:
+                raise _Ended("the lender closed the connection")
+            self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Grant):
+            self._grant(event)
+        elif isinstance(event, Revoke):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._guarded, self._revoke, event)
+        elif isinstance(event, PageInDone):
+            self.engine.page_in_done(event.request_id, event.status)
+        elif isinstance(event, Ping):
+            self.send(Pong(event.token))
+        elif isinstance(event, Error):
+            self._error(event)
+        elif isinstance(event, Bye):
+            raise _Ended(f"the lender said BYE: {_bye_text(event)}")
+        # PONG: hearing it is all the keepalive needs; the connection matched its token.
+
+    def _grant(self, g: Grant) -> None:
+        # The session geometry rules first (fd_offset on the granule), then the engine's.
+        reason = self.conn.check_grant(g)
+        if reason is not None:
+            with contextlib.suppress(OSError):
+                os.close(g.fd)
+            self._nack(
+                g.lease_id,
+                reason,
+                f"{g.offset:#x}+{g.length:#x} at fd offset {g.fd_offset:#x}, prot {g.prot}, "
+                f"flags {g.flags:#x}",
+            )
+            return
+        try:
+            self.engine.grant(g.lease_id, g.offset, g.length, g.fd_offset, g.prot, g.fd, g.flags)
+        except GrantRefused as refused:
+            self._nack(g.lease_id, refused.reason, str(refused))
+            return
+        self.send(GrantAck(g.lease_id))
+
+    def _nack(self, lease_id: int, reason: NackReason, text: str) -> None:
+        self.engine.counters.grant_nacks += 1
+        self.link._log.warning(
+            "refused lease %d: %s: %s", lease_id, code_name(NackReason, reason), text
+        )
+        self.send(GrantNack(lease_id, reason, clip(text)))
+
+    async def _revoke(self, event: Revoke) -> None:
+        limit = self.engine.config.revoke_timeout + REVOKE_MARGIN
+        # UnknownLease: granted on this connection (the connection refuses ids never granted)
+        # but not live: NACKed, released or superseded. Nothing here can touch it, so the
+        # guarantee of REVOKED holds already (specification, section 8).
+        with trio.move_on_after(limit) as scope, contextlib.suppress(UnknownLease):
+            await self.engine.revoke(event.lease_id, event.mode)
+        if scope.cancelled_caught:
+            # REVOKED must never be early; ending the connection drops the lease instead.
+            raise _Ended(
+                f"revoking lease {event.lease_id} took over {limit:g} s",
+                Bye(ByeReason.INTERNAL_ERROR, "revoke did not complete"),
+            )
+        if self.usable:
+            self.send(Revoked(event.lease_id))
+
+    def _error(self, error: Error) -> None:
+        self.link._log.warning(
+            "the lender refused %s %d: %s %s",
+            _type_name(error.ref_type),
+            error.ref_id,
+            code_name(ErrorCode, error.code),
+            error.text,
+        )
+        if error.ref_type == MsgType.PAGE_IN and error.code != ErrorCode.DUPLICATE_ID:
+            # An ERROR answers the request it names: the page-in failed.
+            self.engine.page_in_done(error.ref_id, PageInStatus.FAILED)
+
+    async def _keepalive(self) -> None:
+        """Bound the idle wait for the lender: a silent lender is pinged, and must answer."""
+        link = self.link
+        while True:
+            quiet_until = self._last_heard + link.ping_interval
+            if trio.current_time() < quiet_until:
+                await trio.sleep_until(quiet_until)
+                continue
+            token = self._next_token
+            self._next_token += 1
+            self._heard = trio.Event()
+            self.send(Ping(token))
+            with trio.move_on_after(link.ping_timeout) as scope:
+                await self._heard.wait()
+            if scope.cancelled_caught:
+                raise _Ended(
+                    f"the lender did not answer a PING within {link.ping_timeout:g} s",
+                    Bye(ByeReason.TIMEOUT, "no answer to PING"),
+                )
+
+
+def _bye_text(bye: Bye) -> str:
+    name = code_name(ByeReason, bye.reason)
+    return f"{name}: {bye.text}" if bye.text else name
+
+
+def _type_name(raw: int) -> str:
+    try:
+        return MsgType(raw).name
+    except ValueError:
+        return f"type {raw:#06x}"

@@ -1,0 +1,187 @@
+"""Helpers for the lender-link tests (this module holds no tests itself).
+
+The fake lender is a LenderConnection on a real unix socket in the test's own trio loop, driven
+step by step by the test: that is what lets a test misbehave exactly where it wants to (send a
+raw GRANT with no fd, stop answering, revoke at once) against the real LenderLink and
+LeaseEngine, with nothing mocked on the device model's side.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from devmodel.counters import DeviceCounters
+from devmodel.leases.engine import EngineConfig, LeaseEngine
+from devmodel.leases.lender_link import LenderLink
+from protocol.lease import Event, Hello, LenderConnection
+from protocol.lease.wire import encode
+from protocol.sansio import CLOSED, NEED_DATA
+
+KiB = 1 << 10
+MiB = 1 << 20
+APERTURE = 4 * MiB
+GRANULE = 4 * KiB
+GUEST = 7
+RW = 3
+F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
+STEP = 2.0  # deadline of every single wait in these tests
+
+
+def sealed_memfd(size: int, name: str = "test-lender", *, seal: bool = True) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)
+    return fd
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def fds_naming(text: str) -> list[int]:
+    """This process's fds whose target mentions `text` (a memfd shows as "/memfd:NAME")."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if text in os.readlink(f"/proc/self/fd/{name}"):
+                found.append(int(name))
+    return found
+
+
+def mapped(text: str) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(text in line for line in maps)
+
+
+class FakeLender:
+    """One accepted connection, spoken through LenderConnection (or raw bytes on purpose)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.conn = LenderConnection()
+        self._buf = bytearray(65536)
+        self.hello: Hello | None = None
+
+    async def send(self, event: Event) -> None:
+        out = self.conn.send(event)
+        await self.send_raw(out.data, out.fds)
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        view = memoryview(data)
+        with trio.fail_after(STEP):
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                view = view[await self.sock.sendmsg([view], anc) :]
+            while view:
+                view = view[await self.sock.send(view) :]
+
+    async def send_encoded(self, event: Event, fds: Sequence[int] = ()) -> None:
+        """Bypass the lender-side checks: what a buggy or hostile lender would put on the wire."""
+        await self.send_raw(encode(event), fds)
+
+    async def event(self, timeout: float = STEP) -> Event | None:
+        """The next event from the device model, None at the end of the stream."""
+        with trio.fail_after(timeout):
+            while True:
+                got = self.conn.next_event()
+                if got is CLOSED:
+                    return None
+                if got is not NEED_DATA:
+                    assert not isinstance(got, type(NEED_DATA))
+                    return got
+                try:
+                    n = await self.sock.recv_into(self._buf)
+                except ConnectionResetError:
+                    n = 0
+                self.conn.receive_data(self._buf[:n])
+
+    async def handshake(self, name: str = "fake") -> Hello:
+        hello = await self.event()
+        assert isinstance(hello, Hello), hello
+        self.hello = hello
+        await self.send(self.conn.hello_reply(name))
+        return hello
+
+    def close(self) -> None:
+        self.conn.close()
+        self.sock.close()
+
+
+class Listener:
+    def __init__(self, sock: trio.socket.SocketType, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self.accepted: list[FakeLender] = []
+
+    async def accept(self, timeout: float = STEP) -> FakeLender:
+        with trio.fail_after(timeout):
+            sock, _ = await self.sock.accept()
+        peer = FakeLender(sock)
+        self.accepted.append(peer)
+        return peer
+
+    async def session(self) -> FakeLender:
+        """Accept the next connection and complete its handshake."""
+        peer = await self.accept()
+        await peer.handshake()
+        return peer
+
+
+@dataclass
+class Rig:
+    engine: LeaseEngine
+    link: LenderLink
+    lender: Listener
+    nursery: trio.Nursery
+
+    @property
+    def counters(self) -> DeviceCounters:
+        return self.engine.counters
+
+    async def connected(self) -> None:
+        with trio.fail_after(STEP):
+            while not self.link.connected:
+                await trio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    tmp_path: Path,
+    *,
+    page_in_timeout: float = 1.0,
+    revoke_timeout: float = 1.0,
+    **link_options: float,
+) -> AsyncIterator[Rig]:
+    """A real LeaseEngine and LenderLink, and a listening socket the test plays lender on."""
+    path = str(tmp_path / "lender.sock")
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(8)
+    config = EngineConfig(page_in_timeout=page_in_timeout, revoke_timeout=revoke_timeout)
+    engine = LeaseEngine(APERTURE, GRANULE, DeviceCounters(), config)
+    options: dict[str, float] = {"reconnect_min": 0.01, "reconnect_max": 0.05}
+    options.update(link_options)
+    link = LenderLink(engine, path, GUEST, **options)  # type: ignore[arg-type]
+    lender = Listener(listener, path)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run)
+            yield Rig(engine, link, lender, nursery)
+            nursery.cancel_scope.cancel()
+    finally:
+        for peer in lender.accepted:
+            peer.close()
+        listener.close()
+        engine.close()
