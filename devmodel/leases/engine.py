@@ -387,9 +387,17 @@ class LeaseEngine:
             # The grants came first; whatever the request still covers was not granted.
             self._page_in_failed(request_id, "lender reported OK without granting", quiet=True)
         else:
-            self._page_in_failed(request_id, f"lender: {code_name(PageInStatus, status)}")
+            # docs/lease-protocol.md 9.4: NOT_LENT also marks the range vacant (no further
+            # PAGE_IN for it); every other failure leaves it evicted, so the next access asks.
+            self._page_in_failed(
+                request_id,
+                f"lender: {code_name(PageInStatus, status)}",
+                release=status == PageInStatus.NOT_LENT,
+            )
 
-    def _page_in_failed(self, request_id: int, why: str, quiet: bool = False) -> None:
+    def _page_in_failed(
+        self, request_id: int, why: str, quiet: bool = False, release: bool = False
+    ) -> None:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
@@ -397,10 +405,15 @@ class LeaseEngine:
             if w.state is S.PAGING_IN and w.request_id == request_id:
                 if not quiet:
                     self._emit("PAGE_IN_FAILED", {"request": request_id, "reason": why})
-                w.state = transition(w.state, Trigger.PAGE_IN_FAILED)
+                w.state = transition(
+                    w.state, Trigger.RELEASE if release else Trigger.PAGE_IN_FAILED
+                )
                 w.request_id = 0
                 self._fail_waiters(w.waiters, why)
                 w.waiters = []
+                if release:
+                    self._table.remove(w)
+                    self._forget_evicted(w)
 
     def lender_lost(self) -> None:
         """Every window LOST, every fd closed; the device keeps answering with the policy."""
