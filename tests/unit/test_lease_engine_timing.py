@@ -211,12 +211,12 @@ async def test_64_concurrent_faults_send_one_page_in_and_are_served_by_one_grant
     # replay that order on a model of the lender's memory.
     model = bytearray(contents)
     expected: dict[tuple[int, bytes | None], list[bytes]] = {}
-    for at, data in order:
+    for at, queued in order:
         rel = at - 4 * PAGE
-        if data is None:
-            expected.setdefault((at, data), []).append(bytes(model[rel : rel + 8]))
+        if queued is None:
+            expected.setdefault((at, None), []).append(bytes(model[rel : rel + 8]))
         else:
-            model[rel : rel + 8] = data
+            model[rel : rel + 8] = queued
     for at, wrote, box in accesses:
         if wrote is None:
             assert box.get() in expected[(at, None)]
