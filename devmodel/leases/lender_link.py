@@ -59,6 +59,7 @@ from protocol.lease import (
     Revoked,
     State,
 )
+from protocol.lease.checks import check_grant_fd
 from protocol.lease.connection import clip
 from protocol.lease.constants import MAX_NAME_BYTES, code_name
 from protocol.sansio import CLOSED, NEED_DATA
@@ -207,7 +208,12 @@ class LenderLink:
             # Drop every lease (fds closed) before anything else, BYE included (section 6.5).
             self.engine.lender_lost()
             self.last_end_reason = ended.reason
-            log.warning("lender connection ended: %s", ended.reason)
+            stopping = ended.bye is not None and ended.bye.reason == ByeReason.NORMAL
+            log.log(
+                logging.INFO if stopping else logging.WARNING,
+                "lender connection ended: %s",
+                ended.reason,
+            )
         elif session.connected:
             self._note_failure(f"lender handshake failed: {ended.reason}")
         if ended.bye is not None and session.connected:
@@ -440,16 +446,23 @@ class _Session:
         # PONG: hearing it is all the keepalive needs; the connection matched its token.
 
     def _grant(self, g: Grant) -> None:
-        # The session geometry rules first (fd_offset on the granule), then the engine's.
+        # The specification's own checks (protocol/lease/checks.py) come first, so that every
+        # lender meets one reading of it: the shape under the session geometry (fd_offset on
+        # the granule too), then the fd (a sealed regular file, writable if prot asks for
+        # write, big enough). The engine then adds what needs its table (overlaps, limits).
         reason = self.conn.check_grant(g)
+        what = "grant"
+        if reason is None:
+            reason = check_grant_fd(g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot)
+            what = "memory fd"
         if reason is not None:
             with contextlib.suppress(OSError):
                 os.close(g.fd)
             self._nack(
                 g.lease_id,
                 reason,
-                f"{g.offset:#x}+{g.length:#x} at fd offset {g.fd_offset:#x}, prot {g.prot}, "
-                f"flags {g.flags:#x}",
+                f"{what} refused: {g.offset:#x}+{g.length:#x} at fd offset {g.fd_offset:#x}, "
+                f"prot {g.prot}, flags {g.flags:#x}",
             )
             return
         try:
