@@ -145,6 +145,9 @@ class Vram:
             offset = self.heaps[index].alloc(length, align, avoid=avoid)
             if offset is not None:
                 return self._note(Extent(index, offset, length))
+        if home is not None and move and self.heaps[home.heap].alloc_at(home.offset, length):
+            # Home is the only room left: a move is not worth evicting another buffer for.
+            return self._note(Extent(home.heap, home.offset, length))
         return None
 
     def release(self, extent: Extent) -> None:

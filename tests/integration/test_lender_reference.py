@@ -119,6 +119,14 @@ def test_vram_goes_home_or_moves_and_keeps_the_budget() -> None:
     moved = vram.allocate(4 * KiB, 4 * KiB, rng, home=first, move=True)
     assert moved is not None and moved != first and moved.heap != first.heap
     vram.release(moved)
+    # When home is the only room left, staying beats evicting another buffer to move.
+    assert vram.allocate(4 * KiB, 4 * KiB, rng, home=first) == first
+    others = [vram.allocate(4 * KiB, 4 * KiB, rng) for _ in range(15)]
+    vram.release(first)
+    assert vram.allocate(4 * KiB, 4 * KiB, rng, home=first, move=True) == first
+    for extent in [first, *others]:
+        assert extent is not None
+        vram.release(extent)
     taken = [vram.allocate(4 * KiB, 4 * KiB, rng) for _ in range(16)]
     assert all(isinstance(e, Extent) for e in taken)
     assert vram.allocate(4 * KiB, 4 * KiB, rng) is None
