@@ -202,6 +202,7 @@ class LenderStats:
     vram_capacity: int = 0
     quarantined: int = 0
     protocol_errors: int = 0
+    log_lines_suppressed: int = 0
 
 
 class RegionState(enum.Enum):
@@ -401,6 +402,7 @@ class ReferenceLender:
         self._stats.vram_used = self.vram.used
         self._stats.vram_peak = self.vram.peak
         self._stats.guests_connected = len(self.sessions)
+        self._stats.log_lines_suppressed = self.events.suppressed
         return self._stats
 
     def close(self) -> None:

@@ -225,3 +225,38 @@ def test_lender_killed_then_restarted(
     assert dm.proc.poll() is None
     dm.stop()
     assert dm.proc.returncode == 0
+
+
+def test_random_revocations_under_a_running_guest(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    lender = start_lender(
+        tmp_path, "--vram", "16M", "--revoke-rate", "300", "--move-probability", "0.5"
+    )
+    processes.append(lender.proc)
+    dm = start_devmodel(
+        tmp_path, "--lender-socket", lender.socket_path, "--domid", "8", "--aperture-size", "64M"
+    )
+    processes.append(dm.proc)
+    with VfioUserClient(dm.socket_path) as client:
+        client.attach()
+        guest = Guest(client)
+        wait_for("the aperture to be lent", guest.lent)
+        revokes = guest.counter(REVOKES)
+        model: dict[int, bytes] = {}
+        deadline = time.monotonic() + 1.0
+        i = 0
+        while time.monotonic() < deadline:
+            w, k, offset = OFFSETS[(i * 13) % len(OFFSETS)]
+            if i % 2:
+                assert guest.read(offset) == model.get(offset, bytes(8))
+            else:
+                model[offset] = pattern(w, k)
+                guest.write(offset, model[offset])
+            i += 1
+        assert guest.counter(REVOKES) > revokes + 50
+        assert guest.counter(FAILED_ACCESSES) == 0
+    lender.proc.send_signal(signal.SIGINT)
+    out, _ = lender.proc.communicate(timeout=10)
+    assert lender.proc.returncode == 0
+    assert int(out.decode().split("random_evictions:")[1].split()[0]) > 50
