@@ -316,13 +316,6 @@ async def test_a_revoke_slower_than_the_access_deadline(
     assert lender.page_ins == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): LeaseEngine.revoke gives up on unmap hooks after revoke_timeout "
-    "and then drops the fd and returns, i.e. acknowledges REVOKED while a transport's "
-    "mapping may still exist; docs/lease-protocol.md 9.3 forbids REVOKED early 'for any "
-    "reason, including its own deadlines'",
-)
 async def test_revoke_is_never_acknowledged_before_the_unmap_hooks_finish(
     autojump_clock: trio.testing.MockClock, engine: LeaseEngine, lender: FakeLender
 ) -> None:
