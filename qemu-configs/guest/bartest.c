@@ -15,11 +15,18 @@
  *
  * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
  *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
+ *                         watch stall demo bench
  *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
  *   devmodel.iters=N      loop count of the timing tests (default 20000)
  *   devmodel.scratch=OFF  BAR2 offset of a register the regs test may write (default: none)
+ *   devmodel.rounds=N     rounds of the demo test (default 0: forever)
+ *   devmodel.piece=N      demo: bytes per piece; the pieces are spread over BAR0 (default 256K)
+ *   devmodel.watch_ms=N   watch: how long to wait for all-ones (default 30000)
+ *   devmodel.after_ms=N   watch: how long to go on reading after all-ones (default 0)
+ *   devmodel.pause_ms=N   watch: idle this long between "watching" and the reads (default 0)
+ *   devmodel.window=N     stall: the window (in granules) the host made unanswerable (default 1)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -54,6 +61,7 @@ struct options {
 	unsigned vendor, device;
 	uint64_t bytes, iters;
 	long scratch; /* BAR2 offset of a register free for tests; -1: none */
+	uint64_t rounds, piece, watch_ms, after_ms, pause_ms, window;
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -72,7 +80,8 @@ struct device {
 };
 
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
-			     .iters = 20000, .scratch = -1};
+			     .iters = 20000, .scratch = -1, .piece = 256u << 10,
+			     .watch_ms = 30000, .window = 1};
 static struct device dev;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
@@ -196,6 +205,18 @@ static void parse_cmdline(void)
 			opt.iters = parse_size(tok + 15);
 		else if (!strncmp(tok, "devmodel.scratch=", 17))
 			opt.scratch = strtol(tok + 17, NULL, 0);
+		else if (!strncmp(tok, "devmodel.rounds=", 16))
+			opt.rounds = parse_size(tok + 16);
+		else if (!strncmp(tok, "devmodel.piece=", 15))
+			opt.piece = parse_size(tok + 15);
+		else if (!strncmp(tok, "devmodel.watch_ms=", 18))
+			opt.watch_ms = parse_size(tok + 18);
+		else if (!strncmp(tok, "devmodel.after_ms=", 18))
+			opt.after_ms = parse_size(tok + 18);
+		else if (!strncmp(tok, "devmodel.pause_ms=", 18))
+			opt.pause_ms = parse_size(tok + 18);
+		else if (!strncmp(tok, "devmodel.window=", 16))
+			opt.window = parse_size(tok + 16);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -754,12 +775,477 @@ static int test_smp(void)
 	return started != 2 || mismatches != 0;
 }
 
+/* ---- counters, for tests that report what the device model did */
+
+/* BAR2 counters by offset, as devmodel/pci/registers.py lays them out (each a u64).
+ * tests/qemu/test_bartest_source.py checks this table against that file. */
+static const struct {
+	const char *name;
+	unsigned off;
+} counters[] = {
+	{"trapped_reads", 0x20}, {"trapped_writes", 0x28}, {"page_ins", 0x40},
+	{"failed_accesses", 0x48}, {"grants", 0x60},        {"revokes", 0x70},
+	{"faults", 0x78},          {"lender_losses", 0x80},
+};
+#define GRANULE_REG 0x10u
+#define ALL_ONES (~0ull)
+
+static void add_counters(struct line *l)
+{
+	unsigned i;
+
+	if (!dev.bar2)
+		return;
+	add(l, ",\"counters\":{");
+	for (i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+		add(l, "%s\"%s\":%" PRIu64, i ? "," : "", counters[i].name,
+		    rd(dev.bar2, counters[i].off, 8));
+	add(l, "}");
+}
+
+/* ---- watch: what the guest sees when the device model goes away under it */
+
+#define WATCH_OFFSET 0x2000u
+
+/* Writes a value, then reads it back in a tight loop until it turns into all-ones (the device
+ * model died: QEMU answers every access itself) or devmodel.watch_ms passes. The "watching"
+ * event tells the host when to pull the plug (devmodel.pause_ms: the guest then idles that long
+ * before it reads), the "ones" event when it happened; with
+ * devmodel.after_ms it then keeps reading (and writing) that long, slowly, to see whether the
+ * device ever comes back (a restarted device model on the same socket). */
+static int test_watch(void)
+{
+	uint64_t value = (now_ns() * 0x9e3779b97f4a7c15ull) >> 1; /* never all-ones */
+	uint64_t t0, t, got, good = 0, other = 0, last_other = 0, ones_ms = 0;
+	uint64_t a0, s, spent = 0, after_reads = 0, after_ones = 0, after_other = 0;
+	uint64_t first_other = 0, first_other_ms = 0, magic_after = 0;
+	struct line l;
+	int saw = 0;
+
+	if (need_bar0("watch"))
+		return 1;
+	wr(dev.bar0, WATCH_OFFSET, 8, value);
+	got = rd(dev.bar0, WATCH_OFFSET, 8);
+	if (got != value)
+		return fail_line("watch", "read back 0x%" PRIx64 " right after writing 0x%" PRIx64,
+				 got, value);
+	begin_event(&l, "watching");
+	add(&l, ",\"offset\":\"0x%x\",\"value\":\"0x%" PRIx64 "\"", WATCH_OFFSET, value);
+	emit(&l);
+	/* With a pause, the device model goes away while the guest does not touch the device. */
+	if (opt.pause_ms)
+		usleep((useconds_t)(opt.pause_ms * 1000));
+	t0 = now_ns();
+	for (;;) {
+		got = rd(dev.bar0, WATCH_OFFSET, 8);
+		t = now_ns();
+		if (got == value) {
+			good++;
+		} else if (got == ALL_ONES) {
+			saw = 1;
+			ones_ms = (t - t0) / 1000000;
+			break;
+		} else {
+			other++;
+			last_other = got;
+		}
+		if (t - t0 > opt.watch_ms * 1000000)
+			break;
+	}
+	if (saw) {
+		begin_event(&l, "ones");
+		add(&l, ",\"good_reads\":%" PRIu64 ",\"ms\":%" PRIu64, good, ones_ms);
+		emit(&l);
+	}
+	if (saw && opt.after_ms) {
+		a0 = now_ns();
+		while (now_ns() - a0 < opt.after_ms * 1000000) {
+			s = now_ns();
+			wr(dev.bar0, WATCH_OFFSET, 8, value);
+			got = rd(dev.bar0, WATCH_OFFSET, 8);
+			spent += now_ns() - s;
+			after_reads++;
+			if (got == ALL_ONES) {
+				after_ones++;
+			} else if (!after_other++) {
+				first_other = got;
+				first_other_ms = (now_ns() - a0) / 1000000;
+			}
+			/* Every failed access makes QEMU log a line: keep the rate modest. */
+			usleep(2000);
+		}
+	}
+	if (dev.bar2)
+		magic_after = rd(dev.bar2, 0, 4);
+	begin(&l, "watch");
+	add(&l, ",\"ok\":%s,\"offset\":\"0x%x\",\"value\":\"0x%" PRIx64 "\",\"good_reads\":%" PRIu64
+		",\"other_reads\":%" PRIu64 ",\"saw_all_ones\":%s,\"ms_to_all_ones\":%" PRIu64,
+	    saw ? "true" : "false", WATCH_OFFSET, value, good, other, saw ? "true" : "false",
+	    ones_ms);
+	if (other)
+		add(&l, ",\"last_other\":\"0x%" PRIx64 "\"", last_other);
+	add(&l, ",\"after_ms\":%" PRIu64 ",\"after_reads\":%" PRIu64 ",\"after_all_ones\":%" PRIu64
+		",\"after_other\":%" PRIu64 ",\"recovered\":%s,\"after_access_ns\":%" PRIu64,
+	    opt.after_ms, after_reads, after_ones, after_other, after_other ? "true" : "false",
+	    after_reads ? spent / after_reads / 2 : 0);
+	if (after_other)
+		add(&l, ",\"first_recovered\":\"0x%" PRIx64 "\",\"first_recovered_ms\":%" PRIu64,
+		    first_other, first_other_ms);
+	add(&l, ",\"bar2_magic_after\":\"0x%08" PRIx64 "\"", magic_after);
+	emit(&l);
+	return !saw;
+}
+
+/* ---- stall: a window whose page-in the lender never answers */
+
+/* The host's lender granted the aperture, evicted window devmodel.window and will never answer
+ * its PAGE_IN. Accesses there must come back (all-ones, after the device model's page-in
+ * deadline, well before QEMU's reply timeout), and the other windows must keep working: before,
+ * in between and after. Times are in microseconds. */
+static int test_stall(void)
+{
+	uint64_t granule, win = opt.window, want[4] = {0}, seed = now_ns() | 1, t0, i, got;
+	uint64_t first, second, first_us, write_us, second_us, others = 0, bad = 0;
+	struct line l;
+
+	if (need_bar0("stall"))
+		return 1;
+	if (!dev.bar2)
+		return fail_line("stall", "cannot map BAR2 of %s", dev.name);
+	granule = rd(dev.bar2, GRANULE_REG, 4);
+	if (!granule || 4 * granule > dev.bar0_size || win > 3)
+		return fail_line("stall", "needs windows 0-3 (granule %" PRIu64 ", window %" PRIu64
+				 ")", granule, win);
+#define WIN_OFF(i) ((i) * granule + 0x100)
+	for (i = 0; i < 4; i++) {
+		if (i == win)
+			continue;
+		want[i] = ((seed * (i + 1)) * 0x9e3779b97f4a7c15ull) >> 1;
+		wr(dev.bar0, WIN_OFF(i), 8, want[i]);
+		bad += rd(dev.bar0, WIN_OFF(i), 8) != want[i];
+		others++;
+	}
+	t0 = now_ns();
+	first = rd(dev.bar0, WIN_OFF(win), 8);
+	first_us = (now_ns() - t0) / 1000;
+	/* A posted write to the stalled window, then a read elsewhere: the device model answers in
+	 * order, so the read waits for the write's page-in deadline too. */
+	t0 = now_ns();
+	wr(dev.bar0, WIN_OFF(win), 8, seed);
+	for (i = 0; i < 4; i++)
+		if (i != win)
+			bad += rd(dev.bar0, WIN_OFF(i), 8) != want[i];
+	write_us = (now_ns() - t0) / 1000;
+	t0 = now_ns();
+	second = rd(dev.bar0, WIN_OFF(win), 8);
+	second_us = (now_ns() - t0) / 1000;
+	for (i = 0; i < 4; i++) {
+		if (i == win)
+			continue;
+		want[i] ^= 0x5a5a5a5a5a5a5a5aull;
+		wr(dev.bar0, WIN_OFF(i), 8, want[i]);
+		got = rd(dev.bar0, WIN_OFF(i), 8);
+		bad += got != want[i];
+	}
+#undef WIN_OFF
+	begin(&l, "stall");
+	add(&l, ",\"ok\":%s,\"granule\":%" PRIu64 ",\"window\":%" PRIu64 ",\"offset\":\"0x%" PRIx64
+		"\",\"first_read\":\"0x%" PRIx64 "\",\"first_us\":%" PRIu64
+		",\"write_then_reads_us\":%" PRIu64 ",\"second_read\":\"0x%" PRIx64
+		"\",\"second_us\":%" PRIu64 ",\"other_windows\":%" PRIu64 ",\"other_bad\":%" PRIu64,
+	    first == ALL_ONES && second == ALL_ONES && !bad ? "true" : "false", granule, win,
+	    win * granule + 0x100, first, first_us, write_us, second, second_us, others, bad);
+	add_counters(&l);
+	emit(&l);
+	return !(first == ALL_ONES && second == ALL_ONES && !bad);
+}
+
+/* ---- demo: rounds of fill and verify spread over BAR0, forever or devmodel.rounds times */
+
+/* The size of each access to qword `q`: mostly 8 bytes (every trapped read is a round trip),
+ * with a steady sprinkling of 1, 2 and 4-byte ones (3 qwords in 32). Writes and reads use other
+ * salts, so the sizes written and read differ from qword to qword and from round to round. */
+static unsigned demo_size(uint64_t q, uint64_t salt)
+{
+	switch (((q + salt) * 0x9e3779b97f4a7c15ull) >> 59) {
+	case 0: return 1;
+	case 1: return 2;
+	case 2: return 4;
+	default: return 8;
+	}
+}
+
+struct demo_check {
+	uint64_t writes, reads, mismatches;
+	uint64_t first_off, first_want, first_got;
+	unsigned first_size;
+};
+
+static void demo_fill(uint64_t off, uint64_t len, uint64_t seed, uint64_t salt,
+		      struct demo_check *c)
+{
+	uint64_t o, b;
+	unsigned size;
+
+	for (o = off; o < off + len; o += 8) {
+		size = demo_size(o >> 3, salt);
+		for (b = 0; b < 8; b += size)
+			wr(dev.bar0, o + b, size, expect(seed, o + b, size));
+		c->writes += 8 / size;
+	}
+}
+
+static void demo_verify(uint64_t off, uint64_t len, uint64_t seed, uint64_t salt,
+			struct demo_check *c)
+{
+	uint64_t o, b, got, want;
+	unsigned size;
+
+	for (o = off; o < off + len; o += 8) {
+		size = demo_size(o >> 3, salt);
+		for (b = 0; b < 8; b += size) {
+			got = rd(dev.bar0, o + b, size);
+			want = expect(seed, o + b, size);
+			if (got != want && !c->mismatches++) {
+				c->first_off = o + b;
+				c->first_size = size;
+				c->first_want = want;
+				c->first_got = got;
+			}
+		}
+		c->reads += 8 / size;
+	}
+}
+
+/* Each round writes a round-specific pattern into devmodel.bytes of BAR0, cut into pieces of
+ * devmodel.piece bytes spread evenly over the whole BAR (so that they fall into different lease
+ * windows and a lender under memory pressure must page some of them back in), then reads it all
+ * back. One result line per round with its timing and BAR2's counters. */
+static int test_demo(void)
+{
+	uint64_t piece = opt.piece & ~4095ull, npieces, stride, round, p, base_seed, seed;
+	uint64_t t0, t1, t2, failed = 0;
+	struct demo_check c;
+	struct line l;
+
+	if (need_bar0("demo"))
+		return 1;
+	if (piece < 4096)
+		piece = 4096;
+	if (piece > dev.bar0_size)
+		piece = dev.bar0_size;
+	npieces = opt.bytes / piece;
+	if (npieces < 1)
+		npieces = 1;
+	if (npieces > dev.bar0_size / piece)
+		npieces = dev.bar0_size / piece;
+	stride = (dev.bar0_size / npieces) & ~4095ull;
+	base_seed = now_ns();
+	for (round = 1; !opt.rounds || round <= opt.rounds; round++) {
+		seed = base_seed + round * 0x100000001b3ull;
+		memset(&c, 0, sizeof(c));
+		t0 = now_ns();
+		for (p = 0; p < npieces; p++)
+			demo_fill(p * stride, piece, seed, 2 * round, &c);
+		t1 = now_ns();
+		for (p = 0; p < npieces; p++)
+			demo_verify(p * stride, piece, seed, 2 * round + 1, &c);
+		t2 = now_ns();
+		begin(&l, "demo");
+		add(&l, ",\"ok\":%s,\"round\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"pieces\":%" PRIu64
+			",\"piece\":%" PRIu64 ",\"stride\":%" PRIu64 ",\"ms\":%" PRIu64
+			",\"writes\":%" PRIu64 ",\"reads\":%" PRIu64 ",\"ns_per_access\":%" PRIu64
+			",\"write_ns\":%" PRIu64 ",\"read_ns\":%" PRIu64 ",\"mismatches\":%" PRIu64,
+		    c.mismatches ? "false" : "true", round, npieces * piece, npieces, piece, stride,
+		    (t2 - t0) / 1000000, c.writes, c.reads, (t2 - t0) / (c.writes + c.reads),
+		    (t1 - t0) / c.writes, (t2 - t1) / c.reads, c.mismatches);
+		if (c.mismatches)
+			add(&l, ",\"first_mismatch\":{\"offset\":\"0x%" PRIx64 "\",\"size\":%u,"
+			       "\"want\":\"0x%" PRIx64 "\",\"got\":\"0x%" PRIx64 "\"}",
+			    c.first_off, c.first_size, c.first_want, c.first_got);
+		add_counters(&l);
+		emit(&l);
+		failed += c.mismatches != 0;
+	}
+	return failed != 0;
+}
+
+/* ---- bench: trapped-access latency and throughput */
+
+static const struct bench_op {
+	const char *name;
+	int bar;
+	unsigned size, write;
+} bench_ops[] = {
+	{"read4", 0, 4, 0},  {"read8", 0, 8, 0},     {"write4", 0, 4, 1},
+	{"write8", 0, 8, 1}, {"reg_read4", 2, 4, 0},
+};
+#define BENCH_MAX_THREADS 4
+
+struct bench_thread {
+	pthread_t id;
+	int index;
+	const struct bench_op *op;
+	uint64_t iters, start, end;
+	pthread_barrier_t *barrier;
+};
+
+static volatile uint8_t *bench_bar(const struct bench_op *op)
+{
+	return op->bar == 2 ? dev.bar2 : dev.bar0;
+}
+
+/* Thread `index` uses its own page of BAR0 (BAR2's first register for reg_read4). */
+static uint64_t bench_offset(const struct bench_op *op, int index)
+{
+	return op->bar == 2 ? 0 : 0x1000u * (unsigned)(index + 1);
+}
+
+static void *bench_run(void *arg)
+{
+	struct bench_thread *t = arg;
+	volatile uint8_t *bar = bench_bar(t->op);
+	uint64_t off = bench_offset(t->op, t->index), i;
+	volatile uint64_t sink = 0;
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(t->index, &set);
+	sched_setaffinity(0, sizeof(set), &set);
+	pthread_barrier_wait(t->barrier);
+	t->start = now_ns();
+	if (t->op->write) {
+		for (i = 0; i < t->iters; i++)
+			wr(bar, off, t->op->size, i);
+		sink += rd(bar, off, 4); /* the posted writes have reached the device model */
+	} else {
+		for (i = 0; i < t->iters; i++)
+			sink += rd(bar, off, t->op->size);
+	}
+	t->end = now_ns();
+	(void)sink;
+	return NULL;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* One access at a time, each timed on its own: the distribution of what one trapped access
+ * costs the vCPU (for posted writes: until the vCPU may go on, not until the device has it). */
+static void bench_latency(const struct bench_op *op, uint64_t iters, uint64_t *samples)
+{
+	volatile uint8_t *bar = bench_bar(op);
+	uint64_t off = bench_offset(op, 0), i, t0, sum = 0;
+	volatile uint64_t sink = 0;
+	struct line l;
+
+	for (i = 0; i < iters; i++) {
+		t0 = now_ns();
+		if (op->write)
+			wr(bar, off, op->size, i);
+		else
+			sink += rd(bar, off, op->size);
+		samples[i] = now_ns() - t0;
+		sum += samples[i];
+	}
+	if (op->write)
+		sink += rd(bar, off, 4);
+	(void)sink;
+	qsort(samples, iters, sizeof(samples[0]), cmp_u64);
+	begin(&l, "bench");
+	add(&l, ",\"ok\":true,\"op\":\"%s\",\"bar\":%d,\"size\":%u,\"kind\":\"latency\""
+		",\"iters\":%" PRIu64 ",\"min_ns\":%" PRIu64 ",\"p50_ns\":%" PRIu64
+		",\"p90_ns\":%" PRIu64 ",\"p99_ns\":%" PRIu64 ",\"max_ns\":%" PRIu64
+		",\"mean_ns\":%" PRIu64,
+	    op->name, op->bar, op->size, iters, samples[0], samples[iters / 2],
+	    samples[iters * 9 / 10], samples[iters * 99 / 100], samples[iters - 1], sum / iters);
+	emit(&l);
+}
+
+/* `nthreads` threads, one per vCPU, each running `iters` accesses back to back, all released
+ * at once: aggregate accesses per second and bytes per second over the common wall time. */
+static int bench_throughput(const struct bench_op *op, uint64_t iters, int nthreads)
+{
+	struct bench_thread th[BENCH_MAX_THREADS];
+	pthread_barrier_t barrier;
+	uint64_t first = ~0ull, last = 0, wall, total;
+	double aps;
+	struct line l;
+	int i, started = 0;
+
+	pthread_barrier_init(&barrier, NULL, (unsigned)nthreads);
+	memset(th, 0, sizeof(th));
+	for (i = 0; i < nthreads; i++) {
+		th[i].index = i;
+		th[i].op = op;
+		th[i].iters = iters;
+		th[i].barrier = &barrier;
+		if (pthread_create(&th[i].id, NULL, bench_run, &th[i]))
+			break;
+		started++;
+	}
+	if (started != nthreads) {
+		/* The barrier would never open: nothing sensible left to do in a test program. */
+		fail_line("bench", "could not start %d threads", nthreads);
+		exit(1);
+	}
+	for (i = 0; i < nthreads; i++) {
+		pthread_join(th[i].id, NULL);
+		first = th[i].start < first ? th[i].start : first;
+		last = th[i].end > last ? th[i].end : last;
+	}
+	pthread_barrier_destroy(&barrier);
+	wall = last > first ? last - first : 1;
+	total = iters * (uint64_t)nthreads;
+	aps = (double)total * 1e9 / (double)wall;
+	begin(&l, "bench");
+	add(&l, ",\"ok\":true,\"op\":\"%s\",\"bar\":%d,\"size\":%u,\"kind\":\"throughput\""
+		",\"threads\":%d,\"iters\":%" PRIu64 ",\"wall_ns\":%" PRIu64
+		",\"ns_per_access\":%" PRIu64 ",\"accesses_per_s\":%.0f,\"mb_per_s\":%.3f",
+	    op->name, op->bar, op->size, nthreads, iters, wall, wall / total, aps,
+	    aps * op->size / 1e6);
+	emit(&l);
+	return 0;
+}
+
+/* Latency of each kind of trapped access, then throughput with 1 .. (vCPUs, at most 4)
+ * threads; qemu-configs/bench-guest boots guests with one and two vCPUs and tabulates it. */
+static int test_bench(void)
+{
+	uint64_t iters = opt.iters ? opt.iters : 1, *samples;
+	int ncpus = get_nprocs(), n;
+	size_t k;
+
+	if (need_bar0("bench"))
+		return 1;
+	if (!dev.bar2)
+		return fail_line("bench", "cannot map BAR2 of %s", dev.name);
+	samples = malloc(iters * sizeof(*samples));
+	if (!samples)
+		return fail_line("bench", "no memory for %" PRIu64 " samples", iters);
+	if (ncpus > BENCH_MAX_THREADS)
+		ncpus = BENCH_MAX_THREADS;
+	for (k = 0; k < sizeof(bench_ops) / sizeof(bench_ops[0]); k++) {
+		bench_latency(&bench_ops[k], iters, samples);
+		for (n = 1; n <= ncpus; n++)
+			bench_throughput(&bench_ops[k], iters, n);
+	}
+	free(samples);
+	return 0;
+}
+
 static const struct {
 	const char *name;
 	int (*run)(void);
 } tests[] = {
 	{"enumerate", test_enumerate}, {"pattern", test_pattern}, {"boundary", test_boundary},
 	{"regs", test_regs},           {"timing", test_timing},   {"smp", test_smp},
+	{"watch", test_watch},         {"stall", test_stall},     {"demo", test_demo},
+	{"bench", test_bench},
 };
 
 int main(int argc, char **argv)

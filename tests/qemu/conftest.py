@@ -19,7 +19,7 @@ import pytest
 
 from devmodel.pci.registers import REGISTER_BY_NAME
 
-from .testbed import QEMU_CONFIGS, DevmodelServer, GuestRun, Reaper, boot_guest
+from .testbed import QEMU_CONFIGS, DevmodelServer, GuestRun, Reaper, RunningGuest, boot_guest
 
 # The device model's BAR0 as `devmodel run` starts it here (its default).
 APERTURE = 256 << 20
@@ -35,6 +35,8 @@ PROVISION_TIMEOUT = 900.0
 _boots: list[tuple[str, GuestRun]] = []
 # Guest runs a test booted through the `boot` fixture, for its failure report.
 _RUNS = pytest.StashKey[list[GuestRun]]()
+# Guests a test started through the `launch` fixture.
+_RUNNING = pytest.StashKey[list[RunningGuest]]()
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +154,29 @@ def boot(testbed: Path, reaper: Reaper, tmp_path: Path, request: pytest.FixtureR
     return run
 
 
+@pytest.fixture
+def launch(testbed: Path, reaper: Reaper, tmp_path: Path, request: pytest.FixtureRequest
+           ) -> Callable[..., RunningGuest]:
+    """Start a guest in the background for this test: `launch(["watch"], server=s, ...)`.
+
+    For tests that act while the guest runs (kill or restart the device model between two of
+    its result lines). Call `finish()` on what it returns; the logs of a guest still running
+    when the test fails go into the report all the same.
+    """
+    guests = request.node.stash.setdefault(_RUNNING, [])
+
+    def start(tests: list[str], **kwargs: Any) -> RunningGuest:
+        workdir = tmp_path / f"launched{len(guests)}"
+        workdir.mkdir()
+        kwargs.setdefault("timeout", BOOT_TIMEOUT)
+        guest = RunningGuest(reaper, workdir, tests, **kwargs)
+        guest.on_finish = lambda run: _boots.append((request.node.name, run))
+        guests.append(guest)
+        return guest
+
+    return start
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -159,7 +184,8 @@ def pytest_runtest_makereport(
     """Attach the logs of the guest a failed test looked at to its report."""
     report = yield
     if report.failed and isinstance(item, pytest.Function):
-        runs: list[GuestRun] = item.stash.get(_RUNS, [])
+        runs: list[GuestRun] = [*item.stash.get(_RUNS, [])]
+        runs += [g.snapshot(g.qemu.proc.poll()) for g in item.stash.get(_RUNNING, [])]
         sources: list[GuestRun | DevmodelServer] = [*runs]
         sources += [v for v in item.funcargs.values() if isinstance(v, GuestRun | DevmodelServer)]
         for source in sources:

@@ -8,6 +8,7 @@ never block on a full pipe while the harness waits for something else.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -16,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 QEMU_CONFIGS = REPO / "qemu-configs"
 DEVMODEL = REPO / ".venv" / "bin" / "devmodel"
 RESULT_PREFIX = "DEVMODEL-RESULT "
+# How devmodel's last log line introduces its counters (devmodel/app.py).
+STOPPED_COUNTERS = "stopped; counters: "
 # Beyond run-qemu's own --timeout: the harness's last resort if run-qemu itself hangs.
 HARD_TIMEOUT_MARGIN = 15.0
 # Most of a log is the kernel's boot chatter; on failure show its end, which is what matters.
@@ -133,10 +136,11 @@ class DevmodelServer:
 
     def __init__(self, reaper: Reaper, workdir: Path, *args: str,
                  aperture_size: str = "256M", pci_id: str = "1234:10e5",
-                 startup_timeout: float = 20.0) -> None:
+                 startup_timeout: float = 20.0, socket_path: Path | None = None) -> None:
         if not DEVMODEL.exists():
             raise RuntimeError(f"{DEVMODEL} is missing: run scripts/setup-env")
-        self.socket_path = workdir / "devmodel.sock"
+        # socket_path: another instance's socket, to restart a device model in its place.
+        self.socket_path = socket_path or workdir / "devmodel.sock"
         argv = [str(DEVMODEL), "run", "--socket-path", str(self.socket_path),
                 "--aperture-size", aperture_size, "--pci-id", pci_id, *args]
         self.process = reaper.add(Process("devmodel", argv, workdir / "devmodel.stderr"))
@@ -154,6 +158,17 @@ class DevmodelServer:
 
     def stop(self) -> int:
         return self.process.stop(signal.SIGTERM, grace=10.0)
+
+    def counters(self) -> dict[str, int] | None:
+        """The counters of the device model's last log line ("stopped; counters: {...}"),
+        once it has stopped cleanly."""
+        for line in reversed(self.process.log().splitlines()):
+            at = line.find(STOPPED_COUNTERS)
+            if at >= 0:
+                value = ast.literal_eval(line[at + len(STOPPED_COUNTERS):].strip())
+                assert isinstance(value, dict)
+                return {str(k): int(v) for k, v in value.items()}
+        return None
 
     def log_sections(self) -> list[tuple[str, str]]:
         return [(f"devmodel stderr ({shlex.join(self.process.argv)})",
@@ -216,6 +231,77 @@ def parse_results(serial: str) -> Iterator[dict[str, Any]]:
         yield obj if isinstance(obj, dict) else {"parse_error": "not an object", "line": text}
 
 
+class RunningGuest:
+    """A guest booting or running in the background, for tests that act while it runs.
+
+    The host follows the guest through its result lines (`wait_for`) and does things to the
+    device model between them; `finish` waits for the power-off and returns the GuestRun.
+    """
+
+    def __init__(self, reaper: Reaper, workdir: Path, tests: list[str], *,
+                 server: DevmodelServer | None = None, smp: int = 1, append: str = "",
+                 timeout: float = 90.0, msg_timeout: int | None = None,
+                 qemu_args: tuple[str, ...] = ()) -> None:
+        argv = [str(QEMU_CONFIGS / "run-qemu"), "--smp", str(smp), "--test", ",".join(tests),
+                "--timeout", f"{timeout:g}"]
+        if server is not None:
+            argv += ["--socket", str(server.socket_path)]
+        if append:
+            argv += ["--append", append]
+        if msg_timeout is not None:
+            argv += ["--msg-timeout", str(msg_timeout)]
+        if qemu_args:
+            argv += ["--", *qemu_args]
+        self.argv = argv
+        self.server = server
+        # Called with the finished run (the conftest's timing summary listens here).
+        self.on_finish: Callable[[GuestRun], None] | None = None
+        self.timeout = timeout
+        self.t0 = time.monotonic()
+        self.qemu = reaper.add(Process("qemu", argv, workdir / "qemu.stderr",
+                                       stdout_path=workdir / "serial.log"))
+
+    def results(self) -> list[dict[str, Any]]:
+        """The result lines the guest printed so far."""
+        return list(parse_results(self.qemu.stdout()))
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float
+                 ) -> dict[str, Any]:
+        """The first result line that satisfies `predicate`, waiting up to `timeout` seconds.
+
+        Raises AssertionError (with the guest's logs) if QEMU exits or time runs out first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((r for r in self.results() if predicate(r)), None)
+            if found is not None:
+                return found
+            exited = self.qemu.proc.poll() is not None
+            if exited or time.monotonic() > deadline:
+                why = f"QEMU exited ({self.qemu.proc.returncode})" if exited else (
+                    f"nothing after {timeout:g} s")
+                run = self.snapshot(self.qemu.proc.returncode)
+                logs = "\n".join(f"----- {t} -----\n{x}" for t, x in run.log_sections())
+                raise AssertionError(f"the guest never printed the awaited line: {why}\n{logs}")
+            time.sleep(0.05)
+
+    def snapshot(self, returncode: int | None) -> GuestRun:
+        serial = self.qemu.stdout()
+        return GuestRun(argv=self.argv, serial=serial, qemu_stderr=self.qemu.log(),
+                        returncode=returncode, seconds=time.monotonic() - self.t0,
+                        results=list(parse_results(serial)), server=self.server)
+
+    def finish(self) -> GuestRun:
+        """Wait for the guest to power off (or run-qemu's timeout) and return what it printed."""
+        left = self.timeout + HARD_TIMEOUT_MARGIN - (time.monotonic() - self.t0)
+        rc = self.qemu.wait(max(left, 0.1))
+        run = self.snapshot(rc)
+        self.qemu.stop(signal.SIGKILL, grace=0)
+        if self.on_finish is not None:
+            self.on_finish(run)
+        return run
+
+
 def boot_guest(reaper: Reaper, workdir: Path, tests: list[str], *,
                server: DevmodelServer | None = None, smp: int = 1, append: str = "",
                timeout: float = 90.0, msg_timeout: int | None = None,
@@ -225,22 +311,5 @@ def boot_guest(reaper: Reaper, workdir: Path, tests: list[str], *,
     Blocks until the guest powers off or `timeout` passes (then run-qemu kills QEMU, and the
     harness kills run-qemu's group if even that hangs).
     """
-    argv = [str(QEMU_CONFIGS / "run-qemu"), "--smp", str(smp), "--test", ",".join(tests),
-            "--timeout", f"{timeout:g}"]
-    if server is not None:
-        argv += ["--socket", str(server.socket_path)]
-    if append:
-        argv += ["--append", append]
-    if msg_timeout is not None:
-        argv += ["--msg-timeout", str(msg_timeout)]
-    if qemu_args:
-        argv += ["--", *qemu_args]
-    t0 = time.monotonic()
-    qemu = reaper.add(Process("qemu", argv, workdir / "qemu.stderr",
-                              stdout_path=workdir / "serial.log"))
-    rc = qemu.wait(timeout + HARD_TIMEOUT_MARGIN)
-    seconds = time.monotonic() - t0
-    qemu.stop(signal.SIGKILL, grace=0)
-    serial = qemu.stdout()
-    return GuestRun(argv=argv, serial=serial, qemu_stderr=qemu.log(), returncode=rc,
-                    seconds=seconds, results=list(parse_results(serial)), server=server)
+    return RunningGuest(reaper, workdir, tests, server=server, smp=smp, append=append,
+                        timeout=timeout, msg_timeout=msg_timeout, qemu_args=qemu_args).finish()
