@@ -215,8 +215,8 @@ def parse_results(serial: str) -> Iterator[dict[str, Any]]:
     """The guest's result objects, in order.
 
     The prefix is searched anywhere in a line, because a kernel message may land in front of
-    it on the shared console; a line that does not parse is returned as a `parse_error` so a
-    test fails on it instead of missing it.
+    (or behind) it on the shared console; a line that does not parse is returned as a
+    `parse_error` so a test fails on it instead of missing it.
     """
     for line in serial.splitlines():
         at = line.find(RESULT_PREFIX)
@@ -224,7 +224,8 @@ def parse_results(serial: str) -> Iterator[dict[str, Any]]:
             continue
         text = line[at + len(RESULT_PREFIX):].strip()
         try:
-            obj = json.loads(text)
+            # raw_decode: console text may also follow the object on the same line.
+            obj, _ = json.JSONDecoder().raw_decode(text)
         except json.JSONDecodeError as exc:
             yield {"parse_error": str(exc), "line": text}
             continue
