@@ -8,6 +8,7 @@ changes it fails here rather than in the field.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ BROKEN_PIPE = "Unable to write to socket: Broken pipe"
 # QEMU's iothread on a clean end of stream, and a vCPU that waited out x-msg-timeout.
 QEMU_EOF = "failed to read header: EOF"
 QEMU_TIMED_OUT = "timed out waiting for reply"
-LOOP_MSG_TIMEOUT_MS = 2000
+# A short reply timeout for the test that waits one out.
+SHORT_MSG_TIMEOUT_MS = 2000
 
 
 def _is_event(name: str) -> Callable[[dict[str, Any]], bool]:
@@ -70,37 +72,30 @@ def test_guest_survives_device_model_killed_while_idle(
     assert QEMU_ABORT not in run.qemu_stderr and QEMU_TIMED_OUT not in run.qemu_stderr
 
 
-def test_device_model_killed_under_read_loop_gives_one_of_two_known_outcomes(
+def test_device_model_killed_with_a_request_unread_aborts_qemu(
     start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest]
 ) -> None:
-    """SIGKILL while the guest reads in a tight loop, so that a read is in flight. QEMU 11.1.3
-    then does one of two things (qemu-configs/README.md has the details):
-
-    - usually it aborts: the killed server left QEMU's next request unread, so QEMU's read
-      fails with ECONNRESET, and its error path sets an Error twice (assertion in error_setv);
-    - otherwise (the server had read the request but not answered) it sees EOF, the vCPU waits
-      out x-msg-timeout with the VM stalled, the read gives all-ones, and the guest goes on.
-
-    Anything else (a hang, another message, a read that is neither) fails this test; a fixed
-    QEMU would always take the second path.
-    """
+    """The device model dies while QEMU's next request sits unread in its socket (made certain
+    here by stopping it first, as a tight read loop makes likely): the kernel then resets the
+    connection, QEMU's reader gets ECONNRESET, and QEMU 11.1.3 aborts on its own error path
+    ("error_setv: Assertion `*errp == NULL' failed"). What should happen, and is asserted once
+    QEMU stops aborting: the read gives all-ones and the guest carries on."""
     server = start_devmodel()
-    guest = launch(["watch"], server=server, msg_timeout=LOOP_MSG_TIMEOUT_MS,
+    guest = launch(["watch"], server=server,
                    append="devmodel.watch_ms=15000 devmodel.after_ms=200")
     guest.wait_for(_is_event("watching"), 60)
-    time.sleep(0.3)  # well inside the loop
+    time.sleep(0.3)  # inside the read loop
+    server.process.proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.3)  # the vCPU's next read is now unread in the socket
     server.process.stop(signal.SIGKILL, grace=2)
     run = guest.finish()
     if QEMU_ABORT in run.qemu_stderr:
         assert run.returncode == 256 - signal.SIGABRT, "run-qemu passes on QEMU's SIGABRT"
-        assert run.event("end") is None and not run.lines("watch")
-        assert QEMU_EOF not in run.qemu_stderr
-        return
-    assert QEMU_EOF in run.qemu_stderr and QEMU_TIMED_OUT in run.qemu_stderr
+        assert run.event("end") is None and QEMU_EOF not in run.qemu_stderr
+        pytest.xfail("QEMU 11.1.3 aborts when the server resets the connection under a "
+                     "request (qemu-configs/README.md)")
     watch = run.line("watch")
     assert watch["saw_all_ones"] is True and watch["good_reads"] > 0
-    assert watch["ms_to_all_ones"] >= LOOP_MSG_TIMEOUT_MS, "the read in flight waited it out"
-    assert watch["after_all_ones"] == watch["after_reads"]
     end = run.event("end")
     assert end is not None and end["status"] == 0 and run.returncode == 0
 
@@ -181,3 +176,40 @@ def test_unanswered_page_in_ends_in_all_ones_within_the_deadline(
         assert bad not in run.qemu_stderr
     end = run.event("end")
     assert end is not None and end["status"] == 0 and run.returncode == 0
+
+
+def test_device_model_killed_with_a_read_in_flight_stalls_the_guest_for_the_msg_timeout(
+    start_devmodel: Callable[..., DevmodelServer], boot: Callable[..., GuestRun],
+    stalling_lender: StallingLender,
+) -> None:
+    """The device model has read the guest's request and dies before answering it (here: it
+    is killed while that read waits for a page-in). QEMU sees a clean end of stream, but the
+    vCPU still waits out x-msg-timeout (the whole VM stalls), then reads all-ones; everything
+    after fails at once with "Broken pipe", and QEMU keeps running."""
+    server = start_devmodel("--lender-socket", str(stalling_lender.path),
+                            "--page-in-timeout", "4", aperture_size=STALL_APERTURE)
+    assert stalling_lender.evicted.wait(20), stalling_lender.errors
+
+    def kill_at_the_page_in() -> None:
+        deadline = time.monotonic() + 60
+        while not stalling_lender.page_ins and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.process.stop(signal.SIGKILL, grace=2)
+
+    killer = threading.Thread(target=kill_at_the_page_in, daemon=True)
+    killer.start()
+    run = boot(["stall"], server=server, msg_timeout=SHORT_MSG_TIMEOUT_MS,
+               append=f"devmodel.window={STALLED_WINDOW}")
+    killer.join(5)
+    stall = run.line("stall")
+    assert stall["first_read"] == ALL_ONES_64
+    # The reply timeout, not the device model's 4 s page-in deadline, ended the first read.
+    assert SHORT_MSG_TIMEOUT_MS * 1000 <= stall["first_us"] < 3_500_000, stall["first_us"]
+    assert stall["second_read"] == ALL_ONES_64 and stall["second_us"] < 100_000
+    assert stall["other_bad"] == stall["other_windows"] + 3, "all later reads fail"
+    assert set(stall["counters"].values()) == {2**64 - 1}, "BAR2 reads all-ones too"
+    assert QEMU_EOF in run.qemu_stderr and QEMU_TIMED_OUT in run.qemu_stderr
+    assert BROKEN_PIPE in run.qemu_stderr and QEMU_ABORT not in run.qemu_stderr
+    end = run.event("end")
+    assert end is not None and end["status"] == 1, "stall failed, as it must; the guest went on"
+    assert run.returncode == 0
