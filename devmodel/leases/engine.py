@@ -437,8 +437,12 @@ class LeaseEngine:
                     self._table.remove(w)
                     self._forget_evicted(w)
 
-    def lender_lost(self) -> None:
-        """Every window LOST, every fd closed; the device keeps answering with the policy."""
+    def lender_lost(self, counted: bool = True) -> None:
+        """Every window LOST, every fd closed; the device keeps answering with the policy.
+
+        `counted` is False when the device model itself is stopping: the leases go all the
+        same, but that is no lender failure to count or report.
+        """
         for w in list(self._table):
             if w.fd >= 0:
                 self._fds.release(w.fd)
@@ -450,8 +454,9 @@ class LeaseEngine:
         self._live.clear()
         self._evicted.clear()
         self._requests.clear()
-        self.counters.lender_losses += 1
-        self._emit("LENDER_LOST", {})
+        if counted:
+            self.counters.lender_losses += 1
+            self._emit("LENDER_LOST", {})
 
     # ------------------------------------------------------------------ helpers
 

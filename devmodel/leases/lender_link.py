@@ -83,10 +83,12 @@ HELLO_MAX_LEASES: Final = 0xFFFFFFFF
 class _Ended(Exception):
     """Why a connection ended, and the BYE to send before closing it (None: send nothing)."""
 
-    def __init__(self, reason: str, bye: Bye | None = None) -> None:
+    def __init__(self, reason: str, bye: Bye | None = None, *, lost: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.bye = bye
+        # False when this side ended it on purpose: not counted or reported as a lost lender.
+        self.lost = lost
 
 
 class LenderLink:
@@ -176,7 +178,9 @@ class LenderLink:
             return False
         session = _Session(self, sock)
         # What a cancellation (the device model stopping) leaves in place: a polite BYE.
-        ended = _Ended("the device model is stopping", Bye(ByeReason.NORMAL, "stopping"))
+        ended = _Ended(
+            "the device model is stopping", Bye(ByeReason.NORMAL, "stopping"), lost=False
+        )
         try:
             try:
                 with trio.fail_after(self.connect_timeout):
@@ -206,7 +210,7 @@ class LenderLink:
             self._session = None
         if session.opened:
             # Drop every lease (fds closed) before anything else, BYE included (section 6.5).
-            self.engine.lender_lost()
+            self.engine.lender_lost(counted=ended.lost)
             self.last_end_reason = ended.reason
             stopping = ended.bye is not None and ended.bye.reason == ByeReason.NORMAL
             log.log(

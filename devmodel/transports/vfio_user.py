@@ -42,6 +42,13 @@ ANCILLARY_SPACE: Final = socket.CMSG_SPACE(253 * 4)
 _FD_SIZE: Final = array.array("i").itemsize
 
 _BAR_REGIONS: Final = range(6)
+# How long a graceful stop may spend answering what the client already sent.
+STOP_DRAIN_SECONDS: Final = 0.5
+_HOT_COMMANDS: Final[dict[type, int]] = {
+    ev.RegionRead: Command.REGION_READ,
+    ev.RegionWrite: Command.REGION_WRITE,
+    ev.RegionWriteMulti: Command.REGION_WRITE_MULTI,
+}
 
 
 class VfioUserServer:
@@ -134,6 +141,8 @@ class _Session:
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.out: list[tuple[bytes, tuple[int, ...]]] = []
+        # The request being served while an await is pending: answered on a forced stop.
+        self._current: ev.RegionRead | ev.RegionWrite | ev.RegionWriteMulti | None = None
         self._handlers: dict[type, Callable[[Any], Any]] = {
             ev.VersionRequest: self._version,
             ev.DmaMap: self._dma_map,
@@ -158,60 +167,101 @@ class _Session:
         self.view.release()
 
     async def run(self) -> None:
+        try:
+            while True:
+                await self._recv()
+                if not await self._process():
+                    return
+                if self.out:
+                    await self._flush()
+        except trio.Cancelled:
+            await self._drain_on_stop()
+            raise
+
+    async def _process(self) -> bool:
+        """Handle every complete request buffered, in order; False once the client closed."""
         conn = self.conn
         device = self.device
         out = self.out
-        recv = self._recv
         while True:
-            await recv()
-            while True:
-                event = conn.next_event()
-                kind = type(event)
-                # The hot path, inline: trapped reads and posted writes on a BAR.
-                if kind is ev.RegionRead:
-                    region = event.region
-                    try:
-                        if region < 6:
-                            data = await device.bar_read(region, event.offset, event.count)
-                        elif region == 7:
-                            data = device.config_read(event.offset, event.count)
-                        else:
-                            raise AccessError(errno.EINVAL, f"region {region} cannot be read")
-                    except AccessError as exc:
-                        self._refused_access("read", event.region, event.offset, exc)
-                        out.append(conn.send(ev.ErrorReply(event.msg_id, 9, exc.errno)))
-                        continue
-                    out.append(
-                        conn.send(ev.RegionReadReply(event.msg_id, event.offset, region, data))
-                    )
-                elif kind is ev.RegionWrite:
-                    ok = await self._write(event.region, event.offset, event.data)
-                    if not event.no_reply:
-                        if ok is None:
-                            reply: Any = ev.RegionWriteReply(
-                                event.msg_id, event.offset, event.region, len(event.data)
-                            )
-                        else:
-                            reply = ev.ErrorReply(event.msg_id, 10, ok)
-                        out.append(conn.send(reply))
-                elif event is NEED_DATA:
-                    break
-                elif event is CLOSED:
-                    await self._flush()
-                    return
-                elif kind is ev.RegionWriteMulti:
-                    done = 0
-                    for w in event.writes:
-                        if await self._write(w.region, w.offset, w.data) is None:
-                            done += 1
-                    if not event.no_reply:
-                        out.append(conn.send(ev.RegionWriteMultiReply(event.msg_id, done)))
-                else:
-                    reply = self._handlers[kind](event)
-                    if reply is not None and not getattr(event, "no_reply", False):
-                        out.append(conn.send(reply))
-            if out:
+            event = conn.next_event()
+            kind = type(event)
+            # The hot path, inline: trapped reads and posted writes on a BAR.
+            if kind is ev.RegionRead:
+                self._current = event
+                region = event.region
+                try:
+                    if region < 6:
+                        data = await device.bar_read(region, event.offset, event.count)
+                    elif region == 7:
+                        data = device.config_read(event.offset, event.count)
+                    else:
+                        raise AccessError(errno.EINVAL, f"region {region} cannot be read")
+                except AccessError as exc:
+                    self._refused_access("read", event.region, event.offset, exc)
+                    out.append(conn.send(ev.ErrorReply(event.msg_id, 9, exc.errno)))
+                    self._current = None
+                    continue
+                out.append(conn.send(ev.RegionReadReply(event.msg_id, event.offset, region, data)))
+                self._current = None
+            elif kind is ev.RegionWrite:
+                self._current = event
+                ok = await self._write(event.region, event.offset, event.data)
+                if not event.no_reply:
+                    if ok is None:
+                        reply: Any = ev.RegionWriteReply(
+                            event.msg_id, event.offset, event.region, len(event.data)
+                        )
+                    else:
+                        reply = ev.ErrorReply(event.msg_id, 10, ok)
+                    out.append(conn.send(reply))
+                self._current = None
+            elif event is NEED_DATA:
+                return True
+            elif event is CLOSED:
                 await self._flush()
+                return False
+            elif kind is ev.RegionWriteMulti:
+                self._current = event
+                done = 0
+                for w in event.writes:
+                    if await self._write(w.region, w.offset, w.data) is None:
+                        done += 1
+                if not event.no_reply:
+                    out.append(conn.send(ev.RegionWriteMultiReply(event.msg_id, done)))
+                self._current = None
+            else:
+                reply = self._handlers[kind](event)
+                if reply is not None and not getattr(event, "no_reply", False):
+                    out.append(conn.send(reply))
+
+    async def _drain_on_stop(self) -> None:
+        """On a graceful stop, answer what the client already sent before the socket closes.
+
+        QEMU 11.1's client aborts when the server's socket is reset under it, which is what
+        closing a socket with unread requests in it does; and a vCPU whose request was taken
+        but not answered waits out the whole reply timeout. So: answer the request being
+        served (with an error if it cannot finish), read and answer whatever else is already
+        there, within a short deadline, and only then let the socket close.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + STOP_DRAIN_SECONDS
+            try:
+                current = self._current
+                if current is not None:
+                    self._current = None
+                    if not getattr(current, "no_reply", False):
+                        command = _HOT_COMMANDS[type(current)]
+                        self.out.append(
+                            self.conn.send(ev.ErrorReply(current.msg_id, command, errno.EIO))
+                        )
+                while self._recv_nowait():
+                    if not await self._process():
+                        break
+                if self.out:
+                    await self._flush()
+            except (ProtocolError, OSError) as exc:
+                log.info("could not answer everything before stopping: %s", exc)
 
     async def _write(self, region: int, offset: int, data: bytes) -> int | None:
         """Apply one write; None when done, else the errno it was refused with."""
@@ -247,6 +297,9 @@ class _Session:
             except ConnectionResetError:
                 n, anc, flags = 0, [], 0
                 break
+        self._feed(n, anc, flags)
+
+    def _feed(self, n: int, anc: list[tuple[int, int, bytes]], flags: int) -> None:
         fds: list[int] = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -257,6 +310,19 @@ class _Session:
                 os.close(fd)
             raise ProtocolError("file descriptors were truncated in transit")
         self.conn.receive_data(self.view[:n], fds)
+
+    def _recv_nowait(self) -> bool:
+        """Feed whatever is readable right now; False when nothing (or the end) was there."""
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into(
+                [self.view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionResetError:
+            n, anc, flags = 0, [], 0
+        self._feed(n, anc, flags)
+        return n > 0
 
     async def _flush(self) -> None:
         out = self.out

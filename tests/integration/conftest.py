@@ -27,6 +27,18 @@ class DevmodelProcess:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def settled_fds(self, timeout: float = 5.0) -> int:
+        """The fd count once it stops changing (a readiness probe may still be closing)."""
+        deadline = time.monotonic() + timeout
+        last = self.open_fds()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.open_fds()
+            if now == last:
+                return now
+            last = now
+        return last
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

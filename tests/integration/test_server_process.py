@@ -19,6 +19,7 @@ from devmodel.client import ErrorReplyReceived, VfioUserClient
 from protocol.vfio_user import constants as c
 from protocol.vfio_user import events as ev
 from tests.integration.conftest import DevmodelProcess, start_devmodel
+from tests.qemu.stalling_lender import StallingLender
 
 APERTURE = 256 << 20
 
@@ -159,7 +160,7 @@ def test_write_multi_applies_every_entry(devmodel: DevmodelProcess) -> None:
 def test_fds_are_kept_while_mapped_and_closed_on_unmap_and_disconnect(
     devmodel: DevmodelProcess,
 ) -> None:
-    baseline = devmodel.open_fds()
+    baseline = devmodel.settled_fds()
     with VfioUserClient(devmodel.socket_path) as client:
         client.attach()
         connected = devmodel.open_fds()
@@ -269,3 +270,50 @@ def test_bad_options_exit_2_with_one_clear_line(tmp_path: Path, args: list[str])
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("devmodel run: error:")
+
+
+def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> None:
+    """QEMU 11.1 aborts when the socket is reset under it (unread requests at close), and a
+    vCPU whose request was taken but not answered waits out the whole reply timeout. So a stop
+    that lands while a request waits (here: on a page-in the lender never answers) must answer
+    that request, and the ones queued behind it, and close cleanly: EOF, not ECONNRESET."""
+    lender = StallingLender(tmp_path / "lender.sock", evict=(1,))
+    try:
+        dm = start_devmodel(
+            tmp_path,
+            "--aperture-size",
+            "16M",
+            "--lender-socket",
+            str(tmp_path / "lender.sock"),
+            "--page-in-timeout",
+            "4",
+        )
+        assert lender.evicted.wait(10)
+        with VfioUserClient(dm.socket_path) as client:
+            client.attach()
+            client.write(0, 0, b"12345678")
+            stuck = client.next_id()
+            client.send(ev.RegionRead(stuck, 2 << 20, 0, 8))  # window 1: evicted, never paged in
+            queued = []
+            for _ in range(20):
+                queued.append(client.next_id())
+                client.send(ev.RegionRead(queued[-1], 0, 0, 8))
+            while not lender.page_ins:
+                time.sleep(0.01)
+            os.kill(dm.proc.pid, signal.SIGTERM)
+            started = time.monotonic()
+            first = client.receive()
+            assert isinstance(first, ev.ErrorReply) and first.msg_id == stuck
+            assert time.monotonic() - started < 2.0  # not the 4 s page-in deadline
+            answered = []
+            with pytest.raises(ConnectionError) as end:
+                while True:
+                    reply = client.receive()
+                    assert isinstance(reply, ev.RegionReadReply), reply
+                    assert reply.data == b"12345678"
+                    answered.append(reply.msg_id)
+            assert not isinstance(end.value, ConnectionResetError)
+            assert answered == queued
+        assert dm.proc.wait(10) == 0
+    finally:
+        lender.close()
