@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared shell helpers for the project's scripts. Sourced, never run.
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
