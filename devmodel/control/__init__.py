@@ -1,0 +1,9 @@
+"""How the toolstack and people control a running device model.
+
+- `server`: the control socket (QMP-style JSON lines, `protocol/control.py`), many clients,
+  none of which can stall the device.
+- `commands`: what the socket can be asked (query-*, set-policy, the testing aids, quit...).
+- `console`: the opt-in Python debug console behind the `python` command.
+- `client`: a small blocking client, used by `devmodel attach` and the tests.
+- `toolstack`: the conventions toolstacks rely on: pidfile, sd_notify, --ready-fd, sockets.
+"""

@@ -1,0 +1,533 @@
+"""The control commands: what a toolstack, a monitor or a person can ask a running device model.
+
+Each command is declared once with its arguments (`protocol.control.Arg`) and a help line;
+`query-commands` reports exactly this table, which the REPL uses for completion and help.
+Queries never walk more than they return plus what they skip (`limit` caps every page), and
+no command waits on anything but the engine, so none can stall the device for long.
+
+`evict` and `revoke` are testing aids: with the built-in lender they take a lease back as a
+real lender would (the next access pages it in, or finds the range vacant). With an external
+lender they are refused: the lender owns its leases, and revoking behind its back would break
+the lease protocol's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from devmodel import __version__
+from devmodel.control import console
+from devmodel.control.server import ControlClient
+from devmodel.counters import DeviceCounters
+from devmodel.leases.policy import FailurePolicy
+from devmodel.leases.states import WindowState
+from devmodel.leases.window import Window
+from devmodel.metrics import InstrumentedEngine, exposition
+from protocol.control import (
+    CAPABILITIES_COMMAND,
+    COMMAND_NOT_FOUND,
+    NOT_SUPPORTED,
+    Arg,
+    Command,
+    CommandFailed,
+    check_arguments,
+)
+from protocol.lease.constants import PROT_READ, PROT_WRITE, RevokeMode
+
+if TYPE_CHECKING:
+    from devmodel.config import Settings
+    from devmodel.control.server import ControlServer
+    from devmodel.leases.builtin_lender import BuiltinLender
+    from devmodel.leases.lender_link import LenderLink
+    from devmodel.pci.function import PciFunction
+
+log = logging.getLogger("devmodel.control")
+
+# Every event the control socket can send (README, "Attach").
+EVENTS: Final = (
+    "LEASE_GRANTED",
+    "LEASE_REVOKED",
+    "LEASE_RELEASED",
+    "PAGE_IN_REQUESTED",
+    "PAGE_IN_FAILED",
+    "REVOKE_DELAYED",
+    "LENDER_LOST",
+    "CLIENT_CONNECTED",
+    "CLIENT_DISCONNECTED",
+    "POLICY_CHANGED",
+    "SHUTDOWN",
+)
+
+DEFAULT_PAGE: Final = 256
+MAX_PAGE: Final = 4096
+STATES: Final = tuple(s.value for s in WindowState if s is not WindowState.VACANT)
+
+
+@dataclass(eq=False)
+class Instance:
+    """The running device model as commands see it (built by devmodel/app.py)."""
+
+    settings: Settings
+    engine: InstrumentedEngine
+    counters: DeviceCounters
+    request_stop: Callable[[str], None]
+    device: PciFunction | None = None
+    builtin: BuiltinLender | None = None
+    link: LenderLink | None = None
+    control: ControlServer | None = None
+    transport_connected: Callable[[], bool] = lambda: False
+    status: str = "starting"
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    metrics_address: tuple[str, int] | None = None
+    events: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def uptime(self) -> float:
+        return round(time.monotonic() - self.started_monotonic, 3)
+
+    def lender_state(self) -> dict[str, object]:
+        if self.builtin is not None:
+            return {"kind": "builtin", "connected": True}
+        link = self.link
+        if link is None:
+            return {"kind": "none", "connected": False}
+        return {
+            "kind": "socket",
+            "socket": link.path,
+            "connected": link.connected,
+            "sessions": link.sessions,
+            "last_end_reason": link.last_end_reason,
+        }
+
+    def metrics_text(self) -> str:
+        gauges: dict[str, tuple[str, float | dict[str, float]]] = {
+            "leases": ("live leases (resident or being revoked)", self.engine.lease_count),
+            "windows": ("aperture windows by state", dict(self.engine.state_counts())),
+            "accesses_in_flight": ("accesses waiting inside the engine", self.engine.in_flight),
+            "transport_client_connected": (
+                "1 while a transport client (QEMU) is attached",
+                int(self.transport_connected()),
+            ),
+            "lender_connected": (
+                "1 while the lender is connected",
+                int(bool(self.lender_state()["connected"])),
+            ),
+            "control_clients": (
+                "clients attached to the control socket",
+                len(self.control.clients) if self.control else 0,
+            ),
+            "aperture_bytes": ("size of BAR0", self.engine.size),
+            "start_time_seconds": ("when the device model started (unix time)", self.started),
+        }
+        labels = {"domid": str(self.settings.domid)}
+        return exposition(self.counters, self.engine.histograms(), gauges, labels)
+
+
+Handler = Callable[[Instance, ControlClient, dict[str, object]], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    name: str
+    handler: Handler
+    help: str
+    args: dict[str, Arg]
+    testing_aid: bool = False
+    debug_console: bool = False
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "name": self.name,
+            "help": self.help,
+            "arguments": {k: a.describe() for k, a in self.args.items()},
+        }
+        if self.testing_aid:
+            out["testing-aid"] = True
+        return out
+
+
+COMMANDS: dict[str, Spec] = {}
+
+
+def command(
+    name: str,
+    help: str,
+    args: dict[str, Arg] | None = None,
+    *,
+    testing_aid: bool = False,
+    debug_console: bool = False,
+) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = Spec(name, fn, help, args or {}, testing_aid, debug_console)
+        return fn
+
+    return register
+
+
+def available(instance: Instance) -> list[Spec]:
+    return [s for s in COMMANDS.values() if not s.debug_console or instance.settings.debug_console]
+
+
+async def execute(instance: Instance, client: ControlClient, cmd: Command) -> object:
+    """Run one command (the ControlServer's executor)."""
+    if cmd.name == CAPABILITIES_COMMAND:
+        return {}
+    spec = COMMANDS.get(cmd.name)
+    if spec is None or (spec.debug_console and not instance.settings.debug_console):
+        hint = " (start devmodel with --debug-console)" if spec is not None else ""
+        raise CommandFailed(
+            f"The command {cmd.name[:64]} has not been found{hint}", COMMAND_NOT_FOUND
+        )
+    args = check_arguments(cmd.arguments, spec.args)
+    return await spec.handler(instance, client, args)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _window(w: Window) -> dict[str, object]:
+    prot = ("r" if w.prot & PROT_READ else "") + ("w" if w.prot & PROT_WRITE else "")
+    out: dict[str, object] = {
+        "start": w.start,
+        "end": w.end,
+        "length": w.length,
+        "state": w.state.value,
+        "lease": w.lease_id,
+        "prot": prot,
+        "waiters": len(w.waiters),
+    }
+    if w.state is WindowState.PAGING_IN:
+        out["request"] = w.request_id
+    return out
+
+
+def _windows_from(engine: InstrumentedEngine, start: int) -> Iterator[Window]:
+    """Windows that end after `start`, in order (a skip over the table's sorted iterator)."""
+    for w in engine.windows():
+        if w.end > start:
+            yield w
+
+
+def _page_args(args: dict[str, object]) -> tuple[int, int]:
+    limit = int(args.get("limit", DEFAULT_PAGE))  # type: ignore[call-overload]
+    if not 1 <= limit <= MAX_PAGE:
+        raise CommandFailed(f"Parameter 'limit' must be from 1 to {MAX_PAGE}")
+    cursor = int(args.get("cursor", 0))  # type: ignore[call-overload]
+    return limit, cursor
+
+
+_PAGE_ARGS: Final = {
+    "limit": Arg(
+        "int",
+        minimum=1,
+        help=f"at most this many entries (default {DEFAULT_PAGE}, at most {MAX_PAGE})",
+    ),
+    "cursor": Arg("int", minimum=0, help="resume where the previous page's 'next' said"),
+}
+
+
+# ---------------------------------------------------------------------------- queries
+
+
+@command("query-status", "whether the device model runs, and its main facts")
+async def query_status(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    s = inst.settings
+    return {
+        # QMP's own query-status shape first, so libxl-style readiness checks work unchanged.
+        "status": inst.status,
+        "running": inst.status == "running",
+        "singlestep": False,
+        "domid": s.domid,
+        "pid": os.getpid(),
+        "version": __version__,
+        "uptime": inst.uptime(),
+        "transport": s.transport,
+        "socket": s.socket_path
+        if s.socket_path is not None
+        else (f"fd {s.fd}" if s.fd is not None else None),
+        "client_connected": inst.transport_connected(),
+        "lender": inst.lender_state(),
+        "leases": inst.engine.lease_count,
+        "policy": inst.engine.config.policy.value,
+        "debug_console": s.debug_console,
+        "metrics": f"http://{inst.metrics_address[0]}:{inst.metrics_address[1]}/metrics"
+        if inst.metrics_address
+        else None,
+    }
+
+
+@command("query-version", "devmodel's version")
+async def query_version(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    return {"devmodel": __version__}
+
+
+@command(
+    "query-windows",
+    "windows of the aperture (state and lease), filtered and paginated",
+    {
+        "state": Arg("str-list", choices=STATES, help="only windows in this state (or states)"),
+        "start": Arg("int", minimum=0, help="only windows ending after this offset"),
+        "end": Arg("int", minimum=0, help="only windows starting before this offset"),
+        **_PAGE_ARGS,
+    },
+)
+async def query_windows(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    limit, cursor = _page_args(args)
+    start = max(int(args.get("start", 0)), cursor)  # type: ignore[call-overload]
+    end = int(args.get("end", inst.engine.size))  # type: ignore[call-overload]
+    states = set(args["state"]) if "state" in args else None  # type: ignore[call-overload]
+    found: list[dict[str, object]] = []
+    next_cursor: int | None = None
+    for w in _windows_from(inst.engine, start):
+        if w.start >= end:
+            break
+        if states is not None and w.state.value not in states:
+            continue
+        if len(found) == limit:
+            next_cursor = w.start
+            break
+        found.append(_window(w))
+    return {"windows": found, "next": next_cursor}
+
+
+@command(
+    "query-leases",
+    "leases with the windows they cover (live, evicted or paging in), paginated by offset",
+    dict(_PAGE_ARGS),
+)
+async def query_leases(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    limit, cursor = _page_args(args)
+    leases: dict[int, dict[str, object]] = {}
+    next_cursor: int | None = None
+    for w in _windows_from(inst.engine, cursor):
+        entry = leases.get(w.lease_id)
+        if entry is None:
+            if len(leases) == limit:
+                next_cursor = w.start
+                break
+            entry = leases[w.lease_id] = {
+                "lease": w.lease_id,
+                "start": w.start,
+                "end": w.end,
+                "bytes": 0,
+                "windows": 0,
+                "states": [],
+            }
+        entry["end"] = w.end
+        entry["bytes"] = int(entry["bytes"]) + w.length  # type: ignore[call-overload]
+        entry["windows"] = int(entry["windows"]) + 1  # type: ignore[call-overload]
+        states = entry["states"]
+        assert isinstance(states, list)
+        if w.state.value not in states:
+            states.append(w.state.value)
+    for entry in leases.values():
+        states = entry.pop("states")
+        assert isinstance(states, list)
+        entry["state"] = states[0] if len(states) == 1 else "+".join(states)
+    return {"leases": list(leases.values()), "live": inst.engine.lease_count, "next": next_cursor}
+
+
+@command("query-stats", "counters, windows per state, and latency histograms")
+async def query_stats(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    e = inst.engine
+    return {
+        "uptime": inst.uptime(),
+        "counters": inst.counters.as_dict(),
+        "leases": e.lease_count,
+        "windows": e.state_counts(),
+        "in_flight": e.in_flight,
+        "latency": {h.name: h.as_dict() for h in e.histograms()},
+        "events": dict(inst.events),
+        "control": {
+            "clients": len(inst.control.clients) if inst.control else 0,
+            "dropped": inst.control.dropped_clients if inst.control else 0,
+        },
+        "client_connected": inst.transport_connected(),
+    }
+
+
+@command("query-metrics", "the metrics in Prometheus text exposition format")
+async def query_metrics(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    return {"text": inst.metrics_text()}
+
+
+@command("query-config", "the effective settings, and where each came from")
+async def query_config(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    s = inst.settings
+    settings = s.as_dict()
+    settings["failure-policy"] = inst.engine.config.policy.value
+    return {"settings": settings, "sources": dict(s.sources), "config-file": s.config_file}
+
+
+@command("query-commands", "the commands this instance accepts, with their arguments")
+async def query_commands(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    cap = {
+        "name": CAPABILITIES_COMMAND,
+        "help": "leave capabilities negotiation mode",
+        "arguments": {},
+    }
+    return [cap, *(s.describe() for s in available(inst))]
+
+
+@command("query-events", "the events this instance can send")
+async def query_events(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    return [{"name": n} for n in EVENTS]
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+@command(
+    "set-policy",
+    "what an access gets when its memory cannot be had",
+    {"policy": Arg("str", required=True, choices=tuple(p.value for p in FailurePolicy))},
+)
+async def set_policy(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    old = inst.engine.config.policy
+    new = FailurePolicy(args["policy"])
+    inst.engine.config.policy = new
+    log.info("failure policy %s -> %s (control %s)", old.value, new.value, client.describe())
+    if inst.control is not None:
+        inst.control.broadcast("POLICY_CHANGED", {"old": old.value, "new": new.value})
+    return {"old": old.value, "policy": new.value}
+
+
+def _builtin_only(inst: Instance, name: str) -> None:
+    if inst.builtin is None:
+        raise CommandFailed(
+            f"{name} is a testing aid for the built-in lender; with --lender-socket the "
+            "lender owns its leases (ask it to revoke instead)",
+            NOT_SUPPORTED,
+        )
+
+
+@command(
+    "evict",
+    "TESTING AID (built-in lender only): take leases back as a lender would; the next access "
+    "to them pages them in",
+    {
+        "offset": Arg("int", minimum=0, help="the lease holding this aperture offset"),
+        "lease": Arg("int", minimum=1, help="this lease"),
+        "all": Arg("bool", help="every resident lease"),
+    },
+    testing_aid=True,
+)
+async def evict(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    _builtin_only(inst, "evict")
+    if len(args) != 1:
+        raise CommandFailed("evict takes exactly one of 'offset', 'lease', 'all'")
+    e = inst.engine
+    if args.get("all"):
+        targets = sorted({w.lease_id for w in e.windows() if w.state is WindowState.RESIDENT})
+    elif "lease" in args:
+        targets = [int(args["lease"])]  # type: ignore[call-overload]
+    elif "offset" in args:
+        w = e.window_at(int(args["offset"]))  # type: ignore[call-overload]
+        if w is None or w.state is not WindowState.RESIDENT:
+            state = "vacant" if w is None else w.state.value
+            raise CommandFailed(f"nothing resident at {int(args['offset']):#x} ({state})")  # type: ignore[call-overload]
+        targets = [w.lease_id]
+    else:
+        raise CommandFailed("evict takes exactly one of 'offset', 'lease', 'all'")
+    return {"evicted": await _revoke(inst, client, targets, RevokeMode.EVICT)}
+
+
+@command(
+    "revoke",
+    "TESTING AID (built-in lender only): revoke one lease; mode 'release' leaves its range "
+    "vacant for good (accesses then get the failure policy)",
+    {
+        "lease": Arg("int", required=True, minimum=1),
+        "mode": Arg("str", choices=("evict", "release"), help="default evict"),
+    },
+    testing_aid=True,
+)
+async def revoke(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    _builtin_only(inst, "revoke")
+    mode = RevokeMode.RELEASE if args.get("mode") == "release" else RevokeMode.EVICT
+    done = await _revoke(inst, client, [int(args["lease"])], mode)  # type: ignore[call-overload]
+    return {"revoked": done, "mode": mode.name.lower()}
+
+
+async def _revoke(
+    inst: Instance, client: ControlClient, leases: list[int], mode: RevokeMode
+) -> list[int]:
+    from devmodel.leases.engine import UnknownLease  # noqa: PLC0415
+
+    done: list[int] = []
+    for lease in leases:
+        try:
+            await inst.engine.revoke(lease, mode)
+        except UnknownLease:
+            if len(leases) == 1:
+                raise CommandFailed(f"no lease {lease}") from None
+            continue
+        done.append(lease)
+    log.info("control %s revoked (%s) %d lease(s)", client.describe(), mode.name.lower(), len(done))
+    return done
+
+
+@command(
+    "trace",
+    "log every access to the aperture at debug level (on the device model's stderr)",
+    {"enable": Arg("bool", required=True)},
+)
+async def trace(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    on = bool(args["enable"])
+    inst.engine.trace = on
+    # The trace logger passes debug records even when the rest logs at info.
+    logging.getLogger("devmodel.trace").setLevel(logging.DEBUG if on else logging.NOTSET)
+    log.info("access trace %s (control %s)", "on" if on else "off", client.describe())
+    return {"trace": on}
+
+
+@command("quit", "stop the device model gracefully (as SIGTERM does) and exit 0")
+async def quit_(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    inst.request_stop(f"quit from control {client.describe()}")
+    return {}
+
+
+@command(
+    "python",
+    "DEBUG CONSOLE (--debug-console only): evaluate Python inside the device model; logged",
+    {"code": Arg("str", required=True)},
+    debug_console=True,
+)
+async def python(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    code = str(args["code"])
+    first = client.console is None
+    if client.console is None:
+        client.console = console.namespace_for(
+            {
+                "instance": inst,
+                "engine": inst.engine,
+                "counters": inst.counters,
+                "settings": inst.settings,
+                "device": inst.device,
+                "link": inst.link,
+                "builtin": inst.builtin,
+            },
+            {
+                "windows": lambda: [_window(w) for w in inst.engine.windows()],
+                "window_at": inst.engine.window_at,
+            },
+        )
+    console.log_statement(client.describe(), first, code)
+    client.console_statements += 1
+    return console.run_statement(client.console, code)
+
+
+def console_closed(client: ControlClient) -> None:
+    """Log the end of a debug-console session (the server's on_disconnect)."""
+    if client.console is not None:
+        console.log.warning(
+            "debug console session of %s closed after %d statement(s)",
+            client.describe(),
+            client.console_statements,
+        )

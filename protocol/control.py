@@ -1,0 +1,501 @@
+"""The control protocol: JSON lines in the style of QMP, sans-IO (docs in README, "Attach").
+
+A toolstack, a monitoring agent or the debug REPL talks to a running device model over its
+control socket. The format is QEMU's QMP, narrowed to what a device model needs, so a client
+that already speaks QMP (libxl's readiness check is `query-status`) needs no new code:
+
+    S: {"QMP": {"version": {...}, "capabilities": []}}          greeting, once
+    C: {"execute": "qmp_capabilities"}                          leave negotiation mode
+    S: {"return": {}}
+    C: {"execute": "query-windows", "arguments": {"state": "evicted"}, "id": 7}
+    S: {"return": {...}, "id": 7}                                or {"error": {"class", "desc"}}
+    S: {"event": "LEASE_REVOKED", "data": {...}, "timestamp": {"seconds": .., "microseconds": ..}}
+
+One JSON object per line (LF; a CR before it is ignored). Events reach a client only after it
+has left negotiation mode, as in QMP, so a one-shot script never has to skip them before its
+first answer. Commands are answered in the order they arrive; `id` (any JSON value) is echoed.
+
+Malformed input never raises out of a connection except for a line over the length limit,
+which is fatal (`ControlProtocolError`, `fatal=True`): a peer that sends megabytes without a
+newline is not speaking this protocol, and buffering it would let it grow our memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from protocol.errors import ProtocolError
+from protocol.sansio import CLOSED, NEED_DATA, Sentinel
+
+# A command is a few hundred bytes; the biggest legitimate one is a debug-console statement.
+MAX_COMMAND_LINE: Final = 64 << 10
+# Answers can be long (a page of windows, the metrics text), events short; a client bounds them
+# too, so that a confused server cannot make a client buffer without limit.
+MAX_REPLY_LINE: Final = 16 << 20
+
+CAPABILITIES_COMMAND: Final = "qmp_capabilities"
+
+# Error classes: QEMU's two common ones plus what a device model adds.
+GENERIC_ERROR: Final = "GenericError"
+COMMAND_NOT_FOUND: Final = "CommandNotFound"
+# A testing aid used where it cannot work (evict with an external lender).
+NOT_SUPPORTED: Final = "NotSupported"
+
+_EXECUTE_KEYS: Final = frozenset({"execute", "arguments", "id"})
+_NO_ID: Final = object()
+
+
+class ControlProtocolError(ProtocolError):
+    """The peer's byte stream cannot be read as control-protocol lines."""
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+@dataclass(slots=True)
+class Command:
+    """`{"execute": name, "arguments": {...}, "id": ...}` from a client."""
+
+    name: str
+    arguments: dict[str, object] = field(default_factory=dict)
+    id: object = _NO_ID
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+
+@dataclass(slots=True)
+class BadCommand:
+    """A line that is not a valid command; answer it with `error` (carries the id if known)."""
+
+    error: ErrorReply
+
+
+@dataclass(slots=True)
+class Greeting:
+    version: dict[str, object]
+    capabilities: list[str]
+
+
+@dataclass(slots=True)
+class Return:
+    value: object
+    id: object = _NO_ID
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+
+@dataclass(slots=True)
+class ErrorReply:
+    error_class: str
+    desc: str
+    id: object = _NO_ID
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+
+@dataclass(slots=True)
+class EventMessage:
+    name: str
+    data: dict[str, object]
+    seconds: int
+    microseconds: int
+
+    @property
+    def time(self) -> float:
+        return self.seconds + self.microseconds / 1e6
+
+
+ServerMessage = Greeting | Return | ErrorReply | EventMessage
+
+
+class CommandFailed(Exception):
+    """Raised by a command's implementation (or the argument checks) to answer with an error."""
+
+    def __init__(self, desc: str, error_class: str = GENERIC_ERROR) -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode(obj: Mapping[str, object]) -> bytes:
+    """One line: compact JSON, ASCII only (no terminal escape can hide in a reply), LF."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def encode_greeting(version: Mapping[str, object], capabilities: list[str]) -> bytes:
+    return encode({"QMP": {"version": dict(version), "capabilities": list(capabilities)}})
+
+
+def encode_return(value: object, id: object = _NO_ID) -> bytes:
+    msg: dict[str, object] = {"return": value}
+    if id is not _NO_ID:
+        msg["id"] = id
+    return encode(msg)
+
+
+def encode_error(error: ErrorReply) -> bytes:
+    msg: dict[str, object] = {"error": {"class": error.error_class, "desc": error.desc}}
+    if error.id is not _NO_ID:
+        msg["id"] = error.id
+    return encode(msg)
+
+
+def timestamp(now: float | None = None) -> tuple[int, int]:
+    """QMP's event timestamp: wall-clock seconds and microseconds."""
+    t = time.time() if now is None else now
+    seconds = math.floor(t)
+    return seconds, min(999_999, round((t - seconds) * 1e6))
+
+
+def encode_event(name: str, data: Mapping[str, object], now: float | None = None) -> bytes:
+    seconds, micro = timestamp(now)
+    return encode(
+        {
+            "event": name,
+            "data": dict(data),
+            "timestamp": {"seconds": seconds, "microseconds": micro},
+        }
+    )
+
+
+def encode_command(
+    name: str, arguments: Mapping[str, object] | None = None, id: object = _NO_ID
+) -> bytes:
+    msg: dict[str, object] = {"execute": name}
+    if arguments:
+        msg["arguments"] = dict(arguments)
+    if id is not _NO_ID:
+        msg["id"] = id
+    return encode(msg)
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, never holding more than `max_line` bytes of one."""
+
+    __slots__ = ("_buf", "_closed", "max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._closed = False
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            self._closed = True
+            return
+        self._buf += data
+
+    def next_line(self) -> bytes | Sentinel:
+        """The next complete line (without LF or CR), NEED_DATA, or CLOSED."""
+        at = self._buf.find(b"\n")
+        if at < 0:
+            if len(self._buf) > self.max_line:
+                raise ControlProtocolError(f"line longer than {self.max_line} bytes")
+            if self._closed:
+                # A last line without LF is still a line; then the end of the stream.
+                if self._buf:
+                    line = bytes(self._buf)
+                    self._buf.clear()
+                    return line.rstrip(b"\r")
+                return CLOSED
+            return NEED_DATA
+        if at > self.max_line:
+            raise ControlProtocolError(f"line longer than {self.max_line} bytes")
+        line = bytes(self._buf[:at])
+        del self._buf[: at + 1]
+        return line.rstrip(b"\r")
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(line: bytes) -> object:
+    """Parse one line of JSON; ValueError with a short reason for anything else.
+
+    NaN and Infinity are refused (not JSON), and so is nesting deep enough to exhaust the
+    parser's recursion (RecursionError), and integers too long to convert (ValueError).
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("input is not UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"JSON parse error: {exc.msg} at column {exc.colno}") from None
+
+
+def parse_command(line: bytes) -> Command | BadCommand:
+    """One client line as a Command, or a BadCommand carrying the error to send back."""
+    try:
+        obj = decode_json(line)
+    except ValueError as exc:
+        return BadCommand(ErrorReply(GENERIC_ERROR, str(exc)))
+    if not isinstance(obj, dict):
+        return BadCommand(ErrorReply(GENERIC_ERROR, "QMP input must be a JSON object"))
+    id_ = obj.get("id", _NO_ID)
+    for key in obj:
+        if key not in _EXECUTE_KEYS:
+            return BadCommand(
+                ErrorReply(GENERIC_ERROR, f"QMP input member '{_clip(key)}' is unexpected", id_)
+            )
+    name = obj.get("execute")
+    if not isinstance(name, str):
+        return BadCommand(
+            ErrorReply(GENERIC_ERROR, "QMP input member 'execute' must be a string", id_)
+        )
+    arguments = obj.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return BadCommand(
+            ErrorReply(GENERIC_ERROR, "QMP input member 'arguments' must be an object", id_)
+        )
+    return Command(name, arguments, id_)
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+class ServerConnection:
+    """The device model's side of one control connection.
+
+    Feed it bytes; `next_event()` gives Commands to execute, BadCommands to answer with their
+    error, NEED_DATA or CLOSED. Negotiation mode is enforced here: until `qmp_capabilities`
+    every other command is answered CommandNotFound (as QEMU does), and `events_enabled`
+    tells the caller whether events may be sent to this client yet.
+    """
+
+    def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
+        self._lines = LineBuffer(max_line)
+        self.events_enabled = False
+
+    def receive_data(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def next_event(self) -> Command | BadCommand | Sentinel:
+        while True:
+            line = self._lines.next_line()
+            if isinstance(line, Sentinel):
+                return line
+            if line.strip():
+                break
+        parsed = parse_command(line)
+        if isinstance(parsed, BadCommand):
+            return parsed
+        if parsed.name == CAPABILITIES_COMMAND:
+            if self.events_enabled:
+                return BadCommand(
+                    ErrorReply(
+                        COMMAND_NOT_FOUND,
+                        "Capabilities negotiation is already complete, command ignored",
+                        parsed.id,
+                    )
+                )
+            enable = parsed.arguments.get("enable", [])
+            if not isinstance(enable, list) or enable:
+                return BadCommand(
+                    ErrorReply(
+                        GENERIC_ERROR, "this server offers no optional capabilities", parsed.id
+                    )
+                )
+            self.events_enabled = True
+            return parsed
+        if not self.events_enabled:
+            return BadCommand(
+                ErrorReply(
+                    COMMAND_NOT_FOUND,
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                    parsed.id,
+                )
+            )
+        return parsed
+
+
+class ClientConnection:
+    """A client's side: bytes in, Greeting/Return/ErrorReply/EventMessage out."""
+
+    def __init__(self, max_line: int = MAX_REPLY_LINE) -> None:
+        self._lines = LineBuffer(max_line)
+        self.greeting: Greeting | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def next_event(self) -> ServerMessage | Sentinel:
+        while True:
+            line = self._lines.next_line()
+            if isinstance(line, Sentinel):
+                return line
+            if line.strip():
+                break
+        try:
+            obj = decode_json(line)
+        except ValueError as exc:
+            raise ControlProtocolError(f"server sent bad JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ControlProtocolError("server sent something other than a JSON object")
+        return self._message(obj)
+
+    def _message(self, obj: dict[str, object]) -> ServerMessage:
+        id_ = obj.get("id", _NO_ID)
+        if "QMP" in obj:
+            qmp = obj["QMP"]
+            if not isinstance(qmp, dict):
+                raise ControlProtocolError("malformed greeting")
+            version = qmp.get("version", {})
+            caps = qmp.get("capabilities", [])
+            if not isinstance(version, dict) or not isinstance(caps, list):
+                raise ControlProtocolError("malformed greeting")
+            self.greeting = Greeting(version, [str(c) for c in caps])
+            return self.greeting
+        if "return" in obj:
+            return Return(obj["return"], id_)
+        if "error" in obj:
+            err = obj["error"]
+            if not isinstance(err, dict):
+                raise ControlProtocolError("malformed error reply")
+            return ErrorReply(str(err.get("class", GENERIC_ERROR)), str(err.get("desc", "")), id_)
+        if "event" in obj:
+            data = obj.get("data", {})
+            ts = obj.get("timestamp", {})
+            if not isinstance(data, dict) or not isinstance(ts, dict):
+                raise ControlProtocolError("malformed event")
+            seconds, micro = ts.get("seconds", 0), ts.get("microseconds", 0)
+            if not isinstance(seconds, int) or not isinstance(micro, int):
+                raise ControlProtocolError("malformed event timestamp")
+            return EventMessage(str(obj["event"]), data, seconds, micro)
+        raise ControlProtocolError("server message is none of greeting, return, error, event")
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """One command argument: its JSON type, whether it is required, allowed values, help."""
+
+    kind: str  # "int", "number", "str", "bool", "str-list"
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    help: str = ""
+
+    def describe(self) -> dict[str, object]:
+        out: dict[str, object] = {"type": self.kind, "required": self.required}
+        if self.choices:
+            out["choices"] = list(self.choices)
+        if self.help:
+            out["help"] = self.help
+        return out
+
+
+def check_arguments(arguments: Mapping[str, object], spec: Mapping[str, Arg]) -> dict[str, object]:
+    """The arguments checked against `spec` (CommandFailed with QEMU-like wording otherwise)."""
+    for name in arguments:
+        if name not in spec:
+            raise CommandFailed(f"Parameter '{_clip(name)}' is unexpected")
+    out: dict[str, object] = {}
+    for name, arg in spec.items():
+        if name not in arguments:
+            if arg.required:
+                raise CommandFailed(f"Parameter '{name}' is missing")
+            continue
+        value = arguments[name]
+        out[name] = _check_one(name, value, arg)
+    return out
+
+
+def _check_one(name: str, value: object, arg: Arg) -> object:
+    kind = arg.kind
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CommandFailed(f"Parameter '{name}' expects an integer")
+        if arg.minimum is not None and value < arg.minimum:
+            raise CommandFailed(f"Parameter '{name}' must be at least {arg.minimum}")
+        return value
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandFailed(f"Parameter '{name}' expects a number")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise CommandFailed(f"Parameter '{name}' expects a boolean")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise CommandFailed(f"Parameter '{name}' expects a string")
+        if arg.choices and value not in arg.choices:
+            raise CommandFailed(
+                f"Parameter '{name}' must be one of {', '.join(arg.choices)}, not '{_clip(value)}'"
+            )
+        return value
+    if kind == "str-list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise CommandFailed(f"Parameter '{name}' expects a string or a list of strings")
+        for v in items:
+            if arg.choices and v not in arg.choices:
+                raise CommandFailed(
+                    f"Parameter '{name}' values must be among {', '.join(arg.choices)}, "
+                    f"not '{_clip(v)}'"
+                )
+        return list(items)
+    raise AssertionError(f"unknown argument kind {kind}")
+
+
+__all__ = [
+    "CAPABILITIES_COMMAND",
+    "CLOSED",
+    "COMMAND_NOT_FOUND",
+    "GENERIC_ERROR",
+    "MAX_COMMAND_LINE",
+    "MAX_REPLY_LINE",
+    "NEED_DATA",
+    "NOT_SUPPORTED",
+    "Arg",
+    "BadCommand",
+    "ClientConnection",
+    "Command",
+    "CommandFailed",
+    "ControlProtocolError",
+    "ErrorReply",
+    "EventMessage",
+    "Greeting",
+    "LineBuffer",
+    "Return",
+    "ServerConnection",
+    "ServerMessage",
+    "check_arguments",
+    "decode_json",
+    "encode",
+    "encode_command",
+    "encode_error",
+    "encode_event",
+    "encode_greeting",
+    "encode_return",
+    "parse_command",
+    "timestamp",
+]
