@@ -1,30 +1,58 @@
-"""`devmodel run`: builds the device from its options and serves it until told to stop.
+"""`devmodel run`: builds the device from its settings and serves it until told to stop.
 
-Stop signals (SIGTERM, SIGINT, SIGHUP, the last being how libxl stops device models) end the
-service gracefully: the socket is removed and the process exits 0. A second signal while
-stopping exits at once.
+Life of an instance, in the order a toolstack sees it (shared/reference/xen-ioreq.md, "How
+toolstacks run a device model"):
+
+1. Startup. The pidfile is taken (locked) first, so a second instance for the same guest fails
+   before it touches any socket. The lease engine, the lender (built-in or the link) and the
+   PCI function are built; only then are the sockets created (vfio-user, control, metrics),
+   so a socket that exists is one that serves. Then readiness: `READY=1` to NOTIFY_SOCKET
+   and/or `--ready-fd`. Any failure up to here exits 1 with one line; nothing is left behind.
+2. Running, in the foreground (never daemonized: the toolstack owns the process), logging to
+   stderr with the guest id on every line.
+3. Stopping, on SIGTERM, SIGINT, SIGHUP (libxl's) or the control command `quit`: the control
+   clients get a SHUTDOWN event; accesses waiting inside the engine get a short grace to finish
+   (STOP_GRACE); then every task is cancelled: the vfio-user transport answers the request it
+   was serving (an error) and those already sent, the lender link drops its leases and says
+   BYE; the sockets and the pidfile are removed, the last
+   log line gives the counters, and the exit status is 0. A second stop signal while stopping
+   exits at once (the default action of the signal).
+
+The Xen transport is reserved: `--transport xen` loads `devmodel.transports.xen.serve_xen`,
+started as `await nursery.start(serve_xen, device, counters, domid)`; it must call
+`task_status.started()` once the ioreq server serves, and run until cancelled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import importlib
 import logging
 import os
 import signal
 import socket
-import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from devmodel.aperture import DEFAULT_GRANULE
+from devmodel import __version__
+from devmodel.config import Settings
+from devmodel.control import commands
+from devmodel.control.server import ControlServer
+from devmodel.control.toolstack import (
+    PidFile,
+    StartupError,
+    check_ready_fd,
+    remove_stale_socket,
+    sd_notify,
+    unlink_quietly,
+    write_ready_fd,
+)
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
-from devmodel.leases.engine import EngineConfig, LeaseEngine
+from devmodel.leases.engine import EngineConfig
 from devmodel.leases.lender_link import LenderLink
-from devmodel.leases.policy import FailurePolicy
+from devmodel.metrics import InstrumentedEngine, bound_address, open_metrics, serve_metrics
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
@@ -35,45 +63,36 @@ log = logging.getLogger("devmodel")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-
-class StartupError(Exception):
-    """The service could not start (exit status 1): a message for the operator."""
-
-
-@dataclass(slots=True)
-class RunOptions:
-    socket_path: str | None = None
-    listen_fd: int | None = None
-    aperture_size: int = 256 << 20
-    granule: int = DEFAULT_GRANULE
-    vendor_id: int = 0x1234
-    device_id: int = 0x10E5
-    page_in_timeout: float = 2.0
-    revoke_timeout: float = 2.0
-    failure_policy: FailurePolicy = FailurePolicy.ALL_ONES
-    # Without a lender socket, devmodel lends itself private memory (the built-in lender).
-    lender_socket: str | None = None
-    guest_id: int = 0
-
-
 # The built-in lender cuts the aperture into at most this many leases.
 BUILTIN_MAX_LEASES = 65536
+# How long a stop lets control clients read their last messages (the reply to `quit`).
+CONTROL_FLUSH = 0.5
+# How long a stop lets accesses waiting on a page-in finish normally. Short on purpose: a stop
+# usually means the guest is going away, and the vfio-user transport answers whatever is still
+# waiting when it is cancelled (an error reply, promptly; QEMU must not wait out its timeout).
+STOP_GRACE = 0.25
+
+__all__ = ["STOP_SIGNALS", "StartupError", "open_listener", "run"]
 
 
-def open_listener(options: RunOptions) -> socket.socket:
-    if options.listen_fd is not None:
+def open_listener(settings: Settings) -> socket.socket:
+    """The vfio-user listening socket: inherited (`--fd`) or created (`--socket-path`)."""
+    if settings.fd is not None:
+        fd = settings.fd
         try:
-            sock = socket.socket(fileno=options.listen_fd)
+            sock = socket.socket(fileno=fd)
         except OSError as exc:
-            raise StartupError(f"--fd {options.listen_fd}: not a usable socket ({exc})") from None
+            raise StartupError(f"--fd {fd}: not a usable socket ({exc})") from None
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise StartupError(f"--fd {options.listen_fd}: not a unix stream socket")
+            sock.detach()
+            raise StartupError(f"--fd {fd}: not a unix stream socket")
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise StartupError(f"--fd {options.listen_fd}: the socket is not listening")
+            sock.detach()
+            raise StartupError(f"--fd {fd}: the socket is not listening")
         return sock
-    path = options.socket_path
+    path = settings.socket_path
     assert path is not None
-    _remove_stale_socket(path)
+    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -84,80 +103,201 @@ def open_listener(options: RunOptions) -> socket.socket:
     return sock
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead instance; refuse to steal a live one's."""
+async def run(settings: Settings) -> None:
+    """Serve until stopped; StartupError if the service cannot start."""
+    if settings.ready_fd is not None:
+        check_ready_fd(settings.ready_fd)
+    pidfile = PidFile(settings.pidfile) if settings.pidfile else None
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; not touching it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
+        # Signals are caught from the very start: a stop during startup is a clean stop too.
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            await _serve(settings, signals)
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+
+
+class _Stopper:
+    """One stop, whoever asks first (a signal or `quit`); a second signal then kills."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if self.event.is_set():
             return
-        raise StartupError(f"cannot check the existing socket {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise StartupError(f"another process is serving on {path}")
+        self.reason = reason
+        log.info("%s: stopping", reason)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        self.event.set()
+
+    async def watch(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self.request(signal.Signals(signum).name)
 
 
-@contextlib.contextmanager
-def _socket_file(path: str | None) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-async def run(options: RunOptions) -> None:
+async def _serve(settings: Settings, signals: AsyncIterator[int]) -> None:
     counters = DeviceCounters()
     config = EngineConfig(
-        page_in_timeout=options.page_in_timeout,
-        revoke_timeout=options.revoke_timeout,
-        policy=options.failure_policy,
+        page_in_timeout=settings.page_in_timeout,
+        revoke_timeout=settings.revoke_timeout,
+        policy=settings.failure_policy,
     )
-    aperture = LeaseEngine(options.aperture_size, options.granule, counters, config)
+    engine = InstrumentedEngine(settings.aperture_size, settings.granule, counters, config)
+    stopper = _Stopper()
+    inst = commands.Instance(settings, engine, counters, stopper.request)
     builtin: BuiltinLender | None = None
-    if options.lender_socket is None:
-        chunk = max(options.granule, options.aperture_size // BUILTIN_MAX_LEASES)
+    if settings.lender_socket is None:
+        chunk = max(settings.granule, settings.aperture_size // BUILTIN_MAX_LEASES)
         try:
-            builtin = BuiltinLender(aperture, chunk)
+            builtin = BuiltinLender(engine, chunk)
             builtin.lend_everything()
         except OSError as exc:
             raise StartupError(f"cannot create the built-in lender's memory: {exc}") from None
-    identity = PciIdentity(vendor_id=options.vendor_id, device_id=options.device_id)
-    device = PciFunction(identity, aperture, counters, features=Feature.LENT)
-    listener = open_listener(options)
-    owned_path = options.socket_path if options.listen_fd is None else None
-    server = VfioUserServer(device, counters)
-    with listener, _socket_file(owned_path), trio.open_signal_receiver(*STOP_SIGNALS) as sigs:
-        async with trio.open_nursery() as nursery:
-            if options.lender_socket is not None:
-                link = LenderLink(aperture, options.lender_socket, options.guest_id)
-                nursery.start_soon(link.run)
-            await nursery.start(server.serve, listener)
-            log.info(
-                "serving %04x:%04x, BAR0 %s (granule %s) on %s",
-                options.vendor_id,
-                options.device_id,
-                format_size(options.aperture_size),
-                format_size(options.granule),
-                options.socket_path or f"fd {options.listen_fd}",
+        inst.builtin = builtin
+    else:
+        inst.link = LenderLink(engine, settings.lender_socket, settings.domid)
+    vendor, device_id = settings.pci_id
+    identity = PciIdentity(vendor_id=vendor, device_id=device_id)
+    device = PciFunction(identity, engine, counters, features=Feature.LENT)
+    inst.device = device
+
+    def on_event(name: str, data: dict[str, object]) -> None:
+        inst.events[name] += 1
+        if inst.control is not None:
+            inst.control.broadcast(name, data)
+
+    engine.on_event = on_event
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_close_engine, engine, builtin)
+        start_transport = _transport(settings, inst, stack, on_event)
+        if settings.control_socket is not None:
+            control = ControlServer(
+                settings.control_socket,
+                lambda client, cmd: commands.execute(inst, client, cmd),
+                {
+                    "qemu": {"major": 0, "minor": 1, "micro": 0},
+                    "package": f"devmodel {__version__}",
+                },
             )
-            async for signum in sigs:
-                log.info("%s: stopping", signal.Signals(signum).name)
-                # A second signal during the stop exits at once.
-                for s in STOP_SIGNALS:
-                    signal.signal(s, signal.SIG_DFL)
-                nursery.cancel_scope.cancel()
-                break
-    aperture.close()
+            control.open()
+            stack.callback(control.close)
+            control.on_disconnect = commands.console_closed
+            inst.control = control
+        metrics_listeners: list[trio.SocketListener] = []
+        if settings.metrics_listen is not None:
+            host, port = settings.metrics_listen
+            try:
+                metrics_listeners = await open_metrics(host, port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            for listener in metrics_listeners:
+                stack.push_async_callback(listener.aclose)
+            inst.metrics_address = bound_address(metrics_listeners)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stopper.watch, signals)
+            if inst.link is not None:
+                nursery.start_soon(inst.link.run)
+            await start_transport(nursery)
+            if inst.control is not None:
+                await nursery.start(inst.control.serve)
+            if metrics_listeners:
+                await nursery.start(serve_metrics, metrics_listeners, inst.metrics_text)
+            inst.status = "running"
+            _announce(settings, inst)
+            await stopper.event.wait()
+            await _graceful_stop(settings, inst, stopper.reason)
+            nursery.cancel_scope.cancel()
+    log.info("stopped; counters: %s", counters.as_dict())
+
+
+def _transport(
+    settings: Settings,
+    inst: commands.Instance,
+    stack: contextlib.AsyncExitStack,
+    on_event: Callable[[str, dict[str, object]], None],
+) -> Callable[[trio.Nursery], Awaitable[None]]:
+    """Create the transport's resources now (StartupError here); return how to start it."""
+    assert inst.device is not None
+    device = inst.device
+    if settings.transport == "xen":
+        try:
+            xen = importlib.import_module("devmodel.transports.xen")
+            serve_xen = xen.serve_xen
+        except (ImportError, AttributeError):
+            raise StartupError(
+                "the xen transport is not available in this build (devmodel.transports.xen)"
+            ) from None
+
+        async def start_xen(nursery: trio.Nursery) -> None:
+            await nursery.start(serve_xen, device, inst.counters, settings.domid)
+
+        return start_xen
+
+    def on_client(what: str) -> None:
+        name = "CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED"
+        on_event(name, {"transport": "vfio-user"})
+
+    server = VfioUserServer(device, inst.counters, on_client=on_client)
+    inst.transport_connected = lambda: server.connected
+    listener = open_listener(settings)
+    owned = settings.socket_path if settings.fd is None else None
+    stack.callback(unlink_quietly, owned)
+    stack.callback(listener.close)
+
+    async def start_vfio_user(nursery: trio.Nursery) -> None:
+        await nursery.start(server.serve, listener)
+
+    return start_vfio_user
+
+
+def _announce(settings: Settings, inst: commands.Instance) -> None:
+    """Log what serves where, then tell whoever waits for readiness."""
+    where = (
+        settings.socket_path
+        if settings.socket_path is not None
+        else (f"fd {settings.fd}" if settings.fd is not None else f"xen domain {settings.domid}")
+    )
+    vendor, device_id = settings.pci_id
+    log.info(
+        "serving %04x:%04x, BAR0 %s (granule %s) on %s%s%s",
+        vendor,
+        device_id,
+        format_size(settings.aperture_size),
+        format_size(settings.granule),
+        where,
+        f", control {settings.control_socket}" if settings.control_socket else "",
+        f", metrics http://{inst.metrics_address[0]}:{inst.metrics_address[1]}/metrics"
+        if inst.metrics_address
+        else "",
+    )
+    if settings.debug_console:
+        log.warning("the debug console is enabled (--debug-console): `python` runs code here")
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving domain {settings.domid}")
+    if settings.ready_fd is not None:
+        write_ready_fd(settings.ready_fd)
+
+
+async def _graceful_stop(settings: Settings, inst: commands.Instance, reason: str) -> None:
+    inst.status = "stopping"
+    sd_notify("STOPPING=1")
+    if inst.control is not None:
+        inst.control.broadcast("SHUTDOWN", {"reason": reason})
+    # Accesses waiting for a page-in that is about to arrive are served normally; the rest are
+    # answered by the transport when it is cancelled.
+    if not await inst.engine.drain(min(STOP_GRACE, settings.page_in_timeout)):
+        log.info("%d access(es) still waiting; the transport answers them", inst.engine.in_flight)
+    if inst.control is not None:
+        await inst.control.flush(CONTROL_FLUSH)
+
+
+def _close_engine(engine: InstrumentedEngine, builtin: BuiltinLender | None) -> None:
+    engine.close()
     if builtin is not None:
         builtin.close()
-    log.info("stopped; counters: %s", counters.as_dict())

@@ -1,207 +1,214 @@
-"""The `devmodel` command line.
+"""The `devmodel` command line: `run` (what a toolstack launches per guest) and `attach`.
 
 Exit status: 0 after a clean stop, 1 when the service could not start, 2 for a usage error
-(the conventions toolstacks expect from device models).
+(a bad option or configuration value), each error in one line on stderr: the conventions
+toolstacks expect from device models (varstored, QEMU).
+
+`run`'s options come from one table (devmodel/config.py) shared with the TOML file given by
+`--config` (the command line wins) and with `--print-capabilities`, which prints what this
+build supports as JSON, for a toolstack to check before it launches anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import trio
 
-from devmodel import __version__
-from devmodel.aperture import DEFAULT_GRANULE, GRANULES, check_aperture_size
-from devmodel.app import RunOptions, StartupError, run
-from devmodel.leases.policy import FailurePolicy
-from devmodel.pci.identity import parse_pci_id
-from devmodel.sizes import format_size, parse_size
+from devmodel import __version__, logs
+from devmodel.config import OPTIONS, ConfigError, build_settings, describe_options, limits
+from devmodel.config import load_file as load_config_file
+
+log = logging.getLogger("devmodel")
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), still exit status 2."""
+
+    run_parser: argparse.ArgumentParser | None = None
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _aperture_arg(text: str) -> int:
-    size = _size_arg(text)
-    try:
-        check_aperture_size(size)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return size
-
-
-def _granule_arg(text: str) -> int:
-    size = _size_arg(text)
-    if size not in GRANULES:
-        raise argparse.ArgumentTypeError(
-            f"granule must be one of {', '.join(format_size(g) for g in GRANULES)}, not {text}"
-        )
-    return size
-
-
-def _pci_id_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_pci_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < 4.5:
-        raise argparse.ArgumentTypeError(
-            "timeouts must be above 0 and below 4.5 s (QEMU gives up on a reply after 5 s)"
-        )
-    return value
-
-
-def _fd_arg(text: str) -> int:
-    try:
-        fd = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--fd takes a file descriptor number, not {text!r}"
-        ) from None
-    if fd < 0:
-        raise argparse.ArgumentTypeError("--fd must not be negative")
-    return fd
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> _Parser:
+    parser = _Parser(
         prog="devmodel",
         description="A per-guest device model: a PCI BAR through which a guest borrows memory "
         "lent by another domain.",
     )
     parser.add_argument("--version", action="version", version=f"devmodel {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print what this build supports (transports, features, options, limits) as JSON",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run_p = sub.add_parser(
         "run",
-        help="serve the device to one guest until SIGTERM, SIGINT or SIGHUP",
-        description="Serve the PCI function over vfio-user until SIGTERM, SIGINT or SIGHUP, "
-        "then remove the socket and exit 0. Exit 1 if it cannot start, 2 on a usage error.",
+        help="serve the device to one guest until SIGTERM, SIGINT, SIGHUP or `quit`",
+        description="Serve the PCI function to one guest until SIGTERM, SIGINT, SIGHUP or the "
+        "control command quit, then remove its sockets and pidfile and exit 0. Exit 1 if it "
+        "cannot start, 2 on a usage error. Every option can also be set in the --config file "
+        "(same name without the leading dashes); the command line wins.",
     )
-    where = run_p.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--socket-path",
-        metavar="PATH",
-        help="listen for the vfio-user client (QEMU's vfio-user-pci) on this unix socket; "
-        "a stale socket file from a dead instance is replaced",
-    )
-    where.add_argument(
-        "--fd",
-        type=_fd_arg,
-        metavar="N",
-        help="serve on an inherited, already listening unix stream socket",
+    parser.run_parser = run_p
+    run_p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys are the option names, e.g. "
+        'aperture-size = "64M"); options on the command line override it',
     )
     run_p.add_argument(
-        "--aperture-size",
-        type=_aperture_arg,
-        default=256 << 20,
-        metavar="SIZE",
-        help="size of BAR0, the lent-memory aperture: a power of two from 1M (K/M/G/T "
-        "suffixes; default 256M)",
+        "--print-capabilities",
+        action="store_true",
+        help="print what this build supports as JSON and exit",
     )
-    run_p.add_argument(
-        "--granule",
-        type=_granule_arg,
-        default=DEFAULT_GRANULE,
-        metavar="SIZE",
-        help="lease granule: 4K, 2M or 1G (default 2M)",
+    for opt in OPTIONS:
+        if opt.flag:
+            run_p.add_argument(
+                f"--{opt.name}",
+                dest=opt.attr,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=opt.help,
+            )
+        else:
+            run_p.add_argument(
+                f"--{opt.name}",
+                dest=opt.attr,
+                metavar=opt.metavar,
+                default=argparse.SUPPRESS,
+                help=opt.help,
+            )
+
+    attach_p = sub.add_parser(
+        "attach",
+        help="attach the debug REPL to a running instance's control socket",
+        description="An interactive console on a running device model's control socket: line "
+        "editing, history, completion of the commands the instance reports, tables, live "
+        "views (watch stats) and events as they arrive. With -c, run commands and exit.",
     )
-    run_p.add_argument(
-        "--pci-id",
-        type=_pci_id_arg,
-        default=(0x1234, 0x10E5),
-        metavar="VVVV:DDDD",
-        help="PCI vendor and device id in hex (default 1234:10e5)",
+    attach_p.add_argument("control_socket", metavar="CONTROL_SOCKET")
+    attach_p.add_argument(
+        "-v", "--verbose", action="store_true", help="echo the JSON sent and received"
     )
-    run_p.add_argument(
-        "--lender-socket",
-        metavar="PATH",
-        help="borrow BAR0's memory from the lender listening on this unix socket "
-        "(docs/lease-protocol.md); without it devmodel lends itself private memory",
+    attach_p.add_argument(
+        "-c",
+        "--command",
+        action="append",
+        metavar="LINE",
+        help="run this REPL line and exit (repeatable)",
     )
-    run_p.add_argument(
-        "--domid",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the guest's id, sent to the lender in HELLO (default 0)",
+    attach_p.add_argument(
+        "--history",
+        metavar="FILE",
+        help="history file (default ~/.devmodel_history; 'none' for none)",
     )
-    run_p.add_argument(
-        "--page-in-timeout",
-        type=_seconds_arg,
-        default=2.0,
-        metavar="SECONDS",
-        help="how long an access waits for a page-in before the failure policy applies "
-        "(default 2; keep it under the client's reply timeout, 5 s for QEMU)",
-    )
-    run_p.add_argument(
-        "--revoke-timeout",
-        type=_seconds_arg,
-        default=2.0,
-        metavar="SECONDS",
-        help="how long a revoke waits for transports to unmap the window (default 2)",
-    )
-    run_p.add_argument(
-        "--failure-policy",
-        choices=[p.value for p in FailurePolicy],
-        default=FailurePolicy.ALL_ONES.value,
-        help="what an access gets when its memory cannot be had: all-ones reads and dropped "
-        "writes (default, like a PCI master abort), zeros, or an error reply",
-    )
-    run_p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity on stderr (default info)",
+    attach_p.add_argument(
+        "--no-events", action="store_true", help="do not show events as they arrive"
     )
     return parser
+
+
+def capabilities() -> dict[str, object]:
+    """What --print-capabilities prints."""
+    from devmodel.control.commands import COMMANDS, EVENTS  # noqa: PLC0415 (only here)
+
+    xen = importlib.util.find_spec("devmodel.transports.xen") is not None
+    return {
+        "name": "devmodel",
+        "version": __version__,
+        "transports": {
+            "vfio-user": {"available": True, "options": ["socket-path", "fd"]},
+            "xen": {"available": xen, "options": ["domid"]},
+        },
+        "features": [
+            "builtin-lender",
+            "lender-socket",
+            "config-file",
+            "control-socket",
+            "control-events",
+            "pidfile",
+            "sd-notify",
+            "ready-fd",
+            "log-json",
+            "metrics-prometheus",
+            "metrics-http",
+            "debug-console",
+        ],
+        "options": describe_options(),
+        "limits": limits(),
+        "control": {
+            "commands": sorted(["qmp_capabilities", *COMMANDS]),
+            "events": list(EVENTS),
+        },
+        "exit_status": {"0": "clean stop", "1": "could not start", "2": "usage error"},
+        "stop_signals": ["SIGTERM", "SIGINT", "SIGHUP"],
+    }
+
+
+def _print_capabilities() -> int:
+    print(json.dumps(capabilities(), indent=2))
+    return 0
+
+
+def _startup_error(exc: BaseException) -> BaseException | None:
+    """The StartupError in `exc`, even when trio wrapped it in an exception group."""
+    from devmodel.control.toolstack import StartupError  # noqa: PLC0415
+
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from devmodel.app import run  # noqa: PLC0415 (imports trio's whole world)
+
+    if args.print_capabilities:
+        return _print_capabilities()
+    given = {o.name: getattr(args, o.attr) for o in OPTIONS if hasattr(args, o.attr)}
+    try:
+        file_values = load_config_file(args.config) if args.config else None
+        settings = build_settings(given, file_values, args.config)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logs.setup(settings.domid, settings.log_format, settings.log_level)
+    try:
+        trio.run(run, settings)
+    except BaseException as exc:
+        found = _startup_error(exc)
+        if found is None:
+            raise
+        log.error("cannot start: %s", found)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s devmodel[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.granule > args.aperture_size:
-        parser.error("--granule must not be larger than --aperture-size")
-    vendor, device = args.pci_id
-    options = RunOptions(
-        socket_path=args.socket_path,
-        listen_fd=args.fd,
-        aperture_size=args.aperture_size,
-        granule=args.granule,
-        vendor_id=vendor,
-        device_id=device,
-        page_in_timeout=args.page_in_timeout,
-        revoke_timeout=args.revoke_timeout,
-        failure_policy=FailurePolicy(args.failure_policy),
-        lender_socket=args.lender_socket,
-        guest_id=args.domid,
-    )
-    try:
-        trio.run(run, options)
-    except StartupError as exc:
-        print(f"devmodel: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    if args.command is None:
+        if args.print_capabilities:
+            return _print_capabilities()
+        parser.error("a command is required: run or attach")
+    if args.command == "run":
+        assert parser.run_parser is not None
+        return _run(args, parser.run_parser)
+    from devmodel import repl  # noqa: PLC0415 (readline only for the REPL)
+
+    return repl.main(args)
 
 
 if __name__ == "__main__":

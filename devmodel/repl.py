@@ -1,0 +1,6 @@
+"""placeholder"""
+import argparse
+
+
+def main(args: argparse.Namespace) -> int:
+    return 0
