@@ -115,8 +115,13 @@ class ControlClient:
         finally:
             self.sock.settimeout(self.timeout)
 
-    def start_reader(self, on_event: Callable[[EventMessage], None]) -> None:
-        """From now on a thread reads: events go to `on_event`, answers to `execute()`."""
+    def start_reader(
+        self,
+        on_event: Callable[[EventMessage], None],
+        on_close: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """From now on a thread reads: events go to `on_event`, answers to `execute()`, and
+        `on_close` learns when the connection ends (the device model stopped, or dropped us)."""
         self._replies = queue.Queue()
         replies = self._replies
         self.sock.settimeout(None)
@@ -131,6 +136,8 @@ class ControlClient:
                         replies.put(msg)
             except BaseException as exc:
                 replies.put(exc)
+                if on_close is not None:
+                    on_close(exc)
 
         self._reader = threading.Thread(target=run, name="control-reader", daemon=True)
         self._reader.start()
