@@ -55,6 +55,7 @@ SEND_QUEUE: Final = 1024
 SEND_STALL: Final = 30.0
 MAX_CLIENTS: Final = 16
 RECV_SIZE: Final = 65536
+WRITE_BATCH: Final = 256 << 10
 _UCRED: Final = struct.Struct("3i")
 
 
@@ -99,6 +100,7 @@ class ControlServer:
         max_clients: int = MAX_CLIENTS,
         send_queue: int = SEND_QUEUE,
         send_stall: float = SEND_STALL,
+        allowed_uids: frozenset[int] | None = None,
     ) -> None:
         self.path = path
         self._execute = execute
@@ -106,6 +108,10 @@ class ControlServer:
         self.max_clients = max_clients
         self.send_queue = send_queue
         self.send_stall = send_stall
+        # Same user as the device model, or root (the toolstack).
+        self.allowed_uids = (
+            allowed_uids if allowed_uids is not None else frozenset({os.geteuid(), 0})
+        )
         self.clients: dict[int, ControlClient] = {}
         self._numbers = itertools.count(1)
         self._listener: socket.socket | None = None
@@ -186,7 +192,7 @@ class ControlServer:
                 )
             except OSError:
                 return
-            if uid not in (os.geteuid(), 0):
+            if uid not in self.allowed_uids:
                 self.refused_peers += 1
                 log.warning("refused a control connection from pid %d uid %d", pid, uid)
                 return
@@ -270,7 +276,17 @@ class ControlServer:
 
     async def _writer(self, client: ControlClient, sock: trio.socket.SocketType) -> None:
         async for line in client.receive:
-            view = memoryview(line)
+            # Whatever else is queued goes in the same send: one wakeup per batch, not per line.
+            batch = [line]
+            size = len(line)
+            while size < WRITE_BATCH:
+                try:
+                    more = client.receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                batch.append(more)
+                size += len(more)
+            view = memoryview(b"".join(batch) if len(batch) > 1 else line)
             while view:
                 with trio.move_on_after(self.send_stall) as scope:
                     try:

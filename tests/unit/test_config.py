@@ -1,0 +1,138 @@
+"""devmodel/config.py: one option table, the command line over the TOML file, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devmodel.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    build_settings,
+    describe_options,
+    load_file,
+)
+from devmodel.leases.policy import FailurePolicy
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "dm.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_match_the_option_table() -> None:
+    s = build_settings({"socket-path": "/run/x.sock"})
+    defaults = Settings()
+    for opt in OPTIONS:
+        if opt.name != "socket-path":
+            assert getattr(s, opt.attr) == opt.default == getattr(defaults, opt.attr), opt.name
+
+
+def test_file_values_and_command_line_override(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+domid = 7
+socket-path = "/run/dm/7.sock"
+aperture-size = "64M"
+granule = 4096
+pci-id = "abcd:0123"
+page-in-timeout = 1
+failure-policy = "zeros"
+log-format = "json"
+debug-console = true
+metrics-listen = "127.0.0.1:9464"
+""",
+    )
+    s = build_settings({"aperture-size": "128M", "domid": "9"}, load_file(path), path)
+    assert s.domid == 9 and s.aperture_size == 128 << 20
+    assert s.granule == 4096 and s.pci_id == (0xABCD, 0x0123)
+    assert s.page_in_timeout == 1.0 and s.failure_policy is FailurePolicy.ZEROS
+    assert s.log_format == "json" and s.debug_console is True
+    assert s.metrics_listen == ("127.0.0.1", 9464)
+    assert s.sources["aperture-size"] == "command line" and s.sources["granule"] == path
+    assert s.as_dict()["pci-id"] == "abcd:0123"
+
+
+def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path) -> None:
+    path = write(tmp_path, 'socket-path = "/run/dm.sock"\n')
+    s = build_settings({"fd": "3"}, load_file(path), path)
+    assert s.fd == 3 and s.socket_path is None
+
+
+@pytest.mark.parametrize(
+    ("cli", "words"),
+    [
+        ({}, "one of --socket-path or --fd is required"),
+        ({"socket-path": "/a", "fd": "3"}, "cannot both be given"),
+        ({"socket-path": "/a", "aperture-size": "3M"}, "argument --aperture-size: aperture size"),
+        ({"socket-path": "/a", "aperture-size": "lots"}, "is not a size"),
+        ({"socket-path": "/a", "granule": "8K"}, "granule must be one of 4K, 2M, 1G"),
+        ({"socket-path": "/a", "aperture-size": "1M"}, "--granule must not be larger"),
+        ({"socket-path": "/a", "pci-id": "12345"}, "--pci-id"),
+        ({"socket-path": "/a", "page-in-timeout": "5"}, "below 4.5 s"),
+        ({"socket-path": "/a", "page-in-timeout": "soon"}, "not a number of seconds"),
+        ({"socket-path": "/a", "domid": "-1"}, "a guest id is from 0"),
+        ({"socket-path": "/a", "domid": "32752"}, "a guest id is from 0"),
+        ({"socket-path": "/a", "fd": "x"}, "--fd"),
+        ({"socket-path": "/" + "a" * 120}, "at most 107"),
+        ({"socket-path": "/a", "failure-policy": "maybe"}, "all-ones, zeros, error"),
+        ({"socket-path": "/a", "log-format": "xml"}, "text, json"),
+        ({"socket-path": "/a", "metrics-listen": "0.0.0.0:9"}, "--metrics-allow-remote"),
+        ({"socket-path": "/a", "metrics-listen": "nohost"}, "HOST:PORT"),
+        ({"socket-path": "/a", "metrics-listen": "127.0.0.1:99999"}, "out of range"),
+        ({"socket-path": "/a", "control-socket": "/a"}, "name the same file"),
+        ({"transport": "xen"}, "needs --domid"),
+        ({"transport": "xen", "domid": "3", "socket-path": "/a"}, "belong to the vfio-user"),
+        ({"transport": "tcp", "socket-path": "/a"}, "vfio-user, xen"),
+    ],
+)
+def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_settings(cli)
+    message = str(err.value)
+    assert words in message, message
+    assert "\n" not in message
+
+
+def test_remote_metrics_need_the_explicit_flag() -> None:
+    s = build_settings(
+        {"socket-path": "/a", "metrics-listen": "[::]:9464", "metrics-allow-remote": True}
+    )
+    assert s.metrics_listen == ("::", 9464)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("aperture-sise = 1\n", "unknown setting 'aperture-sise' (did you mean 'aperture-size'?)"),
+        ("fd = 3\n", "'fd' can only be given on the command line"),
+        ("granule = [1]\n", "expects a single value"),
+        ("domid = \n", "not valid TOML"),
+        ('aperture-size = "3M"\nsocket-path = "/a"\n', "dm.toml: aperture-size: aperture size"),
+        ("socket-path = '/a'\ndebug-console = 'perhaps'\n", "debug-console: expects true"),
+        ("socket-path = '/a'\ndomid = true\n", "domid: expects a guest"),
+    ],
+)
+def test_bad_files_are_one_line_errors(tmp_path: Path, text: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        build_settings({}, load_file(path), path)
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_file(str(tmp_path / "absent.toml"))
+
+
+def test_every_option_is_described() -> None:
+    described = {d["name"]: d for d in describe_options()}
+    assert set(described) == {o.name for o in OPTIONS}
+    assert described["pci-id"]["default"] == "1234:10e5"
+    assert described["failure-policy"]["default"] == "all-ones"
+    assert described["fd"]["config_file"] is False

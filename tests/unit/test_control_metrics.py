@@ -1,0 +1,169 @@
+"""devmodel/metrics.py: histograms, the instrumented engine, Prometheus text, the commands."""
+
+from __future__ import annotations
+
+import re
+
+import trio
+
+from devmodel.config import Settings
+from devmodel.control import commands
+from devmodel.control.server import ControlClient, Peer
+from devmodel.counters import DeviceCounters
+from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.states import WindowState
+from devmodel.metrics import BUCKETS, Histogram, InstrumentedEngine, exposition
+from protocol.control import Command, CommandFailed, ServerConnection
+from protocol.lease.constants import RevokeMode
+
+MiB = 1 << 20
+
+
+def test_histogram_buckets_and_quantiles() -> None:
+    h = Histogram("access")
+    for ns in (100, 255, 256, 1000, 1000, 1000, 10**6, 10**12):
+        h.record(ns)
+    assert h.count == 8 and h.min_ns == 100 and h.max_ns == 10**12
+    assert h.counts[0] == 2  # under 256 ns
+    assert h.counts[1] == 1  # [256, 512)
+    assert h.counts[BUCKETS - 1] == 1  # overflow
+    assert h.quantile_ns(0.5) == 1024  # the bucket bound over 1000 ns
+    assert h.quantile_ns(1.0) == 10**12
+    d = h.as_dict()
+    buckets = d["buckets"]
+    assert isinstance(buckets, list)
+    assert d["count"] == 8 and buckets[0] == [256, 2] and buckets[-1] == [None, 1]
+    assert Histogram("x").quantile_ns(0.5) == 0
+
+
+def test_exposition_is_valid_prometheus_text() -> None:
+    c = DeviceCounters(trapped_reads=5)
+    h = Histogram("access")
+    h.record(3000)
+    text = exposition(
+        c,
+        [h],
+        {"leases": ("live", 3), "windows": ("by state", {"resident": 2.0, "evicted": 1.0})},
+        {"domid": '7"\\'},
+    )
+    assert 'devmodel_trapped_reads_total{domid="7\\"\\\\"} 5' in text
+    assert "# TYPE devmodel_access_seconds histogram" in text
+    assert re.search(r'devmodel_access_seconds_bucket\{domid="[^}]*",le="\+Inf"\} 1', text)
+    assert 'devmodel_windows{domid="7\\"\\\\",state="evicted"} 1.0' in text
+    line = re.compile(r"^(# (HELP|TYPE) \S+ .+|[a-z_]+(\{[^}]*\})? [0-9.e+-]+)$")
+    for row in text.splitlines():
+        assert line.match(row), row
+    buckets = [int(m) for m in re.findall(r"_bucket\{[^}]*\} (\d+)", text)]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+def make() -> tuple[InstrumentedEngine, BuiltinLender, commands.Instance]:
+    counters = DeviceCounters()
+    engine = InstrumentedEngine(8 * MiB, 2 * MiB, counters)
+    lender = BuiltinLender(engine, 2 * MiB)
+    lender.lend_everything()
+    stops: list[str] = []
+    inst = commands.Instance(Settings(socket_path="/x"), engine, counters, stops.append)
+    inst.builtin = lender
+    return engine, lender, inst
+
+
+def client() -> ControlClient:
+    send, receive = trio.open_memory_channel[bytes](10)
+    return ControlClient(1, Peer(1, 0, 0), ServerConnection(), send, receive)
+
+
+async def call(inst: commands.Instance, name: str, **args: object) -> object:
+    return await commands.execute(inst, client(), Command(name, dict(args)))
+
+
+async def test_accesses_faults_and_revokes_are_timed() -> None:
+    engine, lender, _inst = make()
+    await engine.write(0, b"abcdefgh")
+    assert await engine.read(0, 8) == b"abcdefgh"
+    assert engine.access_latency.count == 2 and engine.fault_latency.count == 0
+    await engine.revoke(1, RevokeMode.EVICT)
+    assert engine.revoke_latency.count == 1
+    assert engine.window_at(0).state is WindowState.EVICTED  # type: ignore[union-attr]
+    assert await engine.read(0, 8) == b"abcdefgh"  # paged in by the built-in lender
+    assert engine.fault_latency.count == 1 and engine.in_flight == 0
+    assert await engine.drain(0.1)
+    engine.close()
+    lender.close()
+
+
+async def test_query_windows_filters_and_pages() -> None:
+    engine, lender, inst = make()
+    page = await call(inst, "query-windows", limit=2)
+    assert isinstance(page, dict)
+    assert [w["start"] for w in page["windows"]] == [0, 2 * MiB] and page["next"] == 4 * MiB
+    rest = await call(inst, "query-windows", cursor=page["next"])
+    assert isinstance(rest, dict) and len(rest["windows"]) == 2 and rest["next"] is None
+    assert await call(inst, "evict", offset=2 * MiB + 5) == {"evicted": [2]}
+    evicted = await call(inst, "query-windows", state="evicted")
+    assert isinstance(evicted, dict) and [w["lease"] for w in evicted["windows"]] == [2]
+    ranged = await call(inst, "query-windows", start=4 * MiB, end=6 * MiB)
+    assert isinstance(ranged, dict) and [w["start"] for w in ranged["windows"]] == [4 * MiB]
+    leases = await call(inst, "query-leases", limit=3)
+    assert isinstance(leases, dict) and [x["state"] for x in leases["leases"]] == [
+        "resident",
+        "evicted",
+        "resident",
+    ]
+    assert leases["live"] == 3 and leases["next"] == 6 * MiB
+    engine.close()
+    lender.close()
+
+
+async def test_testing_aids_policy_and_unknown_commands() -> None:
+    engine, lender, inst = make()
+    assert await call(inst, "evict", all=True) == {"evicted": [1, 2, 3, 4]}
+    assert engine.lease_count == 0
+    assert await call(inst, "set-policy", policy="zeros") == {"old": "all-ones", "policy": "zeros"}
+    await engine.read(0, 8)  # pages lease 1's range back in under a new lease
+    revoked = await call(inst, "revoke", lease=5, mode="release")
+    assert revoked == {"revoked": [5], "mode": "release"}
+    assert await engine.read(0, 8) == bytes(8)  # vacant now: the zeros policy
+    cases: list[tuple[str, dict[str, object], str]] = [
+        ("evict", {}, "exactly one"),
+        ("revoke", {"lease": 99}, "no lease 99"),
+        ("nope", {}, "has not been found"),
+        ("python", {"code": "1"}, "--debug-console"),
+        ("set-policy", {"policy": "maybe"}, "must be one of"),
+    ]
+    for name, args, words in cases:
+        try:
+            await call(inst, name, **args)
+        except CommandFailed as exc:
+            assert words in exc.desc
+        else:
+            raise AssertionError(f"{name} {args} did not fail")
+    inst.builtin = None
+    try:
+        await call(inst, "evict", all=True)
+    except CommandFailed as exc:
+        assert exc.error_class == "NotSupported"
+    engine.close()
+    lender.close()
+
+
+async def test_stats_metrics_config_and_console() -> None:
+    engine, lender, inst = make()
+    inst.settings.debug_console = True
+    stats = await call(inst, "query-stats")
+    assert isinstance(stats, dict) and set(stats["latency"]) == {"access", "fault", "revoke"}
+    metrics = await call(inst, "query-metrics")
+    assert isinstance(metrics, dict) and "devmodel_grants_total" in str(metrics["text"])
+    names = await call(inst, "query-commands")
+    assert isinstance(names, list) and "python" in {c["name"] for c in names}
+    c = client()
+    one = await commands.execute(inst, c, Command("python", {"code": "x = engine.lease_count"}))
+    two = await commands.execute(inst, c, Command("python", {"code": "x"}))
+    assert one == {"output": ""} and two == {"output": "", "result": "4"}
+    boom = await commands.execute(inst, c, Command("python", {"code": "1/0"}))
+    assert isinstance(boom, dict) and "ZeroDivisionError" in str(boom["error"])
+    tree = await commands.execute(inst, c, Command("python", {"code": "print(tasks())"}))
+    assert isinstance(tree, dict) and "test_stats_metrics_config_and_console" in str(tree)
+    await call(inst, "quit")
+    engine.close()
+    lender.close()
