@@ -198,7 +198,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand's parser, so the line names the command it belongs to.
+        sub = parser.run_parser if args.command == "run" else parser
+        assert sub is not None
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         if args.print_capabilities:
             return _print_capabilities()

@@ -1,0 +1,348 @@
+"""`devmodel run` as a toolstack launches it: options, config file, exit statuses, readiness,
+logs, pidfile. (Stop signals: test_cli_signals.py; the control socket: test_control_*.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from devmodel.control.client import ControlClient
+
+
+@dataclass
+class Launched:
+    """A `devmodel run` process started the way a toolstack would, ready when returned."""
+
+    proc: subprocess.Popen[bytes]
+    tmp: Path
+    stderr_path: Path
+    socket_path: str
+    control_path: str
+    pidfile: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def control(self) -> ControlClient:
+        return ControlClient(self.control_path)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def devmodel_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "devmodel", *args]
+
+
+def launch(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    name: str = "dm",
+    control: bool = True,
+    ready_timeout: float = 20.0,
+) -> Launched:
+    """Start `devmodel run` with a socket, a control socket, a pidfile and --ready-fd; return
+    once it said READY (or raise with its stderr)."""
+    sock = str(tmp / f"{name}.sock")
+    ctl = str(tmp / f"{name}-ctl" / "control.sock")
+    pidfile = str(tmp / f"{name}.pid")
+    stderr_path = tmp / f"{name}.stderr"
+    read_end, write_end = os.pipe()
+    argv = ["run", "--socket-path", sock, "--pidfile", pidfile, "--ready-fd", str(write_end)]
+    if control:
+        argv += ["--control-socket", ctl]
+    with stderr_path.open("wb") as err:
+        proc = subprocess.Popen(
+            devmodel_argv(*argv, *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            pass_fds=(write_end,),
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], ready_timeout)
+        said = os.read(read_end, 100) if ready else b""
+    finally:
+        os.close(read_end)
+    if said != b"READY=1\n":
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RuntimeError(f"devmodel not ready ({said!r}): {stderr_path.read_text()}")
+    return Launched(proc, tmp, stderr_path, sock, ctl, pidfile)
+
+
+@contextlib.contextmanager
+def launched(tmp: Path, *args: str, **kw: object) -> Iterator[Launched]:
+    dm = launch(tmp, *args, **kw)  # type: ignore[arg-type]
+    try:
+        yield dm
+    finally:
+        dm.kill()
+
+
+def run_briefly(
+    *args: str, timeout: float = 20.0, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        devmodel_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+# ---------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--aperture-size", "3M"],
+        ["--granule", "8K"],
+        ["--domid", "abc"],
+        ["--page-in-timeout", "9"],
+        ["--failure-policy", "sometimes"],
+        ["--log-format", "xml"],
+        ["--metrics-listen", "10.1.2.3:9000"],
+        ["--bogus-option"],
+        ["--config", "/nonexistent/devmodel.toml"],
+        ["--transport", "xen"],
+    ],
+)
+def test_bad_options_exit_2_with_exactly_one_line(tmp_path: Path, args: list[str]) -> None:
+    done = run_briefly("run", "--socket-path", str(tmp_path / "x.sock"), *args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("devmodel run: error:")
+    assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('aperture-size = "3M"\n', "aperture-size: aperture size must be a power of two"),
+        ("apperture-size = 1\n", "did you mean 'aperture-size'"),
+        ("domid = = 3\n", "not valid TOML"),
+        ('failure-policy = "maybe"\n', "failure-policy: must be one of"),
+    ],
+)
+def test_bad_config_files_exit_2_with_one_line(tmp_path: Path, text: str, words: str) -> None:
+    config = tmp_path / "dm.toml"
+    config.write_text(f'socket-path = "{tmp_path / "x.sock"}"\n' + text)
+    done = run_briefly("run", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert words in line and str(config) in line
+
+
+def test_no_command_is_a_usage_error() -> None:
+    done = run_briefly()
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", [["--print-capabilities"], ["run", "--print-capabilities"]])
+def test_print_capabilities(where: list[str]) -> None:
+    done = run_briefly(*where)
+    assert done.returncode == 0, done.stderr
+    caps = json.loads(done.stdout)
+    assert caps["transports"]["vfio-user"]["available"] is True
+    assert "xen" in caps["transports"]
+    assert {"control-socket", "sd-notify", "ready-fd", "pidfile"} <= set(caps["features"])
+    names = {o["name"] for o in caps["options"]}
+    assert {"domid", "socket-path", "fd", "lender-socket", "control-socket", "pidfile"} <= names
+    assert caps["limits"]["timeout_max_seconds"] == 4.5
+    assert "query-status" in caps["control"]["commands"]
+    assert "LEASE_GRANTED" in caps["control"]["events"]
+
+
+# ---------------------------------------------------------------------------- start failures
+
+
+def test_start_failures_exit_1_with_one_line(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = [
+        (["--control-socket", str(shared / "c.sock")], "accessible to group or others"),
+        (["--transport", "xen"], "xen transport is not available"),
+        (["--metrics-listen", f"127.0.0.1:{port}"], "cannot serve metrics"),
+        (["--ready-fd", "97"], "--ready-fd 97: not an open file descriptor"),
+    ]
+    for args, words in cases:
+        sock_args = [] if "--transport" in args else ["--socket-path", str(tmp_path / "x.sock")]
+        done = run_briefly("run", *sock_args, "--domid", "5", *args)
+        assert done.returncode == 1, (args, done.stderr)
+        [line] = done.stderr.strip().splitlines()
+        assert words in line and "dom5" in line and "cannot start" in line
+        assert not (tmp_path / "x.sock").exists()
+        assert not (shared / "c.sock").exists()
+    busy.close()
+
+
+def test_a_second_instance_with_the_same_pidfile_exits_1(tmp_path: Path) -> None:
+    with launched(tmp_path) as dm:
+        assert Path(dm.pidfile).read_text() == f"{dm.proc.pid}\n"
+        done = run_briefly(
+            "run", "--socket-path", str(tmp_path / "other.sock"), "--pidfile", dm.pidfile
+        )
+        assert done.returncode == 1
+        assert f"locked by a running instance (pid {dm.proc.pid})" in done.stderr
+        assert not (tmp_path / "other.sock").exists()
+        assert Path(dm.pidfile).exists()  # untouched
+        assert dm.stop() == 0
+    assert not Path(dm.pidfile).exists()
+
+
+def test_a_stale_pidfile_is_reused(tmp_path: Path) -> None:
+    (tmp_path / "dm.pid").write_text("999999\n")
+    with launched(tmp_path) as dm:
+        assert Path(dm.pidfile).read_text() == f"{dm.proc.pid}\n"
+        assert dm.stop() == 0
+
+
+# ---------------------------------------------------------------------------- config file
+
+
+def test_config_file_with_command_line_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "guest.toml"
+    config.write_text('domid = 12\naperture-size = "32M"\nfailure-policy = "zeros"\n')
+    with launched(tmp_path, "--config", str(config), "--aperture-size", "64M") as dm:
+        with dm.control() as ctl:
+            answer = ctl.execute("query-config")
+        assert isinstance(answer, dict)
+        settings, sources = answer["settings"], answer["sources"]
+        assert settings["domid"] == 12 and sources["domid"] == str(config)
+        assert settings["aperture-size"] == 64 << 20 and sources["aperture-size"] == "command line"
+        assert settings["failure-policy"] == "zeros"
+        assert answer["config-file"] == str(config)
+        assert dm.stop() == 0
+    assert " dom12 " in dm.stderr()
+
+
+# ---------------------------------------------------------------------------- readiness
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_ready_once_the_sockets_serve(tmp_path: Path, abstract: bool) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"devmodel-test-{os.getpid()}-{time.monotonic_ns()}"
+        notify.bind("\0" + name)
+        address = "@" + name
+    else:
+        address = str(tmp_path / "notify")
+        notify.bind(address)
+    notify.settimeout(20)
+    with notify, launched(tmp_path, env={"NOTIFY_SOCKET": address}) as dm:
+        message = notify.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        assert fields["READY"] == "1" and fields["MAINPID"] == str(dm.proc.pid)
+        # Ready means serving: both sockets accept now.
+        for path in (dm.socket_path, dm.control_path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.connect(path)
+            probe.close()
+        dm.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert dm.proc.wait(15) == 0
+
+
+def test_ready_fd_is_written_then_closed(tmp_path: Path) -> None:
+    # launch() itself waits on --ready-fd; here: the write end is closed after READY=1.
+    with launched(tmp_path) as dm:
+        fds = os.listdir(f"/proc/{dm.proc.pid}/fd")
+        targets = {os.readlink(f"/proc/{dm.proc.pid}/fd/{fd}") for fd in fds}
+        assert not any(t.startswith("pipe:") for t in targets)
+        assert dm.stop() == 0
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+def test_text_logs_carry_the_guest_id_on_every_line(tmp_path: Path) -> None:
+    with launched(tmp_path, "--domid", "42", "--log-level", "debug") as dm:
+        assert dm.stop() == 0
+    lines = dm.stderr().strip().splitlines()
+    assert len(lines) >= 2
+    assert all(f"devmodel[{dm.proc.pid}] dom42 " in line for line in lines), lines
+    assert "stopped; counters: {" in lines[-1]
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    with launched(tmp_path, "--domid", "3", "--log-format", "json") as dm:
+        assert dm.stop(signal.SIGHUP) == 0
+    records = [json.loads(line) for line in dm.stderr().strip().splitlines()]
+    assert records and all(r["domid"] == 3 and r["pid"] == dm.proc.pid for r in records)
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert records[-1]["message"].startswith("stopped; counters: ")
+
+
+def test_fd_inherited_listener_with_control(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "inherited.sock")
+    listener.bind(path)
+    listener.listen(1)
+    fd = listener.fileno()
+    ctl = str(tmp_path / "c" / "control.sock")
+    proc = subprocess.Popen(
+        devmodel_argv("run", "--fd", str(fd), "--control-socket", ctl),
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(ctl) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with ControlClient(ctl) as client:
+            status = client.execute("query-status")
+            assert isinstance(status, dict) and status["socket"] == f"fd {fd}"
+            client.execute("quit")
+        assert proc.wait(15) == 0
+        assert os.path.exists(path)  # not ours to remove
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        listener.close()
