@@ -112,7 +112,7 @@ def launched(tmp: Path, *args: str, **kw: object) -> Iterator[Launched]:
 
 
 def run_briefly(
-    *args: str, timeout: float = 20.0, **kw: object
+    *args: str, timeout: float = 20.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         devmodel_argv(*args),
@@ -121,7 +121,7 @@ def run_briefly(
         timeout=timeout,
         check=False,
         stdin=subprocess.DEVNULL,
-        **kw,  # type: ignore[call-overload]
+        env=env,
     )
 
 
