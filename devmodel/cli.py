@@ -102,6 +102,7 @@ def build_parser() -> _Parser:
     attach_p.add_argument(
         "-c",
         "--command",
+        dest="lines",
         action="append",
         metavar="LINE",
         help="run this REPL line and exit (repeatable)",

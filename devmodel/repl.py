@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -82,6 +83,8 @@ class Repl:
         self.commands: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
         self.failures = 0
+        # Set when the REPL itself closes the connection (no "closed" message then).
+        self.leaving = False
         client.on_wire = self._wire
 
     # ------------------------------------------------------------------ output
@@ -113,10 +116,11 @@ class Repl:
             self._above_prompt(format_event(event))
 
     def on_close(self, exc: BaseException) -> None:
-        if self.closed is None:
+        if self.closed is None and not self.leaving:
             self.closed = "the device model closed the connection"
-            if not isinstance(exc, OSError | ConnectionLost) or self.in_input:
-                self._above_prompt(f"[{self.closed}]")
+            if self.in_input:
+                # Wake the main thread out of input(): there is nothing left to type to.
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
     # ------------------------------------------------------------------ setup
 
@@ -144,11 +148,14 @@ class Repl:
     def loop(self) -> int:
         while self.closed is None:
             try:
-                line = self._input(self.prompt)
+                line = self._input(PROMPT)
             except EOFError:
                 self.say()
                 break
             except KeyboardInterrupt:
+                if self.closed is not None:
+                    self.say()
+                    break
                 self.say("^C")
                 continue
             if self.closed is not None:
@@ -156,6 +163,7 @@ class Repl:
             if line.strip() in ("exit", "bye"):
                 break
             self.handle(line)
+        self.leaving = True
         if self.closed is not None:
             self.say(f"[{self.closed}]")
         return 0
@@ -164,6 +172,8 @@ class Repl:
         self.prompt = prompt
         self.in_input = True
         try:
+            if self.closed is not None:  # closed while we were busy: nothing to read for
+                raise KeyboardInterrupt
             return input(prompt)
         finally:
             self.in_input = False
@@ -352,6 +362,8 @@ class Repl:
                 self.say()
                 return
             except KeyboardInterrupt:
+                if self.closed is not None:
+                    return
                 self.say("^C")
                 continue
             if not line.strip():
@@ -546,12 +558,17 @@ def render_status(value: object) -> str:
     return "\n".join(lines)
 
 
+def _setting(name: str, value: object) -> object:
+    if value is None:
+        return ""
+    return _size(value) if name in ("aperture-size", "granule") else value
+
+
 def render_config(value: object) -> str:
     assert isinstance(value, dict)
     sources = value.get("sources", {})
     rows = [
-        [k, "" if v is None else v, sources.get(k, "default")]
-        for k, v in value.get("settings", {}).items()
+        [k, _setting(k, v), sources.get(k, "default")] for k, v in value.get("settings", {}).items()
     ]
     return table(["SETTING", "VALUE", "FROM"], rows)
 
@@ -653,7 +670,9 @@ def line_editing(repl: Repl, history: str | None) -> Iterator[None]:
         nonlocal matches
         if state == 0:
             buf = readline.get_line_buffer()[: readline.get_begidx()]
-            matches = completions(repl, buf, text)
+            # Python's readline appends nothing after a completion; a finished word gets
+            # its space here (not `key=`, whose value comes next).
+            matches = [m if m.endswith("=") else m + " " for m in completions(repl, buf, text)]
         return matches[state] if state < len(matches) else None
 
     readline.set_completer(complete)
@@ -696,7 +715,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"devmodel attach: {path}: {exc}", file=sys.stderr)
         return 1
     with client:
-        scripted = bool(args.command)
+        scripted = bool(args.lines)
         repl = Repl(
             client,
             interactive=sys.stdin.isatty() and not scripted,
@@ -709,14 +728,17 @@ def main(args: argparse.Namespace) -> int:
             print(f"devmodel attach: {path}: {exc}", file=sys.stderr)
             return 1
         if scripted:
-            for line in args.command:
+            for line in args.lines:
                 repl.handle(line)
                 if repl.closed:
                     break
             return 1 if repl.failures else 0
         client.start_reader(repl.on_event, repl.on_close)
-        if repl.interactive:
-            repl.say(repl.banner())
-            with line_editing(repl, _history_path(args.history)):
-                return repl.loop()
-        return repl.loop()
+        try:
+            if repl.interactive:
+                repl.say(repl.banner())
+                with line_editing(repl, _history_path(args.history)):
+                    return repl.loop()
+            return repl.loop()
+        except KeyboardInterrupt:  # the wake-up for a closed connection, arriving late
+            return 0
