@@ -136,3 +136,9 @@ def test_every_option_is_described() -> None:
     assert described["pci-id"]["default"] == "1234:10e5"
     assert described["failure-policy"]["default"] == "all-ones"
     assert described["fd"]["config_file"] is False
+
+
+def test_the_example_config_file_loads() -> None:
+    path = str(Path(__file__).resolve().parents[2] / "examples" / "launch" / "devmodel.toml")
+    s = build_settings({"socket-path": "/run/x.sock"}, load_file(path), path)
+    assert s.lender_socket == "/run/gpu-lender/lender.sock" and s.aperture_size == 256 << 20
