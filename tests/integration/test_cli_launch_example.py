@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,15 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_start_status_stop(tmp_path: Path) -> None:
+    try:
+        start_status_stop(tmp_path)
+    finally:
+        pidfile = tmp_path / "run" / "7" / "devmodel.pid"
+        if pidfile.exists():  # the test failed half-way: do not leave the process behind
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def start_status_stop(tmp_path: Path) -> None:
     started = run(tmp_path, "start", "7", "--aperture-size", "32M")
     assert started.returncode == 0, started.stderr
     assert "devmodel for domain 7: pid" in started.stdout
