@@ -593,7 +593,26 @@ def render_python(value: object) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def render_action(value: object) -> str:
+    """evict, revoke, set-policy, trace: one line."""
+    if not isinstance(value, dict):
+        return json.dumps(value)
+    if "evicted" in value:
+        return f"evicted lease(s): {', '.join(map(str, value['evicted'])) or 'none'}"
+    if "revoked" in value:
+        return f"revoked ({value.get('mode')}) lease(s): {', '.join(map(str, value['revoked']))}"
+    if "policy" in value:
+        return f"failure policy: {value.get('old')} -> {value['policy']}"
+    if "trace" in value:
+        return f"access trace {'on' if value['trace'] else 'off'}"
+    return json.dumps(value)
+
+
 RENDERERS: Final[dict[str, Callable[[Any], str]]] = {
+    "evict": render_action,
+    "revoke": render_action,
+    "set-policy": render_action,
+    "trace": render_action,
     "query-windows": render_windows,
     "query-leases": render_leases,
     "query-stats": render_stats,

@@ -119,7 +119,7 @@ def test_a_session(instance: Launched, tmp_path: Path) -> None:
         # An action and its event, shown as it arrives.
         term.type("evict 0x200000\n")
         term.expect(r"LEASE_REVOKED lease=2 mode=EVICT")
-        term.expect(r'"evicted"')
+        term.expect(r"evicted lease\(s\): 2")
         term.type("windows evi\t")
         term.expect(r"windows evicted ")
         term.type("\n")
