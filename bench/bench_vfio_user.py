@@ -23,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from devmodel.pci.function import PciFunction
-
 from devmodel.aperture import OwnedMemory
 from devmodel.client import VfioUserClient
 from devmodel.counters import DeviceCounters
+from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from protocol.vfio_user import events as ev
 from protocol.vfio_user.connection import ServerConnection
