@@ -87,6 +87,14 @@ class BufioreqMode(IntEnum):
     ATOMIC = 2
 
 
+class IoRangeType(IntEnum):
+    """XEN_DMOP_IO_RANGE_*: the kinds of range an ioreq server claims."""
+
+    PORT = 0
+    MEMORY = 1
+    PCI = 2
+
+
 _KNOWN_TYPES: Final = frozenset(int(t) for t in IoreqType)
 _ACCESS_TYPES: Final = frozenset((IoreqType.PIO, IoreqType.COPY, IoreqType.PCI_CONFIG))
 _POSTED_TYPES: Final = frozenset((IoreqType.PIO, IoreqType.COPY, IoreqType.TIMEOFFSET))
