@@ -451,6 +451,7 @@ class LeaseEngine:
                 w.state = transition(w.state, Trigger.LENDER_LOST)
             self._fail_waiters(w.waiters, "lender lost")
             w.waiters = []
+            w.request_id = 0  # its PAGE_IN died with the lender; no answer can match it now
         self._live.clear()
         self._evicted.clear()
         self._requests.clear()
