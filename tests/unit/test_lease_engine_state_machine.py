@@ -1,0 +1,792 @@
+"""A hypothesis state machine over the lease engine with real memfds.
+
+The machine plays both the lender and the guest against one `LeaseEngine` and keeps its own
+model of the aperture, one entry per granule (VACANT, RESIDENT, EVICTED or LOST, and the lease
+it belongs to), and of the memory contents the lender holds for every granule. Rules:
+
+- grant: random granule ranges, sometimes overlapping live leases, sometimes broken on purpose
+  (misaligned, outside, unsealed, too small, bad prot or flags, wrong kind of fd, duplicate id);
+  a NACK must name one of the reasons that apply, change nothing and close the fd;
+- revoke EVICT / RELEASE of random lease ids (unknown ones included), sometimes with a slow
+  unmap hook and guest accesses arriving while the lease is REVOKING;
+- guest accesses (reads and writes of 1 to 8 bytes), several at once on one window; when they
+  fault, the lender answers in one of many ways: grant (read-write, read-only, larger, from
+  the shared pool or a fresh memfd), grant then evict at once, PAGE_IN_DONE with an error or OK
+  without a grant, no answer (the deadline passes; sometimes a late answer follows), an
+  unreachable lender, or the lender vanishing meanwhile;
+- PAGE_IN_DONE with random (stale) request ids and statuses; lender loss.
+
+Each step runs in its own `trio.run` under an autojumping MockClock, so deadlines cost nothing;
+waits never outlive a step. After every step the invariants are checked: windows never
+overlap and match the model granule by granule; every RESIDENT window has a kept, open fd and is
+in the live map; EVICTED/LOST ones hold no fd; `kept_fds` equals the distinct (file, access
+mode) pairs of live leases; no fd of a lent memfd is open beyond the lender's own and the
+engine's kept ones; every live lease's memory holds what the model says; the counters match
+what the machine saw (PAGE_INs the fake port got, grants, revokes, failed accesses, waits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from devmodel.leases.backing import GrantRefused
+from devmodel.leases.engine import LeaseEngine, UnknownLease
+from devmodel.leases.policy import FailurePolicy
+from devmodel.leases.states import WindowState
+from devmodel.pci.errors import AccessError
+from protocol.lease.constants import (
+    PROT_WRITE,
+    VALID_PROTS,
+    Access,
+    NackReason,
+    PageInStatus,
+    RevokeMode,
+)
+from tests.unit.lease_fakes import (
+    F_SEAL_GROW,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    PAGE,
+    RO,
+    RW,
+    Box,
+    FakeLender,
+    PageIn,
+    fd_is_open,
+    file_key,
+    make_engine,
+    memfd,
+    pattern,
+    spawn,
+)
+
+S = WindowState
+G = PAGE  # granule
+NG = 16  # granules in the aperture: small, so that ranges collide often
+APERTURE = NG * G
+TIMEOUT = 2.0
+SEALS = F_SEAL_SHRINK | F_SEAL_GROW
+PREFIX = "sm-"  # every memfd this machine creates is called sm-something
+
+BAD_GRANTS = [
+    "misaligned-offset",
+    "misaligned-fd-offset",
+    "zero-length",
+    "unsealed",
+    "too-small",
+    "bad-prot",
+    "flags",
+    "pipe",
+    "read-only-fd-rw",
+    "write-sealed-rw",
+    "duplicate-id",
+]
+ANSWERS = [
+    "grant",
+    "grant",
+    "grant-ro",
+    "grant-larger",
+    "grant-evict",
+    "status",
+    "ok-no-grant",
+    "none",
+    "late",
+    "unreachable",
+    "lost",
+]
+ERROR_STATUSES = [
+    PageInStatus.NO_MEMORY,
+    PageInStatus.NOT_LENT,
+    PageInStatus.INVALID_RANGE,
+    PageInStatus.BUSY,
+    PageInStatus.FAILED,
+    200,
+]
+
+
+@dataclass
+class Lease:
+    """A live lease as the lender knows it."""
+
+    offset: int
+    length: int
+    fd: int  # the lender's own fd of the backing
+    fd_offset: int
+    prot: int
+    owned: bool  # a memfd made for this lease alone (closed when the lease ends)
+
+
+@dataclass
+class Access_:
+    offset: int
+    size: int
+    data: bytes | None
+
+
+def run(fn: Callable[[], Awaitable[object]]) -> object:
+    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _memfd_fds() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{entry}").startswith(f"/memfd:{PREFIX}"):
+                found.add(int(entry))
+    return found
+
+
+class LeaseEngineMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: LeaseEngine | None = None
+        self.leases: dict[int, Lease] = {}
+        self.owned: set[int] = set()  # fds the lender holds
+        self.states: list[tuple[WindowState, int]] = [(S.VACANT, 0)] * NG
+        self.contents = bytearray(APERTURE)
+        self.next_lease = 1
+        self.ever: list[int] = []  # every lease id handed out
+        self.counter = 0
+        self.expect = {
+            "grants": 0,
+            "revokes": 0,
+            "failed_accesses": 0,
+            "lender_losses": 0,
+            "faults": 0,
+        }
+
+    # ------------------------------------------------------------------ set-up
+
+    @initialize(
+        policy=st.sampled_from(list(FailurePolicy)),
+        max_leases=st.sampled_from([3, 1 << 22]),
+    )
+    def setup(self, policy: FailurePolicy, max_leases: int) -> None:
+        self.policy = policy
+        self.max_leases = max_leases
+        self.engine = make_engine(
+            APERTURE, G, policy=policy, page_in_timeout=TIMEOUT, max_leases=max_leases
+        )
+        self.lender = FakeLender(self.engine)
+        self.pool = self._own(memfd(APERTURE, f"{PREFIX}pool", seals=SEALS))
+
+    def teardown(self) -> None:
+        try:
+            if self.engine is not None:
+                self.engine.close()
+                assert self.engine.kept_fds == 0
+            for fd in self.owned:
+                os.close(fd)
+            leaked = _memfd_fds()
+        finally:
+            # Whatever failed, the next example starts clean: a leaked fd left behind would
+            # make hypothesis's replays of that example diverge and hide the real failure.
+            for fd in _memfd_fds():
+                os.close(fd)
+        assert leaked == set(), "an fd of a lent memfd outlived the engine"
+
+    @property
+    def e(self) -> LeaseEngine:
+        assert self.engine is not None
+        return self.engine
+
+    def _own(self, fd: int) -> int:
+        self.owned.add(fd)
+        return fd
+
+    def _drop(self, fd: int) -> None:
+        self.owned.discard(fd)
+        os.close(fd)
+
+    def _new_id(self) -> int:
+        lease = self.next_lease
+        self.next_lease += 1
+        self.ever.append(lease)
+        return lease
+
+    def _fresh(self, length: int, fill: bytes, *, seals: int = SEALS) -> int:
+        return memfd(max(length, G), f"{PREFIX}lease", seals=seals, fill=fill)
+
+    # ------------------------------------------------------------------ model helpers
+
+    def _granules(self, offset: int, length: int) -> range:
+        return range(max(offset // G, 0), min(-(-(offset + length) // G), NG))
+
+    def _run(self, g: int) -> tuple[int, int]:
+        """The engine window around an EVICTED granule: its lease's contiguous granules."""
+        key = self.states[g]
+        lo = g
+        while lo > 0 and self.states[lo - 1] == key:
+            lo -= 1
+        hi = g + 1
+        while hi < NG and self.states[hi] == key:
+            hi += 1
+        return lo, hi
+
+    def _policy_read(self, size: int) -> bytes | type[AccessError]:
+        if self.policy is FailurePolicy.ALL_ONES:
+            return b"\xff" * size
+        if self.policy is FailurePolicy.ZEROS:
+            return bytes(size)
+        return AccessError
+
+    def _check_failed(self, a: Access_, box: Box) -> None:
+        self.expect["failed_accesses"] += 1
+        if self.policy is FailurePolicy.ERROR:
+            assert isinstance(box.error, AccessError), box.error
+            assert box.error.errno == errno.EIO
+        elif a.data is None:
+            assert box.get() == self._policy_read(a.size)
+        else:
+            assert box.get() is None
+
+    def _check_served(self, a: Access_, box: Box) -> None:
+        if a.data is None:
+            assert box.get() == bytes(self.contents[a.offset : a.offset + a.size])
+        else:
+            assert box.get() is None
+            self.contents[a.offset : a.offset + a.size] = a.data
+
+    def _became_resident(self, lease: int, rec: Lease) -> None:
+        for g in self._granules(rec.offset, rec.length):
+            self.states[g] = (S.RESIDENT, lease)
+        self.leases[lease] = rec
+        self.expect["grants"] += 1
+
+    def _end_lease(self, lease: int, mode: RevokeMode) -> None:
+        """The lender's side of REVOKED: its memory must hold what the guest wrote."""
+        rec = self.leases.pop(lease)
+        got = os.pread(rec.fd, rec.length, rec.fd_offset)
+        assert got == bytes(self.contents[rec.offset : rec.offset + rec.length])
+        if rec.owned:
+            self._drop(rec.fd)
+        for g in self._granules(rec.offset, rec.length):
+            assert self.states[g] == (S.RESIDENT, lease)
+            self.states[g] = (S.EVICTED, lease) if mode is RevokeMode.EVICT else (S.VACANT, 0)
+
+    def _lose_lender(self) -> None:
+        for lease, rec in list(self.leases.items()):
+            if rec.owned:
+                self._drop(rec.fd)
+            del self.leases[lease]
+        self.states = [(S.LOST, lid) if s is not S.VACANT else (s, lid) for s, lid in self.states]
+        self.expect["lender_losses"] += 1
+
+    def _grant_range(
+        self, offset: int, length: int, prot: int, via_pool: bool, *, evict_at_once: bool = False
+    ) -> int:
+        """The lender grants [offset, offset + length) holding what the model says."""
+        fill = bytes(self.contents[offset : offset + length])
+        if via_pool:
+            os.pwrite(self.pool, fill, offset)
+            fd, fd_offset, owned = self.pool, offset, False
+        else:
+            fd, fd_offset, owned = self._own(self._fresh(length, fill)), 0, True
+        lease = self._new_id()
+        self.e.grant(lease, offset, length, fd_offset, prot, self._share(fd, prot))
+        self._became_resident(lease, Lease(offset, length, fd, fd_offset, prot, owned))
+        return lease
+
+    def _share(self, fd: int, prot: int) -> int:
+        """The fd to pass: a dup, or a read-only reopen for every other read-only lease.
+
+        Chosen by the lease counter, never by the fd's number: fd numbers differ between
+        hypothesis's replays of one example, and a choice made on them makes replays diverge.
+        """
+        if prot == RO and self.next_lease % 2:
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return os.dup(fd)
+
+    # ------------------------------------------------------------------ grant
+
+    @rule(
+        start=st.integers(0, NG - 1),
+        count=st.integers(1, 4),
+        prot=st.sampled_from([RW, RW, RO]),
+        via_pool=st.booleans(),
+        bad=st.one_of(st.none(), st.none(), st.sampled_from(BAD_GRANTS)),
+        pick=st.integers(0, 1 << 16),
+    )
+    def grant(
+        self, start: int, count: int, prot: int, via_pool: bool, bad: str | None, pick: int
+    ) -> None:
+        offset, length = start * G, count * G
+        fd_offset = offset if via_pool else 0
+        flags = 0
+        lease = self.next_lease
+        seals = SEALS
+        fd_size = APERTURE if via_pool else length
+        kind = "memfd"
+        if bad == "misaligned-offset":
+            offset += 512
+        elif bad == "misaligned-fd-offset":
+            fd_offset += 512
+            fd_size += G
+        elif bad == "zero-length":
+            length = 0
+        elif bad == "unsealed":
+            seals, via_pool = 0, False
+        elif bad == "too-small":
+            via_pool, fd_offset, fd_size = False, 0, length - G // 2
+        elif bad == "bad-prot":
+            prot = [0, 2, 4, 7, 0xFF][pick % 5]
+        elif bad == "flags":
+            flags = 1 << (pick % 32)
+        elif bad == "pipe":
+            kind = "pipe"
+        elif bad == "read-only-fd-rw":
+            kind, prot = "read-only", RW
+        elif bad == "write-sealed-rw":
+            seals, via_pool, prot = SEALS | F_SEAL_WRITE, False, RW
+        elif bad == "duplicate-id":
+            held = sorted({lid for s, lid in self.states if s in (S.RESIDENT, S.EVICTED)})
+            if held:
+                lease = held[pick % len(held)]
+        if bad in ("unsealed", "too-small", "write-sealed-rw"):
+            fd_offset = 0
+            fd_size = max(fd_size, G // 2)
+
+        # Every reason that applies (the specification lets the borrower name any of them).
+        reasons = set()
+        if lease != self.next_lease:
+            reasons.add(NackReason.DUPLICATE_LEASE_ID)
+        if prot not in VALID_PROTS:
+            reasons.add(NackReason.BAD_PROTECTION)
+        if flags:
+            reasons.add(NackReason.UNSUPPORTED_FLAGS)
+        if length <= 0 or offset % G or length % G or fd_offset % G:
+            reasons.add(NackReason.MISALIGNED)
+        if offset + length > APERTURE:
+            reasons.add(NackReason.OUTSIDE_APERTURE)
+        if len(self.leases) >= self.max_leases:
+            reasons.add(NackReason.TOO_MANY_LEASES)
+        if any(self.states[g][0] is S.RESIDENT for g in self._granules(offset, length)):
+            reasons.add(NackReason.OVERLAPS_LIVE_LEASE)
+        if kind == "pipe":
+            reasons.add(NackReason.BAD_FD)
+        else:
+            if fd_offset + length > fd_size:
+                reasons.add(NackReason.FD_TOO_SMALL)
+            if not seals & F_SEAL_SHRINK:
+                reasons.add(NackReason.FD_NOT_SEALED)
+            if prot & PROT_WRITE and (kind == "read-only" or seals & F_SEAL_WRITE):
+                reasons.add(NackReason.BAD_FD)
+
+        fill = pattern(self.next_lease, max(length, 0))
+        keep = -1
+        if kind == "pipe":
+            passed, w = os.pipe()
+            os.close(w)
+        elif via_pool:
+            keep = self.pool
+            passed = self._share(self.pool, prot) if kind == "memfd" else -1
+        else:
+            # Exactly fd_size bytes (not rounded up to a granule as _fresh does): a too-small
+            # fd must really be too small.
+            keep = memfd(fd_size, f"{PREFIX}lease", seals=seals, fill=fill[:fd_size])
+            passed = -1
+        if passed == -1:
+            if kind == "read-only":
+                passed = os.open(f"/proc/self/fd/{keep}", os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                passed = self._share(keep, prot)
+
+        before = self._snapshot()
+        try:
+            self.e.grant(lease, offset, length, fd_offset, prot, passed, flags)
+        except GrantRefused as exc:
+            assert reasons, f"a sound grant was refused: {exc}"
+            assert exc.reason in reasons, (exc.reason, reasons)
+            assert not fd_is_open(passed)
+            assert self._snapshot() == before
+            if keep not in (-1, self.pool):
+                os.close(keep)
+            if lease == self.next_lease:
+                self.next_lease += 1  # the id is spent either way (section 8)
+            return
+        assert not reasons, f"the engine accepted a grant it must refuse: {reasons}"
+        self._new_id()
+        if via_pool:
+            os.pwrite(self.pool, fill, fd_offset)
+            rec = Lease(offset, length, self.pool, fd_offset, prot, owned=False)
+        else:
+            rec = Lease(offset, length, self._own(keep), fd_offset, prot, owned=True)
+        self.contents[offset : offset + length] = fill
+        self._became_resident(lease, rec)
+
+    # ------------------------------------------------------------------ revoke
+
+    @rule(
+        pick=st.integers(0, 1 << 16),
+        mode=st.sampled_from(list(RevokeMode)),
+        slow=st.booleans(),
+        waiters=st.lists(
+            st.tuples(st.integers(0, G // 8 - 1), st.sampled_from([1, 2, 4, 8]), st.booleans()),
+            max_size=3,
+            unique_by=lambda t: t[0],
+        ),
+        answer=st.sampled_from(["grant", "none"]),
+        via_pool=st.booleans(),
+    )
+    def revoke(
+        self,
+        pick: int,
+        mode: RevokeMode,
+        slow: bool,
+        waiters: list[tuple[int, int, bool]],
+        answer: str,
+        via_pool: bool,
+    ) -> None:
+        candidates = [*self.ever, 0, self.next_lease + 7]
+        lease = candidates[pick % len(candidates)]
+        live = lease in self.leases
+        evicted = any(s == (S.EVICTED, lease) for s in self.states)
+        if not (live and slow):
+            waiters = []
+
+        async def go() -> None:
+            e = self.e
+            if not live:
+                if not evicted:
+                    with pytest.raises(UnknownLease):
+                        await e.revoke(lease, mode)
+                    return
+                await e.revoke(lease, mode)
+                if mode is RevokeMode.RELEASE:
+                    gone = (S.EVICTED, lease)
+                    self.states = [(S.VACANT, 0) if s == gone else s for s in self.states]
+                return
+            rec = self.leases[lease]
+            if not slow:
+                await e.revoke(lease, mode)
+                self.expect["revokes"] += 1
+                self._end_lease(lease, mode)
+                return
+
+            async def slow_unmap(start: int, length: int) -> None:
+                assert (start, length) == (rec.offset, rec.length)
+                await trio.sleep(0.1)
+
+            e.unmap_hooks.append(slow_unmap)
+            try:
+                accesses = [
+                    self._access_at(rec.offset + slot * 8, size, w) for slot, size, w in waiters
+                ]
+                async with trio.open_nursery() as nursery:
+                    revoking = spawn(nursery, e.revoke, lease, mode)
+                    await trio.sleep(0.01)
+                    assert e.window_at(rec.offset).state is S.REVOKING  # type: ignore[union-attr]
+                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                    await trio.sleep(0.05)
+                    assert not any(b.done for b in boxes)
+                    if accesses and mode is RevokeMode.EVICT:
+                        pi = await self._page_in_sent()
+                        assert revoking.done  # the revoke ended before any page-in
+                        self.expect["revokes"] += 1
+                        self._end_lease(lease, mode)
+                        assert (pi.offset, pi.length) == (rec.offset, rec.length)
+                        if answer == "grant":
+                            await self._answer_grant(pi, RW, via_pool)
+                        else:
+                            self.lender.take(pi.request_id)  # never answered: the deadline
+                self.expect["faults"] += len(accesses)
+                revoking.get()
+                if lease in self.leases:
+                    self.expect["revokes"] += 1
+                    self._end_lease(lease, mode)
+                served = mode is RevokeMode.EVICT and answer == "grant"
+                for a, b in zip(accesses, boxes, strict=True):
+                    if served:
+                        self._check_served(a, b)
+                    else:
+                        self._check_failed(a, b)
+            finally:
+                e.unmap_hooks.clear()
+
+        run(go)
+
+    # ------------------------------------------------------------------ guest accesses
+
+    def _access_at(self, offset: int, size: int, write: bool) -> Access_:
+        self.counter += 1
+        data = bytes((self.counter + i * 37) & 0xFF for i in range(size)) if write else None
+        return Access_(offset, size, data)
+
+    async def _do(self, a: Access_) -> bytes | None:
+        if a.data is None:
+            return await self.e.read(a.offset, a.size)
+        await self.e.write(a.offset, a.data)
+        return None
+
+    async def _page_in_sent(self) -> PageIn:
+        """The next PAGE_IN the engine sends, left unanswered: the answer takes it."""
+        pi = await self.lender.next_page_in()
+        self.lender.unanswered.insert(0, pi)
+        return pi
+
+    async def _make_room(self) -> None:
+        """Evict the oldest lease while the borrower's lease limit is reached, as an LRU
+        lender does before it grants (a grant beyond the limit is NACKed, by design)."""
+        while len(self.leases) >= self.max_leases:
+            oldest = next(iter(self.leases))
+            await self.e.revoke(oldest, RevokeMode.EVICT)
+            self.expect["revokes"] += 1
+            self._end_lease(oldest, RevokeMode.EVICT)
+
+    async def _answer_grant(self, pi: PageIn, prot: int, via_pool: bool) -> int:
+        await self._make_room()
+        self.lender.take(pi.request_id)
+        lease = self._grant_range(pi.offset, pi.length, prot, via_pool)
+        self.e.page_in_done(pi.request_id, PageInStatus.OK)
+        return lease
+
+    @rule(
+        g=st.integers(0, NG - 1),
+        shape=st.lists(
+            st.tuples(st.integers(0, G // 8 - 1), st.sampled_from([1, 2, 4, 8]), st.booleans()),
+            min_size=1,
+            max_size=4,
+            unique_by=lambda t: t[0],
+        ),
+        answer=st.sampled_from(ANSWERS),
+        status=st.sampled_from(ERROR_STATUSES),
+        via_pool=st.booleans(),
+    )
+    def access(
+        self,
+        g: int,
+        shape: list[tuple[int, int, bool]],
+        answer: str,
+        status: int,
+        via_pool: bool,
+    ) -> None:
+        accesses = [self._access_at(g * G + slot * 8, size, w) for slot, size, w in shape]
+        state, lease = self.states[g]
+        page_ins_before = len(self.lender.page_ins)
+
+        if state is not S.EVICTED:
+
+            async def direct() -> list[Box]:
+                async with trio.open_nursery() as nursery:
+                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                return boxes
+
+            boxes: list[Box] = run(direct)  # type: ignore[assignment]
+            for a, b in zip(accesses, boxes, strict=True):
+                assert b.finished_at == 0  # nothing waited
+                writable = state is S.RESIDENT and self.leases[lease].prot & PROT_WRITE
+                if state is S.RESIDENT and (a.data is None or writable):
+                    self._check_served(a, b)
+                else:
+                    self._check_failed(a, b)
+            assert len(self.lender.page_ins) == page_ins_before
+            return
+
+        lo, hi = self._run(g)
+        run_offset, run_length = lo * G, (hi - lo) * G
+        kinds = {Access.READ if a.data is None else Access.WRITE for a in accesses}
+        outcome: dict[str, Any] = {"served": False, "ro": False}
+
+        async def faulting() -> list[Box]:
+            self.lender.reachable = answer != "unreachable"
+            try:
+                async with trio.open_nursery() as nursery:
+                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                    if answer != "unreachable":
+                        pi = await self._page_in_sent()
+                        assert (pi.offset, pi.length) == (run_offset, run_length)
+                        assert pi.access in kinds
+                        await self._lender_answers(pi, answer, status, via_pool, outcome)
+                return boxes
+            finally:
+                self.lender.reachable = True
+
+        boxes = run(faulting)  # type: ignore[assignment]
+        sent = len(self.lender.page_ins) - page_ins_before
+        if answer == "unreachable":
+            # Nothing to wait for: each access tried its own PAGE_IN and failed at once.
+            assert sent == len(accesses)
+            self.lender.unanswered.clear()
+        else:
+            assert sent == 1, "concurrent faults on one window must share one PAGE_IN"
+            self.expect["faults"] += len(accesses)
+        for a, b in zip(accesses, boxes, strict=True):
+            if outcome["served"] and not (outcome["ro"] and a.data is not None):
+                self._check_served(a, b)
+            else:
+                self._check_failed(a, b)
+        if outcome.get("evict"):
+            lease = outcome["evict"]
+            self.expect["revokes"] += 1
+            self._end_lease(lease, RevokeMode.EVICT)
+
+    async def _lender_answers(
+        self, pi: PageIn, answer: str, status: int, via_pool: bool, outcome: dict[str, Any]
+    ) -> None:
+        e = self.e
+        if answer in ("grant", "grant-ro"):
+            await self._answer_grant(pi, RO if answer == "grant-ro" else RW, via_pool)
+            outcome.update(served=True, ro=answer == "grant-ro")
+        elif answer == "grant-larger":
+            await self._make_room()
+            lo, hi = pi.offset // G, (pi.offset + pi.length) // G
+            if lo > 0 and self.states[lo - 1][0] is not S.RESIDENT:
+                lo -= 1
+            if hi < NG and self.states[hi][0] is not S.RESIDENT:
+                hi += 1
+            for g in range(lo, hi):
+                if self.states[g][0] in (S.VACANT, S.LOST):
+                    self.contents[g * G : (g + 1) * G] = pattern(self.next_lease + g, G)
+            self.lender.take(pi.request_id)
+            self._grant_range(lo * G, (hi - lo) * G, RW, via_pool)
+            e.page_in_done(pi.request_id, PageInStatus.OK)
+            outcome.update(served=True)
+        elif answer == "grant-evict":
+            # Grant, evict at once, then PAGE_IN_DONE: the waiters were served by the grant.
+            await trio.testing.wait_all_tasks_blocked()
+            await self._make_room()
+            self.lender.take(pi.request_id)
+            lease = self._grant_range(pi.offset, pi.length, RW, via_pool)
+            await e.revoke(lease, RevokeMode.EVICT)
+            e.page_in_done(pi.request_id, PageInStatus.OK)
+            outcome.update(served=True, evict=lease)
+        elif answer == "status":
+            self.lender.fail(self.lender.take(pi.request_id), status)
+            if status == PageInStatus.NOT_LENT:
+                for g in range(pi.offset // G, (pi.offset + pi.length) // G):
+                    self.states[g] = (S.VACANT, 0)
+        elif answer == "ok-no-grant":
+            self.lender.fail(self.lender.take(pi.request_id), PageInStatus.OK)
+        elif answer == "none":
+            self.lender.take(pi.request_id)  # never answered; the deadline passes
+        elif answer == "late":
+            t0 = trio.current_time()
+            await trio.sleep(TIMEOUT + 0.5)
+            assert trio.current_time() - t0 >= TIMEOUT
+            for g in range(pi.offset // G, (pi.offset + pi.length) // G):
+                assert self.states[g][0] is S.EVICTED
+            await self._answer_grant(pi, RW, via_pool)  # a late grant is an ordinary grant
+        elif answer == "lost":
+            await trio.testing.wait_all_tasks_blocked()
+            self.lender.take(pi.request_id)
+            e.lender_lost()
+            self._lose_lender()
+        else:  # pragma: no cover
+            raise AssertionError(answer)
+
+    # ------------------------------------------------------------------ lender events
+
+    @rule(rid=st.integers(0, 1 << 16), status=st.sampled_from([0, *ERROR_STATUSES]))
+    def stale_page_in_done(self, rid: int, status: int) -> None:
+        # No PAGE_IN outlives a step: any PAGE_IN_DONE now is late or unknown, and consumed.
+        before = self._snapshot()
+        self.e.page_in_done(rid % (len(self.lender.page_ins) + 3), status)
+        assert self._snapshot() == before
+
+    @rule(restart_ids=st.booleans())
+    def lender_lost(self, restart_ids: bool) -> None:
+        self.e.lender_lost()
+        self._lose_lender()
+        if restart_ids:
+            self.next_lease = 1  # a new lender connection numbers its leases afresh
+            self.ever = []
+
+    # ------------------------------------------------------------------ invariants
+
+    def _snapshot(self) -> object:
+        e = self.e
+        return (
+            [
+                (w.start, w.length, w.state, w.lease_id, w.fd, w.fd_offset, w.prot)
+                for w in e.windows()
+            ],
+            dict(e._live),
+            {k: set(v) for k, v in e._evicted.items()},
+            e.kept_fds,
+            e.counters.as_dict(),
+        )
+
+    @invariant()
+    def windows_match_the_model(self) -> None:
+        if self.engine is None:
+            return
+        e = self.e
+        end = 0
+        seen = [(S.VACANT, 0)] * NG
+        for w in e.windows():
+            assert w.start >= end, "windows overlap or are out of order"
+            assert w.length > 0 and w.start % G == 0 and w.length % G == 0
+            assert w.end <= APERTURE
+            assert w.state in (S.RESIDENT, S.EVICTED, S.LOST), w  # nothing waits between steps
+            assert w.waiters == [] and w.request_id == 0
+            end = w.end
+            for g in range(w.start // G, w.end // G):
+                seen[g] = (w.state, w.lease_id)
+            assert e.window_at(w.start) is w and e.window_at(w.end - 1) is w
+        assert seen == self.states
+
+    @invariant()
+    def fds_belong_to_live_leases_only(self) -> None:
+        if self.engine is None:
+            return
+        e = self.e
+        kept = set()
+        keys = set()
+        live = {}
+        for w in e.windows():
+            if w.state is S.RESIDENT:
+                assert w.fd >= 0 and fd_is_open(w.fd)
+                assert e._live.get(w.lease_id) is w
+                rec = self.leases[w.lease_id]
+                assert (w.fd_offset, w.prot) == (rec.fd_offset, rec.prot)
+                kept.add(w.fd)
+                keys.add(file_key(w.fd))
+                live[w.lease_id] = w
+                # The lent memory holds what the guest wrote there.
+                got = os.pread(w.fd, w.length, w.fd_offset)
+                assert got == bytes(self.contents[w.start : w.end])
+            else:
+                assert w.fd == -1
+                if w.state is S.EVICTED:
+                    assert w in e._evicted[w.lease_id]
+                else:
+                    assert all(w not in pieces for pieces in e._evicted.values())
+        assert e._live == live
+        assert set(live) == set(self.leases)
+        assert e.lease_count == len(self.leases)
+        assert e.kept_fds == len(keys) == len(kept)
+        for pieces in e._evicted.values():
+            assert pieces and all(p.state is S.EVICTED for p in pieces)
+        # Nothing else in this process holds a lent memfd: no leak, no stale fd.
+        assert _memfd_fds() == self.owned | kept
+
+    @invariant()
+    def counters_match(self) -> None:
+        if self.engine is None:
+            return
+        c = self.e.counters
+        assert c.page_ins == len(self.lender.page_ins)
+        for name, value in self.expect.items():
+            assert getattr(c, name) == value, name
+
+
+# DEVMODEL_SM_EXAMPLES=2000 for a deeper run than the test command's.
+LeaseEngineMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("DEVMODEL_SM_EXAMPLES", "100")),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestLeaseEngineMachine = LeaseEngineMachine.TestCase
