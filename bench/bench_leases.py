@@ -1,0 +1,1078 @@
+"""Lease engine benchmark: faults, revokes, page-in coalescing and a million leases.
+
+Every number is printed next to a peer measured in the same run, interleaved with it where the
+measurement allows, and as a ratio: the machines here are small and noisy, so only the ratios
+and the order of magnitude mean anything.
+
+  a) fault service latency: an 8-byte read of an EVICTED window until it is served by an
+     instant lender, next to a read of a RESIDENT window; in-process through
+     `LeaseEngine.read`, then end to end (a vfio-user client process, `devmodel run`, the lease
+     socket, a lender process);
+  b) REVOKE to REVOKED as the lender sees it over the lease socket, idle and while a vfio-user
+     client hammers the same window and others, next to a PING/PONG round trip on the socket;
+  c) PAGE_INs sent for 64 concurrent faults on one window (must be 1: exit status 1 otherwise);
+  d) a million 4 KiB leases: grants per second, bytes per lease and lookup time, against a
+     dict of tuples and a bisect over a sorted list.
+
+Usage: bench/bench_leases.py [--quick] [--leases N] [--repeat N]. Not a test; the smoke test
+is tests/unit/test_bench_leases.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import fcntl
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+import trio.testing
+
+from devmodel.client import VfioUserClient
+from devmodel.counters import DeviceCounters
+from devmodel.leases.engine import EngineConfig, LeaseEngine
+from devmodel.leases.lender_link import LenderLink
+from protocol.lease import (
+    Access,
+    Bye,
+    Error,
+    Event,
+    Grant,
+    GrantAck,
+    GrantNack,
+    Hello,
+    LenderConnection,
+    PageIn,
+    PageInDone,
+    PageInStatus,
+    Ping,
+    Pong,
+    Revoke,
+    Revoked,
+    RevokeMode,
+)
+from protocol.lease.constants import PROT_READ, PROT_WRITE
+from protocol.sansio import CLOSED, NEED_DATA
+from protocol.vfio_user.constants import Command
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+RW = PROT_READ | PROT_WRITE
+GUEST = 7
+F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS: int = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
+perf = time.perf_counter
+
+# The end-to-end set-up: a small aperture cut into windows of one granule, one lease each.
+E2E_APERTURE = 64 * MiB
+E2E_GRANULE = 2 * MiB
+HAMMERED = 4  # the load client hammers windows 0..HAMMERED-1
+MARK = 0x4D41524B00000000  # window i holds MARK + i in its first 8 bytes
+
+
+class BenchFailed(Exception):
+    """Something the benchmark relies on did not hold (a wrong value, a refused grant)."""
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def show(name: str, samples: Sequence[float], unit: float = 1e-6, label: str = "us") -> float:
+    """Print median, p90 and p99 of `samples` (seconds); returns the median."""
+    med = statistics.median(samples)
+    print(
+        f"    {name:<44} median {med / unit:9.2f} {label}   p90 {pct(samples, 0.9) / unit:9.2f}"
+        f"   p99 {pct(samples, 0.99) / unit:9.2f}   (n={len(samples)})"
+    )
+    return med
+
+
+def show_ratio(
+    what: str, subject: float, peer: float, unit: float = 1e-6, label: str = "us"
+) -> None:
+    print(f"    ratio {what}: {subject / peer:.2f}x (+{(subject - peer) / unit:.2f} {label})")
+
+
+def trimmed(samples: list[float]) -> list[float]:
+    """Drop the first tenth (warm-up: caches, the allocator, branch predictors)."""
+    return samples[len(samples) // 10 :]
+
+
+# ---------------------------------------------------------------------------- memory files
+
+
+def sealed_memfd(size: int, name: str = "bench-lender") -> int:
+    """A memfd as the protocol wants it: sparse, sealed against shrinking and growing."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)
+    return fd
+
+
+def mark_windows(fd: int, size: int, window: int) -> None:
+    for i in range(size // window):
+        os.pwrite(fd, struct.pack("<Q", MARK + i), i * window)
+
+
+def expect_mark(data: bytes, index: int, where: str) -> None:
+    if data != struct.pack("<Q", MARK + index):
+        raise BenchFailed(f"{where}: window {index} read {data.hex()} (not its contents)")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def drive(coro: Coroutine[Any, Any, bytes]) -> bytes:
+    """Run a coroutine that never suspends (a resident access) without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: bytes = done.value
+        return result
+    coro.close()
+    raise BenchFailed("the access suspended: the window was not resident")
+
+
+# ---------------------------------------------------------------------------- in-process lender
+
+
+class InstantPort:
+    """An in-process lender as the engine sees it (a `LenderPort`).
+
+    Inline, it answers each PAGE_IN inside `send_page_in` (grant from `home` at fd offset =
+    aperture offset, then PAGE_IN_DONE): the fastest lender there can be. Otherwise it only
+    records the requests and `answer()` serves them later.
+    """
+
+    def __init__(self, engine: LeaseEngine, home: int, *, inline: bool) -> None:
+        self.engine = engine
+        self.home = home
+        self.inline = inline
+        self.page_ins = 0
+        self.pending: list[tuple[int, int, int]] = []
+        self.next_lease = 1
+        engine.port = self
+
+    def grant(self, offset: int, length: int) -> int:
+        lease = self.next_lease
+        self.next_lease += 1
+        self.engine.grant(lease, offset, length, offset, RW, os.dup(self.home))
+        return lease
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
+        self.page_ins += 1
+        if self.inline:
+            self.grant(offset, length)
+            self.engine.page_in_done(request_id, PageInStatus.OK)
+        else:
+            self.pending.append((request_id, offset, length))
+        return True
+
+    def answer(self) -> list[int]:
+        leases = []
+        for request_id, offset, length in self.pending:
+            leases.append(self.grant(offset, length))
+            self.engine.page_in_done(request_id, PageInStatus.OK)
+        self.pending.clear()
+        return leases
+
+
+def small_engine(size: int = E2E_APERTURE, granule: int = E2E_GRANULE) -> LeaseEngine:
+    return LeaseEngine(size, granule, DeviceCounters(), EngineConfig())
+
+
+# ---------------------------------------------------------------------------- the bench lender
+
+
+@dataclass(slots=True, eq=False)
+class _Window:
+    index: int
+    lease: int = 0
+    state: str = "evicted"  # "resident", "revoking" or "evicted", as this lender sees it
+    settled: trio.Event = field(default_factory=trio.Event)
+
+
+class BenchLender:
+    """A minimal lender on a real lease-protocol socket: one window = one lease, one memfd.
+
+    It grants every window at the start, answers each PAGE_IN at once (or after
+    `page_in_delay`) with GRANTs then PAGE_IN_DONE, and exposes `revoke()` and `ping()`, timed
+    from just before the send to the answer's arrival: what a lender would measure.
+    """
+
+    def __init__(
+        self, aperture: int, granule: int, window: int, *, page_in_delay: float = 0.0
+    ) -> None:
+        self.aperture = aperture
+        self.granule = granule
+        self.window = window
+        self.page_in_delay = page_in_delay
+        self.home = sealed_memfd(aperture)
+        mark_windows(self.home, aperture, window)
+        self.windows = [_Window(i) for i in range(aperture // window)]
+        self.conn = LenderConnection()
+        self.ready = trio.Event()
+        self.page_ins = 0
+        self.grants = 0
+        self.acks = 0
+        self.nacks = 0
+        self.errors = 0
+        self._sock: trio.socket.SocketType | None = None
+        self._nursery: trio.Nursery | None = None
+        self._lock = trio.Lock()
+        self._next_lease = 1
+        self._next_token = 1
+        self._by_lease: dict[int, _Window] = {}
+        self._revoked: dict[int, trio.Event] = {}
+        self._pongs: dict[int, trio.Event] = {}
+        self._buf = bytearray(64 * KiB)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self.conn.close()
+        with contextlib.suppress(OSError):
+            os.close(self.home)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "page_ins": self.page_ins,
+            "grants": self.grants,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "errors": self.errors,
+        }
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve one borrower until it goes away."""
+        task_status.started()
+        self._sock, _ = await listener.accept()
+        hello = await self._event()
+        if not isinstance(hello, Hello):
+            raise BenchFailed(f"the borrower opened with {hello!r}")
+        await self._send(self.conn.hello_reply("bench-lender"))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for w in self.windows:
+                await self._grant(w)
+            while True:
+                event = await self._event()
+                if event is None or isinstance(event, Bye):
+                    nursery.cancel_scope.cancel()
+                    return
+                await self._handle(event)
+
+    async def _event(self) -> Event | None:
+        assert self._sock is not None
+        while True:
+            event = self.conn.next_event()
+            if event is CLOSED:
+                return None
+            if event is not NEED_DATA:
+                assert not isinstance(event, type(NEED_DATA))
+                return event
+            n = await self._sock.recv_into(self._buf)
+            self.conn.receive_data(memoryview(self._buf)[:n])
+
+    async def _handle(self, event: Event) -> None:
+        if isinstance(event, GrantAck):
+            self.acks += 1
+            if self.acks == len(self.windows):
+                self.ready.set()
+        elif isinstance(event, GrantNack):
+            self.nacks += 1
+            print(f"bench lender: lease {event.lease_id} refused: {event.text}", file=sys.stderr)
+        elif isinstance(event, Revoked):
+            # Settled here, in message order: a PAGE_IN behind this REVOKED sees it evicted.
+            w = self._by_lease[event.lease_id]
+            w.state = "evicted"
+            w.settled.set()
+            self._revoked.pop(event.lease_id).set()
+        elif isinstance(event, PageIn):
+            self.page_ins += 1
+            covered = self._covering(event.offset, event.length)
+            if self.page_in_delay or any(w.state == "revoking" for w in covered):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._page_in, event, covered)
+            else:
+                await self._page_in(event, covered)
+        elif isinstance(event, Ping):
+            await self._send(Pong(event.token))
+        elif isinstance(event, Pong):
+            self._pongs.pop(event.token).set()
+        elif isinstance(event, Error):
+            self.errors += 1
+            print(f"bench lender: the borrower refused something: {event}", file=sys.stderr)
+
+    def _covering(self, offset: int, length: int) -> list[_Window]:
+        first, last = offset // self.window, (offset + length - 1) // self.window
+        return self.windows[first : last + 1]
+
+    async def _page_in(self, request: PageIn, covered: list[_Window]) -> None:
+        if self.page_in_delay:
+            await trio.sleep(self.page_in_delay)
+        for w in covered:
+            while w.state == "revoking":
+                await w.settled.wait()
+            if w.state == "evicted":
+                await self._grant(w)
+        await self._send(PageInDone(request.request_id, PageInStatus.OK))
+
+    async def _grant(self, w: _Window) -> None:
+        # Decided before the first checkpoint: callers test the state and call this without
+        # yielding in between, so two tasks never lend the same window twice. The lock is fair,
+        # so GRANTs leave in the order of their (increasing) lease ids.
+        lease = self._next_lease
+        self._next_lease += 1
+        w.lease, w.state = lease, "resident"
+        self._by_lease[lease] = w
+        self.grants += 1
+        start = w.index * self.window
+        await self._send(Grant(lease, start, self.window, start, RW, self.home))
+
+    async def _send(self, event: Event) -> None:
+        async with self._lock:
+            await self._send_locked(event)
+
+    async def _send_locked(self, event: Event) -> None:
+        assert self._sock is not None
+        out = self.conn.send(event)
+        view = memoryview(out.data)
+        if out.fds:  # a GRANT: its own sendmsg, carrying its fd (docs/lease-protocol.md 5)
+            fds = struct.pack(f"{len(out.fds)}i", *out.fds)
+            view = view[
+                await self._sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]) :
+            ]
+        while view:
+            view = view[await self._sock.send(view) :]
+
+    async def revoke(self, index: int, mode: RevokeMode = RevokeMode.EVICT) -> float:
+        """REVOKE the window's lease and wait for REVOKED; seconds from send to answer."""
+        w = self.windows[index]
+        if w.state != "resident":
+            raise BenchFailed(f"window {index} is {w.state}, not resident")
+        w.state = "revoking"
+        w.settled = trio.Event()
+        done = self._revoked[w.lease] = trio.Event()
+        t0 = perf()
+        await self._send(Revoke(w.lease, mode))
+        await done.wait()
+        return perf() - t0
+
+    async def regrant(self, index: int) -> None:
+        """Lend the window again unless a page-in already did."""
+        w = self.windows[index]
+        if w.state == "evicted":
+            await self._grant(w)
+
+    async def ping(self) -> float:
+        token = self._next_token
+        self._next_token += 1
+        done = self._pongs[token] = trio.Event()
+        t0 = perf()
+        await self._send(Ping(token))
+        await done.wait()
+        return perf() - t0
+
+    async def revoke_series(self, index: int, n: int) -> tuple[list[float], list[float]]:
+        """n times: revoke the window (timed), lend it again, and a PING (timed, the peer)."""
+        revokes, pings = [], []
+        for i in range(n):
+            if i % 2:
+                pings.append(await self.ping())
+            revokes.append(await self.revoke(index))
+            await self.regrant(index)
+            if not i % 2:
+                pings.append(await self.ping())
+        return revokes, pings
+
+
+async def listen(path: str) -> trio.socket.SocketType:
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen()
+    return listener
+
+
+# ---------------------------------------------------------------------------- lender process
+
+
+async def lender_process(path: str) -> None:
+    """`--serve-lender PATH`: a BenchLender driven by one JSON line per command on stdin."""
+    lender = BenchLender(E2E_APERTURE, E2E_GRANULE, E2E_GRANULE)
+    listener = await listen(path)
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+
+    def reply(**fields: object) -> None:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    async def commands(cancel: trio.CancelScope) -> None:
+        buf = b""
+        reply(listening=True)
+        while True:
+            while b"\n" not in buf:
+                chunk = await stdin.receive_some()
+                if not chunk:
+                    cancel.cancel()
+                    return
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            words = line.decode().split()
+            if words[0] == "ready":
+                await lender.ready.wait()
+                reply(ok=True)
+            elif words[0] == "evict":
+                reply(t=await lender.revoke(int(words[1])))
+            elif words[0] == "revokes":
+                revokes, pings = await lender.revoke_series(int(words[1]), int(words[2]))
+                reply(revokes=revokes, pings=pings)
+            elif words[0] == "stats":
+                reply(**lender.stats())
+            else:
+                cancel.cancel()
+                return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commands, nursery.cancel_scope)
+            await lender.serve(listener)
+            nursery.cancel_scope.cancel()
+    finally:
+        lender.close()
+        listener.close()
+
+
+class LenderProcess:
+    """The benchmark's handle on a lender process."""
+
+    def __init__(self, path: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-lender", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in: IO[str] = self.proc.stdin
+        self._out: IO[str] = self.proc.stdout
+        self.answer()  # listening
+
+    def answer(self) -> dict[str, Any]:
+        line = self._out.readline()
+        if not line:
+            raise BenchFailed("the lender process ended")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def ask(self, *words: object) -> dict[str, Any]:
+        self._in.write(" ".join(map(str, words)) + "\n")
+        self._in.flush()
+        return self.answer()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._in.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------- vfio-user client
+
+
+def read_request(msg_id: int, offset: int) -> bytes:
+    return struct.pack("<HHIIIQII", msg_id & 0xFFFF, Command.REGION_READ, 32, 0, 0, offset, 0, 8)
+
+
+def write_request(msg_id: int, offset: int, data: bytes) -> bytes:
+    head = struct.pack("<HHIIIQII", msg_id & 0xFFFF, Command.REGION_WRITE, 40, 0, 0, offset, 0, 8)
+    return head + data
+
+
+class RawClient:
+    """8-byte BAR0 accesses with as little client-side Python as possible (as in
+    bench_vfio_user.py), after a real attach sequence."""
+
+    def __init__(self, path: str) -> None:
+        self.client = VfioUserClient(path)
+        self.client.attach()
+        self.sock = self.client.sock
+        self.sock.settimeout(10)
+        self.buf = bytearray(64)
+        self.view = memoryview(self.buf)
+        self.msg_id = 1000
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _reply(self, size: int) -> None:
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(self.view[got:], size - got)
+            if not n:
+                raise BenchFailed("devmodel closed the vfio-user connection")
+            got += n
+
+    def read(self, offset: int) -> tuple[float, bytes]:
+        self.msg_id += 1
+        req = read_request(self.msg_id, offset)
+        t0 = perf()
+        self.sock.sendall(req)
+        self._reply(40)
+        return perf() - t0, bytes(self.buf[32:40])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.msg_id += 1
+        self.sock.sendall(write_request(self.msg_id, offset, data))
+        self._reply(32)
+
+
+def hammer_process(path: str) -> None:
+    """`--hammer PATH`: read and write windows 0..HAMMERED-1 until SIGTERM; print the counts."""
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    client = RawClient(path)
+    print(json.dumps({"started": True}), flush=True)
+    accesses = wrong = 0
+    t0 = perf()
+    i = 0
+    while not stop:
+        index = i % HAMMERED
+        _, data = client.read(index * E2E_GRANULE)
+        if data != struct.pack("<Q", MARK + index):
+            wrong += 1
+        client.write(index * E2E_GRANULE + 64, struct.pack("<Q", i))
+        accesses += 2
+        i += 1
+    print(json.dumps({"accesses": accesses, "wrong": wrong, "seconds": perf() - t0}), flush=True)
+    client.close()
+
+
+def wait_for_path(path: str, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchFailed(f"nothing listens on {path}")
+        time.sleep(0.01)
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------- a) faults
+
+
+async def engine_faults(repeat: int) -> None:
+    engine = small_engine()
+    home = sealed_memfd(engine.size)
+    mark_windows(home, engine.size, engine.granule)
+    port = InstantPort(engine, home, inline=True)
+    try:
+        leases = [port.grant(i * engine.granule, engine.granule) for i in range(2)]
+        fault: list[float] = []
+        resident: list[float] = []
+        for i in range(repeat):
+            await engine.revoke(leases[0], RevokeMode.EVICT)
+            leases[0] = port.next_lease  # the lease the page-in is about to grant
+            for which in (i % 2, 1 - i % 2):
+                t0 = perf()
+                data = await engine.read(which * engine.granule, 8)
+                took = perf() - t0
+                expect_mark(data, which, "engine")
+                (fault if which == 0 else resident).append(took)
+        if port.page_ins != repeat:
+            raise BenchFailed(f"{repeat} faults sent {port.page_ins} PAGE_INs")
+        print("  in-process (LeaseEngine.read, an inline lender: grant + PAGE_IN_DONE at once):")
+        peer = show("resident window (peer)", trimmed(resident))
+        subject = show("evicted window (fault, page-in, served)", trimmed(fault))
+        show_ratio("fault/resident", subject, peer)
+    finally:
+        engine.close()
+        os.close(home)
+
+
+def e2e_faults(client: RawClient, lender: LenderProcess, repeat: int) -> None:
+    fault: list[float] = []
+    resident: list[float] = []
+    for i in range(repeat):
+        lender.ask("evict", 0)
+        for which in (i % 2, 1 - i % 2):
+            index = 0 if which == 0 else 1
+            took, data = client.read(index * E2E_GRANULE)
+            expect_mark(data, index, "end to end")
+            (fault if index == 0 else resident).append(took)
+    print(
+        "  end to end (vfio-user client process -> devmodel run -> lease socket -> lender process):"
+    )
+    peer = show("resident window (peer)", trimmed(resident))
+    subject = show("evicted window (fault, page-in, served)", trimmed(fault))
+    show_ratio("fault/resident", subject, peer)
+
+
+# ---------------------------------------------------------------------------- b) revokes
+
+
+async def engine_revokes(repeat: int) -> None:
+    engine = small_engine()
+    home = sealed_memfd(engine.size)
+    port = InstantPort(engine, home, inline=True)
+    try:
+        samples, reads = [], []
+        lease = port.grant(0, engine.granule)
+        port.grant(engine.granule, engine.granule)
+        for _ in range(repeat):
+            t0 = perf()
+            await engine.revoke(lease, RevokeMode.EVICT)
+            samples.append(perf() - t0)
+            lease = port.grant(0, engine.granule)
+            t0 = perf()
+            await engine.read(engine.granule, 8)
+            reads.append(perf() - t0)
+        print("  in-process (LeaseEngine.revoke, no transport mappings to remove):")
+        peer = show("resident read (peer)", trimmed(reads))
+        subject = show("engine.revoke(EVICT)", trimmed(samples))
+        show_ratio("revoke/read", subject, peer)
+    finally:
+        engine.close()
+        os.close(home)
+
+
+def print_revokes(title: str, answer: dict[str, Any]) -> None:
+    print(title)
+    peer = show("PING -> PONG (peer)", trimmed(answer["pings"]))
+    subject = show("REVOKE(EVICT) -> REVOKED", trimmed(answer["revokes"]))
+    show_ratio("revoke/ping", subject, peer)
+
+
+# ---------------------------------------------------------------------------- c) coalescing
+
+
+async def read_into(engine: LeaseEngine, results: list[bytes]) -> None:
+    results.append(await engine.read(0, 8))
+
+
+async def engine_coalescing(rounds: int, waiters: int) -> list[int]:
+    engine = small_engine()
+    home = sealed_memfd(engine.size)
+    mark_windows(home, engine.size, engine.granule)
+    port = InstantPort(engine, home, inline=False)
+    counts = []
+    try:
+        lease = port.grant(0, engine.granule)
+        for _ in range(rounds):
+            await engine.revoke(lease, RevokeMode.EVICT)
+            before = port.page_ins
+            results: list[bytes] = []
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(waiters):
+                    nursery.start_soon(read_into, engine, results)
+                await trio.testing.wait_all_tasks_blocked()
+                counts.append(port.page_ins - before)
+                (lease,) = port.answer()
+            if len(results) != waiters:
+                raise BenchFailed(f"{len(results)} of {waiters} waiting reads were served")
+            for data in results:
+                expect_mark(data, 0, "coalesced engine read")
+    finally:
+        engine.close()
+        os.close(home)
+    return counts
+
+
+async def link_coalescing(tmp: Path, rounds: int, waiters: int) -> tuple[list[int], int]:
+    """The engine and its LenderLink in this process, a BenchLender on a real socket."""
+    path = str(tmp / "coalesce.sock")
+    listener = await listen(path)
+    lender = BenchLender(E2E_APERTURE, E2E_GRANULE, E2E_GRANULE, page_in_delay=0.005)
+    engine = small_engine()
+    link = LenderLink(engine, path, GUEST)
+    counts = []
+    wrong = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lender.serve, listener)
+            nursery.start_soon(link.run)
+            with trio.fail_after(10):
+                await lender.ready.wait()
+            for _ in range(rounds):
+                await lender.revoke(0)
+                before = lender.page_ins
+                results: list[bytes] = []
+
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as readers:
+                        for _ in range(waiters):
+                            readers.start_soon(read_into, engine, results)
+                counts.append(lender.page_ins - before)
+                wrong += sum(r != struct.pack("<Q", MARK) for r in results)
+            nursery.cancel_scope.cancel()
+    finally:
+        engine.close()
+        lender.close()
+        listener.close()
+    return counts, wrong
+
+
+# ---------------------------------------------------------------------------- d) a million
+
+
+def big_table(n: int, repeat: int) -> None:
+    granule = 4 * KiB
+    aperture = max(MiB, 1 << math.ceil(math.log2(n * granule)))
+    chunk = max(1000, n // 20)
+    print(
+        f"d) {n:,} leases of one 4 KiB granule each, aperture {aperture // MiB:,} MiB, "
+        f"all from one sparse memfd at fd offset = aperture offset"
+    )
+    home = sealed_memfd(n * granule, "bench-million")
+    engine = LeaseEngine(aperture, granule, DeviceCounters(), EngineConfig(max_leases=n))
+    peer: dict[int, tuple[int, int, int, int, int, int]] = {}
+    eng_rates, peer_rates = [], []
+    eng_mem = peer_mem = 0
+    eng_time = peer_time = 0.0
+    grant = engine.grant
+    dup = os.dup
+    try:
+        gc.collect()
+        # Chunks alternate between the engine and the peer, so both see the same machine; what
+        # the process grows by during each chunk is charged to whoever ran it (nothing is freed).
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            m0 = rss()
+            t0 = perf()
+            for i in range(lo, hi):
+                off = i * granule
+                grant(i + 1, off, granule, off, RW, dup(home))
+            t1 = perf()
+            m1 = rss()
+            for i in range(lo, hi):
+                off = i * granule
+                peer[off] = (i + 1, off, granule, off, RW, home)
+            t2 = perf()
+            m2 = rss()
+            eng_rates.append((hi - lo) / (t1 - t0))
+            peer_rates.append((hi - lo) / (t2 - t1))
+            eng_time += t1 - t0
+            peer_time += t2 - t1
+            eng_mem += m1 - m0
+            peer_mem += m2 - m1
+        if engine.lease_count != n or engine.kept_fds != 1:
+            raise BenchFailed(f"{engine.lease_count} leases, {engine.kept_fds} kept fds")
+        print(f"  grants ({n // chunk} chunks of {chunk:,}, interleaved with the peer's):")
+        e_med, p_med = statistics.median(eng_rates), statistics.median(peer_rates)
+        print(
+            f"    {'engine.grant':<44} {e_med:12,.0f} grants/s (median chunk), "
+            f"all {n:,} in {eng_time:.1f} s"
+        )
+        print(
+            f"    {'peer: a dict of 6-tuples':<44} {p_med:12,.0f} inserts/s (median chunk), "
+            f"all in {peer_time:.2f} s"
+        )
+        floor = syscall_floor(home, min(n, 100_000))
+        print(
+            f"    {'floor: dup+fstat+2 fcntl+close per grant':<44} "
+            f"{1 / floor:12,.0f} per s ({floor * 1e6:.2f} us each)"
+        )
+        print(
+            f"    ratio engine/peer: {p_med / e_med:.1f}x slower; "
+            f"{e_med * floor:.0%} of a grant is the fd syscalls"
+        )
+        print("  memory (resident set growth during the chunks above):")
+        print(f"    {'engine':<44} {eng_mem / n:9.0f} bytes/lease ({eng_mem / MiB:,.0f} MiB)")
+        print(f"    {'peer: a dict of 6-tuples':<44} {peer_mem / n:9.0f} bytes/entry")
+        print(f"    ratio engine/peer: {eng_mem / max(peer_mem, 1):.1f}x")
+        sample = min(n, 20_000)
+        traced = traced_bytes_per_lease(sample)
+        print(
+            f"    {'engine, tracemalloc over ' + format(sample, ',') + ' leases':<44} "
+            f"{traced:9.0f} bytes/lease"
+        )
+        lookups(engine, peer, n, granule, repeat)
+        resident_reads(engine, n, granule, repeat)
+    finally:
+        engine.close()
+        os.close(home)
+
+
+def syscall_floor(fd: int, n: int) -> float:
+    """What validating a received fd costs at least (the engine's FdStore makes these calls)."""
+    t0 = perf()
+    for _ in range(n):
+        d = os.dup(fd)
+        os.fstat(d)
+        fcntl.fcntl(d, fcntl.F_GETFL)
+        fcntl.fcntl(d, F_GET_SEALS)
+        os.close(d)
+    return (perf() - t0) / n
+
+
+def traced_bytes_per_lease(n: int) -> float:
+    granule = 4 * KiB
+    home = sealed_memfd(n * granule, "bench-traced")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        engine = LeaseEngine(1 << 40, granule, DeviceCounters())
+        for i in range(n):
+            off = i * granule
+            engine.grant(i + 1, off, granule, off, RW, os.dup(home))
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    engine.close()
+    os.close(home)
+    return (after - before) / n
+
+
+def lookups(
+    engine: LeaseEngine,
+    peer: dict[int, tuple[int, int, int, int, int, int]],
+    n: int,
+    granule: int,
+    repeat: int,
+) -> None:
+    rng = random.Random(4)
+    batch = 1000
+    offsets = [rng.randrange(n * granule) for _ in range(batch)]
+    starts = list(peer)  # ascending: inserted in order
+    values = list(peer.values())
+    find = engine.window_at
+    get = peer.get
+    bisect_right = bisect.bisect_right
+
+    def by_engine() -> None:
+        for off in offsets:
+            w = find(off)
+            assert w is not None
+
+    def by_bisect() -> None:
+        for off in offsets:
+            i = bisect_right(starts, off) - 1
+            v = values[i]
+            assert off < v[1] + v[2]
+
+    def by_dict() -> None:
+        for off in offsets:
+            assert get(off - off % granule) is not None
+
+    def empty() -> None:
+        for off in offsets:
+            assert off is not None
+
+    times: dict[str, list[float]] = {"engine": [], "bisect": [], "dict": [], "empty": []}
+    runs: list[tuple[str, Callable[[], None]]] = [
+        ("engine", by_engine),
+        ("bisect", by_bisect),
+        ("dict", by_dict),
+        ("empty", empty),
+    ]
+    for r in range(max(repeat // 10, 20)):
+        for name, fn in runs[r % 4 :] + runs[: r % 4]:
+            t0 = perf()
+            fn()
+            times[name].append((perf() - t0) / batch)
+    print(f"  lookup of a random offset ({batch} per batch, per-lookup time, loop included):")
+    base = show("the loop alone", times["empty"], 1e-9, "ns")
+    p_bisect = show("peer: bisect on a sorted list of starts", times["bisect"], 1e-9, "ns")
+    show("peer: dict per granule (not sparse)", times["dict"], 1e-9, "ns")
+    e = show("engine.window_at (WindowTable.find)", times["engine"], 1e-9, "ns")
+    show_ratio("engine/bisect", e - base, p_bisect - base, 1e-9, "ns")
+
+
+def resident_reads(engine: LeaseEngine, n: int, granule: int, repeat: int) -> None:
+    """An 8-byte resident read, full table against a one-lease engine, interleaved."""
+    one = LeaseEngine(engine.size, granule, DeviceCounters())
+    home = sealed_memfd(granule, "bench-one")
+    one.grant(1, 0, granule, 0, RW, home)
+    rng = random.Random(5)
+    full_t, one_t = [], []
+    try:
+        for _ in range(max(repeat, 1000)):
+            off = rng.randrange(n) * granule
+            t0 = perf()
+            drive(one.read(0, 8))
+            t1 = perf()
+            drive(engine.read(off, 8))
+            t2 = perf()
+            one_t.append(t1 - t0)
+            full_t.append(t2 - t1)
+    finally:
+        one.close()
+    print(f"  resident 8-byte read (LeaseEngine.read), {n:,} leases against one:")
+    peer = show("engine with one lease (peer)", trimmed(one_t))
+    subject = show(f"engine with {n:,} leases", trimmed(full_t))
+    show_ratio("full/one", subject, peer)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def e2e(tmp: Path, repeat: int) -> dict[str, Any]:
+    """Sections a) and b) through real processes; returns the lender's counters."""
+    lender_sock = str(tmp / "lender.sock")
+    dm_sock = str(tmp / "dm.sock")
+    lender = LenderProcess(lender_sock)
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "devmodel",
+                    "run",
+                    "--socket-path",
+                    dm_sock,
+                    "--lender-socket",
+                    lender_sock,
+                    "--domid",
+                    str(GUEST),
+                    "--aperture-size",
+                    str(E2E_APERTURE),
+                    "--granule",
+                    str(E2E_GRANULE),
+                    "--log-level",
+                    "warning",
+                ]
+            )
+        )
+        wait_for_path(dm_sock, procs[0])
+        lender.ask("ready")
+        client = RawClient(dm_sock)
+        try:
+            print("a) fault service latency, 8-byte reads of BAR0, instant lender")
+            trio.run(engine_faults, repeat)
+            e2e_faults(client, lender, repeat)
+        finally:
+            client.close()
+        print("b) REVOKE -> REVOKED latency")
+        trio.run(engine_revokes, repeat)
+        print_revokes(
+            "  over the lease socket, devmodel idle (lender process, window 0):",
+            lender.ask("revokes", 0, repeat),
+        )
+        hammer = subprocess.Popen(
+            [sys.executable, __file__, "--hammer", dm_sock], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(hammer)
+        assert hammer.stdout is not None
+        if not hammer.stdout.readline():
+            raise BenchFailed("the load client did not start")
+        same = lender.ask("revokes", 0, repeat)
+        other = lender.ask("revokes", HAMMERED + 1, repeat)
+        stop_process(hammer)
+        load = json.loads(hammer.stdout.readline())
+        rate = load["accesses"] / load["seconds"]
+        print_revokes(
+            f"  over the lease socket, under load (a vfio-user client reading and writing windows "
+            f"0-{HAMMERED - 1}, {rate:,.0f} accesses/s), window 0 (hammered):",
+            same,
+        )
+        print_revokes(f"  same load, window {HAMMERED + 1} (not hammered):", other)
+        if load["wrong"]:
+            raise BenchFailed(f"the load client read wrong contents {load['wrong']} times")
+        return lender.ask("stats")
+    finally:
+        for p in procs:
+            stop_process(p)
+        lender.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--leases", type=int, help="leases for section d (default 1,000,000)")
+    parser.add_argument("--repeat", type=int, help="samples per measurement (default 2000)")
+    parser.add_argument("--serve-lender", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--hammer", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_lender:
+        trio.run(lender_process, args.serve_lender)
+        return 0
+    if args.hammer:
+        hammer_process(args.hammer)
+        return 0
+    repeat = args.repeat or (50 if args.quick else 2000)
+    leases = args.leases or (5000 if args.quick else 1_000_000)
+    print(f"lease engine benchmark: {repeat} samples per measurement, {os.cpu_count()} cpus")
+    tmp = Path(tempfile.mkdtemp(prefix="devmodel-bench-leases-"))
+    status = 0
+    try:
+        stats = e2e(tmp, repeat)
+        print("c) PAGE_INs sent for 64 concurrent faults on one window (must be 1 each time)")
+        rounds = max(3, repeat // 100)
+        counts = trio.run(engine_coalescing, rounds, 64)
+        print(f"  in-process, {rounds} rounds: PAGE_INs per round {sorted(set(counts))}")
+        link_counts, wrong = trio.run(link_coalescing, tmp, rounds, 64)
+        print(
+            f"  through the lender link and a lender on a socket, {rounds} rounds: "
+            f"PAGE_INs per round {sorted(set(link_counts))}, wrong reads {wrong}"
+        )
+        if any(c != 1 for c in counts + link_counts) or wrong:
+            print("  FAILED: concurrent faults on one window must send exactly one PAGE_IN")
+            status = 1
+        big_table(leases, repeat)
+        print(
+            f"end-to-end lender counters: {stats['page_ins']} PAGE_INs, {stats['grants']} "
+            f"grants, {stats['nacks']} refused, {stats['errors']} errors"
+        )
+        if stats["nacks"] or stats["errors"]:
+            status = 1
+    except BenchFailed as exc:
+        print(f"FAILED: {exc}")
+        status = 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
