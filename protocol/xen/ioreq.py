@@ -448,8 +448,12 @@ def post_buffered_write(
     _U32.pack_into(page, WRITE_POINTER_OFFSET, wr)
     if mode == BufioreqMode.ATOMIC and rd >= BUF_IOREQ_SLOTS:
         n = rd // BUF_IOREQ_SLOTS
+        # 32-bit arithmetic, as in Xen: only the difference matters.
         POINTERS.pack_into(
-            page, READ_POINTER_OFFSET, rd - n * BUF_IOREQ_SLOTS, wr - n * BUF_IOREQ_SLOTS
+            page,
+            READ_POINTER_OFFSET,
+            rd - n * BUF_IOREQ_SLOTS,
+            (wr - n * BUF_IOREQ_SLOTS) & _U32_MAX,
         )
     return True
 
