@@ -1,0 +1,509 @@
+"""A simulated Xen hypervisor: a `XenPlatform` the transport cannot tell from a host.
+
+What is real: the shared pages (4096-byte buffers laid out by protocol.xen, which is checked
+against Xen's headers), the event channel's file descriptor (a pipe the transport's trio loop
+really waits on), guest RAM (one buffer that data_is_ptr accesses map live), and the routing
+Xen does before any request reaches a server: an MMIO access goes to this server only if its
+whole range lies in a claimed range of an enabled server, a config cycle only if its function
+was claimed; everything else goes to the "default device model" (the sim answers all-ones and
+records it, as QEMU answers an unassigned address).
+
+The guest side is `SimVcpu`: each access writes the vCPU's slot as Xen does (state last),
+notifies the server's port, and waits (async, in the test's trio tasks) until the server
+notifies back with IORESP_READY. A vCPU has one access in flight at a time, as a real one is
+blocked until its answer.
+
+Fault injection: `vcpus` larger than a page's slots, raw slots (any IoReq, or any 32 bytes),
+posted writes of any kind, raw bytes in the buffered ring, failing platform calls (`fail`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import trio
+
+from devmodel.xen.platform import XenError
+from protocol.xen import (
+    IOREQ_READ,
+    IOREQ_WRITE,
+    PAGE_SIZE,
+    BufioreqMode,
+    IoReq,
+    IoreqState,
+    IoreqType,
+    encode_pci_config_addr,
+    post_buffered_write,
+    read_slot,
+    set_slot_state,
+    slot_offset,
+    write_slot,
+)
+
+REMOTE_PORT_BASE = 40
+"""The guest-side port of vCPU n's channel is REMOTE_PORT_BASE + n (Xen picks any free one)."""
+REMOTE_BUF_PORT = 39
+
+
+def ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
+@dataclass
+class SimServer:
+    id: int
+    mode: int
+    ioreq: bytearray
+    bufioreq: bytearray | None
+    enabled: bool = False
+    mmio: list[tuple[int, int]] = field(default_factory=list)
+    pio: list[tuple[int, int]] = field(default_factory=list)
+    pcidevs: set[tuple[int, int, int, int]] = field(default_factory=set)
+    destroyed: bool = False
+
+
+class SimPages:
+    def __init__(self, sim: SimHypervisor, server: SimServer) -> None:
+        self.sim = sim
+        self._ioreq = memoryview(server.ioreq)
+        self._buf = memoryview(server.bufioreq) if server.bufioreq is not None else None
+        self.closed = False
+
+    @property
+    def ioreq(self) -> memoryview:
+        return self._ioreq
+
+    @property
+    def bufioreq(self) -> memoryview | None:
+        return self._buf
+
+    def close(self) -> None:
+        self.closed = True
+        self._ioreq.release()
+        if self._buf is not None:
+            self._buf.release()
+        self.sim.pages_open -= 1
+
+
+class SimMapping:
+    def __init__(self, sim: SimHypervisor, view: memoryview) -> None:
+        self.sim = sim
+        self._view = view
+        sim.mappings_open += 1
+
+    @property
+    def view(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        self._view.release()
+        self.sim.mappings_open -= 1
+
+
+class SimHypervisor:
+    """One HVM guest `domid` with `vcpus` vCPUs and `ram` bytes of RAM at address 0."""
+
+    def __init__(self, domid: int = 7, vcpus: int = 2, ram: int = 1 << 20) -> None:
+        self.domid = domid
+        self.vcpus = vcpus
+        self.ram = bytearray(ram)
+        self.servers: dict[int, SimServer] = {}
+        self.next_server = 1
+        self.restricted = False
+        self.closed = False
+        self.xenstore: dict[str, str] = {}
+        self.pages_open = 0
+        self.mappings_open = 0
+        self.mapped_frames: list[list[int]] = []
+        # Calls by name that raise XenError(errno) instead of doing anything.
+        self.fail: dict[str, int] = {}
+        self.calls: list[str] = []
+        # Accesses Xen sent to the default device model: (kind, address).
+        self.default_accesses: list[tuple[str, int]] = []
+        self.msis: list[tuple[int, int]] = []
+        # Event channels. remote port -> local port and back; local ports are per handle.
+        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.local_of: dict[int, int] = {}
+        self.remote_of: dict[int, int] = {}
+        self.next_local = 1
+        self._ring: deque[int] = deque()  # delivered, not yet read
+        self._masked: set[int] = set()  # delivered and not unmasked yet
+        self._pending_masked: set[int] = set()  # fired while masked
+        self.notified: dict[int, trio.Event] = {}  # remote port -> the vCPU waiting on it
+        self.cpus = [SimVcpu(self, v) for v in range(vcpus)]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if self.closed:
+            raise XenError(errno.EBADF, f"{name} after close")
+        code = self.fail.get(name)
+        if code is not None:
+            raise XenError(code, f"{name} failed (injected)")
+
+    def server(self) -> SimServer:
+        """The one live server (the tests run one transport per sim)."""
+        live = [s for s in self.servers.values() if not s.destroyed]
+        assert len(live) == 1, f"{len(live)} live servers"
+        return live[0]
+
+    def _get(self, server: int) -> SimServer:
+        s = self.servers.get(server)
+        if s is None or s.destroyed:
+            raise XenError(errno.ENOENT, f"no ioreq server {server}")
+        return s
+
+    # ------------------------------------------------------------------ devicemodel
+
+    def restrict(self) -> None:
+        self._call("restrict")
+        self.restricted = True
+
+    def create_ioreq_server(self, handle_bufioreq: int) -> int:
+        self._call("create_ioreq_server")
+        if handle_bufioreq not in tuple(BufioreqMode):
+            raise XenError(errno.EINVAL, f"bufioreq mode {handle_bufioreq}")
+        sid = self.next_server
+        self.next_server += 1
+        ioreq = bytearray(PAGE_SIZE)
+        for v in range(min(self.vcpus, PAGE_SIZE // 32)):
+            # Xen allocates each vCPU's channel and records its port in the slot.
+            write_slot(ioreq, v, IoReq(0, 0, 0, 0, REMOTE_PORT_BASE + v, 0, False, 0, False, 0))
+        buf = bytearray(PAGE_SIZE) if handle_bufioreq != BufioreqMode.OFF else None
+        self.servers[sid] = SimServer(sid, handle_bufioreq, ioreq, buf)
+        return sid
+
+    def destroy_ioreq_server(self, server: int) -> None:
+        self._call("destroy_ioreq_server")
+        self._get(server).destroyed = True
+
+    def set_ioreq_server_state(self, server: int, enabled: bool) -> None:
+        self._call("set_ioreq_server_state")
+        self._get(server).enabled = enabled
+
+    def bufioreq_port(self, server: int) -> int | None:
+        self._call("bufioreq_port")
+        return REMOTE_BUF_PORT if self._get(server).bufioreq is not None else None
+
+    def map_io_range(self, server: int, is_mmio: bool, start: int, end: int) -> None:
+        self._call("map_io_range")
+        s = self._get(server)
+        ranges = s.mmio if is_mmio else s.pio
+        if end < start or any(a <= end and start <= b for a, b in ranges):
+            raise XenError(errno.EEXIST, f"range {start:#x}-{end:#x} overlaps")
+        ranges.append((start, end))
+
+    def unmap_io_range(self, server: int, is_mmio: bool, start: int, end: int) -> None:
+        self._call("unmap_io_range")
+        s = self._get(server)
+        ranges = s.mmio if is_mmio else s.pio
+        if (start, end) not in ranges:
+            raise XenError(errno.ENOENT, f"range {start:#x}-{end:#x} not claimed")
+        ranges.remove((start, end))
+
+    def map_pcidev(self, server: int, segment: int, bus: int, device: int, function: int) -> None:
+        self._call("map_pcidev")
+        self._get(server).pcidevs.add((segment, bus, device, function))
+
+    def unmap_pcidev(self, server: int, segment: int, bus: int, device: int, function: int) -> None:
+        self._call("unmap_pcidev")
+        self._get(server).pcidevs.discard((segment, bus, device, function))
+
+    def inject_msi(self, address: int, data: int) -> None:
+        self._call("inject_msi")
+        self.msis.append((address, data))
+
+    def set_pci_intx_level(
+        self, segment: int, bus: int, device: int, intx: int, level: int
+    ) -> None:
+        self._call("set_pci_intx_level")
+
+    def vcpu_count(self) -> int:
+        self._call("vcpu_count")
+        return self.vcpus
+
+    # ------------------------------------------------------------------ foreignmemory
+
+    def map_ioreq_pages(self, server: int, vcpus: int) -> SimPages:
+        self._call("map_ioreq_pages")
+        self.pages_open += 1
+        return SimPages(self, self._get(server))
+
+    def map_guest(self, frames: list[int], writable: bool) -> SimMapping:
+        self._call("map_guest")
+        if not frames or frames != list(range(frames[0], frames[0] + len(frames))):
+            raise XenError(errno.EINVAL, f"frames {frames} are not contiguous")
+        start, end = frames[0] * PAGE_SIZE, (frames[-1] + 1) * PAGE_SIZE
+        if end > len(self.ram):
+            # Not RAM: MMIO (BARs, lent memory) or nothing. Foreign maps of it fail.
+            raise XenError(errno.EFAULT, f"frames {frames[0]:#x}.. are not guest RAM")
+        self.mapped_frames.append(list(frames))
+        view = memoryview(self.ram)[start:end]
+        return SimMapping(self, view if writable else view.toreadonly())
+
+    # ------------------------------------------------------------------ evtchn
+
+    def evtchn_fd(self) -> int:
+        self._call("evtchn_fd")
+        return self._rfd
+
+    def evtchn_bind(self, remote_port: int) -> int:
+        self._call("evtchn_bind")
+        if remote_port in self.local_of:
+            raise XenError(errno.EBUSY, f"port {remote_port} already bound")
+        local = self.next_local
+        self.next_local += 1
+        self.local_of[remote_port] = local
+        self.remote_of[local] = remote_port
+        return local
+
+    def evtchn_unbind(self, local_port: int) -> None:
+        self._call("evtchn_unbind")
+        remote = self.remote_of.pop(local_port, None)
+        if remote is None:
+            raise XenError(errno.EINVAL, f"local port {local_port} not bound")
+        del self.local_of[remote]
+
+    def evtchn_pending(self) -> int | None:
+        self._call("evtchn_pending")
+        try:
+            os.read(self._rfd, 1)
+        except BlockingIOError:
+            return None
+        return self._ring.popleft()
+
+    def evtchn_unmask(self, local_port: int) -> None:
+        self._call("evtchn_unmask")
+        self._masked.discard(local_port)
+        if local_port in self._pending_masked:
+            self._pending_masked.discard(local_port)
+            self._deliver(local_port)
+
+    def evtchn_notify(self, local_port: int) -> None:
+        self._call("evtchn_notify")
+        remote = self.remote_of.get(local_port)
+        if remote is None:
+            raise XenError(errno.EINVAL, f"local port {local_port} not bound")
+        event = self.notified.get(remote)
+        if event is not None:
+            event.set()
+
+    def _deliver(self, local: int) -> None:
+        """An event on `local`: queued for the reader and masked until unmasked (Linux)."""
+        if local in self._masked:
+            self._pending_masked.add(local)
+            return
+        self._masked.add(local)
+        self._ring.append(local)
+        os.write(self._wfd, b"\0")
+
+    def guest_notify(self, remote: int) -> None:
+        """Xen signalling the server on the guest's port `remote` (if anyone bound it)."""
+        local = self.local_of.get(remote)
+        if local is not None:
+            self._deliver(local)
+
+    # ------------------------------------------------------------------ xenstore
+
+    def xenstore_write(self, path: str, value: str) -> None:
+        self._call("xenstore_write")
+        self.xenstore[path] = value
+
+    def xenstore_read(self, path: str) -> str | None:
+        self._call("xenstore_read")
+        return self.xenstore.get(path)
+
+    def xenstore_remove(self, path: str) -> None:
+        self._call("xenstore_remove")
+        self.xenstore.pop(path, None)
+
+    def close(self) -> None:
+        self._call("close")
+        self.closed = True
+        os.close(self._rfd)
+        os.close(self._wfd)
+
+    # ------------------------------------------------------------------ Xen's routing
+
+    def mmio_server(self, addr: int, size: int) -> SimServer | None:
+        for s in self.servers.values():
+            if s.enabled and not s.destroyed:
+                for a, b in s.mmio:
+                    if a <= addr and addr + size - 1 <= b:
+                        return s
+        return None
+
+    def config_server(self, sbdf: tuple[int, int, int, int]) -> SimServer | None:
+        for s in self.servers.values():
+            if s.enabled and not s.destroyed and sbdf in s.pcidevs:
+                return s
+        return None
+
+    def post(self, addr: int, size: int, data: int, *, type: int = IoreqType.COPY) -> bool:
+        """A posted write, queued on the ring of whichever server claims `addr` (as Xen
+        does for VGA writes), then that server notified. False if no server takes it."""
+        s = self.mmio_server(addr, size) if type == IoreqType.COPY else self._any_ring()
+        if s is None or s.bufioreq is None:
+            self.default_accesses.append(("posted", addr))
+            return False
+        if not post_buffered_write(
+            s.bufioreq, addr, size, data, type=type, mode=BufioreqMode(s.mode)
+        ):
+            return False
+        self.guest_notify(REMOTE_BUF_PORT)
+        return True
+
+    def _any_ring(self) -> SimServer | None:
+        for s in self.servers.values():
+            if s.enabled and not s.destroyed and s.bufioreq is not None:
+                return s
+        return None
+
+    def ring_raw(self, entries: bytes, advance: int) -> None:
+        """Corrupt the ring: write `entries` at the write pointer and move it by `advance`."""
+        s = self.server()
+        assert s.bufioreq is not None
+        page = s.bufioreq
+        wr = int.from_bytes(page[4:8], "little")
+        at = 8 + (wr % 511) * 8
+        page[at : at + len(entries)] = entries
+        page[4:8] = ((wr + advance) & 0xFFFFFFFF).to_bytes(4, "little")
+        self.guest_notify(REMOTE_BUF_PORT)
+
+    def ring_pointers(self) -> tuple[int, int]:
+        page = self.server().bufioreq
+        assert page is not None
+        return int.from_bytes(page[0:4], "little"), int.from_bytes(page[4:8], "little")
+
+
+class SimVcpu:
+    """One guest vCPU: its accesses trap into its slot and it waits for the answer."""
+
+    def __init__(self, sim: SimHypervisor, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.busy = False
+        self.answered = 0
+
+    # ---------------------------------------------------------------- plain accesses
+
+    async def read(self, addr: int, size: int) -> int:
+        if self.sim.mmio_server(addr, size) is None:
+            self.sim.default_accesses.append(("read", addr))
+            return ones(size)
+        done = await self.send(_req(IoreqType.COPY, addr, size, IOREQ_READ))
+        return done.data
+
+    async def write(self, addr: int, size: int, value: int) -> None:
+        if self.sim.mmio_server(addr, size) is None:
+            self.sim.default_accesses.append(("write", addr))
+            return
+        await self.send(_req(IoreqType.COPY, addr, size, IOREQ_WRITE, value))
+
+    async def read_bytes(self, addr: int, length: int, size: int = 8) -> bytes:
+        out = bytearray()
+        for at in range(addr, addr + length, size):
+            out += (await self.read(at, size)).to_bytes(size, "little")
+        return bytes(out)
+
+    async def write_bytes(self, addr: int, data: bytes, size: int = 8) -> None:
+        for i in range(0, len(data), size):
+            await self.write(addr + i, size, int.from_bytes(data[i : i + size], "little"))
+
+    # ---------------------------------------------------------------- rep accesses
+
+    async def rep(
+        self,
+        addr: int,
+        size: int,
+        count: int,
+        *,
+        read: bool,
+        buffer: int | None = None,
+        value: int = 0,
+        df: bool = False,
+    ) -> IoReq:
+        """`rep movs` (through a guest buffer at `buffer`) or `rep stos`-like (a value)."""
+        req = IoReq(
+            addr,
+            buffer if buffer is not None else value,
+            count,
+            size,
+            0,
+            IoreqState.READY,
+            buffer is not None,
+            IOREQ_READ if read else IOREQ_WRITE,
+            df,
+            IoreqType.COPY,
+        )
+        return await self.send(req)
+
+    # ---------------------------------------------------------------- config space
+
+    async def config_read(
+        self, offset: int, size: int, sbdf: tuple[int, int, int, int] = (0, 0, 0x1E, 0)
+    ) -> int:
+        if self.sim.config_server(sbdf) is None:
+            self.sim.default_accesses.append(("config-read", offset))
+            return ones(size)
+        addr = encode_pci_config_addr(*sbdf, offset)
+        return (await self.send(_req(IoreqType.PCI_CONFIG, addr, size, IOREQ_READ))).data
+
+    async def config_write(
+        self,
+        offset: int,
+        size: int,
+        value: int,
+        sbdf: tuple[int, int, int, int] = (0, 0, 0x1E, 0),
+    ) -> None:
+        if self.sim.config_server(sbdf) is None:
+            self.sim.default_accesses.append(("config-write", offset))
+            return
+        addr = encode_pci_config_addr(*sbdf, offset)
+        await self.send(_req(IoreqType.PCI_CONFIG, addr, size, IOREQ_WRITE, value))
+
+    # ---------------------------------------------------------------- the slot protocol
+
+    async def send(self, req: IoReq, raw: bytes | None = None) -> IoReq:
+        """Put `req` (or `raw` bytes) in this vCPU's slot as READY, notify, await the answer.
+
+        Returns the slot as the server left it (state RESP_READY), then frees it as Xen does.
+        """
+        assert not self.busy, f"vCPU {self.index} already has an access in flight"
+        sim = self.sim
+        server = sim.server()
+        page = server.ioreq
+        remote = REMOTE_PORT_BASE + self.index
+        self.busy = True
+        try:
+            if raw is not None:
+                at = slot_offset(self.index)
+                page[at : at + 32] = raw
+            else:
+                write_slot(page, self.index, replace(req, vp_eport=remote, state=0))
+                set_slot_state(page, self.index, IoreqState.READY)
+            event = trio.Event()
+            sim.notified[remote] = event
+            sim.guest_notify(remote)
+            while True:
+                await event.wait()
+                done = read_slot(page, self.index)
+                if done.state == IoreqState.RESP_READY:
+                    break
+                # Notified without an answer: Xen goes on waiting for one.
+                event = trio.Event()
+                sim.notified[remote] = event
+            set_slot_state(page, self.index, IoreqState.NONE)
+            self.answered += 1
+            return done
+        finally:
+            sim.notified.pop(remote, None)
+            self.busy = False
+
+
+def _req(kind: int, addr: int, size: int, direction: int, data: int = 0) -> IoReq:
+    return IoReq(addr, data, 1, size, 0, IoreqState.READY, False, direction, False, kind)
