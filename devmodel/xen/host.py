@@ -282,7 +282,10 @@ class XenHost:
         try:
             self._call(libs.DEVICEMODEL, "xendevicemodel_nr_vcpus", self.domid, ctypes.byref(count))
         except XenError as first:
-            cpus = self.xenstore_directory(f"/local/domain/{self.domid}/cpu")
+            try:
+                cpus = self.xenstore_directory(f"/local/domain/{self.domid}/cpu")
+            except XenError:
+                cpus = []
             if not cpus:
                 raise first from None
             return len(cpus)
@@ -290,6 +293,11 @@ class XenHost:
 
     # --- libxenforeignmemory --------------------------------------------------------------
     def map_ioreq_pages(self, server: int, vcpus: int) -> ResourcePages:
+        """Frame 0 (buffered, unless the server was created without) and the synchronous
+        frames, in one mapping. Xen 4.17 gives a server exactly one synchronous page (HVM
+        guests have at most 128 vCPUs), so asking for more than 128 vCPUs fails in Xen with
+        EINVAL rather than here: the ABI numbers frames for more, and a later Xen may have
+        them."""
         if vcpus < 1:
             raise ValueError(f"{vcpus} vCPUs")
         sync_pages = -(-vcpus // SLOTS_PER_PAGE)
@@ -317,6 +325,8 @@ class XenHost:
     def map_guest(self, frames: list[int], writable: bool) -> GuestFrames:
         if not frames:
             raise ValueError("no frames to map")
+        if not all(0 <= gfn < 1 << 64 for gfn in frames):
+            raise ValueError("a guest frame number is not a 64-bit value")  # ctypes would wrap
         n = len(frames)
         gfns = (libs.xen_pfn_t * n)(*frames)
         errs = (ctypes.c_int * n)()
@@ -339,6 +349,8 @@ class XenHost:
         return int(self._call(libs.EVTCHN, "xenevtchn_fd"))
 
     def evtchn_bind(self, remote_port: int) -> int:
+        if not 0 <= remote_port < 1 << 32:
+            raise ValueError(f"event channel port {remote_port}")
         return int(self._call(libs.EVTCHN, "xenevtchn_bind_interdomain", self.domid, remote_port))
 
     def evtchn_unbind(self, local_port: int) -> None:
@@ -401,6 +413,12 @@ class XenHost:
             return [bytes(names[i]).decode() for i in range(num.value)]
         finally:
             self._fn(libs.LIBC, "free")(ctypes.cast(names, ctypes.c_void_p))
+
+    def __enter__(self) -> XenHost:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close every handle that is open (safe to call twice)."""

@@ -264,7 +264,20 @@ def test_vcpu_count_falls_back_to_xenstore(
     host.xenstore_remove("/local/domain/9/cpu")
     with pytest.raises(XenError, match="xendevicemodel_nr_vcpus"):
         host.vcpu_count()
+    host.xenstore_write("/local/domain/9/cpu/0/availability", "online")
+    # Both fail: the dm_op's error is the one reported.
+    monkeypatch.setenv("FAKE_XEN_FAIL", "xendevicemodel_nr_vcpus,xs_directory")
+    with pytest.raises(XenError, match="xendevicemodel_nr_vcpus"):
+        host.vcpu_count()
     host.close()
+
+
+def test_context_manager_closes(fake_so: Path, log: Path) -> None:
+    with fake_host(fake_so) as host:
+        calls(log)
+    assert calls(log)[-1] == "xendevicemodel_close"
+    with pytest.raises(XenError, match="closed"):
+        host.evtchn_fd()
 
 
 def test_arguments_that_ctypes_would_truncate_are_refused(fake_so: Path, log: Path) -> None:
@@ -279,5 +292,9 @@ def test_arguments_that_ctypes_would_truncate_are_refused(fake_so: Path, log: Pa
         host.inject_msi(0xFEE0_0000, 1 << 32)
     with pytest.raises(ValueError, match="INTx"):
         host.set_pci_intx_level(0, 0, 0, 4, 1)
+    with pytest.raises(ValueError, match="frame"):
+        host.map_guest([1 << 64], writable=False)
+    with pytest.raises(ValueError, match="port"):
+        host.evtchn_bind(-1)
     host.close()
     assert not any("ioreq_server" in line or "msi" in line for line in calls(log))

@@ -5,7 +5,8 @@
  * here to the real prototype.
  *
  * Every call is appended to $FAKE_XEN_LOG as "name arg arg ...". A call named in
- * $FAKE_XEN_FAIL fails (-1 or NULL) with errno $FAKE_XEN_ERRNO (default EPERM).
+ * $FAKE_XEN_FAIL (a comma-separated list) fails (-1 or NULL) with errno $FAKE_XEN_ERRNO
+ * (default EPERM).
  * Foreign memory is anonymous memory: each resource page starts with its frame number plus
  * 0xa0 in its first byte, each mapped guest page with its gfn (8 bytes); gfn 0xbad fails
  * with EFAULT in err[]. Event channels loop back: notify(port) makes port pending.
@@ -54,7 +55,11 @@ static void record(const char *fmt, ...)
 static int fails(const char *name)
 {
     const char *which = getenv("FAKE_XEN_FAIL");
-    if (!which || strcmp(which, name) != 0)
+    size_t n = strlen(name);
+    for (; which && *which; which += strcspn(which, ",") + (which[strcspn(which, ",")] != 0))
+        if (strncmp(which, name, n) == 0 && (which[n] == ',' || which[n] == '\0'))
+            break;
+    if (!which || !*which)
         return 0;
     const char *e = getenv("FAKE_XEN_ERRNO");
     errno = e ? atoi(e) : EPERM;
