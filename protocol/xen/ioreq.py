@@ -343,6 +343,8 @@ class BufferedWrite:
 
 def ring_pointers(page: memoryview | bytearray) -> tuple[int, int]:
     """(read_pointer, write_pointer) of a buffered page."""
+    if len(page) < PAGE_SIZE:
+        raise XenAbiError(f"a buffered ioreq page is {PAGE_SIZE} bytes, not {len(page)}")
     rd, wr = POINTERS.unpack_from(page, READ_POINTER_OFFSET)
     return int(rd), int(wr)
 

@@ -372,6 +372,13 @@ def test_ring_corruption() -> None:
     _corrupt(page, "type 2")
 
 
+def test_short_buffered_page() -> None:
+    with pytest.raises(x.XenAbiError, match="4096 bytes, not 8"):
+        x.BufferedRing().drain(bytearray(8))
+    with pytest.raises(x.XenAbiError, match="4096 bytes"):
+        x.post_buffered_write(bytearray(100), 0, 4, 0)
+
+
 def test_producer_rejects_bad_writes() -> None:
     page = bytearray(x.PAGE_SIZE)
     with pytest.raises(x.XenAbiError, match="size 3"):
