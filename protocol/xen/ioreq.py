@@ -95,10 +95,15 @@ class IoRangeType(IntEnum):
     PCI = 2
 
 
+# Plain ints on the hot path: comparing against IntEnum members costs a lookup each time.
+_READY: Final = int(IoreqState.READY)
+_RESP_READY: Final = int(IoreqState.RESP_READY)
 _KNOWN_TYPES: Final = frozenset(int(t) for t in IoreqType)
-_ACCESS_TYPES: Final = frozenset((IoreqType.PIO, IoreqType.COPY, IoreqType.PCI_CONFIG))
+_ACCESS_TYPES: Final = frozenset(
+    int(t) for t in (IoreqType.PIO, IoreqType.COPY, IoreqType.PCI_CONFIG)
+)
 _POSTED_TYPES: Final = frozenset((IoreqType.PIO, IoreqType.COPY, IoreqType.TIMEOFFSET))
-_VALUE_SIZES: Final = (1, 2, 4, 8)
+_VALUE_SIZES: Final = frozenset((1, 2, 4, 8))
 _U64_MAX: Final = (1 << 64) - 1
 _U32_MAX: Final = (1 << 32) - 1
 
@@ -204,7 +209,7 @@ def validate_ioreq(req: IoReq) -> None:
     pointer, of at most a page). INVALIDATE and TIMEOFFSET carry no access to check (Xen
     broadcasts INVALIDATE with count 0).
     """
-    if req.state != IoreqState.READY:
+    if req.state != _READY:
         raise XenAbiError(
             f"slot state is {_state_name(req.state)}, a request must be READY", fatal=False
         )
@@ -212,16 +217,20 @@ def validate_ioreq(req: IoReq) -> None:
         raise XenAbiError(f"unknown ioreq type {req.type}", fatal=False)
     if req.type not in _ACCESS_TYPES:
         return
-    kind = IoreqType(req.type).name
     if req.count == 0:
-        raise XenAbiError(f"{kind} request with count 0", fatal=False)
+        raise XenAbiError(f"{IoreqType(req.type).name} request with count 0", fatal=False)
     if req.data_is_ptr:
         if not 1 <= req.size <= PAGE_SIZE:
             raise XenAbiError(
-                f"{kind} request through a pointer with element size {req.size}", fatal=False
+                f"{IoreqType(req.type).name} request through a pointer with element size "
+                f"{req.size}",
+                fatal=False,
             )
     elif req.size not in _VALUE_SIZES:
-        raise XenAbiError(f"{kind} request of size {req.size}, not 1, 2, 4 or 8", fatal=False)
+        raise XenAbiError(
+            f"{IoreqType(req.type).name} request of size {req.size}, not 1, 2, 4 or 8",
+            fatal=False,
+        )
 
 
 def _state_name(state: int) -> str:
@@ -279,7 +288,7 @@ def complete_slot(page: memoryview | bytearray, vcpu: int, data: int | None) -> 
         _check("data", data, 64)
         _U64.pack_into(page, at + DATA_OFFSET, data)
     (flags,) = _U8.unpack_from(page, at + FLAGS_OFFSET)
-    _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | IoreqState.RESP_READY)
+    _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | _RESP_READY)
 
 
 def write_slot(page: memoryview | bytearray, vcpu: int, req: IoReq) -> None:
