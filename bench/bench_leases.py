@@ -809,7 +809,7 @@ def big_table(n: int, repeat: int) -> None:
         e_med, p_med = statistics.median(eng_rates), statistics.median(peer_rates)
         print(
             f"    {'engine.grant':<44} {e_med:12,.0f} grants/s (median chunk), "
-            f"all {n:,} in {eng_time:.1f} s"
+            f"all {n:,} in {eng_time:.1f} s, {engine.kept_fds} fd kept for them all"
         )
         print(
             f"    {'peer: a dict of 6-tuples':<44} {p_med:12,.0f} inserts/s (median chunk), "
@@ -946,7 +946,7 @@ def lookups(
     base = show("the loop alone", times["empty"], 1e-9, "ns")
     p_bisect = show("peer: bisect on a sorted list of starts", times["bisect"], 1e-9, "ns")
     show("peer: dict per granule (not sparse)", times["dict"], 1e-9, "ns")
-    p_sub = show("peer: same SortedDict, bisect on its sublists", times["sublists"], 1e-9, "ns")
+    p_sub = show("peer: same SortedDict via its sublists", times["sublists"], 1e-9, "ns")
     e = show("engine.window_at (WindowTable.find)", times["engine"], 1e-9, "ns")
     show_ratio("engine/bisect (loop excluded)", e - base, p_bisect - base, 1e-9, "ns")
     show_ratio("engine/sublists (loop excluded)", e - base, p_sub - base, 1e-9, "ns")
