@@ -18,7 +18,7 @@ toolstacks run a device model"):
    log line gives the counters, and the exit status is 0. A second stop signal while stopping
    exits at once (the default action of the signal).
 
-The Xen transport is reserved: `--transport xen` loads `devmodel.transports.xen.serve_xen`,
+The Xen transport: `--transport xen` loads `devmodel.transports.xen.serve_xen`,
 started as `await nursery.start(serve_xen, device, counters, domid)`; it must call
 `task_status.started()` once the ioreq server serves, and run until cancelled.
 """
@@ -26,6 +26,7 @@ started as `await nursery.start(serve_xen, device, counters, domid)`; it must ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -58,6 +59,7 @@ from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
 from devmodel.sizes import format_size
 from devmodel.transports.vfio_user import VfioUserServer
+from devmodel.xen.platform import XenPlatform
 
 log = logging.getLogger("devmodel")
 
@@ -103,15 +105,20 @@ def open_listener(settings: Settings) -> socket.socket:
     return sock
 
 
-async def run(settings: Settings) -> None:
-    """Serve until stopped; StartupError if the service cannot start."""
+async def run(
+    settings: Settings, *, xen_platform: Callable[[int], XenPlatform] | None = None
+) -> None:
+    """Serve until stopped; StartupError if the service cannot start.
+
+    `xen_platform(domid)` replaces the real Xen host for `--transport xen` (tests pass a
+    simulated hypervisor); the command line never sets it."""
     if settings.ready_fd is not None:
         check_ready_fd(settings.ready_fd)
     pidfile = PidFile(settings.pidfile) if settings.pidfile else None
     try:
         # Signals are caught from the very start: a stop during startup is a clean stop too.
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            await _serve(settings, signals)
+            await _serve(settings, signals, xen_platform)
     finally:
         if pidfile is not None:
             pidfile.release()
@@ -138,7 +145,11 @@ class _Stopper:
             self.request(signal.Signals(signum).name)
 
 
-async def _serve(settings: Settings, signals: AsyncIterator[int]) -> None:
+async def _serve(
+    settings: Settings,
+    signals: AsyncIterator[int],
+    xen_platform: Callable[[int], XenPlatform] | None = None,
+) -> None:
     counters = DeviceCounters()
     config = EngineConfig(
         page_in_timeout=settings.page_in_timeout,
@@ -173,7 +184,7 @@ async def _serve(settings: Settings, signals: AsyncIterator[int]) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_close_engine, engine, builtin)
-        start_transport = _transport(settings, inst, stack, on_event)
+        start_transport = _transport(settings, inst, stack, on_event, xen_platform)
         if settings.control_socket is not None:
             control = ControlServer(
                 settings.control_socket,
@@ -222,6 +233,7 @@ def _transport(
     inst: commands.Instance,
     stack: contextlib.AsyncExitStack,
     on_event: Callable[[str, dict[str, object]], None],
+    xen_platform: Callable[[int], XenPlatform] | None = None,
 ) -> Callable[[trio.Nursery], Awaitable[None]]:
     """Create the transport's resources now (StartupError here); return how to start it."""
     assert inst.device is not None
@@ -236,7 +248,10 @@ def _transport(
             ) from None
 
         async def start_xen(nursery: trio.Nursery) -> None:
-            await nursery.start(serve_xen, device, inst.counters, settings.domid)
+            start = serve_xen
+            if xen_platform is not None:
+                start = functools.partial(serve_xen, platform=xen_platform(settings.domid))
+            await nursery.start(start, device, inst.counters, settings.domid)
 
         return start_xen
 
