@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import struct
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Final, Protocol
 
@@ -134,16 +136,50 @@ class EmulateEverything:
 
 
 def _open_host(domid: int) -> XenPlatform:
-    """The real host, imported only when used (it loads Xen's libraries)."""
+    """The real host, imported only when used (it loads Xen's libraries).
+
+    Xen's libraries report their own open failures on stderr through their default logger
+    ("xencall: error: ..."); that text is caught here and folded into the one line a
+    failed start prints, so a toolstack's log gets one message, not two.
+    """
     try:
         from devmodel.xen.host import XenHost  # noqa: PLC0415
     except ImportError as exc:
         raise StartupError(f"the Xen host interface is not available: {exc}") from None
-    try:
-        host: XenPlatform = XenHost(domid)
-    except OSError as exc:
-        raise StartupError(f"cannot open Xen's interfaces for domain {domid}: {exc}") from None
+    with _captured_stderr() as said:
+        try:
+            host: XenPlatform = XenHost(domid)
+        except (OSError, ValueError) as exc:
+            failure: BaseException | None = exc
+        else:
+            failure = None
+    libraries = "; ".join(line.strip() for line in said if line.strip())
+    if failure is not None:
+        extra = f" ({libraries})" if libraries else ""
+        raise StartupError(
+            f"cannot open Xen's interfaces for domain {domid}: {failure}{extra}"
+        ) from None
+    if libraries:
+        log.info("Xen's libraries said: %s", libraries)
     return host
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """File descriptor 2 redirected to a temporary file; its lines in the list afterwards."""
+    lines: list[str] = []
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                lines.extend(tmp.read(4096).decode(errors="replace").splitlines())
+    finally:
+        os.close(saved)
 
 
 async def serve_xen(
