@@ -203,7 +203,7 @@ def test_start_failures_exit_1_with_one_line(tmp_path: Path) -> None:
     port = busy.getsockname()[1]
     cases = [
         (["--control-socket", str(shared / "c.sock")], "accessible to group or others"),
-        (["--transport", "xen"], "xen transport is not available"),
+        (["--transport", "xen"], "cannot open Xen's interfaces for domain 5"),
         (["--metrics-listen", f"127.0.0.1:{port}"], "cannot serve metrics"),
         (["--ready-fd", "97"], "--ready-fd 97: not an open file descriptor"),
     ]
