@@ -12,9 +12,10 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "launch" / "devmodel-launch"
 
 
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
+        **extra_env,
         "DEVMODEL": f"{shlex.quote(sys.executable)} -m devmodel",
         "DEVMODEL_RUNDIR": str(tmp_path / "run"),
         "DEVMODEL_READY_TIMEOUT": "30",
@@ -61,3 +62,19 @@ def test_start_failure_is_reported(tmp_path: Path) -> None:
     failed = run(tmp_path, "start", "8", "--aperture-size", "3M")
     assert failed.returncode == 1
     assert "did not become ready" in failed.stderr and "aperture size" in failed.stderr
+
+
+def test_xen_transport_without_xen_is_reported(tmp_path: Path) -> None:
+    """DEVMODEL_TRANSPORT=xen starts the ioreq server; on a host without Xen that fails at
+    once, and the script shows devmodel's one-line reason instead of waiting out its deadline."""
+    failed = run(tmp_path, "start", "9", DEVMODEL_TRANSPORT="xen")
+    assert failed.returncode == 1
+    assert "did not become ready" in failed.stderr
+    assert "cannot open Xen's interfaces for domain 9" in failed.stderr
+    assert not (tmp_path / "run" / "9" / "vfio-user.sock").exists()
+
+
+def test_unknown_transport_is_a_usage_error(tmp_path: Path) -> None:
+    failed = run(tmp_path, "start", "9", DEVMODEL_TRANSPORT="virtio")
+    assert failed.returncode == 2
+    assert "DEVMODEL_TRANSPORT must be vfio-user or xen" in failed.stderr
