@@ -15,7 +15,7 @@
  *
  * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
  *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
- *                         watch stall demo bench
+ *                         watch stall demo bench evict churn
  *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
@@ -27,6 +27,11 @@
  *   devmodel.after_ms=N   watch: how long to go on reading after all-ones (default 0)
  *   devmodel.pause_ms=N   watch: idle this long between "watching" and the reads (default 0)
  *   devmodel.window=N     stall: the window (in granules) the host made unanswerable (default 1)
+ *   devmodel.windows=N    evict, churn: how many lease windows (from window 0) to use (default 8)
+ *   devmodel.revokes=N    evict: after the fill, wait until BAR2's REVOKES grew by N (default 0)
+ *   devmodel.wait_ms=N    evict: give up waiting for those revokes after this long (default 30000)
+ *   devmodel.slots=N      churn: records per window and thread (default 32)
+ *   devmodel.run_ms=N     churn: how long the writer threads go on (default 10000)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -62,6 +67,7 @@ struct options {
 	uint64_t bytes, iters;
 	long scratch; /* BAR2 offset of a register free for tests; -1: none */
 	uint64_t rounds, piece, watch_ms, after_ms, pause_ms, window;
+	uint64_t windows, revokes, wait_ms, slots, run_ms;
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -81,7 +87,8 @@ struct device {
 
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
 			     .iters = 20000, .scratch = -1, .piece = 256u << 10,
-			     .watch_ms = 30000, .window = 1};
+			     .watch_ms = 30000, .window = 1, .windows = 8, .wait_ms = 30000,
+			     .slots = 32, .run_ms = 10000};
 static struct device dev;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
@@ -217,6 +224,16 @@ static void parse_cmdline(void)
 			opt.pause_ms = parse_size(tok + 18);
 		else if (!strncmp(tok, "devmodel.window=", 16))
 			opt.window = parse_size(tok + 16);
+		else if (!strncmp(tok, "devmodel.windows=", 17))
+			opt.windows = parse_size(tok + 17);
+		else if (!strncmp(tok, "devmodel.revokes=", 17))
+			opt.revokes = parse_size(tok + 17);
+		else if (!strncmp(tok, "devmodel.wait_ms=", 17))
+			opt.wait_ms = parse_size(tok + 17);
+		else if (!strncmp(tok, "devmodel.slots=", 15))
+			opt.slots = parse_size(tok + 15);
+		else if (!strncmp(tok, "devmodel.run_ms=", 16))
+			opt.run_ms = parse_size(tok + 16);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -790,17 +807,22 @@ static const struct {
 #define GRANULE_REG 0x10u
 #define ALL_ONES (~0ull)
 
-static void add_counters(struct line *l)
+static void add_counters_as(struct line *l, const char *key)
 {
 	unsigned i;
 
 	if (!dev.bar2)
 		return;
-	add(l, ",\"counters\":{");
+	add(l, ",\"%s\":{", key);
 	for (i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
 		add(l, "%s\"%s\":%" PRIu64, i ? "," : "", counters[i].name,
 		    rd(dev.bar2, counters[i].off, 8));
 	add(l, "}");
+}
+
+static void add_counters(struct line *l)
+{
+	add_counters_as(l, "counters");
 }
 
 /* ---- watch: what the guest sees when the device model goes away under it */
@@ -1070,6 +1092,299 @@ static int test_demo(void)
 	return failed != 0;
 }
 
+/* ---- evict: fill windows, let the lender take everything back, read it all back */
+
+/* The BAR2 offset of the counter called `name` in the table above (-1 if there is none). */
+static long counter_offset(const char *name)
+{
+	unsigned i;
+
+	for (i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+		if (!strcmp(counters[i].name, name))
+			return counters[i].off;
+	return -1;
+}
+
+/* Lease windows 0 .. devmodel.windows-1 of devmodel.granule bytes each get a piece of
+ * devmodel.piece bytes at their start and another against their end (mixed access sizes, a
+ * pattern seeded per run); event "filled". The guest then waits, touching nothing but BAR2's
+ * REVOKES counter (every 2 ms), until it has grown by devmodel.revokes: the host makes the
+ * lender evict everything meanwhile and passes how many leases that is. Event "evicted", then
+ * every piece is read back (other access sizes) and compared. A window's pieces are both
+ * written before the eviction and both read after it, so each window needs one page-in and a
+ * page-in that brought back only part of a window shows as mismatches. */
+static int test_evict(void)
+{
+	uint64_t granule, nwin = opt.windows, piece = opt.piece, seed = now_ns(), w, r0, r, t0;
+	uint64_t wait_ms = 0, fill_ms, verify_ms, bad_windows = 0, before;
+	long revokes_off = counter_offset("revokes");
+	struct demo_check c;
+	struct line l;
+	int waited_out = 0;
+
+	if (need_bar0("evict"))
+		return 1;
+	if (!dev.bar2 || revokes_off < 0)
+		return fail_line("evict", "cannot map BAR2 of %s", dev.name);
+	granule = rd(dev.bar2, GRANULE_REG, 4);
+	piece &= ~7ull;
+	if (!granule || !nwin || nwin * granule > dev.bar0_size || piece < 8 ||
+	    2 * piece > granule)
+		return fail_line("evict", "bad geometry: granule %" PRIu64 ", %" PRIu64 " windows, "
+				 "piece %" PRIu64, granule, nwin, piece);
+	memset(&c, 0, sizeof(c));
+	t0 = now_ns();
+	for (w = 0; w < nwin; w++) {
+		demo_fill(w * granule, piece, seed, 2, &c);
+		demo_fill((w + 1) * granule - piece, piece, seed, 2, &c);
+	}
+	/* A read orders after the posted writes: once it returns, the device model has them. */
+	r0 = rd(dev.bar2, (uint64_t)revokes_off, 8);
+	fill_ms = (now_ns() - t0) / 1000000;
+	begin_event(&l, "filled");
+	add(&l, ",\"windows\":%" PRIu64 ",\"granule\":%" PRIu64 ",\"piece\":%" PRIu64
+		",\"writes\":%" PRIu64 ",\"ms\":%" PRIu64 ",\"wait_for_revokes\":%" PRIu64,
+	    nwin, granule, piece, c.writes, fill_ms, opt.revokes);
+	add_counters(&l);
+	emit(&l);
+	t0 = now_ns();
+	for (;;) {
+		r = rd(dev.bar2, (uint64_t)revokes_off, 8);
+		wait_ms = (now_ns() - t0) / 1000000;
+		if (r - r0 >= opt.revokes)
+			break;
+		if (wait_ms > opt.wait_ms) {
+			waited_out = 1;
+			break;
+		}
+		usleep(2000);
+	}
+	begin_event(&l, "evicted");
+	add(&l, ",\"revokes_seen\":%" PRIu64 ",\"ms\":%" PRIu64 ",\"timed_out\":%s", r - r0,
+	    wait_ms, waited_out ? "true" : "false");
+	add_counters(&l);
+	emit(&l);
+	t0 = now_ns();
+	for (w = 0; w < nwin; w++) {
+		before = c.mismatches;
+		demo_verify(w * granule, piece, seed, 3, &c);
+		demo_verify((w + 1) * granule - piece, piece, seed, 3, &c);
+		bad_windows += c.mismatches != before;
+	}
+	verify_ms = (now_ns() - t0) / 1000000;
+	begin(&l, "evict");
+	add(&l, ",\"ok\":%s,\"windows\":%" PRIu64 ",\"granule\":%" PRIu64 ",\"piece\":%" PRIu64
+		",\"bytes\":%" PRIu64 ",\"seed\":\"0x%" PRIx64 "\",\"writes\":%" PRIu64
+		",\"reads\":%" PRIu64 ",\"fill_ms\":%" PRIu64 ",\"wait_ms\":%" PRIu64
+		",\"waited_out\":%s,\"verify_ms\":%" PRIu64 ",\"mismatches\":%" PRIu64
+		",\"bad_windows\":%" PRIu64,
+	    !c.mismatches && !waited_out ? "true" : "false", nwin, granule, piece,
+	    2 * nwin * piece, seed, c.writes, c.reads, fill_ms, wait_ms,
+	    waited_out ? "true" : "false", verify_ms, c.mismatches, bad_windows);
+	if (c.mismatches)
+		add(&l, ",\"first_mismatch\":{\"offset\":\"0x%" PRIx64 "\",\"size\":%u,"
+		       "\"want\":\"0x%" PRIx64 "\",\"got\":\"0x%" PRIx64 "\"}",
+		    c.first_off, c.first_size, c.first_want, c.first_got);
+	add_counters(&l);
+	emit(&l);
+	return c.mismatches || waited_out;
+}
+
+/* ---- churn: writer threads on every vCPU while the lender revokes windows at random */
+
+#define CHURN_THREADS 2
+
+/* Record written by thread `t` in pass `p` at BAR offset `off`: the high half names the
+ * thread and the pass, the low half is a hash of all three. A qword that reads back
+ * self-consistent but from an older pass is a lost write; one whose halves disagree is torn. */
+static inline uint32_t churn_hash(unsigned t, uint64_t p, uint64_t off)
+{
+	uint64_t x = (off ^ (p << 40) ^ ((uint64_t)t << 62)) * 0x9e3779b97f4a7c15ull;
+
+	return (uint32_t)(x >> 32) ^ (uint32_t)x;
+}
+
+static inline uint64_t churn_record(unsigned t, uint64_t p, uint64_t off)
+{
+	uint64_t hi = ((uint64_t)t << 28) | (p & 0x0fffffffu);
+
+	return (hi << 32) | churn_hash(t, p & 0x0fffffffu, off);
+}
+
+struct churn_check {
+	uint64_t reads, mismatches, lost, torn, other;
+	uint64_t first_off, first_want, first_got;
+};
+
+static void churn_compare(struct churn_check *c, unsigned t, uint64_t p, uint64_t off,
+			  uint64_t got)
+{
+	uint64_t want = churn_record(t, p, off);
+	uint32_t hi = (uint32_t)(got >> 32), lo = (uint32_t)got;
+	unsigned gt = hi >> 28;
+	uint64_t gp = hi & 0x0fffffffu;
+
+	c->reads++;
+	if (got == want)
+		return;
+	if (!c->mismatches++) {
+		c->first_off = off;
+		c->first_want = want;
+		c->first_got = got;
+	}
+	if (lo == churn_hash(gt, gp, off) && gt == t && gp < (p & 0x0fffffffu))
+		c->lost++;
+	else if ((got >> 32) == (want >> 32) || lo == (uint32_t)want)
+		c->torn++;
+	else
+		c->other++;
+}
+
+/* Where thread `t` keeps record `s` of window `w`: the window is cut into devmodel.slots
+ * strides; even slots sit at the start of theirs, odd ones against its end (so both ends of a
+ * window are used), and the threads' records are neighbours in one 16-byte pair. */
+static inline uint64_t churn_offset(uint64_t granule, uint64_t stride, uint64_t w, uint64_t s,
+				    unsigned t)
+{
+	return w * granule + s * stride + ((s & 1) ? stride - 16 : 0) + 8u * t;
+}
+
+struct churn_thread {
+	pthread_t id;
+	unsigned index;
+	int ncpus, cpu;
+	uint64_t granule, stride, nwin, slots, end_ns;
+	uint64_t passes, writes;
+	struct churn_check c;
+};
+
+/* Pass after pass until the deadline: write every record of this thread with the pass number
+ * (8-byte posted stores), then read them all back and check them. Each pass starts at another
+ * window, so the threads and the lender's revocations meet everywhere. */
+static void *churn_run(void *arg)
+{
+	struct churn_thread *th = arg;
+	uint64_t p, i, w, s, off;
+	cpu_set_t set;
+
+	if ((int)th->index < th->ncpus) {
+		CPU_ZERO(&set);
+		CPU_SET(th->index, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+	th->cpu = sched_getcpu();
+	for (p = 1; now_ns() < th->end_ns; p++) {
+		for (i = 0; i < th->nwin; i++) {
+			w = (i + p + th->index * th->nwin / 2) % th->nwin;
+			for (s = 0; s < th->slots; s++) {
+				off = churn_offset(th->granule, th->stride, w, s, th->index);
+				wr(dev.bar0, off, 8, churn_record(th->index, p, off));
+				th->writes++;
+			}
+		}
+		for (i = 0; i < th->nwin; i++) {
+			w = (i + p + 1 + th->index * th->nwin / 2) % th->nwin;
+			for (s = 0; s < th->slots; s++) {
+				off = churn_offset(th->granule, th->stride, w, s, th->index);
+				churn_compare(&th->c, th->index, p, off, rd(dev.bar0, off, 8));
+			}
+		}
+		th->passes = p;
+	}
+	return NULL;
+}
+
+static void add_churn_check(struct line *l, const struct churn_check *c)
+{
+	add(l, ",\"reads\":%" PRIu64 ",\"mismatches\":%" PRIu64 ",\"lost\":%" PRIu64
+	       ",\"torn\":%" PRIu64 ",\"other\":%" PRIu64,
+	    c->reads, c->mismatches, c->lost, c->torn, c->other);
+	if (c->mismatches)
+		add(l, ",\"first_mismatch\":{\"offset\":\"0x%" PRIx64 "\",\"want\":\"0x%" PRIx64
+		       "\",\"got\":\"0x%" PRIx64 "\"}", c->first_off, c->first_want, c->first_got);
+}
+
+/* Two writer threads, pinned to vCPU 0 and 1, for devmodel.run_ms over windows
+ * 0 .. devmodel.windows-1 while the host's lender revokes windows at random (and pages them
+ * back in when touched). One line per thread, then a final pass by one thread over every
+ * record of both: each must hold its thread's last pass. */
+static int test_churn(void)
+{
+	struct churn_thread th[CHURN_THREADS];
+	struct churn_check final;
+	uint64_t granule, stride, nwin = opt.windows, slots = opt.slots, t0, s, w, off, ms;
+	uint64_t mismatches = 0;
+	int ncpus = get_nprocs(), started = 0, i;
+	struct line l;
+
+	if (need_bar0("churn"))
+		return 1;
+	if (!dev.bar2)
+		return fail_line("churn", "cannot map BAR2 of %s", dev.name);
+	granule = rd(dev.bar2, GRANULE_REG, 4);
+	stride = slots ? (granule / slots) & ~15ull : 0;
+	if (!granule || !nwin || nwin * granule > dev.bar0_size || stride < 32)
+		return fail_line("churn", "bad geometry: granule %" PRIu64 ", %" PRIu64 " windows, "
+				 "%" PRIu64 " slots", granule, nwin, slots);
+	begin_event(&l, "churning");
+	add(&l, ",\"threads\":%d,\"cpus\":%d,\"windows\":%" PRIu64 ",\"slots\":%" PRIu64
+		",\"run_ms\":%" PRIu64, CHURN_THREADS, ncpus, nwin, slots, opt.run_ms);
+	add_counters(&l);
+	emit(&l);
+	memset(th, 0, sizeof(th));
+	t0 = now_ns();
+	for (i = 0; i < CHURN_THREADS; i++) {
+		th[i].index = (unsigned)i;
+		th[i].ncpus = ncpus;
+		th[i].granule = granule;
+		th[i].stride = stride;
+		th[i].nwin = nwin;
+		th[i].slots = slots;
+		th[i].end_ns = t0 + opt.run_ms * 1000000;
+		if (pthread_create(&th[i].id, NULL, churn_run, &th[i]))
+			break;
+		started++;
+	}
+	for (i = 0; i < started; i++)
+		pthread_join(th[i].id, NULL);
+	ms = (now_ns() - t0) / 1000000;
+	/* What the device model did while the threads ran (the final pass comes after). */
+	begin_event(&l, "churned");
+	add(&l, ",\"ms\":%" PRIu64, ms);
+	add_counters(&l);
+	emit(&l);
+	for (i = 0; i < started; i++) {
+		begin(&l, "churn");
+		add(&l, ",\"ok\":%s,\"thread\":%d,\"cpu\":%d,\"passes\":%" PRIu64
+			",\"writes\":%" PRIu64,
+		    th[i].c.mismatches || !th[i].passes ? "false" : "true", i, th[i].cpu,
+		    th[i].passes, th[i].writes);
+		add_churn_check(&l, &th[i].c);
+		emit(&l);
+		mismatches += th[i].c.mismatches;
+	}
+	/* Every record of every thread, read once more now that nobody writes. */
+	memset(&final, 0, sizeof(final));
+	for (w = 0; w < nwin; w++)
+		for (s = 0; s < slots; s++)
+			for (i = 0; i < started; i++) {
+				off = churn_offset(granule, stride, w, s, (unsigned)i);
+				churn_compare(&final, (unsigned)i, th[i].passes, off,
+					      rd(dev.bar0, off, 8));
+			}
+	begin(&l, "churn");
+	add(&l, ",\"ok\":%s,\"summary\":true,\"threads\":%d,\"cpus\":%d,\"windows\":%" PRIu64
+		",\"slots\":%" PRIu64 ",\"ms\":%" PRIu64 ",\"thread_mismatches\":%" PRIu64,
+	    started == CHURN_THREADS && !mismatches && !final.mismatches ? "true" : "false",
+	    started, ncpus, nwin, slots, ms, mismatches);
+	add(&l, ",\"final\":{\"records\":%" PRIu64, nwin * slots * (uint64_t)started);
+	add_churn_check(&l, &final);
+	add(&l, "}");
+	add_counters(&l);
+	emit(&l);
+	return started != CHURN_THREADS || mismatches || final.mismatches;
+}
+
 /* ---- bench: trapped-access latency and throughput */
 
 static const struct bench_op {
@@ -1245,7 +1560,7 @@ static const struct {
 	{"enumerate", test_enumerate}, {"pattern", test_pattern}, {"boundary", test_boundary},
 	{"regs", test_regs},           {"timing", test_timing},   {"smp", test_smp},
 	{"watch", test_watch},         {"stall", test_stall},     {"demo", test_demo},
-	{"bench", test_bench},
+	{"bench", test_bench},         {"evict", test_evict},     {"churn", test_churn},
 };
 
 int main(int argc, char **argv)
