@@ -25,6 +25,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 QEMU_CONFIGS = REPO / "qemu-configs"
 DEVMODEL = REPO / ".venv" / "bin" / "devmodel"
+PYTHON = REPO / ".venv" / "bin" / "python"
+REFERENCE_LENDER = REPO / "examples" / "reference_lender.py"
 RESULT_PREFIX = "DEVMODEL-RESULT "
 # How devmodel's last log line introduces its counters (devmodel/app.py).
 STOPPED_COUNTERS = "stopped; counters: "
@@ -173,6 +175,54 @@ class DevmodelServer:
     def log_sections(self) -> list[tuple[str, str]]:
         return [(f"devmodel stderr ({shlex.join(self.process.argv)})",
                  tail(self.process.log()))]
+
+
+class LenderProcess:
+    """examples/reference_lender.py as its own process, the way a toolstack would run it.
+
+    `evict_all()` is its SIGUSR1; `stop()` ends it with SIGTERM, after which `summary()` has
+    the statistics it printed on the way out.
+    """
+
+    def __init__(self, reaper: Reaper, workdir: Path, *args: str,
+                 startup_timeout: float = 20.0) -> None:
+        self.socket_path = workdir / "lender.sock"
+        argv = [str(PYTHON), str(REFERENCE_LENDER), "--socket", str(self.socket_path), *args]
+        self.process = reaper.add(Process("lender", argv, workdir / "lender.stderr",
+                                          stdout_path=workdir / "lender.stdout"))
+        deadline = time.monotonic() + startup_timeout
+        while not self.socket_path.is_socket():
+            if self.process.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the reference lender exited with status {self.process.proc.returncode} "
+                    f"before it listened:\n{tail(self.process.log())}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the reference lender did not create {self.socket_path} "
+                                   f"within {startup_timeout:g} s:\n{tail(self.process.log())}")
+            time.sleep(0.02)
+
+    def evict_all(self) -> None:
+        self.process.proc.send_signal(signal.SIGUSR1)
+
+    def stop(self) -> int:
+        return self.process.stop(signal.SIGTERM, grace=10.0)
+
+    def summary(self) -> dict[str, int] | None:
+        """The "summary:" block it prints when it stops (None before that)."""
+        out = self.process.stdout()
+        if "summary:" not in out:
+            return None
+        found: dict[str, int] = {}
+        for line in out.split("summary:", 1)[1].splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key:
+                found[key] = int(value)
+        return found
+
+    def log_sections(self) -> list[tuple[str, str]]:
+        return [(f"reference lender stderr ({shlex.join(self.process.argv)})",
+                 tail(self.process.log())),
+                ("reference lender stdout", tail(self.process.stdout()))]
 
 
 @dataclass
