@@ -192,6 +192,8 @@ class LeaseEngine:
             with trio.move_on_at(deadline):
                 await pending.done.wait()
             if pending.served:
+                if pending.error is not None:
+                    raise pending.error
                 return pending.result
             if not pending.done.is_set():
                 holder = self._table.find(offset)
@@ -292,7 +294,10 @@ class LeaseEngine:
         self._emit("LEASE_GRANTED", {"lease": lease_id, "offset": offset, "length": length})
         # Forward progress: the accesses that waited for this memory are served now.
         for p in served:
-            p.result = self._perform(w, p.offset, p.size, p.data)
+            try:
+                p.result = self._perform(w, p.offset, p.size, p.data)
+            except AccessError as exc:  # the ERROR policy: a write to a read-only grant, say
+                p.error = exc
             p.served = True
             p.done.set()
 

@@ -24,6 +24,9 @@ class Pending:
     done: trio.Event = field(default_factory=trio.Event)
     served: bool = False
     result: bytes = b""
+    # The failure policy's error for a served access, raised in the access's own task: the
+    # grant that served it must not raise it into the lender's GRANT.
+    error: Exception | None = None
     # Woken without being served: look at the window again (a revoke finished).
     retry: bool = False
 
