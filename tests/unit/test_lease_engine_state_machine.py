@@ -14,7 +14,18 @@ it belongs to), and of the memory contents the lender holds for every granule. R
   the shared pool or a fresh memfd), grant then evict at once, PAGE_IN_DONE with an error or OK
   without a grant, no answer (the deadline passes; sometimes a late answer follows), an
   unreachable lender, or the lender vanishing meanwhile;
-- PAGE_IN_DONE with random (stale) request ids and statuses; lender loss.
+- PAGE_IN_DONE with random (stale) request ids and statuses; now and then, lender loss.
+
+Half the examples run with a fake p2m (`FakeP2m`): the Xen fast path as a transport with the
+lending hypercall would run it. It really mmaps a resident window (MAP_SHARED, through libc so
+that no fd is dup'ed) once a trapped access finds it resident, serves later guest accesses to it
+without the engine, and unmaps it from an unmap hook. Without it the /proc/self/maps check would
+be empty, since the engine itself never maps lent memory.
+
+When a revoke returns (the engine's REVOKED), nothing in the process may map the range any more,
+and the lender then reuses the pages: it overwrites them with poison. Every later read, through
+the engine or the p2m, is compared with the model, so a stale fd or mapping that let poison
+reach the guest fails the step.
 
 Each step runs in its own `trio.run` under an autojumping MockClock, so deadlines cost nothing;
 waits never outlive a step. After every step the invariants are checked: windows never
@@ -22,13 +33,22 @@ overlap and match the model granule by granule; every RESIDENT window has a kept
 in the live map; EVICTED/LOST ones hold no fd; `kept_fds` equals the distinct (file, access
 mode) pairs of live leases; no fd of a lent memfd is open beyond the lender's own and the
 engine's kept ones; every live lease's memory holds what the model says; the counters match
-what the machine saw (PAGE_INs the fake port got, grants, revokes, failed accesses, waits).
+what the machine saw (PAGE_INs the fake port got, grants, revokes, failed accesses, waits);
+every /proc/self/maps line of a lent memfd is a p2m mapping of a window that is resident now.
+Within a step: concurrent faults on one window send exactly one PAGE_IN, and no access outlives
+its deadline.
+
+Settings: the profile `lease-sm` (100 examples of up to 30 steps, a few seconds) runs in the
+normal suite; DEVMODEL_SM_PROFILE=lease-sm-deep runs 2000 examples of up to 60 steps (minutes),
+and DEVMODEL_SM_EXAMPLES=n overrides the number of examples of either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,6 +99,8 @@ APERTURE = NG * G
 TIMEOUT = 2.0
 SEALS = F_SEAL_SHRINK | F_SEAL_GROW
 PREFIX = "sm-"  # every memfd this machine creates is called sm-something
+# What the lender writes into pages it got back: no guest read may ever return it.
+POISON = b"POISON!\xa5"
 
 BAD_GRANTS = [
     "misaligned-offset",
@@ -139,6 +161,95 @@ def run(fn: Callable[[], Awaitable[object]]) -> object:
     return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclass
+class Mapping:
+    start: int
+    length: int
+    lease: int
+    addr: int
+    writable: bool
+
+
+class FakeP2m:
+    """Resident windows mapped into "the guest" (this process) as a p2m mapper would.
+
+    Python's mmap module would dup the fd and break the fd accounting, so libc's mmap is called
+    directly on the engine's own kept fd: a mapping outliving its lease would keep the lender's
+    pages reachable, which is exactly what the checks look for.
+    """
+
+    def __init__(self, engine: LeaseEngine) -> None:
+        self.engine = engine
+        self.maps: dict[int, Mapping] = {}
+        engine.unmap_hooks.append(self.unmap)
+
+    def find(self, offset: int) -> Mapping | None:
+        for m in self.maps.values():
+            if m.start <= offset < m.start + m.length:
+                return m
+        return None
+
+    def overlapping(self, start: int, length: int) -> list[Mapping]:
+        return [
+            m for m in self.maps.values() if m.start < start + length and start < m.start + m.length
+        ]
+
+    def trapped(self, offset: int) -> None:
+        """A trapped access ended: map its window if it is resident (`window_trapped`)."""
+        w = self.engine.window_at(offset)
+        if w is None or w.state is not S.RESIDENT or w.start in self.maps:
+            return
+        writable = bool(w.prot & PROT_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        addr = _libc.mmap(None, w.length, prot, mmap.MAP_SHARED, w.fd, w.fd_offset)
+        assert addr not in (None, _MAP_FAILED), os.strerror(ctypes.get_errno())
+        self.maps[w.start] = Mapping(w.start, w.length, w.lease_id, addr, writable)
+
+    async def unmap(self, start: int, length: int) -> None:
+        await trio.lowlevel.checkpoint()  # a real unmap waits for Xen; REVOKED must wait too
+        for m in self.overlapping(start, length):
+            self._drop(m)
+
+    def drop_all(self) -> None:
+        for m in list(self.maps.values()):
+            self._drop(m)
+
+    def _drop(self, m: Mapping) -> None:
+        assert _libc.munmap(m.addr, m.length) == 0
+        del self.maps[m.start]
+
+    def read(self, m: Mapping, offset: int, size: int) -> bytes:
+        return ctypes.string_at(m.addr + offset - m.start, size)
+
+    def write(self, m: Mapping, offset: int, data: bytes) -> None:
+        ctypes.memmove(m.addr + offset - m.start, data, len(data))
+
+
+def _mapped_memfd_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the machine's memfds."""
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if f"/memfd:{PREFIX}" in line:
+                lo, hi = line.split(None, 1)[0].split("-")
+                found.append((int(lo, 16), int(hi, 16)))
+    return found
+
+
 def _memfd_fds() -> set[int]:
     found = set()
     for entry in os.listdir("/proc/self/fd"):
@@ -152,6 +263,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.engine: LeaseEngine | None = None
+        self.p2m: FakeP2m | None = None
         self.leases: dict[int, Lease] = {}
         self.owned: set[int] = set()  # fds the lender holds
         self.states: list[tuple[WindowState, int]] = [(S.VACANT, 0)] * NG
@@ -172,18 +284,29 @@ class LeaseEngineMachine(RuleBasedStateMachine):
     @initialize(
         policy=st.sampled_from(list(FailurePolicy)),
         max_leases=st.sampled_from([3, 1 << 22]),
+        p2m=st.booleans(),
     )
-    def setup(self, policy: FailurePolicy, max_leases: int) -> None:
+    def setup(self, policy: FailurePolicy, max_leases: int, p2m: bool) -> None:
         self.policy = policy
         self.max_leases = max_leases
         self.engine = make_engine(
             APERTURE, G, policy=policy, page_in_timeout=TIMEOUT, max_leases=max_leases
         )
         self.lender = FakeLender(self.engine)
+        if p2m:
+            self.p2m = FakeP2m(self.engine)
+            self.engine.on_event = self._event
         self.pool = self._own(memfd(APERTURE, f"{PREFIX}pool", seals=SEALS))
+
+    def _event(self, name: str, data: dict[str, object]) -> None:
+        # The transport's part of a lost lender: its leases end, so do the guest's mappings.
+        if name == "LENDER_LOST" and self.p2m is not None:
+            self.p2m.drop_all()
 
     def teardown(self) -> None:
         try:
+            if self.p2m is not None:
+                self.p2m.drop_all()
             if self.engine is not None:
                 self.engine.close()
                 assert self.engine.kept_fds == 0
@@ -270,6 +393,10 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         rec = self.leases.pop(lease)
         got = os.pread(rec.fd, rec.length, rec.fd_offset)
         assert got == bytes(self.contents[rec.offset : rec.offset + rec.length])
+        # The pages are the lender's again: it reuses them (the contents live on elsewhere
+        # for an EVICT, and a page-in grants them back from there).
+        poison = POISON * (rec.length // len(POISON))
+        assert os.pwrite(rec.fd, poison, rec.fd_offset) == rec.length
         if rec.owned:
             self._drop(rec.fd)
         for g in self._granules(rec.offset, rec.length):
@@ -308,6 +435,23 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         if prot == RO and self.next_lease % 2:
             return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         return os.dup(fd)
+
+    async def _revoke(self, lease: int, mode: RevokeMode) -> None:
+        """The engine's revoke of a live lease; its return is REVOKED on the wire."""
+        rec = self.leases[lease]
+        await self.e.revoke(lease, mode)
+        if self.p2m is not None:
+            assert not self.p2m.overlapping(rec.offset, rec.length), "REVOKED while mapped"
+        self._check_mappings()
+
+    def _spawn_accesses(self, nursery: trio.Nursery, accesses: list[Access_]) -> list[Box]:
+        self.started = trio.current_time()
+        return [spawn(nursery, self._do, a) for a in accesses]
+
+    def _within_deadline(self, boxes: list[Box]) -> None:
+        """However an access ended, it did by its deadline (a vfio-user reply must be sent)."""
+        for b in boxes:
+            assert b.done and b.finished_at <= self.started + TIMEOUT, (b.finished_at, self.started)
 
     # ------------------------------------------------------------------ grant
 
@@ -449,7 +593,10 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         answer: str,
         via_pool: bool,
     ) -> None:
-        candidates = [*self.ever, 0, self.next_lease + 7]
+        # Mostly leases that hold something (live ones twice as often), sometimes any id.
+        evicted_ids = sorted({lid for s, lid in self.states if s is S.EVICTED})
+        live_ids = list(self.leases)
+        candidates = [*live_ids, *live_ids, *evicted_ids, *self.ever, 0, self.next_lease + 7]
         lease = candidates[pick % len(candidates)]
         live = lease in self.leases
         evicted = any(s == (S.EVICTED, lease) for s in self.states)
@@ -470,7 +617,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                 return
             rec = self.leases[lease]
             if not slow:
-                await e.revoke(lease, mode)
+                await self._revoke(lease, mode)
                 self.expect["revokes"] += 1
                 self._end_lease(lease, mode)
                 return
@@ -484,11 +631,12 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                 accesses = [
                     self._access_at(rec.offset + slot * 8, size, w) for slot, size, w in waiters
                 ]
+                page_ins_before = len(self.lender.page_ins)
                 async with trio.open_nursery() as nursery:
-                    revoking = spawn(nursery, e.revoke, lease, mode)
+                    revoking = spawn(nursery, self._revoke, lease, mode)
                     await trio.sleep(0.01)
                     assert e.window_at(rec.offset).state is S.REVOKING  # type: ignore[union-attr]
-                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                    boxes = self._spawn_accesses(nursery, accesses)
                     await trio.sleep(0.05)
                     assert not any(b.done for b in boxes)
                     if accesses and mode is RevokeMode.EVICT:
@@ -502,6 +650,9 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                         else:
                             self.lender.take(pi.request_id)  # never answered: the deadline
                 self.expect["faults"] += len(accesses)
+                self._within_deadline(boxes)
+                sent = len(self.lender.page_ins) - page_ins_before
+                assert sent == (1 if accesses and mode is RevokeMode.EVICT else 0)
                 revoking.get()
                 if lease in self.leases:
                     self.expect["revokes"] += 1
@@ -513,7 +664,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     else:
                         self._check_failed(a, b)
             finally:
-                e.unmap_hooks.clear()
+                e.unmap_hooks.remove(slow_unmap)
 
         run(go)
 
@@ -525,10 +676,23 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         return Access_(offset, size, data)
 
     async def _do(self, a: Access_) -> bytes | None:
+        """A guest access: straight to a p2m mapping if there is one, else trapped."""
+        p2m = self.p2m
+        m = None if p2m is None else p2m.find(a.offset)
+        if p2m is not None and m is not None:
+            if a.data is None:
+                return p2m.read(m, a.offset, a.size)
+            if m.writable:
+                p2m.write(m, a.offset, a.data)
+                return None
+        result = None
         if a.data is None:
-            return await self.e.read(a.offset, a.size)
-        await self.e.write(a.offset, a.data)
-        return None
+            result = await self.e.read(a.offset, a.size)
+        else:
+            await self.e.write(a.offset, a.data)
+        if p2m is not None:
+            p2m.trapped(a.offset)
+        return result
 
     async def _page_in_sent(self) -> PageIn:
         """The next PAGE_IN the engine sends, left unanswered: the answer takes it."""
@@ -541,7 +705,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         lender does before it grants (a grant beyond the limit is NACKed, by design)."""
         while len(self.leases) >= self.max_leases:
             oldest = next(iter(self.leases))
-            await self.e.revoke(oldest, RevokeMode.EVICT)
+            await self._revoke(oldest, RevokeMode.EVICT)
             self.expect["revokes"] += 1
             self._end_lease(oldest, RevokeMode.EVICT)
 
@@ -554,6 +718,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
 
     @rule(
         g=st.integers(0, NG - 1),
+        where=st.sampled_from(["anywhere", "held", "evicted", "evicted"]),
         shape=st.lists(
             st.tuples(st.integers(0, G // 8 - 1), st.sampled_from([1, 2, 4, 8]), st.booleans()),
             min_size=1,
@@ -567,11 +732,19 @@ class LeaseEngineMachine(RuleBasedStateMachine):
     def access(
         self,
         g: int,
+        where: str,
         shape: list[tuple[int, int, bool]],
         answer: str,
         status: int,
         via_pool: bool,
     ) -> None:
+        # Most of the aperture is vacant: aim at granules that hold something, evicted ones
+        # (the fault path) most of all, falling back to any granule.
+        held = [i for i, (s, _) in enumerate(self.states) if s is not S.VACANT]
+        evicted = [i for i in held if self.states[i][0] is S.EVICTED]
+        among = {"anywhere": [], "held": held, "evicted": evicted or held}[where]
+        if among:
+            g = among[g % len(among)]
         accesses = [self._access_at(g * G + slot * 8, size, w) for slot, size, w in shape]
         state, lease = self.states[g]
         page_ins_before = len(self.lender.page_ins)
@@ -580,7 +753,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
 
             async def direct() -> list[Box]:
                 async with trio.open_nursery() as nursery:
-                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                    boxes = self._spawn_accesses(nursery, accesses)
                 return boxes
 
             boxes: list[Box] = run(direct)  # type: ignore[assignment]
@@ -603,7 +776,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             self.lender.reachable = answer != "unreachable"
             try:
                 async with trio.open_nursery() as nursery:
-                    boxes = [spawn(nursery, self._do, a) for a in accesses]
+                    boxes = self._spawn_accesses(nursery, accesses)
                     if answer != "unreachable":
                         pi = await self._page_in_sent()
                         assert (pi.offset, pi.length) == (run_offset, run_length)
@@ -614,6 +787,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                 self.lender.reachable = True
 
         boxes = run(faulting)  # type: ignore[assignment]
+        self._within_deadline(boxes)
         sent = len(self.lender.page_ins) - page_ins_before
         if answer == "unreachable":
             # Nothing to wait for: each access tried its own PAGE_IN and failed at once.
@@ -659,7 +833,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             await self._make_room()
             self.lender.take(pi.request_id)
             lease = self._grant_range(pi.offset, pi.length, RW, via_pool)
-            await e.revoke(lease, RevokeMode.EVICT)
+            await self._revoke(lease, RevokeMode.EVICT)
             e.page_in_done(pi.request_id, PageInStatus.OK)
             outcome.update(served=True, evict=lease)
         elif answer == "status":
@@ -688,15 +862,20 @@ class LeaseEngineMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ lender events
 
-    @rule(rid=st.integers(0, 1 << 16), status=st.sampled_from([0, *ERROR_STATUSES]))
-    def stale_page_in_done(self, rid: int, status: int) -> None:
-        # No PAGE_IN outlives a step: any PAGE_IN_DONE now is late or unknown, and consumed.
-        before = self._snapshot()
-        self.e.page_in_done(rid % (len(self.lender.page_ins) + 3), status)
-        assert self._snapshot() == before
-
-    @rule(restart_ids=st.booleans())
-    def lender_lost(self, restart_ids: bool) -> None:
+    @rule(
+        lost=st.sampled_from([False, False, False, True]),
+        rid=st.integers(0, 1 << 16),
+        status=st.sampled_from([0, *ERROR_STATUSES]),
+        restart_ids=st.booleans(),
+    )
+    def lender_event(self, lost: bool, rid: int, status: int, restart_ids: bool) -> None:
+        """A stale PAGE_IN_DONE, or (rarely: it ends every lease) the lender's loss."""
+        if not lost:
+            # No PAGE_IN outlives a step: any PAGE_IN_DONE now is late or unknown, and consumed.
+            before = self._snapshot()
+            self.e.page_in_done(rid % (len(self.lender.page_ins) + 3), status)
+            assert self._snapshot() == before
+            return
         self.e.lender_lost()
         self._lose_lender()
         if restart_ids:
@@ -772,6 +951,36 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         # Nothing else in this process holds a lent memfd: no leak, no stale fd.
         assert _memfd_fds() == self.owned | kept
 
+    def _check_mappings(self) -> None:
+        """Every mapping of a lent memfd in /proc/self/maps is a p2m mapping the fake holds."""
+        maps = [] if self.p2m is None else list(self.p2m.maps.values())
+        held = sorted((m.addr, m.addr + m.length) for m in maps)
+        merged: list[list[int]] = []
+        for lo, hi in held:
+            if merged and merged[-1][1] == lo:
+                merged[-1][1] = hi
+            else:
+                merged.append([lo, hi])
+        mapped = _mapped_memfd_ranges()
+        for lo, hi in mapped:
+            assert any(a <= lo and hi <= b for a, b in merged), "a lent page is mapped"
+        assert sum(hi - lo for lo, hi in mapped) == sum(hi - lo for lo, hi in held)
+
+    @invariant()
+    def mappings_are_of_resident_windows(self) -> None:
+        if self.engine is None:
+            return
+        self._check_mappings()
+        if self.p2m is None:
+            return
+        for m in self.p2m.maps.values():
+            w = self.e.window_at(m.start)
+            assert w is not None
+            assert (w.start, w.length, w.lease_id) == (m.start, m.length, m.lease)
+            assert w.state is S.RESIDENT and m.lease in self.leases
+            got = self.p2m.read(m, m.start, m.length)
+            assert got == bytes(self.contents[m.start : m.start + m.length])
+
     @invariant()
     def counters_match(self) -> None:
         if self.engine is None:
@@ -782,11 +991,19 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             assert getattr(c, name) == value, name
 
 
-# DEVMODEL_SM_EXAMPLES=2000 for a deeper run than the test command's.
-LeaseEngineMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("DEVMODEL_SM_EXAMPLES", "100")),
+# Registered, not loaded: loading would change the settings of every other hypothesis test.
+settings.register_profile(
+    "lease-sm",
+    max_examples=100,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+settings.register_profile(
+    "lease-sm-deep", settings.get_profile("lease-sm"), max_examples=2000, stateful_step_count=60
+)
+_settings = settings.get_profile(os.environ.get("DEVMODEL_SM_PROFILE", "lease-sm"))
+if "DEVMODEL_SM_EXAMPLES" in os.environ:
+    _settings = settings(_settings, max_examples=int(os.environ["DEVMODEL_SM_EXAMPLES"]))
+LeaseEngineMachine.TestCase.settings = _settings
 TestLeaseEngineMachine = LeaseEngineMachine.TestCase
