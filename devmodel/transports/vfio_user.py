@@ -255,9 +255,11 @@ class _Session:
                         self.out.append(
                             self.conn.send(ev.ErrorReply(current.msg_id, command, errno.EIO))
                         )
-                while self._recv_nowait():
-                    if not await self._process():
-                        break
+                # Requests that arrived in the same read as the one being served are already
+                # in the connection's buffer: answer those first, then whatever the socket holds.
+                more = await self._process()
+                while more and self._recv_nowait():
+                    more = await self._process()
                 if self.out:
                     await self._flush()
             except (ProtocolError, OSError) as exc:

@@ -313,7 +313,7 @@ def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> N
                     assert reply.data == b"12345678"
                     answered.append(reply.msg_id)
             assert not isinstance(end.value, ConnectionResetError)
-            assert answered == queued
+            assert answered == queued, dm.stderr()
         assert dm.proc.wait(10) == 0
     finally:
         lender.close()
