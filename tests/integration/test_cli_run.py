@@ -288,10 +288,20 @@ def test_sd_notify_ready_once_the_sockets_serve(tmp_path: Path, abstract: bool) 
 
 def test_ready_fd_is_written_then_closed(tmp_path: Path) -> None:
     # launch() itself waits on --ready-fd; here: the write end is closed after READY=1.
+    # The close follows the write, so the reader may see READY=1 a moment before it: poll.
     with launched(tmp_path) as dm:
-        fds = os.listdir(f"/proc/{dm.proc.pid}/fd")
-        targets = {os.readlink(f"/proc/{dm.proc.pid}/fd/{fd}") for fd in fds}
-        assert not any(t.startswith("pipe:") for t in targets)
+        deadline = time.monotonic() + 5.0
+        while True:
+            pipes = set()
+            for fd in os.listdir(f"/proc/{dm.proc.pid}/fd"):
+                with contextlib.suppress(FileNotFoundError):
+                    target = os.readlink(f"/proc/{dm.proc.pid}/fd/{fd}")
+                    if target.startswith("pipe:"):
+                        pipes.add(target)
+            if not pipes or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not pipes, f"--ready-fd still open 5 s after READY=1: {pipes}"
         assert dm.stop() == 0
 
 
