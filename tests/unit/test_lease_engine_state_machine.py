@@ -243,12 +243,16 @@ class FakeP2m:
 
 def _mapped_memfd_ranges() -> list[tuple[int, int]]:
     """Address ranges of this process's mappings of the machine's memfds."""
+    with open("/proc/self/maps", "rb") as maps:
+        text = maps.read()
+    name = f"/memfd:{PREFIX}".encode()
+    if name not in text:  # the usual case, and the file is long: this check runs every step
+        return []
     found = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if f"/memfd:{PREFIX}" in line:
-                lo, hi = line.split(None, 1)[0].split("-")
-                found.append((int(lo, 16), int(hi, 16)))
+    for line in text.splitlines():
+        if name in line:
+            lo, hi = line.split(None, 1)[0].split(b"-")
+            found.append((int(lo, 16), int(hi, 16)))
     return found
 
 
@@ -763,6 +767,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         answer=st.sampled_from(ANSWERS),
         status=st.sampled_from(ERROR_STATUSES),
         via_pool=st.booleans(),
+        policy=st.none() | st.sampled_from(list(FailurePolicy)),
     )
     def access(
         self,
@@ -772,7 +777,12 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         answer: str,
         status: int,
         via_pool: bool,
+        policy: FailurePolicy | None,
     ) -> None:
+        # A device's policy never changes, but the engine reads it at every failure: drawing it
+        # here too lets every fault path meet every policy, not one policy per example.
+        if policy is not None:
+            self.policy = self.e.config.policy = policy
         # Most of the aperture is vacant: aim at granules that hold something, evicted ones
         # (the fault path) most of all, falling back to any granule.
         held = [i for i, (s, _) in enumerate(self.states) if s is not S.VACANT]
