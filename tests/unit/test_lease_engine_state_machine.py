@@ -99,6 +99,7 @@ G = PAGE  # granule
 NG = 16  # granules in the aperture: small, so that ranges collide often
 APERTURE = NG * G
 TIMEOUT = 2.0
+STEP_LIMIT = 10 * TIMEOUT  # virtual seconds (free under the autojumping clock)
 SEALS = F_SEAL_SHRINK | F_SEAL_GROW
 PREFIX = "sm-"  # every memfd this machine creates is called sm-something
 # What the lender writes into pages it got back: no guest read may ever return it.
@@ -160,7 +161,15 @@ class Access_:
 
 
 def run(fn: Callable[[], Awaitable[object]]) -> object:
-    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+    """Run one step's trio part. Its virtual time is bounded: the longest step takes about
+    TIMEOUT + 0.5 s, and a bug that leaves the machine waiting for something that will never
+    come (a PAGE_IN an access should have sent) fails here instead of hanging the test."""
+
+    async def bounded() -> object:
+        with trio.fail_after(STEP_LIMIT):
+            return await fn()
+
+    return trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
