@@ -72,6 +72,7 @@ from protocol.lease import (
 )
 from protocol.lease.constants import PROT_READ, PROT_WRITE
 from protocol.sansio import CLOSED, NEED_DATA
+from protocol.vfio_user.codec import HEADER_AND_ACCESS
 from protocol.vfio_user.constants import Command
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -515,11 +516,11 @@ class LenderProcess:
 
 
 def read_request(msg_id: int, offset: int) -> bytes:
-    return struct.pack("<HHIIIQII", msg_id & 0xFFFF, Command.REGION_READ, 32, 0, 0, offset, 0, 8)
+    return HEADER_AND_ACCESS.pack(msg_id & 0xFFFF, Command.REGION_READ, 32, 0, 0, offset, 0, 8)
 
 
 def write_request(msg_id: int, offset: int, data: bytes) -> bytes:
-    head = struct.pack("<HHIIIQII", msg_id & 0xFFFF, Command.REGION_WRITE, 40, 0, 0, offset, 0, 8)
+    head = HEADER_AND_ACCESS.pack(msg_id & 0xFFFF, Command.REGION_WRITE, 40, 0, 0, offset, 0, 8)
     return head + data
 
 

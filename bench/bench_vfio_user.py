@@ -29,7 +29,9 @@ from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from protocol.vfio_user import events as ev
+from protocol.vfio_user.codec import HEADER_AND_ACCESS
 from protocol.vfio_user.connection import ServerConnection
+from protocol.vfio_user.constants import Command
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,7 +54,8 @@ def measure_socket(path: str, reads: int, negotiate: bool) -> list[float]:
         samples = []
         perf = time.perf_counter
         for i in range(reads):
-            req = struct.pack("<HHIIIQII", i & 0xFFFF, 9, 32, 0, 0, (i % 4096) * 8, 0, 8)
+            offset = (i % 4096) * 8
+            req = HEADER_AND_ACCESS.pack(i & 0xFFFF, Command.REGION_READ, 32, 0, 0, offset, 0, 8)
             t0 = perf()
             sock.sendall(req)
             got = 0
@@ -83,7 +86,8 @@ def device_model_own_time(reads: int) -> float:
     conn.receive_data(struct.pack("<HHIIIHH", 0, 1, 20, 0, 0, 0, 0))
     conn.send(conn.version_reply(conn.next_event()))
     requests = [
-        struct.pack("<HHIIIQII", i & 0xFFFF, 9, 32, 0, 0, (i % 4096) * 8, 0, 8) for i in range(1024)
+        HEADER_AND_ACCESS.pack(i & 0xFFFF, Command.REGION_READ, 32, 0, 0, (i % 4096) * 8, 0, 8)
+        for i in range(1024)
     ]
     perf = time.perf_counter
     t0 = perf()
