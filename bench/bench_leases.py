@@ -51,7 +51,7 @@ from devmodel.client import VfioUserClient
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     Bye,
     Error,
@@ -70,10 +70,10 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.lease.constants import PROT_READ, PROT_WRITE
-from protocol.sansio import CLOSED, NEED_DATA
-from protocol.vfio_user.codec import HEADER_AND_ACCESS
-from protocol.vfio_user.constants import Command
+from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE
+from pyvfio_user.codec import HEADER_AND_ACCESS
+from pyvfio_user.constants import Command
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 RW = PROT_READ | PROT_WRITE

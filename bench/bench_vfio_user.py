@@ -28,10 +28,10 @@ from devmodel.client import VfioUserClient
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.codec import HEADER_AND_ACCESS
-from protocol.vfio_user.connection import ServerConnection
-from protocol.vfio_user.constants import Command
+from pyvfio_user import events as ev
+from pyvfio_user.codec import HEADER_AND_ACCESS
+from pyvfio_user.connection import ServerConnection
+from pyvfio_user.constants import Command
 
 HERE = Path(__file__).resolve().parent
 

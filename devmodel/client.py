@@ -1,6 +1,6 @@
 """A small blocking vfio-user client: what tests, benchmarks and tooling use to play QEMU.
 
-It drives `protocol.vfio_user.ClientConnection` over a plain blocking socket, so it works
+It drives `pyvfio_user.ClientConnection` over a plain blocking socket, so it works
 in any thread or process without an event loop, and it performs the attach sequence QEMU's
 vfio-user-pci performs (shared/reference/vfio-user.md), so tests exercise the same path.
 """
@@ -13,13 +13,13 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import CLIENT_DEFAULT_CAPS, ClientConnection
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import CLIENT_DEFAULT_CAPS, ClientConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities
 
 ANCILLARY_SPACE = socket.CMSG_SPACE(253 * 4)
 

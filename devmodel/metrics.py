@@ -26,7 +26,7 @@ import trio
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.states import WindowState
-from protocol.lease.constants import RevokeMode
+from devmodel_wire.lease.constants import RevokeMode
 
 log = logging.getLogger("devmodel.metrics")
 trace_log = logging.getLogger("devmodel.trace")

@@ -33,7 +33,7 @@ from typing import Any, Final
 from devmodel.control.client import ConnectionLost, ControlClient, ControlError
 from devmodel.logs import clean
 from devmodel.sizes import format_size, parse_size
-from protocol.control import ControlProtocolError, EventMessage, decode_json
+from devmodel_wire.control import ControlProtocolError, EventMessage, decode_json
 
 PROMPT: Final = "devmodel> "
 PY_PROMPT: Final = "py> "

@@ -53,8 +53,7 @@ import trio
 from lender_vram import Extent, Lru, Vram
 
 from devmodel.sizes import format_size, parse_size
-from protocol.errors import ProtocolError
-from protocol.lease import (
+from devmodel_wire.lease import (
     Bye,
     ByeReason,
     Error,
@@ -76,8 +75,9 @@ from protocol.lease import (
     RevokeMode,
     State,
 )
-from protocol.lease.constants import NackReason, code_name
-from protocol.sansio import CLOSED, NEED_DATA
+from devmodel_wire.lease.constants import NackReason, code_name
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 log = logging.getLogger("reference-lender")
 

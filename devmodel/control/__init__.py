@@ -1,6 +1,6 @@
 """How the toolstack and people control a running device model.
 
-- `server`: the control socket (QMP-style JSON lines, `protocol/control.py`), many clients,
+- `server`: the control socket (QMP-style JSON lines, `devmodel_wire.control`), many clients,
   none of which can stall the device.
 - `commands`: what the socket can be asked (query-*, set-policy, the testing aids, quit...).
 - `console`: the opt-in Python debug console behind the `python` command.

@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from protocol.control import (
+from devmodel_wire.control import (
     CAPABILITIES_COMMAND,
     ClientConnection,
     ControlProtocolError,
@@ -27,7 +27,7 @@ from protocol.control import (
     ServerMessage,
     encode_command,
 )
-from protocol.sansio import CLOSED, NEED_DATA
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 
 class ControlError(Exception):

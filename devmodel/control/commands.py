@@ -1,6 +1,6 @@
 """The control commands: what a toolstack, a monitor or a person can ask a running device model.
 
-Each command is declared once with its arguments (`protocol.control.Arg`) and a help line;
+Each command is declared once with its arguments (`devmodel_wire.control.Arg`) and a help line;
 `query-commands` reports exactly this table, which the REPL uses for completion and help.
 Queries never walk more than they return plus what they skip (`limit` caps every page), and
 no command waits on anything but the engine, so none can stall the device for long.
@@ -29,7 +29,7 @@ from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.leases.window import Window
 from devmodel.metrics import InstrumentedEngine, exposition
-from protocol.control import (
+from devmodel_wire.control import (
     CAPABILITIES_COMMAND,
     COMMAND_NOT_FOUND,
     NOT_SUPPORTED,
@@ -38,7 +38,7 @@ from protocol.control import (
     CommandFailed,
     check_arguments,
 )
-from protocol.lease.constants import PROT_READ, PROT_WRITE, RevokeMode
+from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE, RevokeMode
 
 if TYPE_CHECKING:
     from devmodel.config import Settings

@@ -1,4 +1,4 @@
-"""The control socket: QMP-style JSON lines (protocol/control.py) for toolstacks and people.
+"""The control socket: QMP-style JSON lines (devmodel_wire.control) for toolstacks and people.
 
 Nothing a control client does may stall the device, so:
 
@@ -33,7 +33,7 @@ import trio
 
 from devmodel.control.toolstack import bind_unix, private_directory, unlink_quietly
 from devmodel.logs import clean
-from protocol.control import (
+from devmodel_wire.control import (
     GENERIC_ERROR,
     MAX_COMMAND_LINE,
     BadCommand,
@@ -47,7 +47,7 @@ from protocol.control import (
     encode_greeting,
     encode_return,
 )
-from protocol.sansio import CLOSED, NEED_DATA
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 log = logging.getLogger("devmodel.control")
 

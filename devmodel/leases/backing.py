@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from protocol.lease.constants import PROT_WRITE, NackReason
+from devmodel_wire.lease.constants import PROT_WRITE, NackReason
 
 # Linux fcntl numbers; the stdlib exposes them from 3.8 on Linux but typeshed may not.
 F_GET_SEALS: int = getattr(fcntl, "F_GET_SEALS", 1034)

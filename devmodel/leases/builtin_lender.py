@@ -14,7 +14,7 @@ import os
 
 from devmodel.leases.backing import F_SEAL_SHRINK
 from devmodel.leases.engine import LeaseEngine
-from protocol.lease.constants import PROT_READ, PROT_WRITE, Access, PageInStatus
+from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE, Access, PageInStatus
 
 F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
 F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)

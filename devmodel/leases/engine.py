@@ -29,7 +29,7 @@ from devmodel.leases.table import WindowTable
 from devmodel.leases.window import Pending, Window
 from devmodel.pci.errors import AccessError
 from devmodel.ratelimit import RateLimitedLogger
-from protocol.lease.constants import (
+from devmodel_wire.lease.constants import (
     GRANT_FLAGS_KNOWN,
     PROT_WRITE,
     VALID_PROTS,

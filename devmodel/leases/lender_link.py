@@ -34,8 +34,7 @@ import trio
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.ratelimit import RateLimitedLogger
-from protocol.errors import ProtocolError
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
     Bye,
@@ -59,10 +58,11 @@ from protocol.lease import (
     Revoked,
     State,
 )
-from protocol.lease.checks import check_grant_fd
-from protocol.lease.connection import clip
-from protocol.lease.constants import MAX_NAME_BYTES, code_name
-from protocol.sansio import CLOSED, NEED_DATA
+from devmodel_wire.lease.checks import check_grant_fd
+from devmodel_wire.lease.connection import clip
+from devmodel_wire.lease.constants import MAX_NAME_BYTES, code_name
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 log = logging.getLogger("devmodel.lender")
 
@@ -450,7 +450,7 @@ class _Session:
         # PONG: hearing it is all the keepalive needs; the connection matched its token.
 
     def _grant(self, g: Grant) -> None:
-        # The specification's own checks (protocol/lease/checks.py) come first, so that every
+        # The specification's own checks (devmodel_wire.lease.checks) come first, so that every
         # lender meets one reading of it: the shape under the session geometry (fd_offset on
         # the granule too), then the fd (a sealed regular file, writable if prot asks for
         # write, big enough). The engine then adds what needs its table (overlaps, limits).

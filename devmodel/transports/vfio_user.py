@@ -26,13 +26,13 @@ from devmodel.counters import DeviceCounters
 from devmodel.dma import DmaError, DmaRegion, DmaTable
 from devmodel.pci.function import AccessError, PciFunction
 from devmodel.ratelimit import RateLimitedLogger
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import SERVER_DEFAULT_CAPS, ServerConnection
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import SERVER_DEFAULT_CAPS, ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities
 
 log = logging.getLogger("devmodel.vfio_user")
 

@@ -8,7 +8,7 @@ whose access waits for a page-in never holds up another (shared/DESIGN.md, "Conc
 
 Everything host-specific goes through `XenPlatform` (devmodel/xen/platform.py): the real one
 binds Xen's tool libraries, tests pass a simulated hypervisor. The slot and ring layouts come
-from protocol/xen, which is checked against Xen's headers.
+from protocol/devmodel_wire/xen, which is checked against Xen's headers.
 
 Answers the guest gets, by case (all counted in DeviceCounters):
 - A read the device refuses (bad size, misaligned, outside a BAR, a lost lender under the
@@ -44,7 +44,7 @@ from devmodel.pci.errors import AccessError
 from devmodel.pci.function import APERTURE_BAR, REGISTER_BAR, PciFunction
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.platform import GuestMapping, IoreqPages, XenError, XenPlatform
-from protocol.xen import (
+from devmodel_wire.xen import (
     IOREQ_SIZE,
     PAGE_SIZE,
     SLOTS_PER_PAGE,
@@ -77,7 +77,7 @@ guest page; the bound only stops a corrupt slot from making one request loop 2**
 BUFIOREQ_MODE: Final = BufioreqMode.LEGACY
 """LEGACY, not ATOMIC: in ATOMIC mode Xen rewrites both ring pointers with a 64-bit
 compare-and-swap, which a consumer must answer with an atomic add that Python cannot do on
-shared memory (protocol/xen BufioreqMode). The ring matters little here: Xen posts only VGA
+shared memory (devmodel_wire.xen BufioreqMode). The ring matters little here: Xen posts only VGA
 writes and TIMEOFFSET there, but a server without one makes Xen log an error at every RTC
 update the guest makes."""
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from devmodel.xen import libs
 from devmodel.xen.platform import XenError
-from protocol.xen.ioreq import (
+from devmodel_wire.xen.ioreq import (
     FRAME_BUFIOREQ,
     PAGE_SIZE,
     SLOTS_PER_PAGE,

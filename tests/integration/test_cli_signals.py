@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from devmodel.control.client import ConnectionLost
-from protocol.lease import Bye, Event, Hello, LeaseProtocolError, LenderConnection, Ping, Pong
-from protocol.sansio import CLOSED, NEED_DATA
+from devmodel_wire.lease import Bye, Event, Hello, LeaseProtocolError, LenderConnection, Ping, Pong
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 from tests.integration.test_cli_run import Launched, launch
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from devmodel.client import ErrorReplyReceived, VfioUserClient
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
 from tests.integration.conftest import DevmodelProcess, start_devmodel
 from tests.qemu.stalling_lender import StallingLender
 

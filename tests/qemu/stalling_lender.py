@@ -1,6 +1,6 @@
 """A lender that never answers a page-in: the guest-visible worst case of a stuck lender.
 
-It speaks the lease protocol with protocol/lease's `LenderConnection` from a thread (the
+It speaks the lease protocol with devmodel_wire.lease's `LenderConnection` from a thread (the
 tests are synchronous and need nothing from trio here): it lends the whole aperture, one lease
 per granule, from one sealed memfd; evicts the windows it was asked to evict as soon as the
 borrower has acknowledged every grant; and then records every PAGE_IN and answers none of them.
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from protocol.lease import (
+from devmodel_wire.lease import (
     Bye,
     Event,
     Grant,
@@ -36,7 +36,7 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.sansio import CLOSED, NEED_DATA
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 PROT_READ_WRITE = 3
 F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)

@@ -20,7 +20,7 @@ import trio
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.policy import FailurePolicy
-from protocol.lease.constants import PROT_READ, PROT_WRITE, Access, PageInStatus, RevokeMode
+from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE, Access, PageInStatus, RevokeMode
 
 PAGE = 4096
 RW = PROT_READ | PROT_WRITE

@@ -13,8 +13,8 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.states import WindowState
 from devmodel.metrics import BUCKETS, Histogram, InstrumentedEngine, exposition
-from protocol.control import Command, CommandFailed, ServerConnection
-from protocol.lease.constants import RevokeMode
+from devmodel_wire.control import Command, CommandFailed, ServerConnection
+from devmodel_wire.lease.constants import RevokeMode
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""protocol/control.py: the QMP-style control protocol, sans-IO, both ends."""
+"""protocol/devmodel_wire/control.py: the QMP-style control protocol, sans-IO, both ends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.control import (
+from devmodel_wire.control import (
     COMMAND_NOT_FOUND,
     GENERIC_ERROR,
     Arg,
@@ -31,7 +31,7 @@ from protocol.control import (
     encode_return,
     timestamp,
 )
-from protocol.sansio import CLOSED, NEED_DATA, Sentinel
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Sentinel
 
 
 def events(conn: ServerConnection) -> list[Command | BadCommand]:

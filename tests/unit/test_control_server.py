@@ -13,7 +13,7 @@ import trio
 
 from devmodel.control.server import ControlClient, ControlServer
 from devmodel.control.toolstack import StartupError
-from protocol.control import Command, CommandFailed
+from devmodel_wire.control import Command, CommandFailed
 
 
 async def echo(client: ControlClient, cmd: Command) -> object:

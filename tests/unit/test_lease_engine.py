@@ -23,7 +23,7 @@ from devmodel.leases.engine import LeaseEngine, UnknownLease, UnmapHook
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import IllegalTransition, WindowState
 from devmodel.pci.errors import AccessError
-from protocol.lease.constants import Access, NackReason, PageInStatus, RevokeMode
+from devmodel_wire.lease.constants import Access, NackReason, PageInStatus, RevokeMode
 from tests.unit.lease_fakes import (
     F_ADD_SEALS,
     F_SEAL_FUTURE_WRITE,

@@ -15,7 +15,7 @@ import trio.testing
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
-from protocol.lease import Grant, GrantAck, PageIn, PageInDone, PageInStatus, RevokeMode
+from devmodel_wire.lease import Grant, GrantAck, PageIn, PageInDone, PageInStatus, RevokeMode
 from tests.unit.lease_fakes import PAGE, RO, FakeLender, make_engine, memfd, pattern, spawn
 from tests.unit.test_lender_link import grant, revoke
 from tests.unit.test_lender_link_support import GRANULE, rig, sealed_memfd

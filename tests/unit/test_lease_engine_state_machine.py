@@ -68,7 +68,7 @@ from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
-from protocol.lease.constants import (
+from devmodel_wire.lease.constants import (
     PROT_WRITE,
     VALID_PROTS,
     Access,

@@ -16,7 +16,7 @@ from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
-from protocol.lease.constants import Access, PageInStatus, RevokeMode
+from devmodel_wire.lease.constants import Access, PageInStatus, RevokeMode
 from tests.unit.lease_fakes import (
     PAGE,
     Box,

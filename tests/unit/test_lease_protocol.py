@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ProtocolError
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
     Bye,
@@ -37,9 +36,10 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.lease.checks import check_grant, check_grant_fd, geometry_problem, range_problem
-from protocol.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
-from protocol.lease.wire import decode, decode_message, encode, fd_count
+from devmodel_wire.lease.checks import check_grant, check_grant_fd, geometry_problem, range_problem
+from devmodel_wire.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
+from devmodel_wire.lease.wire import decode, decode_message, encode, fd_count
+from pyvfio_user.errors import ProtocolError
 from tests.unit.test_lease_protocol_support import (
     APERTURE,
     GRANULE,

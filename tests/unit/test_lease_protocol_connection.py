@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
     Bye,
@@ -39,8 +39,8 @@ from protocol.lease import (
     Role,
     State,
 )
-from protocol.lease import connection as connection_module
-from protocol.lease.connection import (
+from devmodel_wire.lease import connection as connection_module
+from devmodel_wire.lease.connection import (
     BORROWER_RECEIVE,
     BORROWER_SEND,
     LENDER_RECEIVE,
@@ -49,9 +49,9 @@ from protocol.lease.connection import (
     TypeKey,
     Verdict,
 )
-from protocol.lease.events import EVENT_TYPES
-from protocol.lease.wire import encode
-from protocol.sansio import CLOSED, NEED_DATA
+from devmodel_wire.lease.events import EVENT_TYPES
+from devmodel_wire.lease.wire import encode
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 from tests.unit.test_lease_protocol_support import (
     APERTURE,
     GRANULE,

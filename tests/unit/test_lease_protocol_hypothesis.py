@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
     Bye,
@@ -42,9 +42,9 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.lease.constants import HEADER_SIZE
-from protocol.lease.wire import encode
-from protocol.sansio import CLOSED, Sentinel
+from devmodel_wire.lease.constants import HEADER_SIZE
+from devmodel_wire.lease.wire import encode
+from pyvfio_user.sansio import CLOSED, Sentinel
 from tests.unit.test_lease_protocol_support import (
     GRANULE,
     RW,

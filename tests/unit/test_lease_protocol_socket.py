@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.lease import (
+from devmodel_wire.lease import (
     BorrowerConnection,
     Bye,
     ErrorCode,
@@ -27,9 +27,9 @@ from protocol.lease import (
     Ping,
     Pong,
 )
-from protocol.lease.checks import check_grant_fd
-from protocol.lease.wire import encode
-from protocol.sansio import CLOSED, NEED_DATA, Outgoing
+from devmodel_wire.lease.checks import check_grant_fd
+from devmodel_wire.lease.wire import encode
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
 from tests.unit.test_lease_protocol_support import GRANULE, RW, borrower_hello, is_open
 
 MAX_FDS = 4

@@ -10,8 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from protocol.errors import ProtocolError
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
     Bye,
@@ -35,9 +34,10 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.lease.constants import HEADER_SIZE
-from protocol.lease.wire import HEADER
-from protocol.sansio import CLOSED, NEED_DATA, Sentinel
+from devmodel_wire.lease.constants import HEADER_SIZE
+from devmodel_wire.lease.wire import HEADER
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Sentinel
 
 MiB = 1 << 20
 GUEST = 7

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from devmodel.leases.states import WindowState
-from protocol.lease import (
+from devmodel_wire.lease import (
     Access,
     Bye,
     ByeReason,

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from devmodel.leases.states import WindowState
-from protocol.lease import (
+from devmodel_wire.lease import (
     Bye,
     ByeReason,
     Error,
@@ -40,7 +40,7 @@ from protocol.lease import (
     Revoked,
     RevokeMode,
 )
-from protocol.lease.wire import HEADER, encode
+from devmodel_wire.lease.wire import HEADER, encode
 from tests.unit.test_lender_link_support import (
     APERTURE,
     GRANULE,

@@ -22,11 +22,11 @@ import trio
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
-from protocol.errors import ProtocolError
-from protocol.lease import Event, Hello, LenderConnection
-from protocol.lease.constants import HEADER_SIZE
-from protocol.lease.wire import HEADER, decode_message, encode
-from protocol.sansio import CLOSED, NEED_DATA
+from devmodel_wire.lease import Event, Hello, LenderConnection
+from devmodel_wire.lease.constants import HEADER_SIZE
+from devmodel_wire.lease.wire import HEADER, decode_message, encode
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 KiB = 1 << 10
 MiB = 1 << 20

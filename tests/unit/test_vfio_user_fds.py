@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.sansio import NEED_DATA
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import ServerConnection
-from protocol.vfio_user.constants import Command
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import NEED_DATA
 from tests.unit.vfio_user_helpers import (
     FdBag,
     chunked,

@@ -20,13 +20,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import ClientConnection, ServerConnection
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities, parse_capabilities
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ClientConnection, ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities, parse_capabilities
 from tests.unit.vfio_user_helpers import QEMU_VERSION_JSON, chunked, negotiated_pair
 
 # The whole file stays well under 20 s on a 2-core machine.

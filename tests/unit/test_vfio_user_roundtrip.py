@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import ClientConnection, ServerConnection, State
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ClientConnection, ServerConnection, State
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities
 from tests.unit.vfio_user_helpers import (
     QEMU_CAPS,
     QEMU_KEYS,

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.vfio_user import codec
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user import layouts as lay
-from protocol.vfio_user.connection import ClientConnection, ServerConnection
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import QEMU_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, Capabilities
+from pyvfio_user import codec
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user import layouts as lay
+from pyvfio_user.connection import ClientConnection, ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.version import QEMU_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, Capabilities
 from tests.unit.vfio_user_helpers import (
     QEMU_CAPS,
     QEMU_KEYS,

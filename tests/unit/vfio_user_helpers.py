@@ -1,4 +1,4 @@
-"""Shared builders for the protocol/vfio_user tests: raw messages, negotiated pairs, fd passing.
+"""Shared builders for the protocol/pyvfio_user tests: raw messages, negotiated pairs, fd passing.
 
 Fds "travel" the way SCM_RIGHTS moves them: the receiver gets fresh duplicates (`os.dup`), the
 sender keeps its own. Every fd a test creates is registered with an `FdBag` so it is closed at
@@ -13,12 +13,12 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA, Outgoing
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.connection import ClientConnection, ServerConnection, State
-from protocol.vfio_user.constants import FLAG_NO_REPLY, HEADER, TYPE_COMMAND, TYPE_REPLY, Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ClientConnection, ServerConnection, State
+from pyvfio_user.constants import FLAG_NO_REPLY, HEADER, TYPE_COMMAND, TYPE_REPLY, Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
+from pyvfio_user.version import Capabilities
 
 QEMU_VERSION_JSON = (
     b'{"capabilities":{"pgsizes":4096,"max_msg_fds":16,"max_dma_maps":65535,'

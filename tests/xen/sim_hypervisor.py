@@ -1,6 +1,6 @@
 """A simulated Xen hypervisor: a `XenPlatform` the transport cannot tell from a host.
 
-What is real: the shared pages (4096-byte buffers laid out by protocol.xen, which is checked
+What is real: the shared pages (4096-byte buffers laid out by devmodel_wire.xen, which is checked
 against Xen's headers), the event channel's file descriptor (a pipe the transport's trio loop
 really waits on), guest RAM (one buffer that data_is_ptr accesses map live), and the routing
 Xen does before any request reaches a server: an MMIO access goes to this server only if its
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from devmodel.xen.platform import XenError
-from protocol.xen import (
+from devmodel_wire.xen import (
     IOREQ_READ,
     IOREQ_WRITE,
     PAGE_SIZE,

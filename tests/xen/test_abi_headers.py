@@ -1,4 +1,4 @@
-"""protocol.xen against what GCC makes of Debian's libxen-dev headers (no hypervisor needed).
+"""devmodel_wire.xen against what GCC makes of Debian's libxen-dev headers (no hypervisor needed).
 
 A C program (c/ioreq_abi.c) prints sizes, offsets and constants, and round-trips sample
 requests through the real structs, bitfields included, in both directions. Any difference
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from protocol.xen import ioreq as x
-from protocol.xen import layouts as lay
+from devmodel_wire.xen import ioreq as x
+from devmodel_wire.xen import layouts as lay
 from tests.xen.xen_cc import C_DIR, INCLUDE, compile_c, run
 
 HEADERS = ("xen/hvm/ioreq.h", "xen/hvm/dm_op.h", "xen/hvm/hvm_op.h", "xen/memory.h", "xenctrl.h")

@@ -1,4 +1,4 @@
-"""protocol.xen.ioreq on its own: struct hot paths against the construct declarations, round
+"""devmodel_wire.xen.ioreq on its own: struct hot paths against the construct declarations, round
 trips, slot and ring discipline, malformed input. (The C headers are test_abi_headers.py.)"""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.xen import ioreq as x
-from protocol.xen import layouts as lay
+from devmodel_wire.xen import ioreq as x
+from devmodel_wire.xen import layouts as lay
+from pyvfio_user.errors import ProtocolError
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from devmodel.xen.platform import XenError
-from protocol.xen import BufioreqMode, read_slot
+from devmodel_wire.xen import BufioreqMode, read_slot
 from tests.xen.sim_hypervisor import REMOTE_BUF_PORT, REMOTE_PORT_BASE, SimHypervisor
 
 

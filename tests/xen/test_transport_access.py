@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.xen import IOREQ_READ, IOREQ_WRITE, IoReq, IoreqState, IoreqType, encode_ioreq
+from devmodel_wire.xen import IOREQ_READ, IOREQ_WRITE, IoReq, IoreqState, IoreqType, encode_ioreq
 from tests.xen.conftest import APERTURE, BAR0, BAR2, DEVICE, VENDOR, builtin_rig
 from tests.xen.sim_hypervisor import REMOTE_PORT_BASE
 

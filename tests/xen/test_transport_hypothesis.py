@@ -10,7 +10,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.xen import IoReq, IoreqState
+from devmodel_wire.xen import IoReq, IoreqState
 from tests.xen.conftest import APERTURE, BAR0, BAR2, builtin_rig
 
 ADDRS = st.one_of(

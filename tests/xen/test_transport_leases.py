@@ -12,7 +12,7 @@ import trio.testing
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig
 from devmodel.leases.policy import FailurePolicy
-from protocol.lease.constants import RevokeMode
+from devmodel_wire.lease.constants import RevokeMode
 from tests.unit.lease_fakes import FakeLender, memfd, pattern
 from tests.xen.conftest import APERTURE, BAR0, Rig, build_device, builtin_rig, serving
 from tests.xen.sim_hypervisor import SimHypervisor

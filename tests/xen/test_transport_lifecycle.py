@@ -9,8 +9,8 @@ import trio
 
 from devmodel.control.toolstack import StartupError
 from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY, serve_xen
-from protocol.lease.constants import RevokeMode
-from protocol.xen import BufioreqMode
+from devmodel_wire.lease.constants import RevokeMode
+from devmodel_wire.xen import BufioreqMode
 from tests.unit.lease_fakes import FakeLender, memfd
 from tests.xen.conftest import APERTURE, BAR0, BAR2, Rig, build_device, builtin_rig, serving
 from tests.xen.sim_hypervisor import SimHypervisor

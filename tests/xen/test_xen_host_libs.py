@@ -19,7 +19,7 @@ import pytest
 from devmodel.xen import libs
 from devmodel.xen.host import GuestFrames, ResourcePages, XenHost
 from devmodel.xen.platform import GuestMapping, IoreqPages, XenError, XenPlatform
-from protocol.xen import BufioreqMode
+from devmodel_wire.xen import BufioreqMode
 from tests.xen.xen_cc import C_DIR, compile_c
 
 

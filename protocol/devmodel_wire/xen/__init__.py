@@ -3,7 +3,7 @@
 Checked against Debian's libxen-dev headers by compiling C in tests/xen/test_abi_headers.py.
 """
 
-from protocol.xen.ioreq import (
+from devmodel_wire.xen.ioreq import (
     BUF_IOREQ_SIZE,
     BUF_IOREQ_SLOTS,
     FRAME_BUFIOREQ,

@@ -5,11 +5,11 @@ what QEMU's client actually sends. `ServerConnection` is what a device model use
 `ClientConnection` is what tests, benchmarks and tooling use to play the VMM.
 """
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA, Outgoing
-from protocol.vfio_user.connection import ClientConnection, ServerConnection
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user.connection import ClientConnection, ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
+from pyvfio_user.version import Capabilities
 
 __all__ = [
     "CLOSED",

@@ -1,4 +1,4 @@
-"""The one exception every parser in `protocol/` raises for malformed input."""
+"""The one exception type every parser in `protocol/` raises (or subclasses) for malformed input."""
 
 from __future__ import annotations
 

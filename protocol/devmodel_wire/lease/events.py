@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from protocol.lease.constants import (
+from devmodel_wire.lease.constants import (
     VERSION_MAJOR,
     VERSION_MINOR,
     Access,

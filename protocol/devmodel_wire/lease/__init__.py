@@ -1,7 +1,7 @@
 """The lease protocol between a lender and the device model (docs/lease-protocol.md)."""
 
-from protocol.lease.connection import BorrowerConnection, LenderConnection, Role, State
-from protocol.lease.constants import (
+from devmodel_wire.lease.connection import BorrowerConnection, LenderConnection, Role, State
+from devmodel_wire.lease.constants import (
     Access,
     ByeReason,
     ErrorCode,
@@ -10,8 +10,8 @@ from protocol.lease.constants import (
     PageInStatus,
     RevokeMode,
 )
-from protocol.lease.errors import LeaseProtocolError
-from protocol.lease.events import (
+from devmodel_wire.lease.errors import LeaseProtocolError
+from devmodel_wire.lease.events import (
     Bye,
     Error,
     Event,

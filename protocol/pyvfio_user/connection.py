@@ -20,13 +20,13 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any, Final
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA, Outgoing, Sentinel
-from protocol.vfio_user import codec
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import MAJOR, MINOR, Capabilities, negotiate
+from pyvfio_user import codec
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing, Sentinel
+from pyvfio_user.version import MAJOR, MINOR, Capabilities, negotiate
 
 # Payload room beyond the data transfer limit: VERSION JSON, WRITE_MULTI batches, IRQ bitmaps.
 MSG_OVERHEAD: Final = 64 * 1024

@@ -14,7 +14,7 @@ import os
 import stat
 from typing import Final
 
-from protocol.lease.constants import (
+from devmodel_wire.lease.constants import (
     GRANT_FLAGS_KNOWN,
     GRANULES,
     MIN_APERTURE,
@@ -22,7 +22,7 @@ from protocol.lease.constants import (
     VALID_PROTS,
     NackReason,
 )
-from protocol.lease.events import Grant
+from devmodel_wire.lease.events import Grant
 
 # Linux value (since 5.1); the fcntl module does not export it.
 F_SEAL_FUTURE_WRITE: Final = 0x0010

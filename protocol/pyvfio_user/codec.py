@@ -16,12 +16,12 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from protocol.errors import ProtocolError
-from protocol.vfio_user import constants as c
-from protocol.vfio_user import events as ev
-from protocol.vfio_user import layouts as lay
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import encode_capabilities, parse_capabilities
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user import layouts as lay
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.version import encode_capabilities, parse_capabilities
 
 
 class RequestError(ProtocolError):

@@ -7,9 +7,9 @@ was refused. This is the same idea as h11's `error_status_hint`.
 
 from __future__ import annotations
 
-from protocol.errors import ProtocolError
-from protocol.lease.constants import ErrorCode
-from protocol.lease.events import Event
+from devmodel_wire.lease.constants import ErrorCode
+from devmodel_wire.lease.events import Event
+from pyvfio_user.errors import ProtocolError
 
 
 class LeaseProtocolError(ProtocolError):

@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from protocol.errors import ProtocolError
-from protocol.sansio import CLOSED, NEED_DATA, Sentinel
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Sentinel
 
 # A command is a few hundred bytes; the biggest legitimate one is a debug-console statement.
 MAX_COMMAND_LINE: Final = 64 << 10

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-from protocol.errors import ProtocolError
+from pyvfio_user.errors import ProtocolError
 
 
 class XenAbiError(ProtocolError):

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol.errors import ProtocolError
-from protocol.vfio_user import constants as c
+from pyvfio_user import constants as c
+from pyvfio_user.errors import ProtocolError
 
 MAJOR: Final = 0
 MINOR: Final = 0

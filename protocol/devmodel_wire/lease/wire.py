@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Final
 
-from protocol.lease.constants import (
+from devmodel_wire.lease.constants import (
     HEADER_SIZE,
     MAGIC,
     MAX_NAME_BYTES,
@@ -32,8 +32,8 @@ from protocol.lease.constants import (
     PageInStatus,
     RevokeMode,
 )
-from protocol.lease.errors import LeaseProtocolError
-from protocol.lease.events import (
+from devmodel_wire.lease.errors import LeaseProtocolError
+from devmodel_wire.lease.events import (
     Bye,
     Error,
     Event,

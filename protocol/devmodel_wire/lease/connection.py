@@ -1,6 +1,6 @@
 """Sans-IO lease-protocol connections for the borrower (devmodel) and the lender.
 
-Both sides are driven the same way (protocol/sansio.py): `receive_data(data, fds)` with what a
+Both sides are driven the same way (pyvfio_user.sansio): `receive_data(data, fds)` with what a
 recvmsg returned, `next_event()` until NEED_DATA, `send(event)` for what to write. Which
 message is acceptable in which state is decided by the tables below and nowhere else, so that
 the tests and the specification's state table can be compared entry by entry.
@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Final, TypeAlias
 
-from protocol.lease.checks import check_grant, geometry_problem, range_problem
-from protocol.lease.constants import (
+from devmodel_wire.lease.checks import check_grant, geometry_problem, range_problem
+from devmodel_wire.lease.constants import (
     HEADER_SIZE,
     MAX_IN_FLIGHT,
     MAX_MESSAGE_SIZE,
@@ -34,8 +34,8 @@ from protocol.lease.constants import (
     MsgType,
     NackReason,
 )
-from protocol.lease.errors import LeaseProtocolError
-from protocol.lease.events import (
+from devmodel_wire.lease.errors import LeaseProtocolError
+from devmodel_wire.lease.events import (
     Bye,
     Error,
     Event,
@@ -50,8 +50,8 @@ from protocol.lease.events import (
     Revoke,
     Revoked,
 )
-from protocol.lease.wire import HEADER, decode, encode
-from protocol.sansio import CLOSED, NEED_DATA, Outgoing, Sentinel
+from devmodel_wire.lease.wire import HEADER, decode, encode
+from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing, Sentinel
 
 
 class Role(enum.Enum):

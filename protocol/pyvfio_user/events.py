@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.vfio_user.constants import Command
-from protocol.vfio_user.version import Capabilities
+from pyvfio_user.constants import Command
+from pyvfio_user.version import Capabilities
 
 # ---------------------------------------------------------------- client to server requests
 
