@@ -47,10 +47,10 @@ from typing import IO, Any
 import trio
 import trio.testing
 
-from devmodel.client import VfioUserClient
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
+from devmodel.testing import VfioUserClient
 from devmodel_wire.lease import (
     Access,
     Bye,

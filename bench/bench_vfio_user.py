@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from devmodel.aperture import OwnedMemory
-from devmodel.client import VfioUserClient
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
+from devmodel.testing import VfioUserClient
 from pyvfio_user import events as ev
 from pyvfio_user.codec import HEADER_AND_ACCESS
 from pyvfio_user.connection import ServerConnection

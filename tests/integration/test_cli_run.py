@@ -6,124 +6,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from devmodel.control.client import ControlClient
-
-
-@dataclass
-class Launched:
-    """A `devmodel run` process started the way a toolstack would, ready when returned."""
-
-    proc: subprocess.Popen[bytes]
-    tmp: Path
-    stderr_path: Path
-    socket_path: str
-    control_path: str
-    pidfile: str
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def control(self) -> ControlClient:
-        return ControlClient(self.control_path)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def devmodel_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "devmodel", *args]
-
-
-def launch(
-    tmp: Path,
-    *args: str,
-    env: dict[str, str] | None = None,
-    name: str = "dm",
-    control: bool = True,
-    ready_timeout: float = 20.0,
-) -> Launched:
-    """Start `devmodel run` with a socket, a control socket, a pidfile and --ready-fd; return
-    once it said READY (or raise with its stderr)."""
-    sock = str(tmp / f"{name}.sock")
-    ctl = str(tmp / f"{name}-ctl" / "control.sock")
-    pidfile = str(tmp / f"{name}.pid")
-    stderr_path = tmp / f"{name}.stderr"
-    read_end, write_end = os.pipe()
-    argv = ["run", "--socket-path", sock, "--pidfile", pidfile, "--ready-fd", str(write_end)]
-    if control:
-        argv += ["--control-socket", ctl]
-    with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(
-            devmodel_argv(*argv, *args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            pass_fds=(write_end,),
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-    os.close(write_end)
-    try:
-        ready, _, _ = select.select([read_end], [], [], ready_timeout)
-        said = os.read(read_end, 100) if ready else b""
-    finally:
-        os.close(read_end)
-    if said != b"READY=1\n":
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise RuntimeError(f"devmodel not ready ({said!r}): {stderr_path.read_text()}")
-    return Launched(proc, tmp, stderr_path, sock, ctl, pidfile)
-
-
-@contextlib.contextmanager
-def launched(tmp: Path, *args: str, **kw: object) -> Iterator[Launched]:
-    dm = launch(tmp, *args, **kw)  # type: ignore[arg-type]
-    try:
-        yield dm
-    finally:
-        dm.kill()
-
-
-def run_briefly(
-    *args: str, timeout: float = 20.0, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        devmodel_argv(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-
+from tests.integration.launching import devmodel_argv, launched, run_briefly
 
 # ---------------------------------------------------------------------------- usage errors
 

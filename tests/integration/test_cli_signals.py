@@ -7,90 +7,22 @@ clients told SHUTDOWN, and the lender told BYE (a tiny fake lender records it).
 
 from __future__ import annotations
 
-import contextlib
-import select
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from devmodel.control.client import ConnectionLost
-from devmodel_wire.lease import Bye, Event, Hello, LeaseProtocolError, LenderConnection, Ping, Pong
-from pyvfio_user.sansio import CLOSED, NEED_DATA
-from tests.integration.test_cli_run import Launched, launch
+from devmodel.testing import ThreadedLender
+from tests.integration.launching import Launched, launch
 
 
-class ByeRecorder:
+class ByeRecorder(ThreadedLender):
     """A lender that answers HELLO (and PING), lends nothing, and records the borrower's BYE."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.hello: Hello | None = None
-        self.bye: Bye | None = None
-        self.connected = threading.Event()
-        self.ended = threading.Event()
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(1)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def _serve(self) -> None:
-        try:
-            while not self._stop.is_set():
-                ready, _, _ = select.select([self._listener], [], [], 0.1)
-                if ready:
-                    sock, _ = self._listener.accept()
-                    with sock:
-                        self._session(sock)
-                    return
-        except Exception as exc:
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.ended.set()
-
-    def _session(self, sock: socket.socket) -> None:
-        conn = LenderConnection()
-        while not self._stop.is_set():
-            ready, _, _ = select.select([sock], [], [], 0.1)
-            if not ready:
-                continue
-            data = sock.recv(65536)  # a borrower sends no fds
-            conn.receive_data(data, [])
-            while True:
-                try:
-                    event = conn.next_event()
-                except LeaseProtocolError as exc:
-                    self.errors.append(str(exc))
-                    return
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return
-                assert not isinstance(event, type(NEED_DATA))
-                self._handle(sock, conn, event)
-
-    def _handle(self, sock: socket.socket, conn: LenderConnection, event: Event) -> None:
-        if isinstance(event, Hello):
-            self.hello = event
-            sock.sendall(conn.send(conn.hello_reply(name="bye-recorder")).data)
-            self.connected.set()
-        elif isinstance(event, Ping):
-            sock.sendall(conn.send(Pong(event.token)).data)
-        elif isinstance(event, Bye):
-            self.bye = event
+    name = "bye-recorder"
 
 
 def files_of(dm: Launched) -> list[Path]:

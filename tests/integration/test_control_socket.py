@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from devmodel.client import VfioUserClient
 from devmodel.control.client import ControlClient, ControlError
-from tests.integration.test_cli_run import Launched, launch
+from devmodel.testing import VfioUserClient
+from tests.integration.launching import Launched, launch
 
 MiB = 1 << 20
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from devmodel.client import VfioUserClient
-from tests.integration.conftest import DevmodelProcess, start_devmodel
+from devmodel.testing import VfioUserClient
+from tests.integration.launching import DevmodelProcess, start_devmodel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MiB = 1 << 20

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from devmodel.client import ErrorReplyReceived, VfioUserClient
+from devmodel.testing import ErrorReplyReceived, StallingLender, VfioUserClient
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
-from tests.integration.conftest import DevmodelProcess, start_devmodel
-from tests.qemu.stalling_lender import StallingLender
+from tests.integration.launching import DevmodelProcess, start_devmodel
 
 APERTURE = 256 << 20
 

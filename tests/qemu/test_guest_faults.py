@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from devmodel.aperture import DEFAULT_GRANULE
+from devmodel.testing import StallingLender
 
-from .stalling_lender import StallingLender
 from .testbed import DevmodelServer, GuestRun, RunningGuest
 
 pytestmark = pytest.mark.qemu

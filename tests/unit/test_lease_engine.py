@@ -23,8 +23,7 @@ from devmodel.leases.engine import LeaseEngine, UnknownLease, UnmapHook
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import IllegalTransition, WindowState
 from devmodel.pci.errors import AccessError
-from devmodel_wire.lease.constants import Access, NackReason, PageInStatus, RevokeMode
-from tests.unit.lease_fakes import (
+from devmodel.testing import (
     F_ADD_SEALS,
     F_SEAL_FUTURE_WRITE,
     F_SEAL_GROW,
@@ -34,7 +33,7 @@ from tests.unit.lease_fakes import (
     RO,
     RW,
     FakeLender,
-    PageIn,
+    RecordedPageIn,
     fd_is_open,
     fds_of_memfd,
     make_engine,
@@ -43,6 +42,7 @@ from tests.unit.lease_fakes import (
     pattern,
     spawn,
 )
+from devmodel_wire.lease.constants import Access, NackReason, PageInStatus, RevokeMode
 
 S = WindowState
 EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE
@@ -493,7 +493,7 @@ async def test_evict_then_access_pages_in_once_and_follows_the_move(rig: Rig) ->
         box = spawn(nursery, e.read, 5 * PAGE + 16, 8)
         await trio.testing.wait_all_tasks_blocked()
         assert not box.done
-        assert lender.page_ins == [PageIn(1, 4 * PAGE, 2 * PAGE, Access.READ)]
+        assert lender.page_ins == [RecordedPageIn(1, 4 * PAGE, 2 * PAGE, Access.READ)]
         assert rig.state(4 * PAGE) is S.PAGING_IN
         lender.answer(lender.take(), moved, 32 * PAGE)
     assert box.get() == pattern(1, 16 * PAGE)[PAGE + 16 : PAGE + 24]

@@ -15,10 +15,21 @@ import trio.testing
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
+from devmodel.testing import (
+    LINK_GRANULE as GRANULE,
+)
+from devmodel.testing import (
+    PAGE,
+    RO,
+    FakeLender,
+    lender_link_rig,
+    make_engine,
+    memfd,
+    pattern,
+    sealed_memfd,
+    spawn,
+)
 from devmodel_wire.lease import Grant, GrantAck, PageIn, PageInDone, PageInStatus, RevokeMode
-from tests.unit.lease_fakes import PAGE, RO, FakeLender, make_engine, memfd, pattern, spawn
-from tests.unit.test_lender_link import grant, revoke
-from tests.unit.test_lender_link_support import GRANULE, rig, sealed_memfd
 
 S = WindowState
 EVICT = RevokeMode.EVICT
@@ -60,13 +71,13 @@ async def test_link_acks_a_read_only_answer_to_a_write_fault_under_the_error_pol
     tmp_path: Path,
 ) -> None:
     """The same on the wire: the GRANT is ACKed and the session goes on."""
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         r.engine.config.policy = FailurePolicy.ERROR
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE)
         try:
-            await grant(peer, 1, 0, GRANULE, fd, 0)
-            await revoke(peer, 1)
+            await peer.grant(1, 0, GRANULE, fd, 0)
+            await peer.revoke(1)
             failed: list[BaseException] = []
 
             async def guest_write() -> None:

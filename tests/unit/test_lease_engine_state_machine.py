@@ -68,15 +68,7 @@ from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
-from devmodel_wire.lease.constants import (
-    PROT_WRITE,
-    VALID_PROTS,
-    Access,
-    NackReason,
-    PageInStatus,
-    RevokeMode,
-)
-from tests.unit.lease_fakes import (
+from devmodel.testing import (
     F_SEAL_GROW,
     F_SEAL_SHRINK,
     F_SEAL_WRITE,
@@ -85,13 +77,21 @@ from tests.unit.lease_fakes import (
     RW,
     Box,
     FakeLender,
-    PageIn,
+    RecordedPageIn,
     fd_is_open,
     file_key,
     make_engine,
     memfd,
     pattern,
     spawn,
+)
+from devmodel_wire.lease.constants import (
+    PROT_WRITE,
+    VALID_PROTS,
+    Access,
+    NackReason,
+    PageInStatus,
+    RevokeMode,
 )
 
 S = WindowState
@@ -742,7 +742,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             p2m.trapped(a.offset)
         return result
 
-    async def _page_in_sent(self) -> PageIn:
+    async def _page_in_sent(self) -> RecordedPageIn:
         """The next PAGE_IN the engine sends, left unanswered: the answer takes it."""
         pi = await self.lender.next_page_in()
         self.lender.unanswered.insert(0, pi)
@@ -757,7 +757,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             self.expect["revokes"] += 1
             self._end_lease(oldest, RevokeMode.EVICT)
 
-    async def _answer_grant(self, pi: PageIn, prot: int, via_pool: bool) -> int:
+    async def _answer_grant(self, pi: RecordedPageIn, prot: int, via_pool: bool) -> int:
         await self._make_room()
         self.lender.take(pi.request_id)
         lease = self._grant_range(pi.offset, pi.length, prot, via_pool)
@@ -861,7 +861,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             self._end_lease(lease, RevokeMode.EVICT)
 
     async def _lender_answers(
-        self, pi: PageIn, answer: str, status: int, via_pool: bool, outcome: dict[str, Any]
+        self, pi: RecordedPageIn, answer: str, status: int, via_pool: bool, outcome: dict[str, Any]
     ) -> None:
         e = self.e
         if answer in ("grant", "grant-ro"):

@@ -16,8 +16,7 @@ from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
-from devmodel_wire.lease.constants import Access, PageInStatus, RevokeMode
-from tests.unit.lease_fakes import (
+from devmodel.testing import (
     PAGE,
     Box,
     FakeLender,
@@ -27,6 +26,7 @@ from tests.unit.lease_fakes import (
     pattern,
     spawn,
 )
+from devmodel_wire.lease.constants import Access, PageInStatus, RevokeMode
 
 S = WindowState
 EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
@@ -40,7 +41,7 @@ from devmodel_wire.lease.checks import check_grant, check_grant_fd, geometry_pro
 from devmodel_wire.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
 from devmodel_wire.lease.wire import decode, decode_message, encode, fd_count
 from pyvfio_user.errors import ProtocolError
-from tests.unit.test_lease_protocol_support import (
+from tests.unit.lease_protocol_support import (
     APERTURE,
     GRANULE,
     RW,
@@ -48,7 +49,6 @@ from tests.unit.test_lease_protocol_support import (
     MiB,
     deliver,
     fd_pool,
-    is_open,
     open_pair,
     raw_message,
     sample_events,
@@ -283,7 +283,7 @@ def test_decode_never_closes_fds(pool: FdPool) -> None:
     fd = pool.new()
     with pytest.raises(LeaseProtocolError):
         decode(MsgType.PING, 1, b"", (fd,))
-    assert is_open(fd)
+    assert fd_is_open(fd)
 
 
 def test_decode_message_framing() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
@@ -52,14 +53,13 @@ from devmodel_wire.lease.connection import (
 from devmodel_wire.lease.events import EVENT_TYPES
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, NEED_DATA
-from tests.unit.test_lease_protocol_support import (
+from tests.unit.lease_protocol_support import (
     APERTURE,
     GRANULE,
     RW,
     FdPool,
     borrower_hello,
     fd_pool,
-    is_open,
     lender_hello,
     raw_message,
 )
@@ -291,7 +291,7 @@ def test_receive_every_message_in_every_state(
         with pytest.raises(LeaseProtocolError) as info:
             conn.receive_data(data, fds)
         assert not info.value.fatal
-        assert not is_open(fd) or not fds
+        assert not fd_is_open(fd) or not fds
         assert conn.next_event() is CLOSED
         return
     conn.receive_data(data, fds)
@@ -299,7 +299,7 @@ def test_receive_every_message_in_every_state(
     if expected is Verdict.DISCARD:
         assert conn.next_event() is NEED_DATA
         assert conn.state is state
-        assert not (fds and is_open(fd))
+        assert not (fds and fd_is_open(fd))
         return
     if expected is Verdict.FATAL:
         with pytest.raises(LeaseProtocolError) as info:
@@ -307,7 +307,7 @@ def test_receive_every_message_in_every_state(
         err = info.value
         assert err.fatal
         assert conn.state is State.ERROR
-        assert not (fds and is_open(fd))
+        assert not (fds and fd_is_open(fd))
         may_reply = state in (State.START, State.HELLO_SENT, State.HELLO_RECEIVED, State.OPEN)
         assert isinstance(err.reply, Bye) == may_reply
         with pytest.raises(LeaseProtocolError) as again:
@@ -320,7 +320,7 @@ def test_receive_every_message_in_every_state(
         err = info.value
         assert not err.fatal
         assert conn.state is state
-        assert not (fds and is_open(fd))
+        assert not (fds and fd_is_open(fd))
         code = ErrorCode.UNKNOWN_TYPE if msg_type is None else ErrorCode.UNEXPECTED
         raw_type = UNKNOWN if msg_type is None else msg_type
         assert err.reply == Error(raw_type, err.reply.ref_id, code, err.reply.text)  # type: ignore[union-attr]
@@ -331,7 +331,7 @@ def test_receive_every_message_in_every_state(
     assert event.TYPE is msg_type
     assert conn.state is expected
     if fds:
-        assert isinstance(event, Grant) and event.fd == fd and is_open(fd)
+        assert isinstance(event, Grant) and event.fd == fd and fd_is_open(fd)
 
 
 @pytest.mark.parametrize("case", SEND_CASES, ids=[_id(c) for c in SEND_CASES])
@@ -513,7 +513,7 @@ def test_grant_ids_must_increase(pool: FdPool) -> None:
     for stale in (0, 1, 2):
         fd = pool.new()
         err = _refusal(borrower, encode(Grant(stale, 0, GRANULE, 0, RW, 0)), (fd,))
-        assert not is_open(fd)
+        assert not fd_is_open(fd)
         assert isinstance(err.reply, GrantNack)
         assert (err.reply.lease_id, err.reply.reason) == (stale, NackReason.DUPLICATE_LEASE_ID)
         borrower.send(err.reply)  # the NACK answers the refused GRANT
@@ -631,7 +631,7 @@ def test_fds_belong_to_the_message_holding_the_chunks_last_byte(pool: FdPool) ->
     assert borrower.next_event() is NEED_DATA
     borrower.receive_data(grant[10:])
     assert borrower.next_event() == Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd)
-    assert is_open(fd)
+    assert fd_is_open(fd)
 
 
 def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: FdPool) -> None:
@@ -644,7 +644,7 @@ def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: Fd
     assert info.value.code == ErrorCode.BAD_FD_COUNT  # the GRANT came without its fd
     err = _refusal(borrower, ping[1:])
     assert err.code == ErrorCode.BAD_FD_COUNT  # the PING came with one
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
 
 
 def test_wrong_fd_counts_close_every_fd(pool: FdPool) -> None:
@@ -653,14 +653,14 @@ def test_wrong_fd_counts_close_every_fd(pool: FdPool) -> None:
     fds = (pool.new(), pool.new())
     err = _refusal(borrower, grant, fds)
     assert err.reply == Error(MsgType.GRANT, 3, ErrorCode.BAD_FD_COUNT, err.reply.text)  # type: ignore[union-attr]
-    assert not any(map(is_open, fds))
+    assert not any(map(fd_is_open, fds))
     # Two chunks, each ending inside the same GRANT, each with an fd: still two.
     a, b = pool.new(), pool.new()
     borrower.receive_data(grant[:20], (a,))
     borrower.receive_data(grant[20:], (b,))
     with pytest.raises(LeaseProtocolError):
         borrower.next_event()
-    assert not is_open(a) and not is_open(b)
+    assert not fd_is_open(a) and not fd_is_open(b)
     # A refused GRANT leaves its id unused: the same GRANT with one fd is fine now.
     c = pool.new()
     assert _take(borrower, grant, (c,)) == Grant(3, 2 * GRANULE, GRANULE, 0, RW, c)
@@ -672,7 +672,7 @@ def test_fd_on_a_message_that_takes_none(pool: FdPool) -> None:
         fd = pool.new()
         awaiting = conn.awaiting_answers()
         err = _refusal(conn, encode(event), (fd,))
-        assert err.code == ErrorCode.BAD_FD_COUNT and not is_open(fd)
+        assert err.code == ErrorCode.BAD_FD_COUNT and not fd_is_open(fd)
         assert conn.awaiting_answers() == awaiting  # a refused answer answers nothing
 
 
@@ -680,7 +680,7 @@ def test_refused_grant_after_checks_closes_its_fd(pool: FdPool) -> None:
     lender = make(Role.LENDER, State.OPEN, pool)
     fd = pool.new()
     err = _refusal(lender, encode(Grant(3, 0, GRANULE, 0, RW, 0)), (fd,))
-    assert err.code == ErrorCode.UNEXPECTED and not is_open(fd)
+    assert err.code == ErrorCode.UNEXPECTED and not fd_is_open(fd)
 
 
 def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
@@ -692,21 +692,21 @@ def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
     borrower.receive_data(struct.pack("<HHIQ", MsgType.PING, 0, 1 << 20, 0))
     assert borrower.next_event() == Ping(5)
     event = borrower.next_event()
-    assert isinstance(event, Grant) and is_open(fd)  # handed out: the caller's now
+    assert isinstance(event, Grant) and fd_is_open(fd)  # handed out: the caller's now
     fd2 = pool.new()
     borrower.receive_data(grant, (fd2,))
     with pytest.raises(LeaseProtocolError) as info:
         borrower.next_event()
-    assert info.value.fatal and not is_open(fd2)
+    assert info.value.fatal and not fd_is_open(fd2)
 
 
 def test_close_releases_held_fds(pool: FdPool) -> None:
     borrower = make(Role.BORROWER, State.OPEN, pool)
     fd = pool.new()
     borrower.receive_data(encode(Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))[:30], (fd,))
-    assert borrower.next_event() is NEED_DATA and is_open(fd)
+    assert borrower.next_event() is NEED_DATA and fd_is_open(fd)
     borrower.close()
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
     assert borrower.next_event() is CLOSED
 
 
@@ -725,7 +725,7 @@ def test_end_of_stream_after_buffered_events(pool: FdPool) -> None:
     fd = pool.new()
     with pytest.raises(LeaseProtocolError):
         borrower.receive_data(b"x", (fd,))
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
     with pytest.raises(LeaseProtocolError):
         borrower.send(Ping(9))
 
@@ -737,14 +737,14 @@ def test_end_of_stream_inside_a_message(pool: FdPool) -> None:
     borrower.receive_data(b"")
     with pytest.raises(LeaseProtocolError) as info:
         borrower.next_event()
-    assert info.value.fatal and not is_open(fd)
+    assert info.value.fatal and not fd_is_open(fd)
 
 
 def test_end_of_stream_with_fds_and_no_data(pool: FdPool) -> None:
     borrower = make(Role.BORROWER, State.OPEN, pool)
     fd = pool.new()
     borrower.receive_data(b"", (fd,))
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
     assert borrower.next_event() is CLOSED
 
 
@@ -755,7 +755,7 @@ def test_after_our_bye_everything_is_dropped(pool: FdPool) -> None:
     lender.receive_data(stream + encode(GrantAck(1)), (fd,))
     lender.receive_data(raw_message(UNKNOWN, 1))
     assert lender.next_event() is NEED_DATA
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
     lender.receive_data(b"")
     assert lender.next_event() is CLOSED
 
@@ -795,7 +795,7 @@ def test_nothing_but_hello_or_bye_before_the_handshake(
     with pytest.raises(LeaseProtocolError) as info:
         conn.next_event()
     assert info.value.fatal and isinstance(info.value.reply, Bye)
-    assert not (fds and is_open(fds[0]))
+    assert not (fds and fd_is_open(fds[0]))
 
 
 def test_a_hello_with_an_fd_is_fatal(pool: FdPool) -> None:
@@ -804,5 +804,5 @@ def test_a_hello_with_an_fd_is_fatal(pool: FdPool) -> None:
     conn.receive_data(encode(borrower_hello()), (fd,))
     with pytest.raises(LeaseProtocolError) as info:
         conn.next_event()
-    assert info.value.fatal and info.value.code == ErrorCode.OTHER and not is_open(fd)
+    assert info.value.fatal and info.value.code == ErrorCode.OTHER and not fd_is_open(fd)
     assert isinstance(info.value.reply, Bye)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 
+from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
@@ -45,7 +46,7 @@ from devmodel_wire.lease import (
 from devmodel_wire.lease.constants import HEADER_SIZE
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, Sentinel
-from tests.unit.test_lease_protocol_support import (
+from tests.unit.lease_protocol_support import (
     GRANULE,
     RW,
     Failure,
@@ -54,7 +55,6 @@ from tests.unit.test_lease_protocol_support import (
     drain,
     fd_pool,
     feed_all,
-    is_open,
     lender_hello,
     open_pair,
 )
@@ -236,7 +236,7 @@ def test_every_fd_is_either_handed_out_or_closed(
         conn.close()
         handed_out = {e.fd for e in outcomes if isinstance(e, Grant)}
         for fd in given_fds:
-            assert is_open(fd) == (fd in handed_out), (fd, outcomes)
+            assert fd_is_open(fd) == (fd in handed_out), (fd, outcomes)
 
 
 # -- valid streams ----------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_valid_lender_streams_survive_any_chunking(data: st.DataObject) -> None:
         assert _deliver(conn, chunks, _borrower_reacts) == script
         for event in script:
             if isinstance(event, Grant):
-                assert is_open(event.fd)
+                assert fd_is_open(event.fd)
 
 
 @PROPERTY

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     BorrowerConnection,
     Bye,
@@ -30,7 +31,7 @@ from devmodel_wire.lease import (
 from devmodel_wire.lease.checks import check_grant_fd
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
-from tests.unit.test_lease_protocol_support import GRANULE, RW, borrower_hello, is_open
+from tests.unit.lease_protocol_support import GRANULE, RW, borrower_hello
 
 MAX_FDS = 4
 
@@ -172,7 +173,7 @@ def test_refused_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> No
         os.close(b)
     seen, received = read_events(b_sock, borrower, 4096)
     assert len(received) == 3
-    assert not any(map(is_open, received))
+    assert not any(map(fd_is_open, received))
     codes = [e.code for e in seen if isinstance(e, LeaseProtocolError)]
     assert codes == [ErrorCode.BAD_FD_COUNT, ErrorCode.BAD_FD_COUNT]
     assert seen[-1] == Ping(2)

@@ -13,6 +13,26 @@ from pathlib import Path
 import trio
 
 from devmodel.leases.states import WindowState
+from devmodel.testing import (
+    LINK_APERTURE as APERTURE,
+)
+from devmodel.testing import (
+    LINK_GRANULE as GRANULE,
+)
+from devmodel.testing import (
+    LINK_GUEST as GUEST,
+)
+from devmodel.testing import (
+    LINK_STEP as STEP,
+)
+from devmodel.testing import (
+    RW,
+    LenderLinkRig,
+    fds_naming,
+    lender_link_rig,
+    mapped,
+    sealed_memfd,
+)
 from devmodel_wire.lease import (
     Access,
     Bye,
@@ -28,39 +48,14 @@ from devmodel_wire.lease import (
     Ping,
     Pong,
     Revoke,
-    Revoked,
     RevokeMode,
-)
-from tests.unit.test_lender_link_support import (
-    APERTURE,
-    GRANULE,
-    GUEST,
-    RW,
-    STEP,
-    FakeLender,
-    Rig,
-    fds_naming,
-    mapped,
-    rig,
-    sealed_memfd,
 )
 
 ONES = b"\xff" * 8
 
 
-async def grant(peer: FakeLender, lease: int, offset: int, length: int, fd: int, at: int) -> None:
-    await peer.send(Grant(lease, offset, length, at, RW, fd))
-    ack = await peer.event()
-    assert ack == GrantAck(lease), ack
-
-
-async def revoke(peer: FakeLender, lease: int, mode: RevokeMode = RevokeMode.EVICT) -> None:
-    await peer.send(Revoke(lease, mode))
-    assert await peer.event() == Revoked(lease)
-
-
 async def test_handshake_offers_the_engine_geometry(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.accept()
         hello = await peer.handshake("gpu-7")
         assert (hello.guest_id, hello.aperture_size, hello.granule) == (GUEST, APERTURE, GRANULE)
@@ -72,12 +67,12 @@ async def test_handshake_offers_the_engine_geometry(tmp_path: Path) -> None:
 
 
 async def test_grant_serves_reads_and_writes_from_the_memfd(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(4 * GRANULE)
         try:
             os.pwrite(fd, b"lender!!", GRANULE)
-            await grant(peer, 1, 8 * GRANULE, 2 * GRANULE, fd, GRANULE)
+            await peer.grant(1, 8 * GRANULE, 2 * GRANULE, fd, GRANULE)
             assert await r.engine.read(8 * GRANULE, 8) == b"lender!!"
             await r.engine.write(9 * GRANULE + 16, b"guest123")
             assert os.pread(fd, 8, 2 * GRANULE + 16) == b"guest123"
@@ -92,16 +87,16 @@ async def test_revoked_means_fd_closed_nothing_mapped_and_poison_never_read(
     tmp_path: Path,
 ) -> None:
     name = f"lender-poison-{os.getpid()}"
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE, name)
         moved = sealed_memfd(2 * GRANULE, name + "-moved")
         try:
             os.pwrite(fd, b"precious", 0)
-            await grant(peer, 1, 0, GRANULE, fd, 0)
+            await peer.grant(1, 0, GRANULE, fd, 0)
             assert len(fds_naming(name)) == 3  # ours twice (fd, moved) and the engine's copy
             assert r.engine.kept_fds == 1
-            await revoke(peer, 1)
+            await peer.revoke(1)
             # After REVOKED: the engine holds no fd of the lease and nothing is mapped.
             assert r.engine.kept_fds == 0
             assert sorted(fds_naming(name)) == sorted([fd, moved])
@@ -135,15 +130,15 @@ async def test_revoked_means_fd_closed_nothing_mapped_and_poison_never_read(
 
 
 async def test_several_page_ins_in_flight_answered_out_of_order(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(4 * GRANULE)
         try:
             for lease in (1, 2, 3):
                 os.pwrite(fd, f"window {lease}".encode(), lease * GRANULE)
-                await grant(peer, lease, lease * GRANULE, GRANULE, fd, lease * GRANULE)
+                await peer.grant(lease, lease * GRANULE, GRANULE, fd, lease * GRANULE)
             for lease in (1, 2, 3):
-                await revoke(peer, lease)
+                await peer.revoke(lease)
             results: dict[int, bytes] = {}
 
             async def guest_read(lease: int) -> None:
@@ -167,12 +162,12 @@ async def test_several_page_ins_in_flight_answered_out_of_order(tmp_path: Path) 
 
 
 async def test_page_in_failures_give_the_failure_policy(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE)
         try:
-            await grant(peer, 1, 0, GRANULE, fd, 0)
-            await revoke(peer, 1)
+            await peer.grant(1, 0, GRANULE, fd, 0)
+            await peer.revoke(1)
             for answer in ("status", "error"):
                 result: list[bytes] = []
                 async with trio.open_nursery() as guests:
@@ -194,20 +189,20 @@ async def test_page_in_failures_give_the_failure_policy(tmp_path: Path) -> None:
             os.close(fd)
 
 
-async def _read_into(r: Rig, offset: int, into: list[bytes]) -> None:
+async def _read_into(r: LenderLinkRig, offset: int, into: list[bytes]) -> None:
     into.append(await r.engine.read(offset, 8))
 
 
 async def test_revoke_release_then_repeat_and_unknown_ids(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE)
         try:
-            await grant(peer, 1, 0, GRANULE, fd, 0)
-            await revoke(peer, 1, RevokeMode.RELEASE)
+            await peer.grant(1, 0, GRANULE, fd, 0)
+            await peer.revoke(1, RevokeMode.RELEASE)
             assert r.engine.window_at(0) is None
             # Granted but no longer live: REVOKED at once (specification, section 8).
-            await revoke(peer, 1, RevokeMode.RELEASE)
+            await peer.revoke(1, RevokeMode.RELEASE)
             # Never granted: the protocol answers UNKNOWN_ID.
             await peer.send_encoded(Revoke(9, RevokeMode.EVICT))
             err = await peer.event()
@@ -221,7 +216,7 @@ async def test_revoke_release_then_repeat_and_unknown_ids(tmp_path: Path) -> Non
 async def test_ping_is_answered_and_a_silent_lender_is_pinged_then_dropped(
     tmp_path: Path,
 ) -> None:
-    async with rig(tmp_path, ping_interval=0.2, ping_timeout=0.2) as r:
+    async with lender_link_rig(tmp_path, ping_interval=0.2, ping_timeout=0.2) as r:
         peer = await r.lender.session()
         await peer.send(Ping(42))
         assert await peer.event() == Pong(42)
@@ -241,11 +236,11 @@ async def test_ping_is_answered_and_a_silent_lender_is_pinged_then_dropped(
 
 
 async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE)
         try:
-            await grant(peer, 1, 0, GRANULE, fd, 0)
+            await peer.grant(1, 0, GRANULE, fd, 0)
             await r.engine.write(0, b"12345678")
             await peer.send(Bye(ByeReason.NORMAL, "maintenance"))
             assert await peer.event() is None  # the link closes without answering
@@ -257,7 +252,7 @@ async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -
             await r.engine.write(0, b"dropped!")
             # A new lender grants again and the guest is served again.
             again = await r.lender.session()
-            await grant(again, 1, 0, GRANULE, fd, 0)
+            await again.grant(1, 0, GRANULE, fd, 0)
             assert await r.engine.read(0, 8) == b"12345678"
             assert r.link.last_end_reason.startswith("the lender said BYE")
         finally:
@@ -265,7 +260,7 @@ async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -
 
 
 async def test_no_lender_means_failure_policy_and_no_page_in(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         assert not r.link.connected
         assert not r.link.send_page_in(1, 0, GRANULE, Access.READ)
         assert await r.engine.read(0, 8) == ONES
@@ -274,11 +269,11 @@ async def test_no_lender_means_failure_policy_and_no_page_in(tmp_path: Path) -> 
 
 
 async def test_stopping_drops_every_lease_then_says_bye(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE)
         try:
-            await grant(peer, 1, 0, GRANULE, fd, 0)
+            await peer.grant(1, 0, GRANULE, fd, 0)
             assert r.engine.kept_fds == 1
             r.nursery.cancel_scope.cancel()
             bye = await peer.event()

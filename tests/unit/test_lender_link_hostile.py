@@ -20,6 +20,24 @@ import pytest
 import trio
 
 from devmodel.leases.states import WindowState
+from devmodel.testing import (
+    LINK_APERTURE as APERTURE,
+)
+from devmodel.testing import (
+    LINK_GRANULE as GRANULE,
+)
+from devmodel.testing import (
+    LINK_STEP as STEP,
+)
+from devmodel.testing import (
+    RW,
+    LenderLinkRig,
+    ScriptedLender,
+    fds_naming,
+    lender_link_rig,
+    open_fds,
+    sealed_memfd,
+)
 from devmodel_wire.lease import (
     Bye,
     ByeReason,
@@ -41,18 +59,6 @@ from devmodel_wire.lease import (
     RevokeMode,
 )
 from devmodel_wire.lease.wire import HEADER, encode
-from tests.unit.test_lender_link_support import (
-    APERTURE,
-    GRANULE,
-    RW,
-    STEP,
-    FakeLender,
-    Rig,
-    fds_naming,
-    open_fds,
-    rig,
-    sealed_memfd,
-)
 
 ONES = b"\xff" * 8
 NAME = f"hostile-{os.getpid()}"
@@ -60,18 +66,18 @@ F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
 F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
-async def grant_ok(peer: FakeLender, lease: int, offset: int, fd: int) -> None:
+async def grant_ok(peer: ScriptedLender, lease: int, offset: int, fd: int) -> None:
     await peer.send(Grant(lease, offset, GRANULE, offset, RW, fd))
     assert await peer.event() == GrantAck(lease)
 
 
-async def still_alive(r: Rig, peer: FakeLender, token: int = 77) -> None:
+async def still_alive(r: LenderLinkRig, peer: ScriptedLender, token: int = 77) -> None:
     await peer.send(Ping(token))
     assert await peer.event() == Pong(token)
     assert r.link.connected and r.counters.lender_losses == 0
 
 
-def snapshot(r: Rig) -> list[tuple[int, int, WindowState, int]]:
+def snapshot(r: LenderLinkRig) -> list[tuple[int, int, WindowState, int]]:
     return [(w.start, w.length, w.state, w.lease_id) for w in r.engine.windows()]
 
 
@@ -175,7 +181,7 @@ BAD_GRANTS: dict[str, tuple[BadGrant, NackReason]] = {
 @pytest.mark.parametrize("case", BAD_GRANTS, ids=list(BAD_GRANTS))
 async def test_bad_grant_is_nacked_and_changes_nothing(tmp_path: Path, case: str) -> None:
     bad, reason = BAD_GRANTS[case]
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         good = sealed_memfd(2 * GRANULE, NAME)
         fd = bad.make_fd(tmp_path)
@@ -210,7 +216,7 @@ async def test_bad_grant_is_nacked_and_changes_nothing(tmp_path: Path, case: str
 async def test_read_only_grant_of_a_read_only_fd_is_fine_and_writes_are_dropped(
     tmp_path: Path,
 ) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = read_only_memfd(tmp_path)
         try:
@@ -226,7 +232,7 @@ async def test_read_only_grant_of_a_read_only_fd_is_fine_and_writes_are_dropped(
 # -------------------------------------------------------------------------- fd counts
 
 
-async def send_with_fds(peer: FakeLender, data: bytes, fds: list[int]) -> None:
+async def send_with_fds(peer: ScriptedLender, data: bytes, fds: list[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
     with trio.fail_after(STEP):
         sent = await peer.sock.sendmsg([data], anc)
@@ -234,7 +240,7 @@ async def send_with_fds(peer: FakeLender, data: bytes, fds: list[int]) -> None:
 
 
 async def test_wrong_fd_counts_are_refused_and_the_fds_closed(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(2 * GRANULE, NAME)
         other = sealed_memfd(2 * GRANULE, NAME)
@@ -263,7 +269,7 @@ async def test_wrong_fd_counts_are_refused_and_the_fds_closed(tmp_path: Path) ->
 
 
 async def test_more_fds_than_room_fails_the_connection_and_closes_them(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(2 * GRANULE, NAME)
         try:
@@ -286,7 +292,7 @@ async def test_more_fds_than_room_fails_the_connection_and_closes_them(tmp_path:
 
 
 async def test_garbage_bytes_end_the_connection_and_the_link_reconnects(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE, NAME)
         try:
@@ -306,7 +312,7 @@ async def test_garbage_bytes_end_the_connection_and_the_link_reconnects(tmp_path
 
 
 async def test_well_framed_unknown_and_misdirected_messages_are_answered(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         await peer.send_raw(HEADER.pack(0x7777, 0, 24, 9) + b"12345678")
         await peer.send_raw(HEADER.pack(MsgType.GRANT_ACK, 0, 16, 3))
@@ -324,7 +330,7 @@ async def test_well_framed_unknown_and_misdirected_messages_are_answered(tmp_pat
 
 
 async def test_lender_that_never_answers_hello_is_left_and_retried(tmp_path: Path) -> None:
-    async with rig(tmp_path, hello_timeout=0.2) as r:
+    async with lender_link_rig(tmp_path, hello_timeout=0.2) as r:
         silent = await r.lender.accept()
         assert isinstance(await silent.event(), Hello)
         bye = await silent.event(timeout=1.0)
@@ -340,7 +346,7 @@ async def test_lender_that_never_answers_hello_is_left_and_retried(tmp_path: Pat
 async def test_lender_hello_that_does_not_echo_the_offer_is_fatal(
     tmp_path: Path, change: str
 ) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.accept()
         offer = await peer.event()
         assert isinstance(offer, Hello)
@@ -366,7 +372,7 @@ async def test_lender_hello_that_does_not_echo_the_offer_is_fatal(
 
 
 async def test_second_hello_after_the_handshake_is_fatal(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         assert peer.hello is not None
         await peer.send_encoded(peer.hello)
@@ -378,7 +384,7 @@ async def test_second_hello_after_the_handshake_is_fatal(tmp_path: Path) -> None
 
 
 async def test_lender_refusing_the_guest_is_retried(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.accept()
         assert isinstance(await peer.event(), Hello)
         await peer.send(Bye(ByeReason.GUEST_REFUSED, "not you"))
@@ -391,7 +397,7 @@ async def test_lender_refusing_the_guest_is_retried(tmp_path: Path) -> None:
 
 
 async def test_a_revoke_in_progress_does_not_block_the_session(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(GRANULE, NAME)
         unmapped = trio.Event()
@@ -424,7 +430,7 @@ async def test_lender_revoking_every_grant_at_once_cannot_starve_the_guest(
     tmp_path: Path,
 ) -> None:
     """Each page-in is answered GRANT, PAGE_IN_DONE, REVOKE in one burst: still no livelock."""
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         fd = sealed_memfd(4 * GRANULE, NAME)
         next_lease = 1
@@ -478,7 +484,7 @@ async def test_truncated_plain_file_gives_the_failure_policy_not_a_crash(tmp_pat
     The engine is the second line: it never maps lender memory, so a file shrunk under a lease
     makes accesses short (failure policy), where a mapping would have raised SIGBUS.
     """
-    async with rig(tmp_path) as r:
+    async with lender_link_rig(tmp_path) as r:
         await r.lender.session()
         await r.connected()
         fd = disk_file(tmp_path)

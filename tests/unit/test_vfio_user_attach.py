@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from devmodel.testing import QEMU_CAPS, QEMU_KEYS, FdBag, drain, state
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user.connection import ClientConnection, ServerConnection, State
 from pyvfio_user.constants import Command, PciIrq, PciRegion
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 from pyvfio_user.version import QEMU_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS
-from tests.unit.vfio_user_helpers import QEMU_CAPS, QEMU_KEYS, FdBag, drain, state
 
 BAR0_SIZE = 0x1000
 BAR2_SIZE = 0x8000

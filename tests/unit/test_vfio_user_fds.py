@@ -17,12 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvfio_user import events as ev
-from pyvfio_user.connection import ServerConnection
-from pyvfio_user.constants import Command
-from pyvfio_user.errors import ProtocolError
-from pyvfio_user.sansio import NEED_DATA
-from tests.unit.vfio_user_helpers import (
+from devmodel.testing import (
     FdBag,
     chunked,
     drain,
@@ -31,6 +26,11 @@ from tests.unit.vfio_user_helpers import (
     ready_server,
     region_read,
 )
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ServerConnection
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import NEED_DATA
 
 M1 = region_read(1, 0x10, 7, 4)
 M2 = raw(2, Command.DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0x100000, 0x1000))

@@ -20,6 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devmodel.testing import QEMU_VERSION_JSON, chunked, negotiated_pair
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user.connection import ClientConnection, ServerConnection
@@ -27,7 +28,6 @@ from pyvfio_user.constants import Command
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 from pyvfio_user.version import Capabilities, parse_capabilities
-from tests.unit.vfio_user_helpers import QEMU_VERSION_JSON, chunked, negotiated_pair
 
 # The whole file stays well under 20 s on a 2-core machine.
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,20 +15,7 @@ from typing import Any
 
 import pytest
 
-from pyvfio_user import codec
-from pyvfio_user import constants as c
-from pyvfio_user import events as ev
-from pyvfio_user.connection import (
-    MSG_OVERHEAD,
-    ClientConnection,
-    ServerConnection,
-    State,
-)
-from pyvfio_user.constants import Command
-from pyvfio_user.errors import ProtocolError
-from pyvfio_user.sansio import CLOSED, NEED_DATA
-from pyvfio_user.version import Capabilities
-from tests.unit.vfio_user_helpers import (
+from devmodel.testing import (
     QEMU_VERSION_JSON,
     FdBag,
     drain,
@@ -43,6 +30,19 @@ from tests.unit.vfio_user_helpers import (
     region_read,
     state,
 )
+from pyvfio_user import codec
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import (
+    MSG_OVERHEAD,
+    ClientConnection,
+    ServerConnection,
+    State,
+)
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities
 
 SMALL = Capabilities(
     max_msg_fds=4, max_data_xfer_size=4096, max_dma_maps=16, pgsizes=4096, write_multiple=True

@@ -15,14 +15,7 @@ from typing import Any
 
 import pytest
 
-from pyvfio_user import constants as c
-from pyvfio_user import events as ev
-from pyvfio_user.connection import ClientConnection, ServerConnection, State
-from pyvfio_user.constants import Command
-from pyvfio_user.errors import ProtocolError
-from pyvfio_user.sansio import CLOSED, NEED_DATA
-from pyvfio_user.version import Capabilities
-from tests.unit.vfio_user_helpers import (
+from devmodel.testing import (
     QEMU_CAPS,
     QEMU_KEYS,
     FdBag,
@@ -32,6 +25,13 @@ from tests.unit.vfio_user_helpers import (
     one_event,
     state,
 )
+from pyvfio_user import constants as c
+from pyvfio_user import events as ev
+from pyvfio_user.connection import ClientConnection, ServerConnection, State
+from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
+from pyvfio_user.sansio import CLOSED, NEED_DATA
+from pyvfio_user.version import Capabilities
 
 
 @pytest.fixture

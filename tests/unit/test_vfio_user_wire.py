@@ -14,6 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devmodel.testing import (
+    QEMU_CAPS,
+    QEMU_KEYS,
+    QEMU_VERSION_JSON,
+    negotiated_pair,
+    one_event,
+)
 from pyvfio_user import codec
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
@@ -21,13 +28,6 @@ from pyvfio_user import layouts as lay
 from pyvfio_user.connection import ClientConnection, ServerConnection
 from pyvfio_user.constants import Command
 from pyvfio_user.version import QEMU_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, Capabilities
-from tests.unit.vfio_user_helpers import (
-    QEMU_CAPS,
-    QEMU_KEYS,
-    QEMU_VERSION_JSON,
-    negotiated_pair,
-    one_event,
-)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
+from devmodel.testing import REMOTE_BUF_PORT, REMOTE_PORT_BASE, SimHypervisor
 from devmodel.xen.platform import XenError
 from devmodel_wire.xen import BufioreqMode, read_slot
-from tests.xen.sim_hypervisor import REMOTE_BUF_PORT, REMOTE_PORT_BASE, SimHypervisor
 
 
 def test_slots_carry_each_vcpus_port_and_the_ring_its_own() -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from devmodel.testing import REMOTE_PORT_BASE
 from devmodel_wire.xen import IOREQ_READ, IOREQ_WRITE, IoReq, IoreqState, IoreqType, encode_ioreq
-from tests.xen.conftest import APERTURE, BAR0, BAR2, DEVICE, VENDOR, builtin_rig
-from tests.xen.sim_hypervisor import REMOTE_PORT_BASE
+from tests.xen.rig import APERTURE, BAR0, BAR2, DEVICE, VENDOR, builtin_rig
 
 ONES8 = (1 << 64) - 1
 

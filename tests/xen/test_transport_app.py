@@ -14,9 +14,9 @@ import trio
 
 from devmodel import app
 from devmodel.config import build_settings
+from devmodel.testing import SimHypervisor
 from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY
-from tests.xen.conftest import CMD_MEMORY, DEVICE, VENDOR
-from tests.xen.sim_hypervisor import SimHypervisor
+from tests.xen.rig import CMD_MEMORY, DEVICE, VENDOR
 
 BAR0 = 0xC000_0000
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devmodel_wire.xen import IoReq, IoreqState
-from tests.xen.conftest import APERTURE, BAR0, BAR2, builtin_rig
+from tests.xen.rig import APERTURE, BAR0, BAR2, builtin_rig
 
 ADDRS = st.one_of(
     st.integers(BAR0 - 16, BAR0 + 64),

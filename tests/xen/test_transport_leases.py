@@ -12,10 +12,9 @@ import trio.testing
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig
 from devmodel.leases.policy import FailurePolicy
+from devmodel.testing import FakeLender, SimHypervisor, memfd, pattern
 from devmodel_wire.lease.constants import RevokeMode
-from tests.unit.lease_fakes import FakeLender, memfd, pattern
-from tests.xen.conftest import APERTURE, BAR0, Rig, build_device, builtin_rig, serving
-from tests.xen.sim_hypervisor import SimHypervisor
+from tests.xen.rig import APERTURE, BAR0, Rig, build_device, builtin_rig, serving
 
 WINDOW = 64 << 10
 

@@ -8,12 +8,11 @@ import pytest
 import trio
 
 from devmodel.control.toolstack import StartupError
+from devmodel.testing import FakeLender, SimHypervisor, memfd
 from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY, serve_xen
 from devmodel_wire.lease.constants import RevokeMode
 from devmodel_wire.xen import BufioreqMode
-from tests.unit.lease_fakes import FakeLender, memfd
-from tests.xen.conftest import APERTURE, BAR0, BAR2, Rig, build_device, builtin_rig, serving
-from tests.xen.sim_hypervisor import SimHypervisor
+from tests.xen.rig import APERTURE, BAR0, BAR2, Rig, build_device, builtin_rig, serving
 
 KEY = STATE_KEY.format(domid=7)
 

@@ -1,6 +1,6 @@
-"""Helpers for the lender-link tests (this module holds no tests itself).
+"""A real LeaseEngine and LenderLink, and a lender the test scripts step by step.
 
-The fake lender is a LenderConnection on a real unix socket in the test's own trio loop, driven
+The scripted lender is a LenderConnection on a real unix socket in the test's own trio loop, driven
 step by step by the test: that is what lets a test misbehave exactly where it wants to (send a
 raw GRANT with no fd, stop answering, revoke at once) against the real LenderLink and
 LeaseEngine, with nothing mocked on the device model's side.
@@ -8,10 +8,7 @@ LeaseEngine, with nothing mocked on the device model's side.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
-import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -22,52 +19,30 @@ import trio
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
-from devmodel_wire.lease import Event, Hello, LenderConnection
+from devmodel.testing._private.lease_fakes import RW
+from devmodel.unixfds import rights
+from devmodel_wire.lease import (
+    Event,
+    Grant,
+    GrantAck,
+    Hello,
+    LenderConnection,
+    Revoke,
+    Revoked,
+    RevokeMode,
+)
 from devmodel_wire.lease.constants import HEADER_SIZE
 from devmodel_wire.lease.wire import HEADER, decode_message, encode
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
-KiB = 1 << 10
-MiB = 1 << 20
-APERTURE = 4 * MiB
-GRANULE = 4 * KiB
-GUEST = 7
-RW = 3
-F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
-F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
-F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
-STEP = 2.0  # deadline of every single wait in these tests
+LINK_APERTURE = 4 << 20
+LINK_GRANULE = 4 << 10
+LINK_GUEST = 7
+LINK_STEP = 2.0  # deadline of every single wait of a lender-link test
 
 
-def sealed_memfd(size: int, name: str = "test-lender", *, seal: bool = True) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    if seal:
-        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)
-    return fd
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
-def fds_naming(text: str) -> list[int]:
-    """This process's fds whose target mentions `text` (a memfd shows as "/memfd:NAME")."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if text in os.readlink(f"/proc/self/fd/{name}"):
-                found.append(int(name))
-    return found
-
-
-def mapped(text: str) -> bool:
-    with open("/proc/self/maps") as maps:
-        return any(text in line for line in maps)
-
-
-class FakeLender:
+class ScriptedLender:
     """One accepted connection, spoken through LenderConnection (or raw bytes on purpose)."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
@@ -84,10 +59,9 @@ class FakeLender:
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         view = memoryview(data)
-        with trio.fail_after(STEP):
+        with trio.fail_after(LINK_STEP):
             if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                view = view[await self.sock.sendmsg([view], anc) :]
+                view = view[await self.sock.sendmsg([view], rights(fds)) :]
             while view:
                 view = view[await self.sock.send(view) :]
 
@@ -95,7 +69,7 @@ class FakeLender:
         """Bypass the lender-side checks: what a buggy or hostile lender would put on the wire."""
         await self.send_raw(encode(event), fds)
 
-    async def event(self, timeout: float = STEP) -> Event | None:
+    async def event(self, timeout: float = LINK_STEP) -> Event | None:
         """The next event from the device model, None at the end of the stream.
 
         Decoded from the raw bytes, so that answers to messages sent with `send_encoded` (which
@@ -141,25 +115,36 @@ class FakeLender:
         await self.send(self.conn.hello_reply(name))
         return hello
 
+    async def grant(self, lease: int, offset: int, length: int, fd: int, at: int) -> None:
+        """GRANT `length` bytes of `fd` from `at` as lease `lease` at `offset`; expect the ack."""
+        await self.send(Grant(lease, offset, length, at, RW, fd))
+        ack = await self.event()
+        assert ack == GrantAck(lease), ack
+
+    async def revoke(self, lease: int, mode: RevokeMode = RevokeMode.EVICT) -> None:
+        """REVOKE `lease`; expect REVOKED."""
+        await self.send(Revoke(lease, mode))
+        assert await self.event() == Revoked(lease)
+
     def close(self) -> None:
         self.conn.close()
         self.sock.close()
 
 
-class Listener:
+class LenderListener:
     def __init__(self, sock: trio.socket.SocketType, path: str) -> None:
         self.sock = sock
         self.path = path
-        self.accepted: list[FakeLender] = []
+        self.accepted: list[ScriptedLender] = []
 
-    async def accept(self, timeout: float = STEP) -> FakeLender:
+    async def accept(self, timeout: float = LINK_STEP) -> ScriptedLender:
         with trio.fail_after(timeout):
             sock, _ = await self.sock.accept()
-        peer = FakeLender(sock)
+        peer = ScriptedLender(sock)
         self.accepted.append(peer)
         return peer
 
-    async def session(self) -> FakeLender:
+    async def session(self) -> ScriptedLender:
         """Accept the next connection and complete its handshake."""
         peer = await self.accept()
         await peer.handshake()
@@ -167,10 +152,10 @@ class Listener:
 
 
 @dataclass
-class Rig:
+class LenderLinkRig:
     engine: LeaseEngine
     link: LenderLink
-    lender: Listener
+    lender: LenderListener
     nursery: trio.Nursery
 
     @property
@@ -178,34 +163,34 @@ class Rig:
         return self.engine.counters
 
     async def connected(self) -> None:
-        with trio.fail_after(STEP):
+        with trio.fail_after(LINK_STEP):
             while not self.link.connected:
                 await trio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
-async def rig(
+async def lender_link_rig(
     tmp_path: Path,
     *,
     page_in_timeout: float = 1.0,
     revoke_timeout: float = 1.0,
     **link_options: float,
-) -> AsyncIterator[Rig]:
+) -> AsyncIterator[LenderLinkRig]:
     """A real LeaseEngine and LenderLink, and a listening socket the test plays lender on."""
     path = str(tmp_path / "lender.sock")
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(path)
     listener.listen(8)
     config = EngineConfig(page_in_timeout=page_in_timeout, revoke_timeout=revoke_timeout)
-    engine = LeaseEngine(APERTURE, GRANULE, DeviceCounters(), config)
+    engine = LeaseEngine(LINK_APERTURE, LINK_GRANULE, DeviceCounters(), config)
     options: dict[str, float] = {"reconnect_min": 0.01, "reconnect_max": 0.05}
     options.update(link_options)
-    link = LenderLink(engine, path, GUEST, **options)  # type: ignore[arg-type]
-    lender = Listener(listener, path)
+    link = LenderLink(engine, path, LINK_GUEST, **options)  # type: ignore[arg-type]
+    lender = LenderListener(listener, path)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.run)
-            yield Rig(engine, link, lender, nursery)
+            yield LenderLinkRig(engine, link, lender, nursery)
             nursery.cancel_scope.cancel()
     finally:
         for peer in lender.accepted:

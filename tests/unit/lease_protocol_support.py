@@ -1,7 +1,4 @@
-"""Helpers shared by the lease-protocol tests (this module holds no tests itself).
-
-Named like a test module only so that it sits with the files it serves.
-"""
+"""Helpers shared by the lease-protocol tests (this module holds no tests itself)."""
 
 from __future__ import annotations
 
@@ -65,14 +62,6 @@ def lender_hello(**changes: object) -> Hello:
 
 def raw_message(msg_type: int, msg_id: int = 0, body: bytes = b"", flags: int = 0) -> bytes:
     return HEADER.pack(msg_type, flags, HEADER_SIZE + len(body), msg_id) + body
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 class FdPool:

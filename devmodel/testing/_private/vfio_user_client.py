@@ -7,21 +7,20 @@ vfio-user-pci performs (shared/reference/vfio-user.md), so tests exercise the sa
 
 from __future__ import annotations
 
-import array
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
 
+from devmodel.unixfds import ancillary_space, fds_from_ancillary, send_nowait
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user.connection import CLIENT_DEFAULT_CAPS, ClientConnection
-from pyvfio_user.constants import Command
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 from pyvfio_user.version import Capabilities
 
-ANCILLARY_SPACE = socket.CMSG_SPACE(253 * 4)
+_ANCILLARY_SPACE = ancillary_space()
 
 
 class ErrorReplyReceived(Exception):
@@ -55,12 +54,9 @@ class VfioUserClient:
         self.send_raw(out.data, out.fds)
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if fds:
-            self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
-        else:
-            self.sock.sendall(data)
+        view = memoryview(data)
+        sent = send_nowait(self.sock, view, fds)
+        self.sock.sendall(view[sent:])
 
     def receive(self) -> Any:
         """The next event from the server, reading the socket as needed."""
@@ -70,11 +66,12 @@ class VfioUserClient:
                 if event is CLOSED:
                     raise ConnectionError("the server closed the connection")
                 return event
-            n, anc, _flags, _ = self.sock.recvmsg_into([self._view], ANCILLARY_SPACE)
-            fds: list[int] = []
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            # Not unixfds.recv_nowait: a reset must stay a ConnectionResetError here, so that
+            # tests can tell it from an orderly close.
+            n, anc, flags, _ = self.sock.recvmsg_into(
+                [self._view], _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+            fds = fds_from_ancillary(anc, flags)
             self.conn.receive_data(self._view[:n], fds)
 
     def request(self, event: Any) -> Any:
@@ -141,5 +138,3 @@ class VfioUserClient:
         self.send(event)
         return self.receive()
 
-
-__all__ = ["Command", "ErrorReplyReceived", "VfioUserClient"]

@@ -1,4 +1,4 @@
-"""Fakes for the lease engine tests: sealed memfds and a LenderPort that records PAGE_INs.
+"""Lease engine fakes: a LenderPort that records PAGE_INs; tasks whose outcome a test reads.
 
 `FakeLender` is the lender side as the engine sees it: it records every PAGE_IN the engine
 sends and lets a test answer them (grant a range from any memfd, then PAGE_IN_DONE), either by
@@ -10,7 +10,6 @@ its own copy of every fd it grants so tests can look at (and poison) the lender'
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,69 +25,12 @@ PAGE = 4096
 RW = PROT_READ | PROT_WRITE
 RO = PROT_READ
 
-# Linux fcntl numbers (stdlib names exist on Linux, but not in every typeshed).
-F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
-F_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
-F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
-F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
-F_SEAL_FUTURE_WRITE = 0x0010
-
-
-def memfd(
-    size: int,
-    name: str = "lease-test",
-    *,
-    seals: int = F_SEAL_SHRINK,
-    fill: bytes = b"",
-) -> int:
-    """A memfd of `size` bytes starting with `fill`, carrying `seals` (0: none)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        if fill:
-            assert os.pwrite(fd, fill, 0) == len(fill)
-        if seals:
-            fcntl.fcntl(fd, F_ADD_SEALS, seals)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 def pattern(seed: int, length: int) -> bytes:
     """Deterministic, position-dependent bytes: a misplaced read cannot match by accident."""
     unit = bytes((seed * 131 + i * 7 + (i >> 8)) & 0xFF for i in range(256))
     reps = -(-length // len(unit))
     return (unit * reps)[:length]
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def fds_of_memfd(name: str) -> list[int]:
-    """This process's fds that refer to a memfd called `name`."""
-    found = []
-    for entry in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{entry}").startswith(f"/memfd:{name} "):
-                found.append(int(entry))
-    return found
-
-
-def memfd_is_mapped(name: str) -> bool:
-    with open("/proc/self/maps") as maps:
-        return any(f"/memfd:{name} " in line for line in maps)
-
-
-def file_key(fd: int) -> tuple[int, int, int]:
-    """What FdStore de-duplicates on: (device, inode, access mode)."""
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
 def make_engine(
@@ -105,14 +47,14 @@ def make_engine(
 
 
 @dataclass(frozen=True, slots=True)
-class PageIn:
+class RecordedPageIn:
     request_id: int
     offset: int
     length: int
     access: Access
 
 
-Answer = Callable[["FakeLender", PageIn], object]
+Answer = Callable[["FakeLender", RecordedPageIn], object]
 
 
 class FakeLender:
@@ -126,8 +68,8 @@ class FakeLender:
         self.reachable = reachable
         # Called inside send_page_in: an in-process lender that answers at once.
         self.inline = inline
-        self.page_ins: list[PageIn] = []
-        self.unanswered: list[PageIn] = []
+        self.page_ins: list[RecordedPageIn] = []
+        self.unanswered: list[RecordedPageIn] = []
         self.granted: list[int] = []  # lease ids the engine accepted, in order
         self.next_lease = 1
         self._arrival: trio.Event | None = None
@@ -136,7 +78,7 @@ class FakeLender:
     # ---------------------------------------------------------------- LenderPort
 
     def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
-        pi = PageIn(request_id, offset, length, access)
+        pi = RecordedPageIn(request_id, offset, length, access)
         self.page_ins.append(pi)
         if not self.reachable:
             return False
@@ -179,7 +121,7 @@ class FakeLender:
         self.granted.append(lease)
         return lease
 
-    def take(self, request_id: int | None = None) -> PageIn:
+    def take(self, request_id: int | None = None) -> RecordedPageIn:
         """Remove an unanswered PAGE_IN (the oldest, or the one with `request_id`)."""
         for i, pi in enumerate(self.unanswered):
             if request_id is None or pi.request_id == request_id:
@@ -188,7 +130,7 @@ class FakeLender:
 
     def answer(
         self,
-        pi: PageIn,
+        pi: RecordedPageIn,
         fd: int,
         fd_offset: int | None = None,
         prot: int = RW,
@@ -201,12 +143,12 @@ class FakeLender:
         self.engine.page_in_done(pi.request_id, status)
         return lease
 
-    def fail(self, pi: PageIn, status: int) -> None:
+    def fail(self, pi: RecordedPageIn, status: int) -> None:
         if pi in self.unanswered:
             self.unanswered.remove(pi)
         self.engine.page_in_done(pi.request_id, status)
 
-    async def next_page_in(self) -> PageIn:
+    async def next_page_in(self) -> RecordedPageIn:
         while not self.unanswered:
             self._arrival = trio.Event()
             await self._arrival.wait()
@@ -235,7 +177,7 @@ class FakeLender:
 def answer_from(home: int) -> Answer:
     """An inline answer: grant the range from `home` at fd_offset = aperture offset."""
 
-    def answer(lender: FakeLender, pi: PageIn) -> None:
+    def answer(lender: FakeLender, pi: RecordedPageIn) -> None:
         lender.answer(pi, home)
 
     return answer

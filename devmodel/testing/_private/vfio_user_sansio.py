@@ -1,4 +1,4 @@
-"""Shared builders for the protocol/pyvfio_user tests: raw messages, negotiated pairs, fd passing.
+"""In-memory vfio-user: raw messages, negotiated sans-IO pairs, fds that travel as with SCM_RIGHTS.
 
 Fds "travel" the way SCM_RIGHTS moves them: the receiver gets fresh duplicates (`os.dup`), the
 sender keeps its own. Every fd a test creates is registered with an `FdBag` so it is closed at
@@ -66,14 +66,6 @@ def region_read_payload(offset: int, region: int, count: int) -> bytes:
 
 def region_read(msg_id: int, offset: int = 0, region: int = 7, count: int = 4) -> bytes:
     return raw(msg_id, Command.REGION_READ, region_read_payload(offset, region, count))
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 class FdBag:

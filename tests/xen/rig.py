@@ -1,4 +1,4 @@
-"""Fixtures for the Xen transport: the real device (as `devmodel run` builds it) on a
+"""The Xen transport's test rig: the real device (as `devmodel run` builds it) on a
 simulated hypervisor, with the transport running in the test's own trio loop."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from devmodel.metrics import InstrumentedEngine
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
+from devmodel.testing import SimHypervisor, SimVcpu
 from devmodel.transports.xen import XenServer, serve_xen
-from tests.xen.sim_hypervisor import SimHypervisor, SimVcpu
 
 APERTURE = 1 << 20
 GRANULE = 4096

@@ -1,0 +1,1 @@
+"""The code behind `devmodel.testing`; import it from there, never from here."""
