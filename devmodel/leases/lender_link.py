@@ -33,6 +33,7 @@ import trio
 
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
+from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel_wire.lease import (
     Access,
@@ -58,7 +59,6 @@ from devmodel_wire.lease import (
     Revoked,
     State,
 )
-from devmodel_wire.lease.checks import check_grant_fd
 from devmodel_wire.lease.connection import clip
 from devmodel_wire.lease.constants import MAX_NAME_BYTES, code_name
 from pyvfio_user.errors import ProtocolError

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     Access,
@@ -37,7 +38,7 @@ from devmodel_wire.lease import (
     Revoked,
     RevokeMode,
 )
-from devmodel_wire.lease.checks import check_grant, check_grant_fd, geometry_problem, range_problem
+from devmodel_wire.lease.checks import check_grant, geometry_problem, range_problem
 from devmodel_wire.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
 from devmodel_wire.lease.wire import decode, decode_message, encode, fd_count
 from pyvfio_user.errors import ProtocolError

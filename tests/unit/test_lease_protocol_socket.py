@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.testing import fd_is_open
 from devmodel_wire.lease import (
     BorrowerConnection,
@@ -28,7 +29,6 @@ from devmodel_wire.lease import (
     Ping,
     Pong,
 )
-from devmodel_wire.lease.checks import check_grant_fd
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
 from tests.unit.lease_protocol_support import GRANULE, RW, borrower_hello

@@ -3,15 +3,15 @@
 They live beside the wire format rather than in the lease engine so that the borrower (which
 NACKs bad grants), the lender (which answers bad page-in ranges) and the reference lender in
 examples/ apply one reading of the specification. Only rules that need nothing but the message
-and the session geometry are here, plus the fd inspection, which needs only the fd; overlap and
-lease-count limits depend on the lease table and stay with the engine.
+and the session geometry are here, plus the verdict on a grant's fd from facts about it
+(`FdFacts`); asking the kernel for those facts is IO and lives with the borrower
+(devmodel.leases.grant_checks). Overlap and lease-count limits depend on the lease table and
+stay with the engine.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import stat
+from dataclasses import dataclass
 from typing import Final
 
 from devmodel_wire.lease.constants import (
@@ -24,8 +24,12 @@ from devmodel_wire.lease.constants import (
 )
 from devmodel_wire.lease.events import Grant
 
-# Linux value (since 5.1); the fcntl module does not export it.
-F_SEAL_FUTURE_WRITE: Final = 0x0010
+# Linux's values (open(2) access modes, memfd seals), as fstat and fcntl report them.
+O_WRONLY: Final = 0o1
+O_RDWR: Final = 0o2
+F_SEAL_SHRINK: Final = 0x0002
+F_SEAL_WRITE: Final = 0x0008
+F_SEAL_FUTURE_WRITE: Final = 0x0010  # since Linux 5.1; the fcntl module does not export it
 
 
 def geometry_problem(aperture_size: int, granule: int) -> str | None:
@@ -74,31 +78,35 @@ def check_grant(grant: Grant, *, aperture_size: int, granule: int) -> NackReason
     return None
 
 
-def check_grant_fd(fd: int, *, fd_offset: int, length: int, prot: int) -> NackReason | None:
-    """The NACK reason for a grant's memory fd, or None if it is safe to map.
+@dataclass(frozen=True, slots=True)
+class FdFacts:
+    """What the kernel says about a grant's fd: all `check_fd_facts` needs to judge it."""
+
+    regular: bool
+    """A regular file (a memfd is one); nothing else can be mapped as lent memory."""
+    access_mode: int
+    """The open file's access mode (flags & O_ACCMODE): O_RDONLY, O_WRONLY or O_RDWR."""
+    seals: int | None
+    """Its seals (F_GET_SEALS); None if the file does not support sealing."""
+    size: int
+
+
+def check_fd_facts(facts: FdFacts, *, fd_offset: int, length: int, prot: int) -> NackReason | None:
+    """The NACK reason for a grant's memory fd as `facts` describe it, or None if it is safe
+    to map.
 
     The seal matters more than the size: without F_SEAL_SHRINK the lender could truncate the
     file after the check and every access through an existing mapping would raise SIGBUS in
     the device model.
     """
-    try:
-        st = os.fstat(fd)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError:
+    if not facts.regular:
         return NackReason.BAD_FD
-    if not stat.S_ISREG(st.st_mode):
+    if facts.access_mode == O_WRONLY or (prot & PROT_WRITE and facts.access_mode != O_RDWR):
         return NackReason.BAD_FD
-    access = flags & os.O_ACCMODE
-    if access == os.O_WRONLY or (prot & PROT_WRITE and access != os.O_RDWR):
-        return NackReason.BAD_FD
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
+    if facts.seals is None or not facts.seals & F_SEAL_SHRINK:
         return NackReason.FD_NOT_SEALED
-    if not seals & fcntl.F_SEAL_SHRINK:
-        return NackReason.FD_NOT_SEALED
-    if prot & PROT_WRITE and seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+    if prot & PROT_WRITE and facts.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
         return NackReason.BAD_FD
-    if fd_offset + length > st.st_size:
+    if fd_offset + length > facts.size:
         return NackReason.FD_TOO_SMALL
     return None
