@@ -51,6 +51,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.testing import VfioUserClient
+from devmodel.unixfds import rights
 from devmodel_wire.lease import (
     Access,
     Bye,
@@ -371,10 +372,7 @@ class BenchLender:
         out = self.conn.send(event)
         view = memoryview(out.data)
         if out.fds:  # a GRANT: its own sendmsg, carrying its fd (docs/lease-protocol.md 5)
-            fds = struct.pack(f"{len(out.fds)}i", *out.fds)
-            view = view[
-                await self._sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]) :
-            ]
+            view = view[await self._sock.sendmsg([view], rights(out.fds)) :]
         while view:
             view = view[await self._sock.send(view) :]
 

@@ -28,7 +28,6 @@ and `stats`.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import ctypes
 import ctypes.util
@@ -53,6 +52,7 @@ import trio
 from lender_vram import Extent, Lru, Vram
 
 from devmodel.sizes import format_size, parse_size
+from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary, rights
 from devmodel_wire.lease import (
     Bye,
     ByeReason,
@@ -88,7 +88,7 @@ FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 PROT_RW: Final = 3
 POISON: Final = b"\xde\xad\xbe\xef"
-ANCILLARY_SPACE: Final = socket.CMSG_SPACE(16 * 4)
+ANCILLARY_SPACE: Final = ancillary_space(16)
 COPY_STEP: Final = 1 << 20
 # Chunks lent-and-evicted at connection time, in flight at once per guest.
 STAGING_WORKERS: Final = 32
@@ -303,8 +303,7 @@ class GuestSession:
             view = memoryview(out.data)
             with trio.fail_after(self.lender.write_timeout):
                 if out.fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))]
-                    view = view[await self.sock.sendmsg([view], anc) :]
+                    view = view[await self.sock.sendmsg([view], rights(out.fds)) :]
                 while view:
                     view = view[await self.sock.send(view) :]
         except (OSError, ProtocolError, trio.TooSlowError) as exc:
@@ -345,13 +344,9 @@ class GuestSession:
             nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
                 [self._buf], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
             )
-            fds: list[int] = []
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
-            if flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
+            try:
+                fds = fds_from_ancillary(ancillary, flags)
+            except FdsTruncated:
                 log.warning("%s: file descriptors lost (MSG_CTRUNC)", self)
                 return None
             self.conn.receive_data(memoryview(self._buf)[:nbytes], fds)

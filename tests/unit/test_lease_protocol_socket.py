@@ -7,15 +7,16 @@ receive buffer and however many messages are queued in front.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 
+from devmodel import testing
 from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.testing import fd_is_open
+from devmodel.unixfds import ancillary_space, recv_nowait, send_nowait
 from devmodel_wire.lease import (
     BorrowerConnection,
     Bye,
@@ -48,12 +49,9 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def write(sock: socket.socket, out: Outgoing) -> None:
     """One sendmsg per message, the fds with it, as the specification asks of senders."""
-    if out.fds:
-        sent = socket.send_fds(sock, [out.data], list(out.fds))
-        if sent < len(out.data):
-            sock.sendall(out.data[sent:])
-    else:
-        sock.sendall(out.data)
+    view = memoryview(out.data)
+    sent = send_nowait(sock, view, out.fds)
+    sock.sendall(view[sent:])
 
 
 def read_events(
@@ -62,11 +60,11 @@ def read_events(
     """Read to end of stream, feeding every recvmsg to `conn`; also return every fd received."""
     seen: list[Event | LeaseProtocolError] = []
     received: list[int] = []
+    buf = bytearray(bufsize)
     while True:
-        data, fds, flags, _ = socket.recv_fds(sock, bufsize, MAX_FDS)
-        assert not flags & socket.MSG_CTRUNC
+        n, fds = recv_nowait(sock, buf, ancillary_space(MAX_FDS))  # FdsTruncated: too many
         received += fds
-        conn.receive_data(data, fds)
+        conn.receive_data(buf[:n], fds)
         while True:
             try:
                 got = conn.next_event()
@@ -82,11 +80,7 @@ def read_events(
 
 
 def memfd(content: bytes, size: int) -> int:
-    fd = os.memfd_create("lease", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    os.pwrite(fd, content, 0)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    return fd
+    return testing.memfd(size, "lease", fill=content)
 
 
 def handshake(
@@ -145,7 +139,7 @@ def test_a_message_sent_in_pieces_keeps_its_fd(pair: tuple[socket.socket, socket
     fd = memfd(b"x", GRANULE)
     try:
         out = lender.send(Grant(1, 0, GRANULE, 0, RW, fd))
-        socket.send_fds(l_sock, [out.data[:5]], [fd])
+        send_nowait(l_sock, out.data[:5], [fd])
         l_sock.sendall(out.data[5:])
         write(l_sock, lender.send(Ping(1)))
         l_sock.shutdown(socket.SHUT_WR)
@@ -164,8 +158,8 @@ def test_refused_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> No
     borrower, _ = handshake(b_sock, l_sock)
     a, b = memfd(b"a", GRANULE), memfd(b"b", GRANULE)
     try:
-        socket.send_fds(l_sock, [encode(Pong(1))], [a])  # takes no fd
-        socket.send_fds(l_sock, [encode(Grant(1, 0, GRANULE, 0, RW, 0))], [a, b])  # two
+        send_nowait(l_sock, encode(Pong(1)), [a])  # takes no fd
+        send_nowait(l_sock, encode(Grant(1, 0, GRANULE, 0, RW, 0)), [a, b])  # two
         l_sock.sendall(encode(Ping(2)))
         l_sock.shutdown(socket.SHUT_WR)
     finally:

@@ -8,10 +8,8 @@ again; a lender that revokes every lease the moment it grants it cannot starve t
 
 from __future__ import annotations
 
-import array
 import fcntl
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +19,8 @@ import trio
 
 from devmodel.leases.states import WindowState
 from devmodel.testing import (
-    LINK_APERTURE as APERTURE,
-)
-from devmodel.testing import (
-    LINK_GRANULE as GRANULE,
-)
-from devmodel.testing import (
-    LINK_STEP as STEP,
-)
-from devmodel.testing import (
+    F_ADD_SEALS,
+    F_SEAL_WRITE,
     RW,
     LenderLinkRig,
     ScriptedLender,
@@ -38,6 +29,16 @@ from devmodel.testing import (
     open_fds,
     sealed_memfd,
 )
+from devmodel.testing import (
+    LINK_APERTURE as APERTURE,
+)
+from devmodel.testing import (
+    LINK_GRANULE as GRANULE,
+)
+from devmodel.testing import (
+    LINK_STEP as STEP,
+)
+from devmodel.unixfds import rights
 from devmodel_wire.lease import (
     Bye,
     ByeReason,
@@ -62,8 +63,6 @@ from devmodel_wire.lease.wire import HEADER, encode
 
 ONES = b"\xff" * 8
 NAME = f"hostile-{os.getpid()}"
-F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
-F_ADD_SEALS: int = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
 async def grant_ok(peer: ScriptedLender, lease: int, offset: int, fd: int) -> None:
@@ -233,9 +232,8 @@ async def test_read_only_grant_of_a_read_only_fd_is_fine_and_writes_are_dropped(
 
 
 async def send_with_fds(peer: ScriptedLender, data: bytes, fds: list[int]) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
     with trio.fail_after(STEP):
-        sent = await peer.sock.sendmsg([data], anc)
+        sent = await peer.sock.sendmsg([data], rights(fds))
     assert sent == len(data)
 
 
