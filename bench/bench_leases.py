@@ -47,30 +47,12 @@ from typing import IO, Any
 import trio
 import trio.testing
 
+import devmodel_wire.lease as lp
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.testing import VfioUserClient
 from devmodel.unixfds import rights
-from devmodel_wire.lease import (
-    Access,
-    Bye,
-    Error,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    LenderConnection,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE
 from pyvfio_user.codec import HEADER_AND_ACCESS
 from pyvfio_user.constants import Command
@@ -188,11 +170,11 @@ class InstantPort:
         self.engine.grant(lease, offset, length, offset, RW, os.dup(self.home))
         return lease
 
-    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
+    def send_page_in(self, request_id: int, offset: int, length: int, access: lp.Access) -> bool:
         self.page_ins += 1
         if self.inline:
             self.grant(offset, length)
-            self.engine.page_in_done(request_id, PageInStatus.OK)
+            self.engine.page_in_done(request_id, lp.PageInStatus.OK)
         else:
             self.pending.append((request_id, offset, length))
         return True
@@ -201,7 +183,7 @@ class InstantPort:
         leases = []
         for request_id, offset, length in self.pending:
             leases.append(self.grant(offset, length))
-            self.engine.page_in_done(request_id, PageInStatus.OK)
+            self.engine.page_in_done(request_id, lp.PageInStatus.OK)
         self.pending.clear()
         return leases
 
@@ -239,7 +221,7 @@ class BenchLender:
         self.home = sealed_memfd(aperture)
         mark_windows(self.home, aperture, window)
         self.windows = [_Window(i) for i in range(aperture // window)]
-        self.conn = LenderConnection()
+        self.conn = lp.LenderConnection()
         self.ready = trio.Event()
         self.page_ins = 0
         self.grants = 0
@@ -281,7 +263,7 @@ class BenchLender:
         task_status.started()
         self._sock, _ = await listener.accept()
         hello = await self._event()
-        if not isinstance(hello, Hello):
+        if not isinstance(hello, lp.Hello):
             raise BenchFailed(f"the borrower opened with {hello!r}")
         await self._send(self.conn.hello_reply("bench-lender"))
         async with trio.open_nursery() as nursery:
@@ -290,12 +272,12 @@ class BenchLender:
                 await self._grant(w)
             while True:
                 event = await self._event()
-                if event is None or isinstance(event, Bye):
+                if event is None or isinstance(event, lp.Bye):
                     nursery.cancel_scope.cancel()
                     return
                 await self._handle(event)
 
-    async def _event(self) -> Event | None:
+    async def _event(self) -> lp.Event | None:
         assert self._sock is not None
         while True:
             event = self.conn.next_event()
@@ -307,21 +289,21 @@ class BenchLender:
             n = await self._sock.recv_into(self._buf)
             self.conn.receive_data(memoryview(self._buf)[:n])
 
-    async def _handle(self, event: Event) -> None:
-        if isinstance(event, GrantAck):
+    async def _handle(self, event: lp.Event) -> None:
+        if isinstance(event, lp.GrantAck):
             self.acks += 1
             if self.acks == len(self.windows):
                 self.ready.set()
-        elif isinstance(event, GrantNack):
+        elif isinstance(event, lp.GrantNack):
             self.nacks += 1
             print(f"bench lender: lease {event.lease_id} refused: {event.text}", file=sys.stderr)
-        elif isinstance(event, Revoked):
+        elif isinstance(event, lp.Revoked):
             # Settled here, in message order: a PAGE_IN behind this REVOKED sees it evicted.
             w = self._by_lease[event.lease_id]
             w.state = "evicted"
             w.settled.set()
             self._revoked.pop(event.lease_id).set()
-        elif isinstance(event, PageIn):
+        elif isinstance(event, lp.PageIn):
             self.page_ins += 1
             covered = self._covering(event.offset, event.length)
             if self.page_in_delay or any(w.state == "revoking" for w in covered):
@@ -329,11 +311,11 @@ class BenchLender:
                 self._nursery.start_soon(self._page_in, event, covered)
             else:
                 await self._page_in(event, covered)
-        elif isinstance(event, Ping):
-            await self._send(Pong(event.token))
-        elif isinstance(event, Pong):
+        elif isinstance(event, lp.Ping):
+            await self._send(lp.Pong(event.token))
+        elif isinstance(event, lp.Pong):
             self._pongs.pop(event.token).set()
-        elif isinstance(event, Error):
+        elif isinstance(event, lp.Error):
             self.errors += 1
             print(f"bench lender: the borrower refused something: {event}", file=sys.stderr)
 
@@ -341,7 +323,7 @@ class BenchLender:
         first, last = offset // self.window, (offset + length - 1) // self.window
         return self.windows[first : last + 1]
 
-    async def _page_in(self, request: PageIn, covered: list[_Window]) -> None:
+    async def _page_in(self, request: lp.PageIn, covered: list[_Window]) -> None:
         if self.page_in_delay:
             await trio.sleep(self.page_in_delay)
         for w in covered:
@@ -349,7 +331,7 @@ class BenchLender:
                 await w.settled.wait()
             if w.state == "evicted":
                 await self._grant(w)
-        await self._send(PageInDone(request.request_id, PageInStatus.OK))
+        await self._send(lp.PageInDone(request.request_id, lp.PageInStatus.OK))
 
     async def _grant(self, w: _Window) -> None:
         # Decided before the first checkpoint: callers test the state and call this without
@@ -361,13 +343,13 @@ class BenchLender:
         self._by_lease[lease] = w
         self.grants += 1
         start = w.index * self.window
-        await self._send(Grant(lease, start, self.window, start, RW, self.home))
+        await self._send(lp.Grant(lease, start, self.window, start, RW, self.home))
 
-    async def _send(self, event: Event) -> None:
+    async def _send(self, event: lp.Event) -> None:
         async with self._lock:
             await self._send_locked(event)
 
-    async def _send_locked(self, event: Event) -> None:
+    async def _send_locked(self, event: lp.Event) -> None:
         assert self._sock is not None
         out = self.conn.send(event)
         view = memoryview(out.data)
@@ -376,7 +358,7 @@ class BenchLender:
         while view:
             view = view[await self._sock.send(view) :]
 
-    async def revoke(self, index: int, mode: RevokeMode = RevokeMode.EVICT) -> float:
+    async def revoke(self, index: int, mode: lp.RevokeMode = lp.RevokeMode.EVICT) -> float:
         """REVOKE the window's lease and wait for REVOKED; seconds from send to answer."""
         w = self.windows[index]
         if w.state != "resident":
@@ -385,7 +367,7 @@ class BenchLender:
         w.settled = trio.Event()
         done = self._revoked[w.lease] = trio.Event()
         t0 = perf()
-        await self._send(Revoke(w.lease, mode))
+        await self._send(lp.Revoke(w.lease, mode))
         await done.wait()
         return perf() - t0
 
@@ -400,7 +382,7 @@ class BenchLender:
         self._next_token += 1
         done = self._pongs[token] = trio.Event()
         t0 = perf()
-        await self._send(Ping(token))
+        await self._send(lp.Ping(token))
         await done.wait()
         return perf() - t0
 
@@ -617,7 +599,7 @@ async def engine_faults(repeat: int) -> None:
         fault: list[float] = []
         resident: list[float] = []
         for i in range(repeat):
-            await engine.revoke(leases[0], RevokeMode.EVICT)
+            await engine.revoke(leases[0], lp.RevokeMode.EVICT)
             leases[0] = port.next_lease  # the lease the page-in is about to grant
             for which in (i % 2, 1 - i % 2):
                 t0 = perf()
@@ -667,7 +649,7 @@ async def engine_revokes(repeat: int) -> None:
         port.grant(engine.granule, engine.granule)
         for _ in range(repeat):
             t0 = perf()
-            await engine.revoke(lease, RevokeMode.EVICT)
+            await engine.revoke(lease, lp.RevokeMode.EVICT)
             samples.append(perf() - t0)
             lease = port.grant(0, engine.granule)
             t0 = perf()
@@ -705,7 +687,7 @@ async def engine_coalescing(rounds: int, waiters: int) -> list[int]:
     try:
         lease = port.grant(0, engine.granule)
         for _ in range(rounds):
-            await engine.revoke(lease, RevokeMode.EVICT)
+            await engine.revoke(lease, lp.RevokeMode.EVICT)
             before = port.page_ins
             results: list[bytes] = []
 

@@ -51,30 +51,9 @@ from typing import Final
 import trio
 from lender_vram import Extent, Lru, Vram
 
+import devmodel_wire.lease as lp
 from devmodel.sizes import format_size, parse_size
 from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary, rights
-from devmodel_wire.lease import (
-    Bye,
-    ByeReason,
-    Error,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    LeaseProtocolError,
-    LenderConnection,
-    MsgType,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-    State,
-)
 from devmodel_wire.lease.constants import NackReason, code_name
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
@@ -243,7 +222,7 @@ class GuestSession:
         self.lender = lender
         self.sock = sock
         self.number = number
-        self.conn = LenderConnection()
+        self.conn = lp.LenderConnection()
         self.guest_id = -1
         self.peer_pid = 0
         self.aperture = 0
@@ -279,7 +258,7 @@ class GuestSession:
 
     # -- output
 
-    async def send(self, event: Event) -> None:
+    async def send(self, event: lp.Event) -> None:
         async with self._send_lock:
             await self._send_locked(event)
 
@@ -290,12 +269,12 @@ class GuestSession:
             lease = self._next_lease
             self._next_lease += 1
             await self._send_locked(
-                Grant(lease, region.offset, region.length, fd_offset, PROT_RW, fd)
+                lp.Grant(lease, region.offset, region.length, fd_offset, PROT_RW, fd)
             )
             self.by_lease[lease] = region
             return lease
 
-    async def _send_locked(self, event: Event) -> None:
+    async def _send_locked(self, event: lp.Event) -> None:
         if self.closed:
             raise SessionGone(repr(self))
         try:
@@ -323,11 +302,11 @@ class GuestSession:
 
     # -- input
 
-    async def next_event(self) -> Event | None:
+    async def next_event(self) -> lp.Event | None:
         while True:
             try:
                 event = self.conn.next_event()
-            except LeaseProtocolError as exc:
+            except lp.LeaseProtocolError as exc:
                 self.lender.stats.protocol_errors += 1
                 log.warning("%s: %s", self, exc)
                 if exc.reply is not None:
@@ -471,15 +450,15 @@ class ReferenceLender:
             return False
         with trio.move_on_after(5.0):
             hello = await session.next_event()
-            if not isinstance(hello, Hello):
+            if not isinstance(hello, lp.Hello):
                 return False
             granule = hello.granule
             chunk = max(self.chunk or granule, granule)
             session.guest_id = hello.guest_id
             if chunk % granule or chunk > self.vram.heap_size:
                 with contextlib.suppress(SessionGone):
-                    reason = ByeReason.BAD_GEOMETRY
-                    await session.send(Bye(reason, f"cannot lend {format_size(chunk)} chunks"))
+                    reason = lp.ByeReason.BAD_GEOMETRY
+                    await session.send(lp.Bye(reason, f"cannot lend {format_size(chunk)} chunks"))
                 return False
             session.aperture = hello.aperture_size
             session.granule = granule
@@ -513,19 +492,19 @@ class ReferenceLender:
                 return
             if event is None:
                 return
-            if isinstance(event, GrantAck):
+            if isinstance(event, lp.GrantAck):
                 self._stats.grant_acks += 1
-            elif isinstance(event, GrantNack):
+            elif isinstance(event, lp.GrantNack):
                 self._grant_refused(session, event.lease_id, code_name(NackReason, event.reason))
-            elif isinstance(event, Revoked):
+            elif isinstance(event, lp.Revoked):
                 done = session.revoked.pop(event.lease_id, None)
                 if done is not None:
                     done.set()
-            elif isinstance(event, PageIn):
+            elif isinstance(event, lp.PageIn):
                 nursery.start_soon(self._quietly, self._page_in(session, event))
-            elif isinstance(event, Ping):
-                nursery.start_soon(self._quietly, session.send(Pong(event.token)))
-            elif isinstance(event, Error):
+            elif isinstance(event, lp.Ping):
+                nursery.start_soon(self._quietly, session.send(lp.Pong(event.token)))
+            elif isinstance(event, lp.Error):
                 log.warning(
                     "%s refused %s %d: %s",
                     session,
@@ -533,9 +512,9 @@ class ReferenceLender:
                     event.ref_id,
                     event.text,
                 )
-                if event.ref_type == MsgType.GRANT:
+                if event.ref_type == lp.MsgType.GRANT:
                     self._grant_refused(session, event.ref_id, "ERROR")
-            elif isinstance(event, Bye):
+            elif isinstance(event, lp.Bye):
                 self.events.info("%s said BYE: %s", session, event.text or event.reason)
                 return
             # Pong: nothing to do (this lender does not ping).
@@ -557,7 +536,7 @@ class ReferenceLender:
         # closes (or says BYE) has dropped every lease first; when this side ends it, the
         # borrower may still touch the pages until it reads the end of the stream, so they are
         # reused only once that process is gone.
-        borrower_ended = session.conn.state in (State.CLOSED, State.BYE_RECEIVED)
+        borrower_ended = session.conn.state in (lp.State.CLOSED, lp.State.BYE_RECEIVED)
         session.closed = True
         if session in self.sessions:
             self.sessions.remove(session)
@@ -571,8 +550,8 @@ class ReferenceLender:
             region.settled.set()
         for done in session.revoked.values():
             done.set()
-        if session.conn.state is State.OPEN and not session.sending:
-            bye = session.conn.send(Bye(ByeReason.NORMAL, "lender stopping")).data
+        if session.conn.state is lp.State.OPEN and not session.sending:
+            bye = session.conn.send(lp.Bye(lp.ByeReason.NORMAL, "lender stopping")).data
             with trio.move_on_after(0.2), contextlib.suppress(OSError):
                 await session.sock.send(bye)
         session.conn.close()
@@ -667,7 +646,7 @@ class ReferenceLender:
         try:
             lease = await session.send_grant(region, region.offset, session.swap_fd)
             done = session.revoked[lease] = trio.Event()
-            await session.send(Revoke(lease, RevokeMode.EVICT))
+            await session.send(lp.Revoke(lease, lp.RevokeMode.EVICT))
             with trio.move_on_after(self.revoke_timeout):
                 await done.wait()
             if not done.is_set() and not session.closed:
@@ -711,9 +690,9 @@ class ReferenceLender:
             extent.offset,
         )
 
-    async def _page_in(self, session: GuestSession, request: PageIn) -> None:
+    async def _page_in(self, session: GuestSession, request: lp.PageIn) -> None:
         self._stats.page_ins += 1
-        status = PageInStatus.OK
+        status = lp.PageInStatus.OK
         text = ""
         regions = session.covering(request.offset, request.length)
         wanted = set(regions)
@@ -722,24 +701,24 @@ class ReferenceLender:
                 for region in regions:
                     await self._make_resident(region, wanted)
         except NoMemory as exc:
-            status, text = PageInStatus.NO_MEMORY, str(exc)
+            status, text = lp.PageInStatus.NO_MEMORY, str(exc)
         except trio.TooSlowError:
-            status, text = PageInStatus.BUSY, "could not make room in time"
+            status, text = lp.PageInStatus.BUSY, "could not make room in time"
         except SessionGone:
             return
-        if status != PageInStatus.OK:
+        if status != lp.PageInStatus.OK:
             self._stats.page_in_failures += 1
             log.warning("%s: page-in %d failed: %s", session, request.request_id, text)
         with contextlib.suppress(SessionGone):
             # The GRANTs went out first, on the same ordered stream.
-            await session.send(PageInDone(request.request_id, status, text))
+            await session.send(lp.PageInDone(request.request_id, status, text))
         self.events.info(
             "%s: page-in %d of %#x+%s: %s",
             session,
             request.request_id,
             request.offset,
             format_size(request.length),
-            code_name(PageInStatus, status),
+            code_name(lp.PageInStatus, status),
         )
 
     async def _make_resident(self, region: Region, wanted: set[Region]) -> None:
@@ -814,7 +793,7 @@ class ReferenceLender:
         self.lru.discard(region)
         done = session.revoked[lease] = trio.Event()
         try:
-            await session.send(Revoke(lease, RevokeMode.EVICT))
+            await session.send(lp.Revoke(lease, lp.RevokeMode.EVICT))
             self._stats.revokes += 1
             with trio.move_on_after(self.revoke_timeout):
                 await done.wait()
@@ -888,7 +867,7 @@ class ReferenceLender:
 
 def _type_name(raw: int) -> str:
     try:
-        return MsgType(raw).name
+        return lp.MsgType(raw).name
     except ValueError:
         return f"type {raw:#06x}"
 

@@ -7,30 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from devmodel_wire.lease import (
-    Access,
-    BorrowerConnection,
-    Bye,
-    ByeReason,
-    Error,
-    ErrorCode,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    LeaseProtocolError,
-    LenderConnection,
-    NackReason,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
+import devmodel_wire.lease as lp
 from devmodel_wire.lease.constants import HEADER_SIZE
 from devmodel_wire.lease.wire import HEADER
 from pyvfio_user.errors import ProtocolError
@@ -43,7 +20,7 @@ GRANULE = 2 * MiB
 RW = 3
 
 
-def borrower_hello(**changes: object) -> Hello:
+def borrower_hello(**changes: object) -> lp.Hello:
     fields: dict[str, object] = {
         "guest_id": GUEST,
         "aperture_size": APERTURE,
@@ -53,10 +30,10 @@ def borrower_hello(**changes: object) -> Hello:
         "name": "devmodel",
     }
     fields.update(changes)
-    return Hello(**fields)  # type: ignore[arg-type]
+    return lp.Hello(**fields)  # type: ignore[arg-type]
 
 
-def lender_hello(**changes: object) -> Hello:
+def lender_hello(**changes: object) -> lp.Hello:
     return borrower_hello(**{"name": "gpu-lender", **changes})
 
 
@@ -91,23 +68,23 @@ def fd_pool() -> Iterator[FdPool]:
         pool.close()
 
 
-def open_pair() -> tuple[BorrowerConnection, LenderConnection]:
+def open_pair() -> tuple[lp.BorrowerConnection, lp.LenderConnection]:
     """A borrower and a lender connection that have completed the handshake."""
-    borrower, lender = BorrowerConnection(), LenderConnection()
+    borrower, lender = lp.BorrowerConnection(), lp.LenderConnection()
     out = borrower.send(borrower_hello())
     lender.receive_data(out.data)
-    assert isinstance(lender.next_event(), Hello)
+    assert isinstance(lender.next_event(), lp.Hello)
     out = lender.send(lender.hello_reply("gpu-lender"))
     borrower.receive_data(out.data)
-    assert isinstance(borrower.next_event(), Hello)
+    assert isinstance(borrower.next_event(), lp.Hello)
     return borrower, lender
 
 
 def deliver(
-    sender: BorrowerConnection | LenderConnection,
-    receiver: BorrowerConnection | LenderConnection,
-    event: Event,
-) -> Event:
+    sender: lp.BorrowerConnection | lp.LenderConnection,
+    receiver: lp.BorrowerConnection | lp.LenderConnection,
+    event: lp.Event,
+) -> lp.Event:
     """Send `event` through `sender` and return what `receiver` makes of it."""
     out = sender.send(event)
     receiver.receive_data(out.data, out.fds)
@@ -122,19 +99,19 @@ class Failure:
 
     fatal: bool
     code: int
-    reply: Event | None
+    reply: lp.Event | None
 
 
-Outcome = Event | Failure | Sentinel
+Outcome = lp.Event | Failure | Sentinel
 
 
-def drain(conn: BorrowerConnection | LenderConnection) -> list[Outcome]:
+def drain(conn: lp.BorrowerConnection | lp.LenderConnection) -> list[Outcome]:
     """Everything next_event() yields until NEED_DATA, CLOSED or a fatal error."""
     seen: list[Outcome] = []
     while True:
         try:
             got = conn.next_event()
-        except LeaseProtocolError as exc:
+        except lp.LeaseProtocolError as exc:
             seen.append(Failure(exc.fatal, exc.code, exc.reply))
             if exc.fatal:
                 return seen
@@ -149,7 +126,7 @@ def drain(conn: BorrowerConnection | LenderConnection) -> list[Outcome]:
 
 
 def feed_all(
-    conn: BorrowerConnection | LenderConnection,
+    conn: lp.BorrowerConnection | lp.LenderConnection,
     chunks: Sequence[tuple[bytes, Sequence[int]]],
     eof: bool = True,
 ) -> list[Outcome]:
@@ -167,22 +144,22 @@ def feed_all(
 
 
 # One valid sample of every message, for round trips and the exhaustive table tests.
-def sample_events(fd: int) -> list[Event]:
+def sample_events(fd: int) -> list[lp.Event]:
     return [
         borrower_hello(features=0x5, max_leases=64, name="devmodel-ü"),
-        Bye(ByeReason.GUEST_REFUSED, "guest 7 is not mine"),
-        Bye(),
-        Error(0x7777, 99, ErrorCode.UNKNOWN_TYPE, "what is this"),
-        Ping(0xFFFF_FFFF_FFFF_FFFF),
-        Pong(0),
-        Grant(1, 2 * MiB, 4 * MiB, 6 * MiB, RW, fd, 0),
-        GrantAck(1),
-        GrantNack(1, NackReason.FD_NOT_SEALED, "add F_SEAL_SHRINK"),
-        Revoke(1, RevokeMode.EVICT),
-        Revoke(2, RevokeMode.RELEASE),
-        Revoked(1),
-        PageIn(3, 8 * MiB, 2 * MiB, Access.READ),
-        PageIn(4, 8 * MiB, 2 * MiB, Access.WRITE),
-        PageInDone(3, PageInStatus.OK),
-        PageInDone(4, PageInStatus.NO_MEMORY, "VRAM budget exhausted"),
+        lp.Bye(lp.ByeReason.GUEST_REFUSED, "guest 7 is not mine"),
+        lp.Bye(),
+        lp.Error(0x7777, 99, lp.ErrorCode.UNKNOWN_TYPE, "what is this"),
+        lp.Ping(0xFFFF_FFFF_FFFF_FFFF),
+        lp.Pong(0),
+        lp.Grant(1, 2 * MiB, 4 * MiB, 6 * MiB, RW, fd, 0),
+        lp.GrantAck(1),
+        lp.GrantNack(1, lp.NackReason.FD_NOT_SEALED, "add F_SEAL_SHRINK"),
+        lp.Revoke(1, lp.RevokeMode.EVICT),
+        lp.Revoke(2, lp.RevokeMode.RELEASE),
+        lp.Revoked(1),
+        lp.PageIn(3, 8 * MiB, 2 * MiB, lp.Access.READ),
+        lp.PageIn(4, 8 * MiB, 2 * MiB, lp.Access.WRITE),
+        lp.PageInDone(3, lp.PageInStatus.OK),
+        lp.PageInDone(4, lp.PageInStatus.NO_MEMORY, "VRAM budget exhausted"),
     ]

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+import devmodel_wire.lease as lp
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
@@ -29,10 +30,9 @@ from devmodel.testing import (
     sealed_memfd,
     spawn,
 )
-from devmodel_wire.lease import Grant, GrantAck, PageIn, PageInDone, PageInStatus, RevokeMode
 
 S = WindowState
-EVICT = RevokeMode.EVICT
+EVICT = lp.RevokeMode.EVICT
 
 
 async def test_error_policy_for_a_waiter_is_raised_in_its_own_task_not_in_the_grant(
@@ -55,7 +55,7 @@ async def test_error_policy_for_a_waiter_is_raised_in_its_own_task_not_in_the_gr
             assert engine.window_at(0).state is S.PAGING_IN  # type: ignore[union-attr]
             pi = lender.take()
             lender.grant(0, PAGE, home, prot=RO)  # must not raise
-            engine.page_in_done(pi.request_id, PageInStatus.OK)
+            engine.page_in_done(pi.request_id, lp.PageInStatus.OK)
         assert isinstance(writer.error, AccessError) and writer.error.errno == errno.EIO
         assert reader.get() == pattern(1, PAGE)[32:40]
         assert writer.finished_at == reader.finished_at == t0
@@ -89,10 +89,10 @@ async def test_link_acks_a_read_only_answer_to_a_write_fault_under_the_error_pol
             async with trio.open_nursery() as guests:
                 guests.start_soon(guest_write)
                 ask = await peer.event()
-                assert isinstance(ask, PageIn)
-                await peer.send(Grant(2, 0, GRANULE, 0, RO, fd))
-                assert await peer.event() == GrantAck(2)
-                await peer.send(PageInDone(ask.request_id, PageInStatus.OK))
+                assert isinstance(ask, lp.PageIn)
+                await peer.send(lp.Grant(2, 0, GRANULE, 0, RO, fd))
+                assert await peer.event() == lp.GrantAck(2)
+                await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
             assert len(failed) == 1
             assert r.link.connected
             assert r.engine.lease_count == 1

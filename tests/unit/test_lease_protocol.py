@@ -11,33 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import devmodel_wire.lease as lp
 from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.testing import fd_is_open
-from devmodel_wire.lease import (
-    Access,
-    BorrowerConnection,
-    Bye,
-    ByeReason,
-    Error,
-    ErrorCode,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    LeaseProtocolError,
-    LenderConnection,
-    MsgType,
-    NackReason,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 from devmodel_wire.lease.checks import check_grant, geometry_problem, range_problem
 from devmodel_wire.lease.constants import MAX_NAME_BYTES, MAX_TEXT_BYTES, code_name
 from devmodel_wire.lease.wire import decode, decode_message, encode, fd_count
@@ -66,7 +42,7 @@ def pool() -> Iterator[FdPool]:
 
 
 def test_every_message_type_has_a_sample() -> None:
-    assert {e.TYPE for e in sample_events(0)} == set(MsgType)
+    assert {e.TYPE for e in sample_events(0)} == set(lp.MsgType)
 
 
 @pytest.mark.parametrize("index", range(len(sample_events(0))))
@@ -74,7 +50,7 @@ def test_wire_round_trip(index: int, pool: FdPool) -> None:
     fd = pool.new()
     event = sample_events(fd)[index]
     data = encode(event)
-    fds = (fd,) if isinstance(event, Grant) else ()
+    fds = (fd,) if isinstance(event, lp.Grant) else ()
     assert decode_message(data, fds) == event
     assert fd_count(event.TYPE) == len(fds)
 
@@ -82,27 +58,27 @@ def test_wire_round_trip(index: int, pool: FdPool) -> None:
 def test_connection_round_trip_both_directions(pool: FdPool) -> None:
     """Every message through a real pair of connections, in the direction the spec allows."""
     b2l, l2b = "borrower->lender", "lender->borrower"
-    script: list[tuple[str, Event]] = [
-        (l2b, Grant(1, 0, GRANULE, 0, RW, pool.new())),
-        (l2b, Grant(2, GRANULE, GRANULE, GRANULE, 1, pool.new())),
-        (l2b, Grant(9, 4 * GRANULE, 2 * GRANULE, 0, RW, pool.new())),
-        (b2l, GrantAck(1)),
-        (b2l, GrantNack(2, NackReason.OVERLAPS_LIVE_LEASE, "lease 1 covers 0x200000")),
-        (b2l, GrantAck(9)),
-        (l2b, Revoke(1, RevokeMode.EVICT)),
-        (l2b, Revoke(9, RevokeMode.RELEASE)),
-        (b2l, Revoked(9)),
-        (b2l, Revoked(1)),
-        (b2l, PageIn(10, 8 * MiB, 2 * MiB, Access.READ)),
-        (b2l, PageIn(11, 0, 4 * MiB, Access.WRITE)),
-        (l2b, PageInDone(11, PageInStatus.NOT_LENT, "released")),
-        (l2b, PageInDone(10, PageInStatus.OK)),
-        (b2l, Ping(5)),
-        (l2b, Ping(5)),
-        (l2b, Pong(5)),
-        (b2l, Pong(5)),
-        (b2l, Error(MsgType.GRANT, 3, ErrorCode.BAD_FD_COUNT, "2 fds")),
-        (l2b, Error(0x7777, 12, ErrorCode.UNKNOWN_TYPE, "")),
+    script: list[tuple[str, lp.Event]] = [
+        (l2b, lp.Grant(1, 0, GRANULE, 0, RW, pool.new())),
+        (l2b, lp.Grant(2, GRANULE, GRANULE, GRANULE, 1, pool.new())),
+        (l2b, lp.Grant(9, 4 * GRANULE, 2 * GRANULE, 0, RW, pool.new())),
+        (b2l, lp.GrantAck(1)),
+        (b2l, lp.GrantNack(2, lp.NackReason.OVERLAPS_LIVE_LEASE, "lease 1 covers 0x200000")),
+        (b2l, lp.GrantAck(9)),
+        (l2b, lp.Revoke(1, lp.RevokeMode.EVICT)),
+        (l2b, lp.Revoke(9, lp.RevokeMode.RELEASE)),
+        (b2l, lp.Revoked(9)),
+        (b2l, lp.Revoked(1)),
+        (b2l, lp.PageIn(10, 8 * MiB, 2 * MiB, lp.Access.READ)),
+        (b2l, lp.PageIn(11, 0, 4 * MiB, lp.Access.WRITE)),
+        (l2b, lp.PageInDone(11, lp.PageInStatus.NOT_LENT, "released")),
+        (l2b, lp.PageInDone(10, lp.PageInStatus.OK)),
+        (b2l, lp.Ping(5)),
+        (l2b, lp.Ping(5)),
+        (l2b, lp.Pong(5)),
+        (b2l, lp.Pong(5)),
+        (b2l, lp.Error(lp.MsgType.GRANT, 3, lp.ErrorCode.BAD_FD_COUNT, "2 fds")),
+        (l2b, lp.Error(0x7777, 12, lp.ErrorCode.UNKNOWN_TYPE, "")),
     ]
     borrower, lender = open_pair()
     assert borrower.peer_hello == lender.local_hello
@@ -116,10 +92,10 @@ def test_connection_round_trip_both_directions(pool: FdPool) -> None:
             assert deliver(lender, borrower, event) == event
     assert borrower.awaiting_answers() == lender.awaiting_answers() == frozenset()
     assert borrower.owed_answers() == lender.owed_answers() == frozenset()
-    bye = Bye(ByeReason.NORMAL, "guest shut down")
+    bye = lp.Bye(lp.ByeReason.NORMAL, "guest shut down")
     assert deliver(borrower, lender, bye) == bye
     borrower, lender = open_pair()
-    bye = Bye(ByeReason.TIMEOUT, "REVOKE 1 took 10 s")
+    bye = lp.Bye(lp.ByeReason.TIMEOUT, "REVOKE 1 took 10 s")
     assert deliver(lender, borrower, bye) == bye
 
 
@@ -127,7 +103,7 @@ def test_connection_round_trip_both_directions(pool: FdPool) -> None:
 
 
 def test_hello_layout() -> None:
-    hello = Hello(7, 256 * MiB, 2 * MiB, features=0, max_leases=64, name="dm")
+    hello = lp.Hello(7, 256 * MiB, 2 * MiB, features=0, max_leases=64, name="dm")
     expected = (
         bytes.fromhex("0100 0000 3800 0000 0000 0000 0000 0000")  # HELLO, flags, 56, id 0
         + b"LEND"
@@ -142,7 +118,7 @@ def test_hello_layout() -> None:
 
 
 def test_grant_layout() -> None:
-    grant = Grant(0x1122, 0x40_0000, 0x20_0000, 0x60_0000, RW, 9, 0)
+    grant = lp.Grant(0x1122, 0x40_0000, 0x20_0000, 0x60_0000, RW, 9, 0)
     assert encode(grant) == struct.pack(
         "<HHIQQQQII", 0x10, 0, 48, 0x1122, 0x400000, 0x200000, 0x600000, 3, 0
     )
@@ -151,50 +127,50 @@ def test_grant_layout() -> None:
 @pytest.mark.parametrize(
     ("event", "size"),
     [
-        (Bye(), 22),
-        (Error(1, 2, 3), 24),
-        (Ping(1), 16),
-        (Pong(1), 16),
-        (GrantAck(1), 16),
-        (GrantNack(1, 1), 22),
-        (Revoke(1, RevokeMode.EVICT), 20),
-        (Revoked(1), 16),
-        (PageIn(1, 0, GRANULE, Access.READ), 36),
-        (PageInDone(1, 0), 22),
+        (lp.Bye(), 22),
+        (lp.Error(1, 2, 3), 24),
+        (lp.Ping(1), 16),
+        (lp.Pong(1), 16),
+        (lp.GrantAck(1), 16),
+        (lp.GrantNack(1, 1), 22),
+        (lp.Revoke(1, lp.RevokeMode.EVICT), 20),
+        (lp.Revoked(1), 16),
+        (lp.PageIn(1, 0, GRANULE, lp.Access.READ), 36),
+        (lp.PageInDone(1, 0), 22),
     ],
 )
-def test_message_sizes(event: Event, size: int) -> None:
+def test_message_sizes(event: lp.Event, size: int) -> None:
     assert len(encode(event)) == size
 
 
 def test_header_flags_are_ignored_on_receipt() -> None:
-    data = bytearray(encode(Ping(77)))
+    data = bytearray(encode(lp.Ping(77)))
     data[2:4] = b"\xff\xff"
-    assert decode_message(bytes(data)) == Ping(77)
+    assert decode_message(bytes(data)) == lp.Ping(77)
 
 
 def test_hello_may_carry_bytes_after_the_name() -> None:
-    data = encode(Hello(1, APERTURE, GRANULE, name="x")) + b"future"
-    header = struct.pack("<HHIQ", MsgType.HELLO, 0, len(data), 0)
-    assert decode_message(header + data[16:]) == Hello(1, APERTURE, GRANULE, name="x")
+    data = encode(lp.Hello(1, APERTURE, GRANULE, name="x")) + b"future"
+    header = struct.pack("<HHIQ", lp.MsgType.HELLO, 0, len(data), 0)
+    assert decode_message(header + data[16:]) == lp.Hello(1, APERTURE, GRANULE, name="x")
 
 
 def test_open_code_families_keep_unknown_values() -> None:
-    nack = decode_message(raw_message(MsgType.GRANT_NACK, 4, struct.pack("<IH", 4242, 0)))
-    assert nack == GrantNack(4, 4242)
-    done = decode_message(raw_message(MsgType.PAGE_IN_DONE, 4, struct.pack("<IH", 77, 0)))
-    assert done == PageInDone(4, 77)
-    bye = decode_message(raw_message(MsgType.BYE, 0, struct.pack("<IH", 900, 0)))
-    assert bye == Bye(900)
-    assert code_name(NackReason, 4242) == "NackReason(4242)"
-    assert code_name(NackReason, 3) == "OVERLAPS_LIVE_LEASE"
+    nack = decode_message(raw_message(lp.MsgType.GRANT_NACK, 4, struct.pack("<IH", 4242, 0)))
+    assert nack == lp.GrantNack(4, 4242)
+    done = decode_message(raw_message(lp.MsgType.PAGE_IN_DONE, 4, struct.pack("<IH", 77, 0)))
+    assert done == lp.PageInDone(4, 77)
+    bye = decode_message(raw_message(lp.MsgType.BYE, 0, struct.pack("<IH", 900, 0)))
+    assert bye == lp.Bye(900)
+    assert code_name(lp.NackReason, 4242) == "NackReason(4242)"
+    assert code_name(lp.NackReason, 3) == "OVERLAPS_LIVE_LEASE"
 
 
 # -- refusal of malformed input ---------------------------------------------------------------
 
 
-def _refused(data: bytes, fds: tuple[int, ...] = ()) -> LeaseProtocolError:
-    with pytest.raises(LeaseProtocolError) as info:
+def _refused(data: bytes, fds: tuple[int, ...] = ()) -> lp.LeaseProtocolError:
+    with pytest.raises(lp.LeaseProtocolError) as info:
         decode_message(data, fds)
     assert isinstance(info.value, ProtocolError)
     return info.value
@@ -203,26 +179,26 @@ def _refused(data: bytes, fds: tuple[int, ...] = ()) -> LeaseProtocolError:
 @pytest.mark.parametrize(
     ("msg_type", "body"),
     [
-        (MsgType.PING, b"\x00"),
-        (MsgType.PONG, b"\x00" * 8),
-        (MsgType.GRANT_ACK, b"\x00"),
-        (MsgType.REVOKED, b"\x00"),
-        (MsgType.REVOKE, b""),
-        (MsgType.REVOKE, b"\x01\x00\x00\x00\x00"),
-        (MsgType.PAGE_IN, b"\x00" * 19),
-        (MsgType.PAGE_IN, b"\x00" * 21),
-        (MsgType.PAGE_IN_DONE, b"\x00" * 5),
-        (MsgType.GRANT_NACK, b""),
-        (MsgType.BYE, b"\x00"),
-        (MsgType.ERROR, b"\x00" * 7),
-        (MsgType.HELLO, b"LEND" + b"\x00" * 20),
-        (MsgType.GRANT, b"\x00" * 31),
-        (MsgType.GRANT, b"\x00" * 33),
+        (lp.MsgType.PING, b"\x00"),
+        (lp.MsgType.PONG, b"\x00" * 8),
+        (lp.MsgType.GRANT_ACK, b"\x00"),
+        (lp.MsgType.REVOKED, b"\x00"),
+        (lp.MsgType.REVOKE, b""),
+        (lp.MsgType.REVOKE, b"\x01\x00\x00\x00\x00"),
+        (lp.MsgType.PAGE_IN, b"\x00" * 19),
+        (lp.MsgType.PAGE_IN, b"\x00" * 21),
+        (lp.MsgType.PAGE_IN_DONE, b"\x00" * 5),
+        (lp.MsgType.GRANT_NACK, b""),
+        (lp.MsgType.BYE, b"\x00"),
+        (lp.MsgType.ERROR, b"\x00" * 7),
+        (lp.MsgType.HELLO, b"LEND" + b"\x00" * 20),
+        (lp.MsgType.GRANT, b"\x00" * 31),
+        (lp.MsgType.GRANT, b"\x00" * 33),
     ],
 )
 def test_wrong_body_size_is_malformed(msg_type: int, body: bytes) -> None:
-    err = _refused(raw_message(msg_type, 1, body), (5,) if msg_type == MsgType.GRANT else ())
-    assert (err.fatal, err.code) == (False, ErrorCode.MALFORMED)
+    err = _refused(raw_message(msg_type, 1, body), (5,) if msg_type == lp.MsgType.GRANT else ())
+    assert (err.fatal, err.code) == (False, lp.ErrorCode.MALFORMED)
 
 
 @pytest.mark.parametrize(
@@ -236,82 +212,82 @@ def test_wrong_body_size_is_malformed(msg_type: int, body: bytes) -> None:
     ],
 )
 def test_bad_strings_are_malformed(text: bytes, declared: int) -> None:
-    for msg_type in (MsgType.BYE, MsgType.GRANT_NACK, MsgType.PAGE_IN_DONE):
+    for msg_type in (lp.MsgType.BYE, lp.MsgType.GRANT_NACK, lp.MsgType.PAGE_IN_DONE):
         err = _refused(raw_message(msg_type, 1, struct.pack("<IH", 1, declared) + text))
-        assert err.code == ErrorCode.MALFORMED
-    err = _refused(raw_message(MsgType.ERROR, 1, struct.pack("<IHH", 1, 1, declared) + text))
-    assert err.code == ErrorCode.MALFORMED
+        assert err.code == lp.ErrorCode.MALFORMED
+    err = _refused(raw_message(lp.MsgType.ERROR, 1, struct.pack("<IHH", 1, 1, declared) + text))
+    assert err.code == lp.ErrorCode.MALFORMED
 
 
 def test_hello_name_limit_and_magic() -> None:
-    good = encode(Hello(1, APERTURE, GRANULE, name="n" * MAX_NAME_BYTES))
-    assert isinstance(decode_message(good), Hello)
+    good = encode(lp.Hello(1, APERTURE, GRANULE, name="n" * MAX_NAME_BYTES))
+    assert isinstance(decode_message(good), lp.Hello)
     body = bytearray(good[16:])
     struct.pack_into("<H", body, 36, MAX_NAME_BYTES + 1)
     body += b"n"
-    assert _refused(raw_message(MsgType.HELLO, 0, bytes(body))).code == ErrorCode.MALFORMED
+    assert _refused(raw_message(lp.MsgType.HELLO, 0, bytes(body))).code == lp.ErrorCode.MALFORMED
     bad_magic = bytearray(good)
     bad_magic[16:20] = b"VFIO"
-    assert _refused(bytes(bad_magic)).code == ErrorCode.MALFORMED
+    assert _refused(bytes(bad_magic)).code == lp.ErrorCode.MALFORMED
 
 
 def test_closed_enumerations_refuse_unknown_values() -> None:
-    assert _refused(raw_message(MsgType.REVOKE, 1, struct.pack("<I", 3))).code == (
-        ErrorCode.MALFORMED
+    assert _refused(raw_message(lp.MsgType.REVOKE, 1, struct.pack("<I", 3))).code == (
+        lp.ErrorCode.MALFORMED
     )
-    assert _refused(raw_message(MsgType.REVOKE, 1, struct.pack("<I", 0))).code == (
-        ErrorCode.MALFORMED
+    assert _refused(raw_message(lp.MsgType.REVOKE, 1, struct.pack("<I", 0))).code == (
+        lp.ErrorCode.MALFORMED
     )
     body = struct.pack("<QQI", 0, GRANULE, 3)
-    assert _refused(raw_message(MsgType.PAGE_IN, 1, body)).code == ErrorCode.MALFORMED
+    assert _refused(raw_message(lp.MsgType.PAGE_IN, 1, body)).code == lp.ErrorCode.MALFORMED
 
 
 def test_fd_counts() -> None:
-    grant = encode(Grant(1, 0, GRANULE, 0, RW, 5))
-    assert _refused(grant, ()).code == ErrorCode.BAD_FD_COUNT
-    assert _refused(grant, (5, 6)).code == ErrorCode.BAD_FD_COUNT
-    for event in (Ping(1), Bye(), GrantAck(1), Revoke(1, RevokeMode.EVICT)):
-        assert _refused(encode(event), (5,)).code == ErrorCode.BAD_FD_COUNT
+    grant = encode(lp.Grant(1, 0, GRANULE, 0, RW, 5))
+    assert _refused(grant, ()).code == lp.ErrorCode.BAD_FD_COUNT
+    assert _refused(grant, (5, 6)).code == lp.ErrorCode.BAD_FD_COUNT
+    for event in (lp.Ping(1), lp.Bye(), lp.GrantAck(1), lp.Revoke(1, lp.RevokeMode.EVICT)):
+        assert _refused(encode(event), (5,)).code == lp.ErrorCode.BAD_FD_COUNT
 
 
 def test_unknown_type() -> None:
     err = _refused(raw_message(0x7777, 1, b"whatever"))
-    assert (err.fatal, err.code) == (False, ErrorCode.UNKNOWN_TYPE)
-    assert _refused(raw_message(0, 1)).code == ErrorCode.UNKNOWN_TYPE
+    assert (err.fatal, err.code) == (False, lp.ErrorCode.UNKNOWN_TYPE)
+    assert _refused(raw_message(0, 1)).code == lp.ErrorCode.UNKNOWN_TYPE
 
 
 def test_decode_never_closes_fds(pool: FdPool) -> None:
     fd = pool.new()
-    with pytest.raises(LeaseProtocolError):
-        decode(MsgType.PING, 1, b"", (fd,))
+    with pytest.raises(lp.LeaseProtocolError):
+        decode(lp.MsgType.PING, 1, b"", (fd,))
     assert fd_is_open(fd)
 
 
 def test_decode_message_framing() -> None:
     assert _refused(b"\x01\x00").fatal
-    assert _refused(encode(Ping(1)) + b"\x00").fatal
+    assert _refused(encode(lp.Ping(1)) + b"\x00").fatal
 
 
 @pytest.mark.parametrize(
     "event",
     [
-        Ping(1 << 64),
-        Ping(-1),
-        Grant(1, 0, GRANULE, 0, RW, -1),
-        Grant(1, 1 << 64, GRANULE, 0, RW, 3),
-        Grant(1, 0, GRANULE, 0, 1 << 32, 3),
-        GrantNack(1, 1, "x" * (MAX_TEXT_BYTES + 1)),
-        Bye(0, "nul\x00"),
-        Bye(0, "\ud800"),
-        Error(1 << 16, 1, 1),
-        Hello(1, APERTURE, GRANULE, name="n" * (MAX_NAME_BYTES + 1)),
-        Hello(1 << 32, APERTURE, GRANULE),
-        PageIn(1, 0, GRANULE, 3),  # type: ignore[arg-type]
-        Revoke(1, 0),  # type: ignore[arg-type]
+        lp.Ping(1 << 64),
+        lp.Ping(-1),
+        lp.Grant(1, 0, GRANULE, 0, RW, -1),
+        lp.Grant(1, 1 << 64, GRANULE, 0, RW, 3),
+        lp.Grant(1, 0, GRANULE, 0, 1 << 32, 3),
+        lp.GrantNack(1, 1, "x" * (MAX_TEXT_BYTES + 1)),
+        lp.Bye(0, "nul\x00"),
+        lp.Bye(0, "\ud800"),
+        lp.Error(1 << 16, 1, 1),
+        lp.Hello(1, APERTURE, GRANULE, name="n" * (MAX_NAME_BYTES + 1)),
+        lp.Hello(1 << 32, APERTURE, GRANULE),
+        lp.PageIn(1, 0, GRANULE, 3),  # type: ignore[arg-type]
+        lp.Revoke(1, 0),  # type: ignore[arg-type]
     ],
 )
-def test_encode_refuses_what_does_not_fit(event: Event) -> None:
-    with pytest.raises(LeaseProtocolError) as info:
+def test_encode_refuses_what_does_not_fit(event: lp.Event) -> None:
+    with pytest.raises(lp.LeaseProtocolError) as info:
         encode(event)
     assert not info.value.fatal
 
@@ -338,32 +314,32 @@ def test_geometry_and_range_checks() -> None:
 @pytest.mark.parametrize(
     ("grant", "reason"),
     [
-        (Grant(1, 0, GRANULE, 0, RW, 3), None),
-        (Grant(1, 0, GRANULE, 0, 1, 3), None),
-        (Grant(1, 0, GRANULE, 0, 2, 3), NackReason.BAD_PROTECTION),
-        (Grant(1, 0, GRANULE, 0, 0, 3), NackReason.BAD_PROTECTION),
-        (Grant(1, 0, GRANULE, 0, 7, 3), NackReason.BAD_PROTECTION),
-        (Grant(1, 0, GRANULE, 0, RW, 3, 1), NackReason.UNSUPPORTED_FLAGS),
-        (Grant(1, 4096, GRANULE, 0, RW, 3), NackReason.MISALIGNED),
-        (Grant(1, 0, 4096, 0, RW, 3), NackReason.MISALIGNED),
-        (Grant(1, 0, GRANULE, 4096, RW, 3), NackReason.MISALIGNED),
-        (Grant(1, 0, 0, 0, RW, 3), NackReason.MISALIGNED),
-        (Grant(1, APERTURE - GRANULE, 2 * GRANULE, 0, RW, 3), NackReason.OUTSIDE_APERTURE),
-        (Grant(1, (1 << 64) - GRANULE, GRANULE, 0, RW, 3), NackReason.OUTSIDE_APERTURE),
+        (lp.Grant(1, 0, GRANULE, 0, RW, 3), None),
+        (lp.Grant(1, 0, GRANULE, 0, 1, 3), None),
+        (lp.Grant(1, 0, GRANULE, 0, 2, 3), lp.NackReason.BAD_PROTECTION),
+        (lp.Grant(1, 0, GRANULE, 0, 0, 3), lp.NackReason.BAD_PROTECTION),
+        (lp.Grant(1, 0, GRANULE, 0, 7, 3), lp.NackReason.BAD_PROTECTION),
+        (lp.Grant(1, 0, GRANULE, 0, RW, 3, 1), lp.NackReason.UNSUPPORTED_FLAGS),
+        (lp.Grant(1, 4096, GRANULE, 0, RW, 3), lp.NackReason.MISALIGNED),
+        (lp.Grant(1, 0, 4096, 0, RW, 3), lp.NackReason.MISALIGNED),
+        (lp.Grant(1, 0, GRANULE, 4096, RW, 3), lp.NackReason.MISALIGNED),
+        (lp.Grant(1, 0, 0, 0, RW, 3), lp.NackReason.MISALIGNED),
+        (lp.Grant(1, APERTURE - GRANULE, 2 * GRANULE, 0, RW, 3), lp.NackReason.OUTSIDE_APERTURE),
+        (lp.Grant(1, (1 << 64) - GRANULE, GRANULE, 0, RW, 3), lp.NackReason.OUTSIDE_APERTURE),
     ],
 )
-def test_check_grant(grant: Grant, reason: NackReason | None) -> None:
+def test_check_grant(grant: lp.Grant, reason: lp.NackReason | None) -> None:
     assert check_grant(grant, aperture_size=APERTURE, granule=GRANULE) == reason
 
 
 def test_borrower_connection_check_grant_uses_the_session_geometry() -> None:
     borrower, _ = open_pair()
-    assert borrower.check_grant(Grant(1, APERTURE, GRANULE, 0, RW, 3)) == (
-        NackReason.OUTSIDE_APERTURE
+    assert borrower.check_grant(lp.Grant(1, APERTURE, GRANULE, 0, RW, 3)) == (
+        lp.NackReason.OUTSIDE_APERTURE
     )
-    with pytest.raises(LeaseProtocolError):
-        BorrowerConnection().check_grant(Grant(1, 0, GRANULE, 0, RW, 3))
-    assert isinstance(LenderConnection(), LenderConnection)
+    with pytest.raises(lp.LeaseProtocolError):
+        lp.BorrowerConnection().check_grant(lp.Grant(1, 0, GRANULE, 0, RW, 3))
+    assert isinstance(lp.LenderConnection(), lp.LenderConnection)
 
 
 def _memfd(size: int, seals: int) -> int:
@@ -390,15 +366,15 @@ def test_check_grant_fd() -> None:
 
         assert check(good) is None
         assert check(good, GRANULE, GRANULE) is None
-        assert check(good, GRANULE, 2 * GRANULE) == NackReason.FD_TOO_SMALL
-        assert check(unsealed) == NackReason.FD_NOT_SEALED
-        assert check(write_sealed) == NackReason.BAD_FD
+        assert check(good, GRANULE, 2 * GRANULE) == lp.NackReason.FD_TOO_SMALL
+        assert check(unsealed) == lp.NackReason.FD_NOT_SEALED
+        assert check(write_sealed) == lp.NackReason.BAD_FD
         assert check(write_sealed, prot=1) is None
-        assert check(r) == NackReason.BAD_FD
-        assert check(read_only) == NackReason.BAD_FD
+        assert check(r) == lp.NackReason.BAD_FD
+        assert check(read_only) == lp.NackReason.BAD_FD
         assert check(read_only, prot=1) is None
         os.close(unsealed)
-        assert check(unsealed) == NackReason.BAD_FD
+        assert check(unsealed) == lp.NackReason.BAD_FD
     finally:
         for fd in opened:
             with contextlib.suppress(OSError):
@@ -424,21 +400,21 @@ def _example_bytes() -> bytes:
 
 def test_the_specifications_example_decodes_as_described() -> None:
     data = _example_bytes()
-    events: list[Event] = []
+    events: list[lp.Event] = []
     while data:
         length = struct.unpack_from("<I", data, 4)[0]
-        fds = (7,) if data[0] == MsgType.GRANT else ()
+        fds = (7,) if data[0] == lp.MsgType.GRANT else ()
         events.append(decode_message(data[:length], fds))
         data = data[length:]
     assert events == [
-        Hello(7, 256 * MiB, 2 * MiB, 0, 1024, "devmodel"),
-        Hello(7, 256 * MiB, 2 * MiB, 0, 0, "gpu"),
-        PageIn(1, 0x800000, 2 * MiB, Access.WRITE),
-        Grant(1, 0x800000, 2 * MiB, 0, RW, 7),
-        PageInDone(1, PageInStatus.OK),
-        GrantAck(1),
-        Revoke(1, RevokeMode.EVICT),
-        Revoked(1),
-        GrantNack(2, NackReason.FD_NOT_SEALED, "no seal"),
-        Error(0x7777, 9, ErrorCode.UNKNOWN_TYPE),
+        lp.Hello(7, 256 * MiB, 2 * MiB, 0, 1024, "devmodel"),
+        lp.Hello(7, 256 * MiB, 2 * MiB, 0, 0, "gpu"),
+        lp.PageIn(1, 0x800000, 2 * MiB, lp.Access.WRITE),
+        lp.Grant(1, 0x800000, 2 * MiB, 0, RW, 7),
+        lp.PageInDone(1, lp.PageInStatus.OK),
+        lp.GrantAck(1),
+        lp.Revoke(1, lp.RevokeMode.EVICT),
+        lp.Revoked(1),
+        lp.GrantNack(2, lp.NackReason.FD_NOT_SEALED, "no seal"),
+        lp.Error(0x7777, 9, lp.ErrorCode.UNKNOWN_TYPE),
     ]

@@ -18,31 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
 
+import devmodel_wire.lease as lp
 from devmodel.testing import fd_is_open
-from devmodel_wire.lease import (
-    Access,
-    BorrowerConnection,
-    Bye,
-    ByeReason,
-    Error,
-    ErrorCode,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    LenderConnection,
-    MsgType,
-    NackReason,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 from devmodel_wire.lease.constants import HEADER_SIZE
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, Sentinel
@@ -59,14 +36,14 @@ from tests.unit.lease_protocol_support import (
     open_pair,
 )
 
-Conn = BorrowerConnection | LenderConnection
+Conn = lp.BorrowerConnection | lp.LenderConnection
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- connections to attack --------------------------------------------------------------------
 
 
 def borrower_hello_sent() -> Conn:
-    conn = BorrowerConnection()
+    conn = lp.BorrowerConnection()
     conn.send(borrower_hello())
     return conn
 
@@ -75,23 +52,23 @@ def borrower_open() -> Conn:
     """OPEN with requests 1..3 of each kind outstanding, so that small ids match something."""
     conn, _ = open_pair()
     for i in (1, 2, 3):
-        conn.send(PageIn(i, (i - 1) * GRANULE, GRANULE, Access.WRITE))
-        conn.send(Ping(i))
+        conn.send(lp.PageIn(i, (i - 1) * GRANULE, GRANULE, lp.Access.WRITE))
+        conn.send(lp.Ping(i))
     return conn
 
 
 def lender_open() -> Conn:
     _, conn = open_pair()
     for i in (1, 2, 3):
-        conn.send(Grant(i, (i - 1) * GRANULE, GRANULE, 0, RW, 0))  # fd 0: only a number here
-        conn.send(Ping(i))
-    conn.send(Revoke(1, RevokeMode.EVICT))
+        conn.send(lp.Grant(i, (i - 1) * GRANULE, GRANULE, 0, RW, 0))  # fd 0: only a number here
+        conn.send(lp.Ping(i))
+    conn.send(lp.Revoke(1, lp.RevokeMode.EVICT))
     return conn
 
 
 TARGETS: dict[str, Callable[[], Conn]] = {
     "borrower-hello-sent": borrower_hello_sent,
-    "lender-start": LenderConnection,
+    "lender-start": lp.LenderConnection,
     "borrower-open": borrower_open,
     "lender-open": lender_open,
 }
@@ -104,30 +81,30 @@ HELLO_PREFIX: dict[str, bytes] = {
 
 # -- streams ----------------------------------------------------------------------------------
 
-TYPES = st.one_of(st.sampled_from([int(t) for t in MsgType]), st.integers(0, 0xFFFF))
+TYPES = st.one_of(st.sampled_from([int(t) for t in lp.MsgType]), st.integers(0, 0xFFFF))
 TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=20)
 SMALL_IDS = st.one_of(st.integers(0, 4), st.integers(0, (1 << 64) - 1))
 
 
-VALID_EVENTS: st.SearchStrategy[Event] = st.one_of(
-    st.builds(Ping, SMALL_IDS),
-    st.builds(Pong, SMALL_IDS),
-    st.builds(GrantAck, SMALL_IDS),
-    st.builds(Revoked, SMALL_IDS),
-    st.builds(GrantNack, SMALL_IDS, st.integers(0, 300), TEXT),
-    st.builds(PageInDone, SMALL_IDS, st.integers(0, 300), TEXT),
-    st.builds(Revoke, SMALL_IDS, st.sampled_from(RevokeMode)),
+VALID_EVENTS: st.SearchStrategy[lp.Event] = st.one_of(
+    st.builds(lp.Ping, SMALL_IDS),
+    st.builds(lp.Pong, SMALL_IDS),
+    st.builds(lp.GrantAck, SMALL_IDS),
+    st.builds(lp.Revoked, SMALL_IDS),
+    st.builds(lp.GrantNack, SMALL_IDS, st.integers(0, 300), TEXT),
+    st.builds(lp.PageInDone, SMALL_IDS, st.integers(0, 300), TEXT),
+    st.builds(lp.Revoke, SMALL_IDS, st.sampled_from(lp.RevokeMode)),
     st.builds(
-        PageIn,
+        lp.PageIn,
         SMALL_IDS,
         st.integers(0, 1 << 30),
         st.integers(0, 1 << 30),
-        st.sampled_from(Access),
+        st.sampled_from(lp.Access),
     ),
-    st.builds(Bye, st.integers(0, 300), TEXT),
-    st.builds(Error, TYPES, SMALL_IDS, st.integers(0, 300), TEXT),
+    st.builds(lp.Bye, st.integers(0, 300), TEXT),
+    st.builds(lp.Error, TYPES, SMALL_IDS, st.integers(0, 300), TEXT),
     st.builds(
-        Grant,
+        lp.Grant,
         SMALL_IDS,
         st.integers(0, 1 << 40),
         st.integers(0, 1 << 40),
@@ -234,7 +211,7 @@ def test_every_fd_is_either_handed_out_or_closed(
             conn.receive_data(chunk, fds)
             outcomes += drain(conn)
         conn.close()
-        handed_out = {e.fd for e in outcomes if isinstance(e, Grant)}
+        handed_out = {e.fd for e in outcomes if isinstance(e, lp.Grant)}
         for fd in given_fds:
             assert fd_is_open(fd) == (fd in handed_out), (fd, outcomes)
 
@@ -243,10 +220,10 @@ def test_every_fd_is_either_handed_out_or_closed(
 
 
 @st.composite
-def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[Event]:
+def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[lp.Event]:
     """What a correct lender may send after HELLO, given that the borrower asked PAGE_IN 1..4
     and PING 1..2 (see `_borrower_reacts`)."""
-    out: list[Event] = [lender_hello()]
+    out: list[lp.Event] = [lender_hello()]
     next_lease = 1
     granted: list[int] = []
     revoking: set[int] = set()
@@ -256,41 +233,41 @@ def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[Event]:
         choice = draw(st.sampled_from(["grant", "revoke", "done", "ping", "pong", "error"]))
         if choice == "grant":
             offset = draw(st.integers(0, 100)) * GRANULE
-            out.append(Grant(next_lease, offset, GRANULE, 0, RW, fd_source()))
+            out.append(lp.Grant(next_lease, offset, GRANULE, 0, RW, fd_source()))
             granted.append(next_lease)
             next_lease += draw(st.integers(1, 1000))
         elif choice == "revoke" and set(granted) - revoking:
             lease = draw(st.sampled_from(sorted(set(granted) - revoking)))
             revoking.add(lease)
-            out.append(Revoke(lease, draw(st.sampled_from(RevokeMode))))
+            out.append(lp.Revoke(lease, draw(st.sampled_from(lp.RevokeMode))))
         elif choice == "done" and page_ins:
             request = draw(st.sampled_from(sorted(page_ins)))
             page_ins.discard(request)
-            status = draw(st.sampled_from([*PageInStatus, 77]))
-            out.append(PageInDone(request, status, draw(TEXT)))
+            status = draw(st.sampled_from([*lp.PageInStatus, 77]))
+            out.append(lp.PageInDone(request, status, draw(TEXT)))
         elif choice == "ping":
-            out.append(Ping(token))
+            out.append(lp.Ping(token))
             token += 1
         elif choice == "pong" and pings:
-            out.append(Pong(pings.pop()))
+            out.append(lp.Pong(pings.pop()))
         elif choice == "error":
-            error = Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(ErrorCode)), "x")
-            if error.code != ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
-                if error.ref_type == MsgType.PAGE_IN:
+            error = lp.Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(lp.ErrorCode)), "x")
+            if error.code != lp.ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
+                if error.ref_type == lp.MsgType.PAGE_IN:
                     page_ins.discard(error.ref_id)
-                if error.ref_type == MsgType.PING:
+                if error.ref_type == lp.MsgType.PING:
                     pings.discard(error.ref_id)
             out.append(error)
     if draw(st.booleans()):
-        out.append(Bye(ByeReason.NORMAL, draw(TEXT)))
+        out.append(lp.Bye(lp.ByeReason.NORMAL, draw(TEXT)))
     return out
 
 
 @st.composite
-def borrower_script(draw: st.DrawFn) -> list[Event]:
+def borrower_script(draw: st.DrawFn) -> list[lp.Event]:
     """What a correct borrower may send, given that the lender granted leases 1..5, revoked
     1..2 and pinged 1..2 once it saw the HELLO (see `_lender_reacts`)."""
-    out: list[Event] = [borrower_hello(name="b")]
+    out: list[lp.Event] = [borrower_hello(name="b")]
     grants, revokes, pings = {1, 2, 3, 4, 5}, {1, 2}, {1, 2}
     request = 1
     for _ in range(draw(st.integers(0, 14))):
@@ -298,63 +275,65 @@ def borrower_script(draw: st.DrawFn) -> list[Event]:
         if choice == "answer" and grants:
             lease = draw(st.sampled_from(sorted(grants)))
             grants.discard(lease)
-            answer: Event = GrantAck(lease)
+            answer: lp.Event = lp.GrantAck(lease)
             if draw(st.booleans()):
-                answer = GrantNack(lease, draw(st.sampled_from(NackReason)), draw(TEXT))
+                answer = lp.GrantNack(lease, draw(st.sampled_from(lp.NackReason)), draw(TEXT))
             out.append(answer)
         elif choice == "revoked" and revokes:
-            out.append(Revoked(revokes.pop()))
+            out.append(lp.Revoked(revokes.pop()))
         elif choice == "page_in":
             offset = draw(st.integers(0, 127)) * GRANULE
-            out.append(PageIn(request, offset, GRANULE, draw(st.sampled_from(Access))))
+            out.append(lp.PageIn(request, offset, GRANULE, draw(st.sampled_from(lp.Access))))
             request += draw(st.integers(1, 1 << 40))
         elif choice == "ping":
-            out.append(Ping(request))
+            out.append(lp.Ping(request))
             request += 1
         elif choice == "pong" and pings:
-            out.append(Pong(pings.pop()))
+            out.append(lp.Pong(pings.pop()))
         elif choice == "err":
-            error = Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(ErrorCode)))
-            if error.code != ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
-                {MsgType.GRANT: grants, MsgType.REVOKE: revokes, MsgType.PING: pings}.get(
-                    MsgType(error.ref_type) if error.ref_type in set(MsgType) else MsgType.BYE,
+            error = lp.Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(lp.ErrorCode)))
+            if error.code != lp.ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
+                {lp.MsgType.GRANT: grants, lp.MsgType.REVOKE: revokes, lp.MsgType.PING: pings}.get(
+                    lp.MsgType(error.ref_type)
+                    if error.ref_type in set(lp.MsgType)
+                    else lp.MsgType.BYE,
                     set(),
                 ).discard(error.ref_id)
             out.append(error)
     if draw(st.booleans()):
-        out.append(Bye(ByeReason.NORMAL))
+        out.append(lp.Bye(lp.ByeReason.NORMAL))
     return out
 
 
-def _borrower_reacts(conn: Conn, event: Event) -> None:
-    if isinstance(event, Hello):
+def _borrower_reacts(conn: Conn, event: lp.Event) -> None:
+    if isinstance(event, lp.Hello):
         for i in (1, 2, 3, 4):
-            conn.send(PageIn(i, 0, GRANULE, Access.READ))
-        conn.send(Ping(1))
-        conn.send(Ping(2))
+            conn.send(lp.PageIn(i, 0, GRANULE, lp.Access.READ))
+        conn.send(lp.Ping(1))
+        conn.send(lp.Ping(2))
 
 
-def _lender_reacts(conn: Conn, event: Event) -> None:
-    if isinstance(event, Hello):
-        assert isinstance(conn, LenderConnection)
+def _lender_reacts(conn: Conn, event: lp.Event) -> None:
+    if isinstance(event, lp.Hello):
+        assert isinstance(conn, lp.LenderConnection)
         conn.send(conn.hello_reply("l"))
         for lease in (1, 2, 3, 4, 5):
-            conn.send(Grant(lease, 0, GRANULE, 0, RW, 0))
-        conn.send(Revoke(1, RevokeMode.EVICT))
-        conn.send(Revoke(2, RevokeMode.RELEASE))
-        conn.send(Ping(1))
-        conn.send(Ping(2))
+            conn.send(lp.Grant(lease, 0, GRANULE, 0, RW, 0))
+        conn.send(lp.Revoke(1, lp.RevokeMode.EVICT))
+        conn.send(lp.Revoke(2, lp.RevokeMode.RELEASE))
+        conn.send(lp.Ping(1))
+        conn.send(lp.Ping(2))
 
 
 @st.composite
-def kernel_chunks(draw: st.DrawFn, messages: list[Event]) -> list[tuple[bytes, list[int]]]:
+def kernel_chunks(draw: st.DrawFn, messages: list[lp.Event]) -> list[tuple[bytes, list[int]]]:
     """Cut the encoded stream as a Linux Unix stream socket could deliver it: anywhere, except
     that a recvmsg returning fds ends inside the message that carried them."""
     data = b""
     spans: list[tuple[int, int, list[int]]] = []
     for event in messages:
         raw = encode(event)
-        fds = [event.fd] if isinstance(event, Grant) else []
+        fds = [event.fd] if isinstance(event, lp.Grant) else []
         spans.append((len(data), len(data) + len(raw), fds))
         data += raw
     points = set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=40)))
@@ -372,9 +351,9 @@ def kernel_chunks(draw: st.DrawFn, messages: list[Event]) -> list[tuple[bytes, l
 
 
 def _deliver(
-    conn: Conn, chunks: list[tuple[bytes, list[int]]], react: Callable[[Conn, Event], None]
-) -> list[Event]:
-    events: list[Event] = []
+    conn: Conn, chunks: list[tuple[bytes, list[int]]], react: Callable[[Conn, lp.Event], None]
+) -> list[lp.Event]:
+    events: list[lp.Event] = []
     for data, fds in [*chunks, (b"", [])]:
         conn.receive_data(data, fds)
         while True:
@@ -394,11 +373,11 @@ def test_valid_lender_streams_survive_any_chunking(data: st.DataObject) -> None:
     with fd_pool() as pool:
         script = data.draw(lender_script(pool.new))
         chunks = data.draw(kernel_chunks(script))
-        conn = BorrowerConnection()
+        conn = lp.BorrowerConnection()
         conn.send(borrower_hello())
         assert _deliver(conn, chunks, _borrower_reacts) == script
         for event in script:
-            if isinstance(event, Grant):
+            if isinstance(event, lp.Grant):
                 assert fd_is_open(event.fd)
 
 
@@ -407,15 +386,15 @@ def test_valid_lender_streams_survive_any_chunking(data: st.DataObject) -> None:
 def test_valid_borrower_streams_survive_any_chunking(data: st.DataObject) -> None:
     script = data.draw(borrower_script())
     chunks = data.draw(kernel_chunks(script))
-    whole = LenderConnection()
+    whole = lp.LenderConnection()
     assert _deliver(whole, [(b"".join(c for c, _ in chunks), [])], _lender_reacts) == script
-    conn = LenderConnection()
+    conn = lp.LenderConnection()
     assert _deliver(conn, chunks, _lender_reacts) == script
 
 
 def test_drain_helper_reports_non_fatal_and_goes_on() -> None:
     conn = borrower_open()
-    conn.receive_data(encode(Pong(99)) + encode(Pong(1)))
+    conn.receive_data(encode(lp.Pong(99)) + encode(lp.Pong(1)))
     seen = drain(conn)
     assert isinstance(seen[0], Failure) and not seen[0].fatal
-    assert seen[1] == Pong(1)
+    assert seen[1] == lp.Pong(1)

@@ -13,23 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
+import devmodel_wire.lease as lp
 from devmodel import testing
 from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.testing import fd_is_open
 from devmodel.unixfds import ancillary_space, recv_nowait, send_nowait
-from devmodel_wire.lease import (
-    BorrowerConnection,
-    Bye,
-    ErrorCode,
-    Event,
-    Grant,
-    Hello,
-    LeaseProtocolError,
-    LenderConnection,
-    MsgType,
-    Ping,
-    Pong,
-)
 from devmodel_wire.lease.wire import encode
 from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
 from tests.unit.lease_protocol_support import GRANULE, RW, borrower_hello
@@ -55,10 +43,10 @@ def write(sock: socket.socket, out: Outgoing) -> None:
 
 
 def read_events(
-    sock: socket.socket, conn: BorrowerConnection | LenderConnection, bufsize: int
-) -> tuple[list[Event | LeaseProtocolError], list[int]]:
+    sock: socket.socket, conn: lp.BorrowerConnection | lp.LenderConnection, bufsize: int
+) -> tuple[list[lp.Event | lp.LeaseProtocolError], list[int]]:
     """Read to end of stream, feeding every recvmsg to `conn`; also return every fd received."""
-    seen: list[Event | LeaseProtocolError] = []
+    seen: list[lp.Event | lp.LeaseProtocolError] = []
     received: list[int] = []
     buf = bytearray(bufsize)
     while True:
@@ -68,7 +56,7 @@ def read_events(
         while True:
             try:
                 got = conn.next_event()
-            except LeaseProtocolError as exc:
+            except lp.LeaseProtocolError as exc:
                 seen.append(exc)
                 continue
             if got is NEED_DATA:
@@ -85,14 +73,14 @@ def memfd(content: bytes, size: int) -> int:
 
 def handshake(
     b_sock: socket.socket, l_sock: socket.socket
-) -> tuple[BorrowerConnection, LenderConnection]:
-    borrower, lender = BorrowerConnection(), LenderConnection()
+) -> tuple[lp.BorrowerConnection, lp.LenderConnection]:
+    borrower, lender = lp.BorrowerConnection(), lp.LenderConnection()
     write(b_sock, borrower.send(borrower_hello()))
     lender.receive_data(l_sock.recv(4096))
-    assert isinstance(lender.next_event(), Hello)
+    assert isinstance(lender.next_event(), lp.Hello)
     write(l_sock, lender.send(lender.hello_reply("socket-lender")))
     borrower.receive_data(b_sock.recv(4096))
-    assert isinstance(borrower.next_event(), Hello)
+    assert isinstance(borrower.next_event(), lp.Hello)
     return borrower, lender
 
 
@@ -109,15 +97,15 @@ def test_grants_arrive_with_their_own_memfd(
             sent_fds.append(fd)
             # Pings between grants, so that fd-less messages queue in front of fd ones.
             for token in range(lease):
-                write(l_sock, lender.send(Ping(lease * 100 + token)))
-            write(l_sock, lender.send(Grant(lease, lease * GRANULE, GRANULE, 0, RW, fd)))
-        write(l_sock, lender.send(Bye()))
+                write(l_sock, lender.send(lp.Ping(lease * 100 + token)))
+            write(l_sock, lender.send(lp.Grant(lease, lease * GRANULE, GRANULE, 0, RW, fd)))
+        write(l_sock, lender.send(lp.Bye()))
         l_sock.shutdown(socket.SHUT_WR)
     finally:
         for fd in sent_fds:
             os.close(fd)  # the borrower holds its own duplicates now
     seen, received = read_events(b_sock, borrower, bufsize)
-    grants = [e for e in seen if isinstance(e, Grant)]
+    grants = [e for e in seen if isinstance(e, lp.Grant)]
     assert [g.lease_id for g in grants] == list(range(1, 7))
     assert sorted(g.fd for g in grants) == sorted(received)
     for grant in grants:
@@ -127,10 +115,10 @@ def test_grants_arrive_with_their_own_memfd(
         finally:
             os.close(grant.fd)
     owed = borrower.owed_answers()
-    assert {lease for kind, lease in owed if kind is MsgType.GRANT} == set(range(1, 7))
-    assert sum(isinstance(e, Ping) for e in seen) == 21
-    assert isinstance(seen[-1], Bye)
-    assert not [e for e in seen if isinstance(e, LeaseProtocolError)]
+    assert {lease for kind, lease in owed if kind is lp.MsgType.GRANT} == set(range(1, 7))
+    assert sum(isinstance(e, lp.Ping) for e in seen) == 21
+    assert isinstance(seen[-1], lp.Bye)
+    assert not [e for e in seen if isinstance(e, lp.LeaseProtocolError)]
 
 
 def test_a_message_sent_in_pieces_keeps_its_fd(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -138,19 +126,19 @@ def test_a_message_sent_in_pieces_keeps_its_fd(pair: tuple[socket.socket, socket
     borrower, lender = handshake(b_sock, l_sock)
     fd = memfd(b"x", GRANULE)
     try:
-        out = lender.send(Grant(1, 0, GRANULE, 0, RW, fd))
+        out = lender.send(lp.Grant(1, 0, GRANULE, 0, RW, fd))
         send_nowait(l_sock, out.data[:5], [fd])
         l_sock.sendall(out.data[5:])
-        write(l_sock, lender.send(Ping(1)))
+        write(l_sock, lender.send(lp.Ping(1)))
         l_sock.shutdown(socket.SHUT_WR)
     finally:
         os.close(fd)
     seen, received = read_events(b_sock, borrower, 4096)
     assert len(received) == 1
     grant = seen[0]
-    assert isinstance(grant, Grant) and grant.fd == received[0]
+    assert isinstance(grant, lp.Grant) and grant.fd == received[0]
     os.close(grant.fd)
-    assert seen[1:] == [Ping(1)]
+    assert seen[1:] == [lp.Ping(1)]
 
 
 def test_refused_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -158,9 +146,9 @@ def test_refused_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> No
     borrower, _ = handshake(b_sock, l_sock)
     a, b = memfd(b"a", GRANULE), memfd(b"b", GRANULE)
     try:
-        send_nowait(l_sock, encode(Pong(1)), [a])  # takes no fd
-        send_nowait(l_sock, encode(Grant(1, 0, GRANULE, 0, RW, 0)), [a, b])  # two
-        l_sock.sendall(encode(Ping(2)))
+        send_nowait(l_sock, encode(lp.Pong(1)), [a])  # takes no fd
+        send_nowait(l_sock, encode(lp.Grant(1, 0, GRANULE, 0, RW, 0)), [a, b])  # two
+        l_sock.sendall(encode(lp.Ping(2)))
         l_sock.shutdown(socket.SHUT_WR)
     finally:
         os.close(a)
@@ -168,6 +156,6 @@ def test_refused_fds_are_closed(pair: tuple[socket.socket, socket.socket]) -> No
     seen, received = read_events(b_sock, borrower, 4096)
     assert len(received) == 3
     assert not any(map(fd_is_open, received))
-    codes = [e.code for e in seen if isinstance(e, LeaseProtocolError)]
-    assert codes == [ErrorCode.BAD_FD_COUNT, ErrorCode.BAD_FD_COUNT]
-    assert seen[-1] == Ping(2)
+    codes = [e.code for e in seen if isinstance(e, lp.LeaseProtocolError)]
+    assert codes == [lp.ErrorCode.BAD_FD_COUNT, lp.ErrorCode.BAD_FD_COUNT]
+    assert seen[-1] == lp.Ping(2)

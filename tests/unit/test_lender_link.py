@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+import devmodel_wire.lease as lp
 from devmodel.leases.states import WindowState
 from devmodel.testing import (
     LINK_APERTURE as APERTURE,
@@ -32,23 +33,6 @@ from devmodel.testing import (
     lender_link_rig,
     mapped,
     sealed_memfd,
-)
-from devmodel_wire.lease import (
-    Access,
-    Bye,
-    ByeReason,
-    Error,
-    ErrorCode,
-    Grant,
-    GrantAck,
-    MsgType,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    RevokeMode,
 )
 
 ONES = b"\xff" * 8
@@ -112,16 +96,16 @@ async def test_revoked_means_fd_closed_nothing_mapped_and_poison_never_read(
 
             r.nursery.start_soon(guest_read)
             ask = await peer.event()
-            assert isinstance(ask, PageIn) and (ask.offset, ask.length) == (0, GRANULE)
-            assert ask.access is Access.READ
+            assert isinstance(ask, lp.PageIn) and (ask.offset, ask.length) == (0, GRANULE)
+            assert ask.access is lp.Access.READ
             # Page the contents back in elsewhere: another memfd, another offset.
             os.pwrite(moved, b"precious", GRANULE)
-            await peer.send(Grant(2, 0, GRANULE, GRANULE, RW, moved))
-            await peer.send(PageInDone(ask.request_id, PageInStatus.OK))
+            await peer.send(lp.Grant(2, 0, GRANULE, GRANULE, RW, moved))
+            await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
             with trio.fail_after(STEP):
                 await reader.wait()
             assert result == [b"precious"]
-            assert await peer.event() == GrantAck(2)
+            assert await peer.event() == lp.GrantAck(2)
             assert await r.engine.read(0, 8) == b"precious"
             assert r.counters.page_ins == 1 and r.counters.revokes == 1
         finally:
@@ -148,12 +132,12 @@ async def test_several_page_ins_in_flight_answered_out_of_order(tmp_path: Path) 
                 for lease in (1, 2, 3):
                     guests.start_soon(guest_read, lease)
                 asks = [await peer.event() for _ in range(3)]
-                assert all(isinstance(a, PageIn) for a in asks)
+                assert all(isinstance(a, lp.PageIn) for a in asks)
                 next_lease = 4
                 for ask in reversed(asks):
-                    assert isinstance(ask, PageIn)
-                    await peer.send(Grant(next_lease, ask.offset, GRANULE, ask.offset, RW, fd))
-                    await peer.send(PageInDone(ask.request_id, PageInStatus.OK))
+                    assert isinstance(ask, lp.PageIn)
+                    await peer.send(lp.Grant(next_lease, ask.offset, GRANULE, ask.offset, RW, fd))
+                    await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
                     next_lease += 1
             assert results == {n: f"window {n}".encode()[:8] for n in (1, 2, 3)}
             assert r.counters.page_ins == 3
@@ -173,12 +157,12 @@ async def test_page_in_failures_give_the_failure_policy(tmp_path: Path) -> None:
                 async with trio.open_nursery() as guests:
                     guests.start_soon(_read_into, r, 0, result)
                     ask = await peer.event()
-                    assert isinstance(ask, PageIn)
+                    assert isinstance(ask, lp.PageIn)
                     if answer == "status":
-                        await peer.send(PageInDone(ask.request_id, PageInStatus.NO_MEMORY))
+                        await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.NO_MEMORY))
                     else:
                         await peer.send(
-                            Error(MsgType.PAGE_IN, ask.request_id, ErrorCode.OTHER, "no")
+                            lp.Error(lp.MsgType.PAGE_IN, ask.request_id, lp.ErrorCode.OTHER, "no")
                         )
                 assert result == [ONES]
             # The range stays evicted: the next access asks again.
@@ -199,15 +183,15 @@ async def test_revoke_release_then_repeat_and_unknown_ids(tmp_path: Path) -> Non
         fd = sealed_memfd(GRANULE)
         try:
             await peer.grant(1, 0, GRANULE, fd, 0)
-            await peer.revoke(1, RevokeMode.RELEASE)
+            await peer.revoke(1, lp.RevokeMode.RELEASE)
             assert r.engine.window_at(0) is None
             # Granted but no longer live: REVOKED at once (specification, section 8).
-            await peer.revoke(1, RevokeMode.RELEASE)
+            await peer.revoke(1, lp.RevokeMode.RELEASE)
             # Never granted: the protocol answers UNKNOWN_ID.
-            await peer.send_encoded(Revoke(9, RevokeMode.EVICT))
+            await peer.send_encoded(lp.Revoke(9, lp.RevokeMode.EVICT))
             err = await peer.event()
-            assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_ID
-            assert err.ref_type == MsgType.REVOKE and err.ref_id == 9
+            assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.UNKNOWN_ID
+            assert err.ref_type == lp.MsgType.REVOKE and err.ref_id == 9
             assert r.link.connected and r.counters.lender_losses == 0
         finally:
             os.close(fd)
@@ -218,17 +202,17 @@ async def test_ping_is_answered_and_a_silent_lender_is_pinged_then_dropped(
 ) -> None:
     async with lender_link_rig(tmp_path, ping_interval=0.2, ping_timeout=0.2) as r:
         peer = await r.lender.session()
-        await peer.send(Ping(42))
-        assert await peer.event() == Pong(42)
+        await peer.send(lp.Ping(42))
+        assert await peer.event() == lp.Pong(42)
         # Quiet for a while: the link pings; answering keeps the session.
         ping = await peer.event()
-        assert isinstance(ping, Ping)
-        await peer.send(Pong(ping.token))
+        assert isinstance(ping, lp.Ping)
+        await peer.send(lp.Pong(ping.token))
         ping = await peer.event()
-        assert isinstance(ping, Ping)
+        assert isinstance(ping, lp.Ping)
         # Not answering ends it: BYE TIMEOUT, then a new connection.
         bye = await peer.event()
-        assert isinstance(bye, Bye) and bye.reason == ByeReason.TIMEOUT
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.TIMEOUT
         assert await peer.event() is None
         await r.lender.session()
         await r.connected()
@@ -242,7 +226,7 @@ async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -
         try:
             await peer.grant(1, 0, GRANULE, fd, 0)
             await r.engine.write(0, b"12345678")
-            await peer.send(Bye(ByeReason.NORMAL, "maintenance"))
+            await peer.send(lp.Bye(lp.ByeReason.NORMAL, "maintenance"))
             assert await peer.event() is None  # the link closes without answering
             with trio.fail_after(STEP):
                 while r.counters.lender_losses == 0:
@@ -262,7 +246,7 @@ async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -
 async def test_no_lender_means_failure_policy_and_no_page_in(tmp_path: Path) -> None:
     async with lender_link_rig(tmp_path) as r:
         assert not r.link.connected
-        assert not r.link.send_page_in(1, 0, GRANULE, Access.READ)
+        assert not r.link.send_page_in(1, 0, GRANULE, lp.Access.READ)
         assert await r.engine.read(0, 8) == ONES
         # Connections the lender does not accept yet do not count as sessions.
         assert r.link.sessions == 0
@@ -277,7 +261,7 @@ async def test_stopping_drops_every_lease_then_says_bye(tmp_path: Path) -> None:
             assert r.engine.kept_fds == 1
             r.nursery.cancel_scope.cancel()
             bye = await peer.event()
-            assert isinstance(bye, Bye) and bye.reason == ByeReason.NORMAL
+            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.NORMAL
             assert r.engine.kept_fds == 0  # dropped before the BYE went out
             assert await peer.event() is None
         finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import devmodel_wire.lease as lp
 from devmodel.leases.states import WindowState
 from devmodel.testing import (
     F_ADD_SEALS,
@@ -39,26 +40,6 @@ from devmodel.testing import (
     LINK_STEP as STEP,
 )
 from devmodel.unixfds import rights
-from devmodel_wire.lease import (
-    Bye,
-    ByeReason,
-    Error,
-    ErrorCode,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    MsgType,
-    NackReason,
-    PageIn,
-    PageInDone,
-    PageInStatus,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 from devmodel_wire.lease.wire import HEADER, encode
 
 ONES = b"\xff" * 8
@@ -66,13 +47,13 @@ NAME = f"hostile-{os.getpid()}"
 
 
 async def grant_ok(peer: ScriptedLender, lease: int, offset: int, fd: int) -> None:
-    await peer.send(Grant(lease, offset, GRANULE, offset, RW, fd))
-    assert await peer.event() == GrantAck(lease)
+    await peer.send(lp.Grant(lease, offset, GRANULE, offset, RW, fd))
+    assert await peer.event() == lp.GrantAck(lease)
 
 
 async def still_alive(r: LenderLinkRig, peer: ScriptedLender, token: int = 77) -> None:
-    await peer.send(Ping(token))
-    assert await peer.event() == Pong(token)
+    await peer.send(lp.Ping(token))
+    assert await peer.event() == lp.Pong(token)
     assert r.link.connected and r.counters.lender_losses == 0
 
 
@@ -143,37 +124,37 @@ def pipe(_: Path) -> int:
     return r
 
 
-BAD_GRANTS: dict[str, tuple[BadGrant, NackReason]] = {
+BAD_GRANTS: dict[str, tuple[BadGrant, lp.NackReason]] = {
     "beyond the aperture": (
         BadGrant(memfd, offset=APERTURE - GRANULE, length=2 * GRANULE),
-        NackReason.OUTSIDE_APERTURE,
+        lp.NackReason.OUTSIDE_APERTURE,
     ),
     "offset overflows u64": (
         BadGrant(memfd, offset=(1 << 64) - GRANULE, length=GRANULE),
-        NackReason.OUTSIDE_APERTURE,
+        lp.NackReason.OUTSIDE_APERTURE,
     ),
-    "offset misaligned": (BadGrant(memfd, offset=4 * GRANULE + 512), NackReason.MISALIGNED),
-    "length misaligned": (BadGrant(memfd, length=GRANULE + 8), NackReason.MISALIGNED),
-    "length zero": (BadGrant(memfd, length=0), NackReason.MISALIGNED),
-    "fd offset misaligned": (BadGrant(memfd, fd_offset=512), NackReason.MISALIGNED),
+    "offset misaligned": (BadGrant(memfd, offset=4 * GRANULE + 512), lp.NackReason.MISALIGNED),
+    "length misaligned": (BadGrant(memfd, length=GRANULE + 8), lp.NackReason.MISALIGNED),
+    "length zero": (BadGrant(memfd, length=0), lp.NackReason.MISALIGNED),
+    "fd offset misaligned": (BadGrant(memfd, fd_offset=512), lp.NackReason.MISALIGNED),
     "overlaps the live lease": (
         BadGrant(memfd, offset=GRANULE, length=2 * GRANULE),
-        NackReason.OVERLAPS_LIVE_LEASE,
+        lp.NackReason.OVERLAPS_LIVE_LEASE,
     ),
-    "fd too small": (BadGrant(small_memfd), NackReason.FD_TOO_SMALL),
-    "fd offset beyond the fd": (BadGrant(memfd, fd_offset=8 * GRANULE), NackReason.FD_TOO_SMALL),
-    "memfd not sealed": (BadGrant(unsealed_memfd), NackReason.FD_NOT_SEALED),
-    "tmpfs file": (BadGrant(tmpfs_file), NackReason.FD_NOT_SEALED),
-    "plain disk file": (BadGrant(disk_file), NackReason.FD_NOT_SEALED),
-    "prot none": (BadGrant(memfd, prot=0), NackReason.BAD_PROTECTION),
-    "prot write only": (BadGrant(memfd, prot=2), NackReason.BAD_PROTECTION),
-    "prot exec": (BadGrant(memfd, prot=7), NackReason.BAD_PROTECTION),
-    "unknown flags": (BadGrant(memfd, flags=1), NackReason.UNSUPPORTED_FLAGS),
-    "lease id reused": (BadGrant(memfd, lease_id=1), NackReason.DUPLICATE_LEASE_ID),
-    "lease id zero": (BadGrant(memfd, lease_id=0), NackReason.DUPLICATE_LEASE_ID),
-    "pipe": (BadGrant(pipe), NackReason.BAD_FD),
-    "read-only fd, prot RW": (BadGrant(read_only_memfd), NackReason.BAD_FD),
-    "write-sealed, prot RW": (BadGrant(write_sealed_memfd), NackReason.BAD_FD),
+    "fd too small": (BadGrant(small_memfd), lp.NackReason.FD_TOO_SMALL),
+    "fd offset beyond the fd": (BadGrant(memfd, fd_offset=8 * GRANULE), lp.NackReason.FD_TOO_SMALL),
+    "memfd not sealed": (BadGrant(unsealed_memfd), lp.NackReason.FD_NOT_SEALED),
+    "tmpfs file": (BadGrant(tmpfs_file), lp.NackReason.FD_NOT_SEALED),
+    "plain disk file": (BadGrant(disk_file), lp.NackReason.FD_NOT_SEALED),
+    "prot none": (BadGrant(memfd, prot=0), lp.NackReason.BAD_PROTECTION),
+    "prot write only": (BadGrant(memfd, prot=2), lp.NackReason.BAD_PROTECTION),
+    "prot exec": (BadGrant(memfd, prot=7), lp.NackReason.BAD_PROTECTION),
+    "unknown flags": (BadGrant(memfd, flags=1), lp.NackReason.UNSUPPORTED_FLAGS),
+    "lease id reused": (BadGrant(memfd, lease_id=1), lp.NackReason.DUPLICATE_LEASE_ID),
+    "lease id zero": (BadGrant(memfd, lease_id=0), lp.NackReason.DUPLICATE_LEASE_ID),
+    "pipe": (BadGrant(pipe), lp.NackReason.BAD_FD),
+    "read-only fd, prot RW": (BadGrant(read_only_memfd), lp.NackReason.BAD_FD),
+    "write-sealed, prot RW": (BadGrant(write_sealed_memfd), lp.NackReason.BAD_FD),
 }
 
 
@@ -185,17 +166,17 @@ async def test_bad_grant_is_nacked_and_changes_nothing(tmp_path: Path, case: str
         good = sealed_memfd(2 * GRANULE, NAME)
         fd = bad.make_fd(tmp_path)
         try:
-            await peer.send(Grant(1, 0, 2 * GRANULE, 0, RW, good))
-            assert await peer.event() == GrantAck(1)
+            await peer.send(lp.Grant(1, 0, 2 * GRANULE, 0, RW, good))
+            assert await peer.event() == lp.GrantAck(1)
             await r.engine.write(GRANULE, b"before!!")
             before = snapshot(r)
             fds_before = open_fds()
-            grant = Grant(
+            grant = lp.Grant(
                 bad.lease_id, bad.offset, bad.length, bad.fd_offset, bad.prot, fd, bad.flags
             )
             await peer.send_encoded(grant, [fd])
             nack = await peer.event()
-            assert isinstance(nack, GrantNack), nack
+            assert isinstance(nack, lp.GrantNack), nack
             assert (nack.lease_id, nack.reason) == (bad.lease_id, reason), nack.text
             assert snapshot(r) == before
             assert r.engine.lease_count == 1 and r.engine.kept_fds == 1
@@ -205,8 +186,8 @@ async def test_bad_grant_is_nacked_and_changes_nothing(tmp_path: Path, case: str
             assert await r.engine.read(GRANULE, 8) == b"before!!"
             await still_alive(r, peer)
             # The session goes on: a correct grant with a new id is accepted.
-            await peer.send(Grant(10, 6 * GRANULE, GRANULE, 0, RW, good))
-            assert await peer.event() == GrantAck(10)
+            await peer.send(lp.Grant(10, 6 * GRANULE, GRANULE, 0, RW, good))
+            assert await peer.event() == lp.GrantAck(10)
         finally:
             os.close(fd)
             os.close(good)
@@ -219,8 +200,8 @@ async def test_read_only_grant_of_a_read_only_fd_is_fine_and_writes_are_dropped(
         peer = await r.lender.session()
         fd = read_only_memfd(tmp_path)
         try:
-            await peer.send(Grant(1, 0, GRANULE, 0, 1, fd))
-            assert await peer.event() == GrantAck(1)
+            await peer.send(lp.Grant(1, 0, GRANULE, 0, 1, fd))
+            assert await peer.event() == lp.GrantAck(1)
             await r.engine.write(0, b"ignored!")
             assert await r.engine.read(0, 8) == bytes(8)
             assert r.counters.failed_accesses == 1
@@ -245,14 +226,18 @@ async def test_wrong_fd_counts_are_refused_and_the_fds_closed(tmp_path: Path) ->
         try:
             mine = len(fds_naming(NAME))
             # A GRANT without its fd, one with two, a PING with one.
-            await peer.send_encoded(Grant(1, 0, GRANULE, 0, RW, fd))
-            await send_with_fds(peer, encode(Grant(1, 0, GRANULE, 0, RW, fd)), [fd, other])
-            await send_with_fds(peer, encode(Ping(5)), [fd])
-            for ref_type, ref_id in ((MsgType.GRANT, 1), (MsgType.GRANT, 1), (MsgType.PING, 5)):
+            await peer.send_encoded(lp.Grant(1, 0, GRANULE, 0, RW, fd))
+            await send_with_fds(peer, encode(lp.Grant(1, 0, GRANULE, 0, RW, fd)), [fd, other])
+            await send_with_fds(peer, encode(lp.Ping(5)), [fd])
+            for ref_type, ref_id in (
+                (lp.MsgType.GRANT, 1),
+                (lp.MsgType.GRANT, 1),
+                (lp.MsgType.PING, 5),
+            ):
                 err = await peer.event()
-                assert isinstance(err, Error), err
+                assert isinstance(err, lp.Error), err
                 assert (err.code, err.ref_type, err.ref_id) == (
-                    ErrorCode.BAD_FD_COUNT,
+                    lp.ErrorCode.BAD_FD_COUNT,
                     ref_type,
                     ref_id,
                 )
@@ -273,9 +258,9 @@ async def test_more_fds_than_room_fails_the_connection_and_closes_them(tmp_path:
         try:
             await grant_ok(peer, 1, 0, fd)
             mine = len(fds_naming(NAME)) - 1  # the engine keeps one
-            await send_with_fds(peer, encode(Grant(2, GRANULE, GRANULE, 0, RW, fd)), [fd] * 40)
+            await send_with_fds(peer, encode(lp.Grant(2, GRANULE, GRANULE, 0, RW, fd)), [fd] * 40)
             bye = await peer.event()
-            assert isinstance(bye, Bye) and bye.reason == ByeReason.PROTOCOL_ERROR
+            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
             assert await peer.event() is None
             await r.lender.session()
             await r.connected()
@@ -298,7 +283,7 @@ async def test_garbage_bytes_end_the_connection_and_the_link_reconnects(tmp_path
             await r.engine.write(0, b"survives")
             await peer.send_raw(b"\xde\xad\xbe\xef" * 8)  # a header with length 0xefbeadde
             bye = await peer.event()
-            assert isinstance(bye, Bye) and bye.reason == ByeReason.PROTOCOL_ERROR
+            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
             assert await peer.event() is None
             assert await r.engine.read(0, 8) == ONES
             again = await r.lender.session()
@@ -313,16 +298,16 @@ async def test_well_framed_unknown_and_misdirected_messages_are_answered(tmp_pat
     async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.session()
         await peer.send_raw(HEADER.pack(0x7777, 0, 24, 9) + b"12345678")
-        await peer.send_raw(HEADER.pack(MsgType.GRANT_ACK, 0, 16, 3))
-        await peer.send_encoded(PageInDone(99, PageInStatus.OK))
+        await peer.send_raw(HEADER.pack(lp.MsgType.GRANT_ACK, 0, 16, 3))
+        await peer.send_encoded(lp.PageInDone(99, lp.PageInStatus.OK))
         expected = [
-            (ErrorCode.UNKNOWN_TYPE, 0x7777, 9),
-            (ErrorCode.UNEXPECTED, MsgType.GRANT_ACK, 3),
-            (ErrorCode.UNKNOWN_ID, MsgType.PAGE_IN_DONE, 99),
+            (lp.ErrorCode.UNKNOWN_TYPE, 0x7777, 9),
+            (lp.ErrorCode.UNEXPECTED, lp.MsgType.GRANT_ACK, 3),
+            (lp.ErrorCode.UNKNOWN_ID, lp.MsgType.PAGE_IN_DONE, 99),
         ]
         for code, ref_type, ref_id in expected:
             err = await peer.event()
-            assert isinstance(err, Error), err
+            assert isinstance(err, lp.Error), err
             assert (err.code, err.ref_type, err.ref_id) == (code, ref_type, ref_id)
         await still_alive(r, peer)
 
@@ -330,9 +315,9 @@ async def test_well_framed_unknown_and_misdirected_messages_are_answered(tmp_pat
 async def test_lender_that_never_answers_hello_is_left_and_retried(tmp_path: Path) -> None:
     async with lender_link_rig(tmp_path, hello_timeout=0.2) as r:
         silent = await r.lender.accept()
-        assert isinstance(await silent.event(), Hello)
+        assert isinstance(await silent.event(), lp.Hello)
         bye = await silent.event(timeout=1.0)
-        assert isinstance(bye, Bye) and bye.reason == ByeReason.TIMEOUT
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.TIMEOUT
         assert await silent.event() is None
         await r.lender.session()
         await r.connected()
@@ -347,7 +332,7 @@ async def test_lender_hello_that_does_not_echo_the_offer_is_fatal(
     async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.accept()
         offer = await peer.event()
-        assert isinstance(offer, Hello)
+        assert isinstance(offer, lp.Hello)
         values = {
             "guest_id": offer.guest_id + 1,
             "aperture_size": offer.aperture_size * 2,
@@ -361,9 +346,9 @@ async def test_lender_hello_that_does_not_echo_the_offer_is_fatal(
             "features": 0,
         }
         fields[change] = values[change]
-        await peer.send_encoded(Hello(**fields, name="liar"))
+        await peer.send_encoded(lp.Hello(**fields, name="liar"))
         bye = await peer.event()
-        assert isinstance(bye, Bye) and bye.reason == ByeReason.PROTOCOL_ERROR
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
         assert await peer.event() is None
         await r.lender.session()
         await r.connected()
@@ -375,7 +360,7 @@ async def test_second_hello_after_the_handshake_is_fatal(tmp_path: Path) -> None
         assert peer.hello is not None
         await peer.send_encoded(peer.hello)
         bye = await peer.event()
-        assert isinstance(bye, Bye) and bye.reason == ByeReason.PROTOCOL_ERROR
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
         await r.lender.session()
         await r.connected()
         assert r.counters.lender_losses == 1
@@ -384,8 +369,8 @@ async def test_second_hello_after_the_handshake_is_fatal(tmp_path: Path) -> None
 async def test_lender_refusing_the_guest_is_retried(tmp_path: Path) -> None:
     async with lender_link_rig(tmp_path) as r:
         peer = await r.lender.accept()
-        assert isinstance(await peer.event(), Hello)
-        await peer.send(Bye(ByeReason.GUEST_REFUSED, "not you"))
+        assert isinstance(await peer.event(), lp.Hello)
+        await peer.send(lp.Bye(lp.ByeReason.GUEST_REFUSED, "not you"))
         assert await peer.event() is None
         await r.lender.session()
         await r.connected()
@@ -408,17 +393,17 @@ async def test_a_revoke_in_progress_does_not_block_the_session(tmp_path: Path) -
         r.engine.unmap_hooks.append(slow_unmap)
         try:
             await grant_ok(peer, 1, 0, fd)
-            await peer.send(Revoke(1, RevokeMode.EVICT))
+            await peer.send(lp.Revoke(1, lp.RevokeMode.EVICT))
             with trio.fail_after(STEP):
                 await unmapped.wait()
             # The reader goes on meanwhile: PING answered, a repeated REVOKE refused.
             await still_alive(r, peer)
-            await peer.send_encoded(Revoke(1, RevokeMode.EVICT))
+            await peer.send_encoded(lp.Revoke(1, lp.RevokeMode.EVICT))
             err = await peer.event()
-            assert isinstance(err, Error) and err.code == ErrorCode.DUPLICATE_ID
+            assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.DUPLICATE_ID
             assert r.engine.kept_fds == 1  # not yet: REVOKED is never early
             release.set()
-            assert await peer.event() == Revoked(1)
+            assert await peer.event() == lp.Revoked(1)
             assert r.engine.kept_fds == 0
         finally:
             os.close(fd)
@@ -437,25 +422,25 @@ async def test_lender_revoking_every_grant_at_once_cannot_starve_the_guest(
             nonlocal next_lease
             while True:
                 event = await peer.event(timeout=10)
-                if isinstance(event, PageIn):
+                if isinstance(event, lp.PageIn):
                     lease = next_lease
                     next_lease += 1
                     off = event.offset
-                    await peer.send(Grant(lease, off, event.length, off, RW, fd))
-                    await peer.send(PageInDone(event.request_id, PageInStatus.OK))
-                    await peer.send(Revoke(lease, RevokeMode.EVICT))
+                    await peer.send(lp.Grant(lease, off, event.length, off, RW, fd))
+                    await peer.send(lp.PageInDone(event.request_id, lp.PageInStatus.OK))
+                    await peer.send(lp.Revoke(lease, lp.RevokeMode.EVICT))
                 elif event is None:
                     return
 
         try:
             for lease in range(4):
                 await peer.send(
-                    Grant(next_lease, lease * GRANULE, GRANULE, lease * GRANULE, RW, fd)
+                    lp.Grant(next_lease, lease * GRANULE, GRANULE, lease * GRANULE, RW, fd)
                 )
-                await peer.send(Revoke(next_lease, RevokeMode.EVICT))
+                await peer.send(lp.Revoke(next_lease, lp.RevokeMode.EVICT))
                 next_lease += 1
             for _ in range(8):
-                assert isinstance(await peer.event(), GrantAck | Revoked)
+                assert isinstance(await peer.event(), lp.GrantAck | lp.Revoked)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(nasty_lender)
                 model: dict[int, bytes] = {}

@@ -16,21 +16,12 @@ from pathlib import Path
 
 import trio
 
+import devmodel_wire.lease as lp
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.testing._private.lease_fakes import RW
 from devmodel.unixfds import rights
-from devmodel_wire.lease import (
-    Event,
-    Grant,
-    GrantAck,
-    Hello,
-    LenderConnection,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 from devmodel_wire.lease.constants import HEADER_SIZE
 from devmodel_wire.lease.wire import HEADER, decode_message, encode
 from pyvfio_user.errors import ProtocolError
@@ -47,13 +38,13 @@ class ScriptedLender:
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self.conn = LenderConnection()
+        self.conn = lp.LenderConnection()
         self._buf = bytearray(65536)
         self._raw = bytearray()
         self._eof = False
-        self.hello: Hello | None = None
+        self.hello: lp.Hello | None = None
 
-    async def send(self, event: Event) -> None:
+    async def send(self, event: lp.Event) -> None:
         out = self.conn.send(event)
         await self.send_raw(out.data, out.fds)
 
@@ -65,11 +56,11 @@ class ScriptedLender:
             while view:
                 view = view[await self.sock.send(view) :]
 
-    async def send_encoded(self, event: Event, fds: Sequence[int] = ()) -> None:
+    async def send_encoded(self, event: lp.Event, fds: Sequence[int] = ()) -> None:
         """Bypass the lender-side checks: what a buggy or hostile lender would put on the wire."""
         await self.send_raw(encode(event), fds)
 
-    async def event(self, timeout: float = LINK_STEP) -> Event | None:
+    async def event(self, timeout: float = LINK_STEP) -> lp.Event | None:
         """The next event from the device model, None at the end of the stream.
 
         Decoded from the raw bytes, so that answers to messages sent with `send_encoded` (which
@@ -108,23 +99,23 @@ class ScriptedLender:
             if got is NEED_DATA or got is CLOSED:
                 return
 
-    async def handshake(self, name: str = "fake") -> Hello:
+    async def handshake(self, name: str = "fake") -> lp.Hello:
         hello = await self.event()
-        assert isinstance(hello, Hello), hello
+        assert isinstance(hello, lp.Hello), hello
         self.hello = hello
         await self.send(self.conn.hello_reply(name))
         return hello
 
     async def grant(self, lease: int, offset: int, length: int, fd: int, at: int) -> None:
         """GRANT `length` bytes of `fd` from `at` as lease `lease` at `offset`; expect the ack."""
-        await self.send(Grant(lease, offset, length, at, RW, fd))
+        await self.send(lp.Grant(lease, offset, length, at, RW, fd))
         ack = await self.event()
-        assert ack == GrantAck(lease), ack
+        assert ack == lp.GrantAck(lease), ack
 
-    async def revoke(self, lease: int, mode: RevokeMode = RevokeMode.EVICT) -> None:
+    async def revoke(self, lease: int, mode: lp.RevokeMode = lp.RevokeMode.EVICT) -> None:
         """REVOKE `lease`; expect REVOKED."""
-        await self.send(Revoke(lease, mode))
-        assert await self.event() == Revoked(lease)
+        await self.send(lp.Revoke(lease, mode))
+        assert await self.event() == lp.Revoked(lease)
 
     def close(self) -> None:
         self.conn.close()

@@ -13,19 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+import devmodel_wire.lease as lp
 from devmodel.testing._private.fds import memfd
 from devmodel.testing._private.threaded_lender import ThreadedLender
-from devmodel_wire.lease import (
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    PageIn,
-    Revoke,
-    Revoked,
-    RevokeMode,
-)
 
 PROT_READ_WRITE = 3
 
@@ -39,35 +29,43 @@ class StallingLender(ThreadedLender):
     def __init__(self, path: Path, evict: tuple[int, ...] = (1,)) -> None:
         self.evict = evict
         self.acked: set[int] = set()
-        self.nacked: list[GrantNack] = []
+        self.nacked: list[lp.GrantNack] = []
         self.revoked: set[int] = set()
-        self.page_ins: list[tuple[float, PageIn]] = []
+        self.page_ins: list[tuple[float, lp.PageIn]] = []
         self.evicted = threading.Event()  # every window in `evict` is REVOKED
         self._lease_of_window: dict[int, int] = {}
         self._memfd: int | None = None
         super().__init__(path)
 
-    def handle(self, event: Event) -> None:
-        if isinstance(event, Hello):
+    def handle(self, event: lp.Event) -> None:
+        if isinstance(event, lp.Hello):
             self._memfd = memfd(event.aperture_size, "stalling-lender")
             for window in range(event.aperture_size // event.granule):
                 lease = window + 1
                 self._lease_of_window[window] = lease
                 offset = window * event.granule
-                self.send(Grant(lease_id=lease, offset=offset, length=event.granule,
-                                fd_offset=offset, prot=PROT_READ_WRITE, fd=self._memfd))
-        elif isinstance(event, GrantAck):
+                self.send(
+                    lp.Grant(
+                        lease_id=lease,
+                        offset=offset,
+                        length=event.granule,
+                        fd_offset=offset,
+                        prot=PROT_READ_WRITE,
+                        fd=self._memfd,
+                    )
+                )
+        elif isinstance(event, lp.GrantAck):
             self.acked.add(event.lease_id)
             if len(self.acked) == len(self._lease_of_window):
                 for window in self.evict:
-                    self.send(Revoke(self._lease_of_window[window], RevokeMode.EVICT))
-        elif isinstance(event, GrantNack):
+                    self.send(lp.Revoke(self._lease_of_window[window], lp.RevokeMode.EVICT))
+        elif isinstance(event, lp.GrantNack):
             self.nacked.append(event)
-        elif isinstance(event, Revoked):
+        elif isinstance(event, lp.Revoked):
             self.revoked.add(event.lease_id)
             if {self._lease_of_window[w] for w in self.evict} <= self.revoked:
                 self.evicted.set()
-        elif isinstance(event, PageIn):
+        elif isinstance(event, lp.PageIn):
             self.page_ins.append((time.monotonic(), event))  # and never answered
 
     def session_ended(self) -> None:

@@ -14,16 +14,8 @@ import socket
 import threading
 from pathlib import Path
 
+import devmodel_wire.lease as lp
 from devmodel.unixfds import recv_nowait, send_nowait
-from devmodel_wire.lease import (
-    Bye,
-    Event,
-    Hello,
-    LeaseProtocolError,
-    LenderConnection,
-    Ping,
-    Pong,
-)
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 POLL = 0.1  # how often the thread looks at `close()`
@@ -37,14 +29,14 @@ class ThreadedLender:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.hello: Hello | None = None
-        self.bye: Bye | None = None
+        self.hello: lp.Hello | None = None
+        self.bye: lp.Bye | None = None
         self.errors: list[str] = []
         self.connected = threading.Event()  # HELLO answered
         self.ended = threading.Event()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
-        self._conn = LenderConnection()
+        self._conn = lp.LenderConnection()
         self._buf = bytearray(65536)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
@@ -61,13 +53,13 @@ class ThreadedLender:
 
     # ---------------------------------------------------------------- for subclasses
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: lp.Event) -> None:
         """Called for every event the borrower sends, after the answers the base class gives."""
 
     def session_ended(self) -> None:
         """Called once the session is over, in the lender's thread: release what it used."""
 
-    def send(self, event: Event) -> None:
+    def send(self, event: lp.Event) -> None:
         """One message, its fds with its first bytes (docs/lease-protocol.md 5)."""
         assert self._sock is not None, "no borrower is connected"
         out = self._conn.send(event)
@@ -111,7 +103,7 @@ class ThreadedLender:
         while True:
             try:
                 event = self._conn.next_event()
-            except LeaseProtocolError as exc:
+            except lp.LeaseProtocolError as exc:
                 self.errors.append(f"protocol error: {exc}")
                 if exc.reply is not None:
                     self.send(exc.reply)
@@ -125,15 +117,15 @@ class ThreadedLender:
             assert not isinstance(event, type(NEED_DATA))
             self._answer(event)
             self.handle(event)
-            if isinstance(event, Bye):
+            if isinstance(event, lp.Bye):
                 return False
 
-    def _answer(self, event: Event) -> None:
-        if isinstance(event, Hello):
+    def _answer(self, event: lp.Event) -> None:
+        if isinstance(event, lp.Hello):
             self.hello = event
             self.send(self._conn.hello_reply(name=self.name))
             self.connected.set()
-        elif isinstance(event, Ping):
-            self.send(Pong(event.token))
-        elif isinstance(event, Bye):
+        elif isinstance(event, lp.Ping):
+            self.send(lp.Pong(event.token))
+        elif isinstance(event, lp.Bye):
             self.bye = event

@@ -137,4 +137,3 @@ class VfioUserClient:
         """Send any request; return its reply event, error replies included."""
         self.send(event)
         return self.receive()
-
