@@ -17,19 +17,17 @@ from typing import Any
 
 import pytest
 
-from devmodel.pci.registers import REGISTER_BY_NAME
+from .testbed import (
+    BOOT_TIMEOUT,
+    GUEST_APPEND,
+    QEMU_CONFIGS,
+    DevmodelServer,
+    GuestRun,
+    Reaper,
+    RunningGuest,
+    boot_guest,
+)
 
-from .testbed import QEMU_CONFIGS, DevmodelServer, GuestRun, Reaper, RunningGuest, boot_guest
-
-# The device model's BAR0 as `devmodel run` starts it here (its default).
-APERTURE = 256 << 20
-# Guest parameters that keep both boots to several seconds each: every trapped read is a
-# socket round trip of tens of microseconds under TCG.
-PATTERN_BYTES = 64 << 10
-TIMING_ITERS = 5000
-GUEST_APPEND = (f"devmodel.bytes={PATTERN_BYTES} devmodel.iters={TIMING_ITERS} "
-                f"devmodel.scratch={REGISTER_BY_NAME['SCRATCH'].offset:#x}")
-BOOT_TIMEOUT = 120.0
 PROVISION_TIMEOUT = 900.0
 
 _boots: list[tuple[str, GuestRun]] = []

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import APERTURE, PATTERN_BYTES, TIMING_ITERS
-from .testbed import ACCESS_SIZES, TAIL_BYTES, GuestRun, fill_verify_accesses
+from .testbed import (
+    ACCESS_SIZES,
+    APERTURE,
+    PATTERN_BYTES,
+    TAIL_BYTES,
+    TIMING_ITERS,
+    GuestRun,
+    fill_verify_accesses,
+)
 
 pytestmark = pytest.mark.qemu
 

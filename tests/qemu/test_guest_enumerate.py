@@ -7,8 +7,7 @@ import pytest
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import REGISTER_BAR_SIZE
 
-from .conftest import APERTURE
-from .testbed import GuestRun
+from .testbed import APERTURE, GuestRun
 
 pytestmark = pytest.mark.qemu
 

@@ -7,8 +7,15 @@ import pytest
 from devmodel.aperture import DEFAULT_GRANULE
 from devmodel.pci.registers import INTERFACE_VERSION, MAGIC, REGISTERS, Feature
 
-from .conftest import APERTURE, PATTERN_BYTES
-from .testbed import BOUNDARY_READS, BOUNDARY_WRITES, TAIL_BYTES, GuestRun, fill_verify_accesses
+from .testbed import (
+    APERTURE,
+    BOUNDARY_READS,
+    BOUNDARY_WRITES,
+    PATTERN_BYTES,
+    TAIL_BYTES,
+    GuestRun,
+    fill_verify_accesses,
+)
 
 pytestmark = pytest.mark.qemu
 

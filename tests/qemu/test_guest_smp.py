@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import PATTERN_BYTES
-from .testbed import GuestRun
+from .testbed import PATTERN_BYTES, GuestRun
 
 pytestmark = pytest.mark.qemu
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devmodel.pci.registers import REGISTER_BY_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 QEMU_CONFIGS = REPO / "qemu-configs"
 DEVMODEL = REPO / ".venv" / "bin" / "devmodel"
@@ -34,6 +36,16 @@ STOPPED_COUNTERS = "stopped; counters: "
 HARD_TIMEOUT_MARGIN = 15.0
 # Most of a log is the kernel's boot chatter; on failure show its end, which is what matters.
 LOG_TAIL = 12_000
+
+# The device model's BAR0 as `devmodel run` starts it here (its default).
+APERTURE = 256 << 20
+# Guest parameters that keep both boots to several seconds each: every trapped read is a
+# socket round trip of tens of microseconds under TCG.
+PATTERN_BYTES = 64 << 10
+TIMING_ITERS = 5000
+GUEST_APPEND = (f"devmodel.bytes={PATTERN_BYTES} devmodel.iters={TIMING_ITERS} "
+                f"devmodel.scratch={REGISTER_BY_NAME['SCRATCH'].offset:#x}")
+BOOT_TIMEOUT = 120.0
 
 # What bartest does (qemu-configs/guest/bartest.c), for tests that count accesses.
 TAIL_BYTES = 64 << 10  # the pattern test always covers the last 64 KiB of BAR0 too

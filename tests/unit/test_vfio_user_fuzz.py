@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devmodel.testing import QEMU_VERSION_JSON, chunked, negotiated_pair
+from devmodel.testing import QEMU_VERSION_JSON, chunked, fd_is_open, negotiated_pair
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user.connection import ClientConnection, ServerConnection
@@ -176,22 +176,14 @@ def run(conn: Conn, chunks: list[bytes], fd_chunks: set[int]) -> list[Any]:
         conn.close()
         for fd in fed:
             if fd in handed:
-                assert _is_open(fd), f"fd {fd} handed out in an event was closed"
+                assert fd_is_open(fd), f"fd {fd} handed out in an event was closed"
             else:
-                assert not _is_open(fd), f"fd {fd} leaked: neither handed out nor closed"
+                assert not fd_is_open(fd), f"fd {fd} leaked: neither handed out nor closed"
     finally:
         for fd in made:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return events
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
