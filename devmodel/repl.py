@@ -352,8 +352,8 @@ class Repl:
             raise UsageError("this instance has no debug console (start it with --debug-console)")
         self.say(
             "debug console: Python runs inside the device model, on its event loop, and "
-            "every statement is logged there. Objects: engine, counters, settings, device, "
-            "link, builtin, windows(), window_at(off), tasks(). Empty line or Ctrl-D leaves."
+            "every statement is logged there. Objects: engine, counters, timing, settings, device, "
+            "lender, windows(), window_at(off), tasks(). Empty line or Ctrl-D leaves."
         )
         while self.closed is None:
             try:

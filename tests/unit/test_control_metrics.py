@@ -1,18 +1,34 @@
-"""devmodel/metrics.py: histograms, the instrumented engine, Prometheus text, the commands."""
+"""devmodel/metrics/: histograms, the engine's timing hook, Prometheus text, the commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import trio
 
 from devmodel.config import Settings
 from devmodel.control import commands
+from devmodel.control.instance import (
+    BuiltinLenderView,
+    Instance,
+    Lender,
+    LinkLenderView,
+    Runtime,
+    device_collector,
+)
 from devmodel.control.server import ControlClient, Peer
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.engine import LeaseEngine
+from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
-from devmodel.metrics import BUCKETS, Histogram, InstrumentedEngine, exposition
+from devmodel.metrics.exposition import exposition
+from devmodel.metrics.histogram import BUCKETS, Histogram
+from devmodel.metrics.timing import AccessTiming
+from devmodel.pci.function import PciFunction
+from devmodel.pci.identity import PciIdentity
+from devmodel.pci.registers import Feature
 from devmodel_wire.control import Command, CommandFailed, ServerConnection
 from devmodel_wire.lease.constants import RevokeMode
 
@@ -57,14 +73,39 @@ def test_exposition_is_valid_prometheus_text() -> None:
     assert buckets == sorted(buckets)  # cumulative
 
 
-def make() -> tuple[InstrumentedEngine, BuiltinLender, commands.Instance]:
+def instance(
+    engine: LeaseEngine, timing: AccessTiming, lender: Lender, settings: Settings | None = None
+) -> Instance:
+    """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
+    settings = settings or Settings(socket_path="/x")
+    counters = engine.counters
+    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
+    runtime = Runtime()
+    stops: list[str] = []
+    metrics = device_collector(
+        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
+    )
+    return Instance(
+        settings=settings,
+        engine=engine,
+        counters=counters,
+        timing=timing,
+        device=device,
+        lender=lender,
+        transport_connected=lambda: False,
+        request_stop=stops.append,
+        metrics=metrics,
+        runtime=runtime,
+    )
+
+
+def make() -> tuple[LeaseEngine, BuiltinLender, Instance]:
     counters = DeviceCounters()
-    engine = InstrumentedEngine(8 * MiB, 2 * MiB, counters)
+    timing = AccessTiming()
+    engine = LeaseEngine(8 * MiB, 2 * MiB, counters, timing=timing)
     lender = BuiltinLender(engine, 2 * MiB)
     lender.lend_everything()
-    stops: list[str] = []
-    inst = commands.Instance(Settings(socket_path="/x"), engine, counters, stops.append)
-    inst.builtin = lender
+    inst = instance(engine, timing, BuiltinLenderView(lender))
     return engine, lender, inst
 
 
@@ -73,20 +114,21 @@ def client() -> ControlClient:
     return ControlClient(1, Peer(1, 0, 0), ServerConnection(), send, receive)
 
 
-async def call(inst: commands.Instance, name: str, **args: object) -> object:
+async def call(inst: Instance, name: str, **args: object) -> object:
     return await commands.execute(inst, client(), Command(name, dict(args)))
 
 
 async def test_accesses_faults_and_revokes_are_timed() -> None:
-    engine, lender, _inst = make()
+    engine, lender, inst = make()
+    timing = inst.timing  # the engine's timing hook holds the histograms
     await engine.write(0, b"abcdefgh")
     assert await engine.read(0, 8) == b"abcdefgh"
-    assert engine.access_latency.count == 2 and engine.fault_latency.count == 0
+    assert timing.access_latency.count == 2 and timing.fault_latency.count == 0
     await engine.revoke(1, RevokeMode.EVICT)
-    assert engine.revoke_latency.count == 1
+    assert timing.revoke_latency.count == 1
     assert engine.window_at(0).state is WindowState.EVICTED  # type: ignore[union-attr]
     assert await engine.read(0, 8) == b"abcdefgh"  # paged in by the built-in lender
-    assert engine.fault_latency.count == 1 and engine.in_flight == 0
+    assert timing.fault_latency.count == 1 and engine.in_flight == 0
     assert await engine.drain(0.1)
     engine.close()
     lender.close()
@@ -138,7 +180,9 @@ async def test_testing_aids_policy_and_unknown_commands() -> None:
             assert words in exc.desc
         else:
             raise AssertionError(f"{name} {args} did not fail")
-    inst.builtin = None
+    # An external lender owns its leases: the same instance, with the lender link instead.
+    link = LenderLink(LeaseEngine(8 * MiB, 2 * MiB, DeviceCounters()), "/nonexistent", 1)
+    inst = dataclasses.replace(inst, lender=LinkLenderView(link))
     try:
         await call(inst, "evict", all=True)
     except CommandFailed as exc:
