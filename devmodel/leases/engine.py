@@ -274,14 +274,12 @@ class LeaseEngine:
             result, faulted = await self._serve_slowly(offset, size, data)
         finally:
             self.in_flight -= 1
-        if self._observed:
+        if self._observed and start:  # start is 0 if nobody observed when the access came
             shown = result if data is None else data
             self._observe(data is not None, offset, shown, _now() - start, faulted)
         return result
 
-    async def _serve_slowly(
-        self, offset: int, size: int, data: bytes | None
-    ) -> tuple[bytes, bool]:
+    async def _serve_slowly(self, offset: int, size: int, data: bytes | None) -> tuple[bytes, bool]:
         """(the answer, whether the access faulted: met its memory evicted or in transition)."""
         deadline = trio.current_time() + self.config.page_in_timeout
         waited = False
