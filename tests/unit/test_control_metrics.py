@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from devmodel.config import Settings
 from devmodel.control import commands
@@ -209,5 +210,55 @@ async def test_stats_metrics_config_and_console() -> None:
     tree = await commands.execute(inst, c, Command("python", {"code": "print(tasks())"}))
     assert isinstance(tree, dict) and "test_stats_metrics_config_and_console" in str(tree)
     await call(inst, "quit")
+    engine.close()
+    lender.close()
+
+
+async def test_collector_output_reads_back_with_prometheus_clients_own_parser() -> None:
+    engine, lender, inst = make()
+    await engine.read(0, 8)
+    await engine.revoke(2, RevokeMode.EVICT)
+    await engine.read(2 * MiB, 8)  # a fault: paged in again
+    text = inst.metrics.render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    # Counters: the parser names the family without _total; every device counter is there.
+    for name, value in inst.counters.as_dict().items():
+        family = families[f"devmodel_{name}"]
+        assert family.type == "counter"
+        (sample,) = family.samples
+        assert sample.name == f"devmodel_{name}_total" and sample.value == value
+        assert sample.labels == {"domid": "0"}
+        assert not [s for s in family.samples if s.name.endswith("_created")]
+    windows = families["devmodel_windows"]
+    assert windows.type == "gauge"
+    by_state = {s.labels["state"]: s.value for s in windows.samples}
+    assert by_state["resident"] == 4 and set(by_state) == set(commands.STATES)
+    assert families["devmodel_leases"].samples[0].value == 4
+    assert families["devmodel_aperture_bytes"].samples[0].value == 8 * MiB
+    for name, count in (("access", 2), ("fault", 1), ("revoke", 1)):
+        family = families[f"devmodel_{name}_seconds"]
+        assert family.type == "histogram"
+        buckets = [s for s in family.samples if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == count
+        values = [s.value for s in buckets]
+        assert values == sorted(values)  # cumulative
+        bounds = [float(s.labels["le"]) for s in buckets]
+        assert bounds == sorted(bounds) and bounds[0] == 256e-9
+        by_name = {s.name: s.value for s in family.samples}
+        assert by_name[f"devmodel_{name}_seconds_count"] == count
+        assert by_name[f"devmodel_{name}_seconds_sum"] > 0
+    engine.close()
+    lender.close()
+
+
+def test_gauges_are_read_at_every_collect() -> None:
+    engine, lender, inst = make()
+    before = {f.name: f for f in inst.metrics.collect()}
+    assert before["devmodel_control_clients"].samples[0].value == 0
+    engine.lender_lost()
+    after = {f.name: f for f in inst.metrics.collect()}
+    assert after["devmodel_leases"].samples[0].value == 0
+    lost = {s.labels["state"]: s.value for s in after["devmodel_windows"].samples}
+    assert lost["lost"] == 4
     engine.close()
     lender.close()
