@@ -35,6 +35,16 @@ from devmodel.logs import clean
 from devmodel.sizes import format_size, parse_size
 from devmodel_wire.control import ControlProtocolError, EventMessage, decode_json
 
+__all__ = [
+    "PROMPT",
+    "PY_PROMPT",
+    "Repl",
+    "UsageError",
+    "main",
+    "parse_value",
+    "table",
+]
+
 PROMPT: Final = "devmodel> "
 PY_PROMPT: Final = "py> "
 PY_MORE: Final = "... "
