@@ -205,7 +205,11 @@ async def _serve(
         stack.callback(_close_engine, engine, builtin)
         wiring = _TransportWiring(device, counters)
         start_transport = _transport(settings, wiring, stack, on_event, xen_platform)
-        transport_connected = wiring.transport_connected
+
+        def transport_connected() -> bool:
+            # Looked up at query time: a transport may also say later how its status is read.
+            return wiring.transport_connected()
+
         metrics_listeners: list[trio.SocketListener] = []
         metrics_address: tuple[str, int] | None = None
         if settings.metrics_listen is not None:

@@ -63,9 +63,12 @@ class AccessObserver(Protocol):
     """Told how long each access and each revoke took (devmodel.metrics.timing fills
     histograms with it). Called on the access path: it must be cheap and must not raise."""
 
-    def access(self, ns: int, faulted: bool) -> None:
-        """An access finished after `ns` nanoseconds; `faulted` if its memory was not resident
-        when it came (evicted, paging in or being revoked), so that it asked or waited."""
+    def access(self, ns: int) -> None:
+        """An access finished after `ns` nanoseconds (every access, faulted or not)."""
+
+    def fault(self, ns: int) -> None:
+        """The access just given to `access` faulted: its memory was not resident when it
+        came (evicted, paging in or being revoked), so it asked for a page-in or waited."""
 
     def revoke(self, ns: int) -> None:
         """A revoke finished (or failed) after `ns` nanoseconds."""
@@ -185,7 +188,7 @@ class LeaseEngine:
                     if observed:  # inline, not `_observe`: a call here costs 10% of a read
                         ns = _now() - start
                         if self._timing is not None:
-                            self._timing.access(ns, False)
+                            self._timing.access(ns)
                         if self._tracer is not None:
                             self._tracer(False, offset, data, ns)
                     return data
@@ -206,7 +209,7 @@ class LeaseEngine:
                 if observed:
                     ns = _now() - start
                     if self._timing is not None:
-                        self._timing.access(ns, False)
+                        self._timing.access(ns)
                     if self._tracer is not None:
                         self._tracer(True, offset, data, ns)
                 return
@@ -215,7 +218,9 @@ class LeaseEngine:
     def _observe(self, write: bool, offset: int, data: bytes, ns: int, faulted: bool) -> None:
         timing = self._timing
         if timing is not None:
-            timing.access(ns, faulted)
+            timing.access(ns)
+            if faulted:
+                timing.fault(ns)
         tracer = self._tracer
         if tracer is not None:
             tracer(write, offset, data, ns)

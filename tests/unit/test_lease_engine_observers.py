@@ -25,8 +25,13 @@ class Recorder:
         self.revokes: list[int] = []
         self.traced: list[tuple[bool, int, bytes]] = []
 
-    def access(self, ns: int, faulted: bool) -> None:
-        self.accesses.append((ns, faulted))
+    def access(self, ns: int) -> None:
+        self.accesses.append((ns, False))
+
+    def fault(self, ns: int) -> None:
+        # Always right after `access`, for the same access (the same duration).
+        assert self.accesses and self.accesses[-1] == (ns, False)
+        self.accesses[-1] = (ns, True)
 
     def revoke(self, ns: int) -> None:
         self.revokes.append(ns)
