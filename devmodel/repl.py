@@ -363,7 +363,8 @@ class Repl:
         self.say(
             "debug console: Python runs inside the device model, on its event loop, and "
             "every statement is logged there. Objects: engine, counters, timing, settings, device, "
-            "lender, windows(), window_at(off), tasks(). Empty line or Ctrl-D leaves."
+            "lender (also as link or builtin), windows(), window_at(off), tasks(). "
+            "Empty line or Ctrl-D leaves."
         )
         while self.closed is None:
             try:

@@ -21,7 +21,7 @@ from typing import Final
 
 from devmodel import __version__
 from devmodel.control import console
-from devmodel.control.instance import Instance
+from devmodel.control.instance import BuiltinLenderView, Instance, LinkLenderView
 from devmodel.control.server import ControlClient
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.policy import FailurePolicy
@@ -450,6 +450,11 @@ async def python(inst: Instance, client: ControlClient, args: dict[str, object])
                 "settings": inst.settings,
                 "device": inst.device,
                 "lender": inst.lender.target,
+                # The names README's debug console section gives: one of them is None.
+                "link": inst.lender.target if isinstance(inst.lender, LinkLenderView) else None,
+                "builtin": (
+                    inst.lender.target if isinstance(inst.lender, BuiltinLenderView) else None
+                ),
             },
             {
                 "windows": lambda: [_window(w) for w in inst.engine.windows()],
