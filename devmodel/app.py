@@ -5,7 +5,7 @@ toolstacks run a device model"):
 
 1. Startup. The pidfile is taken (locked) first, so a second instance for the same guest fails
    before it touches any socket. The lease engine, the lender (built-in or the link) and the
-   PCI function are built; only then are the sockets created (vfio-user, control, metrics),
+   PCI function are built; only then are the sockets created (vfio-user, metrics, control),
    so a socket that exists is one that serves. Then readiness: `READY=1` to NOTIFY_SOCKET
    and/or `--ready-fd`. Any failure up to here exits 1 with one line; nothing is left behind.
 2. Running, in the foreground (never daemonized: the toolstack owns the process), logging to
@@ -32,13 +32,23 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
 from devmodel import __version__
 from devmodel.config import Settings
 from devmodel.control import commands
+from devmodel.control.instance import (
+    BuiltinLenderView,
+    Instance,
+    Lender,
+    LinkLenderView,
+    Runtime,
+    device_collector,
+)
 from devmodel.control.server import ControlServer
 from devmodel.control.toolstack import (
     PidFile,
@@ -51,9 +61,10 @@ from devmodel.control.toolstack import (
 )
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
-from devmodel.leases.engine import EngineConfig
+from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
-from devmodel.metrics import InstrumentedEngine, bound_address, open_metrics, serve_metrics
+from devmodel.metrics.http_endpoint import bound_address, open_metrics, serve_metrics
+from devmodel.metrics.timing import AccessTiming
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
@@ -145,21 +156,33 @@ class _Stopper:
             self.request(signal.Signals(signum).name)
 
 
+@dataclass(eq=False)
+class _TransportWiring:
+    """What `_transport` reads and fills in before the `Instance` exists (it is built last)."""
+
+    device: PciFunction
+    counters: DeviceCounters
+    transport_connected: Callable[[], bool] = lambda: False
+
+
 async def _serve(
     settings: Settings,
     signals: AsyncIterator[int],
     xen_platform: Callable[[int], XenPlatform] | None = None,
 ) -> None:
+    started = time.time()
     counters = DeviceCounters()
     config = EngineConfig(
         page_in_timeout=settings.page_in_timeout,
         revoke_timeout=settings.revoke_timeout,
         policy=settings.failure_policy,
     )
-    engine = InstrumentedEngine(settings.aperture_size, settings.granule, counters, config)
+    timing = AccessTiming()
+    engine = LeaseEngine(settings.aperture_size, settings.granule, counters, config, timing=timing)
     stopper = _Stopper()
-    inst = commands.Instance(settings, engine, counters, stopper.request)
     builtin: BuiltinLender | None = None
+    link: LenderLink | None = None
+    lender: Lender
     if settings.lender_socket is None:
         chunk = max(settings.granule, settings.aperture_size // BUILTIN_MAX_LEASES)
         try:
@@ -167,24 +190,57 @@ async def _serve(
             builtin.lend_everything()
         except OSError as exc:
             raise StartupError(f"cannot create the built-in lender's memory: {exc}") from None
-        inst.builtin = builtin
+        lender = BuiltinLenderView(builtin)
     else:
-        inst.link = LenderLink(engine, settings.lender_socket, settings.domid)
+        link = LenderLink(engine, settings.lender_socket, settings.domid)
+        lender = LinkLenderView(link)
     vendor, device_id = settings.pci_id
     identity = PciIdentity(vendor_id=vendor, device_id=device_id)
     device = PciFunction(identity, engine, counters, features=Feature.LENT)
-    inst.device = device
-
-    def on_event(name: str, data: dict[str, object]) -> None:
-        inst.events[name] += 1
-        if inst.control is not None:
-            inst.control.broadcast(name, data)
-
+    runtime = Runtime()
+    on_event = runtime.emit
     engine.on_event = on_event
 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_close_engine, engine, builtin)
-        start_transport = _transport(settings, inst, stack, on_event, xen_platform)
+        wiring = _TransportWiring(device, counters)
+        start_transport = _transport(settings, wiring, stack, on_event, xen_platform)
+
+        def transport_connected() -> bool:
+            # Looked up at query time: a transport may also say later how its status is read.
+            return wiring.transport_connected()
+
+        metrics_listeners: list[trio.SocketListener] = []
+        metrics_address: tuple[str, int] | None = None
+        if settings.metrics_listen is not None:
+            host, port = settings.metrics_listen
+            try:
+                metrics_listeners = await open_metrics(host, port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            for listener in metrics_listeners:
+                stack.push_async_callback(listener.aclose)
+            metrics_address = bound_address(metrics_listeners)
+        # Everything the commands see exists now: the one place the Instance is built.
+        inst = Instance(
+            settings=settings,
+            engine=engine,
+            counters=counters,
+            timing=timing,
+            device=device,
+            lender=lender,
+            transport_connected=transport_connected,
+            request_stop=stopper.request,
+            metrics=device_collector(
+                settings, engine, counters, timing, lender, transport_connected, runtime, started
+            ),
+            runtime=runtime,
+            metrics_address=metrics_address,
+            started=started,
+        )
+        control: ControlServer | None = None
         if settings.control_socket is not None:
             control = ControlServer(
                 settings.control_socket,
@@ -197,30 +253,18 @@ async def _serve(
             control.open()
             stack.callback(control.close)
             control.on_disconnect = commands.console_closed
-            inst.control = control
-        metrics_listeners: list[trio.SocketListener] = []
-        if settings.metrics_listen is not None:
-            host, port = settings.metrics_listen
-            try:
-                metrics_listeners = await open_metrics(host, port)
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
-                ) from None
-            for listener in metrics_listeners:
-                stack.push_async_callback(listener.aclose)
-            inst.metrics_address = bound_address(metrics_listeners)
+            runtime.control = control
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stopper.watch, signals)
-            if inst.link is not None:
-                nursery.start_soon(inst.link.run)
+            if link is not None:
+                nursery.start_soon(link.run)
             await start_transport(nursery)
-            if inst.control is not None:
-                await nursery.start(inst.control.serve)
+            if control is not None:
+                await nursery.start(control.serve)
             if metrics_listeners:
-                await nursery.start(serve_metrics, metrics_listeners, inst.metrics_text)
-            inst.status = "running"
+                await nursery.start(serve_metrics, metrics_listeners, inst.metrics.render)
+            runtime.status = "running"
             _announce(settings, inst)
             await stopper.event.wait()
             await _graceful_stop(settings, inst, stopper.reason)
@@ -230,7 +274,7 @@ async def _serve(
 
 def _transport(
     settings: Settings,
-    inst: commands.Instance,
+    inst: _TransportWiring,
     stack: contextlib.AsyncExitStack,
     on_event: Callable[[str, dict[str, object]], None],
     xen_platform: Callable[[int], XenPlatform] | None = None,
@@ -272,7 +316,7 @@ def _transport(
     return start_vfio_user
 
 
-def _announce(settings: Settings, inst: commands.Instance) -> None:
+def _announce(settings: Settings, inst: Instance) -> None:
     """Log what serves where, then tell whoever waits for readiness."""
     where = (
         settings.socket_path
@@ -299,20 +343,20 @@ def _announce(settings: Settings, inst: commands.Instance) -> None:
         write_ready_fd(settings.ready_fd)
 
 
-async def _graceful_stop(settings: Settings, inst: commands.Instance, reason: str) -> None:
-    inst.status = "stopping"
+async def _graceful_stop(settings: Settings, inst: Instance, reason: str) -> None:
+    runtime = inst.runtime
+    runtime.status = "stopping"
     sd_notify("STOPPING=1")
-    if inst.control is not None:
-        inst.control.broadcast("SHUTDOWN", {"reason": reason})
+    runtime.broadcast("SHUTDOWN", {"reason": reason})
     # Accesses waiting for a page-in that is about to arrive are served normally; the rest are
     # answered by the transport when it is cancelled.
     if not await inst.engine.drain(min(STOP_GRACE, settings.page_in_timeout)):
         log.info("%d access(es) still waiting; the transport answers them", inst.engine.in_flight)
-    if inst.control is not None:
-        await inst.control.flush(CONTROL_FLUSH)
+    if runtime.control is not None:
+        await runtime.control.flush(CONTROL_FLUSH)
 
 
-def _close_engine(engine: InstrumentedEngine, builtin: BuiltinLender | None) -> None:
+def _close_engine(engine: LeaseEngine, builtin: BuiltinLender | None) -> None:
     engine.close()
     if builtin is not None:
         builtin.close()

@@ -35,6 +35,16 @@ from devmodel.logs import clean
 from devmodel.sizes import format_size, parse_size
 from devmodel_wire.control import ControlProtocolError, EventMessage, decode_json
 
+__all__ = [
+    "PROMPT",
+    "PY_PROMPT",
+    "Repl",
+    "UsageError",
+    "main",
+    "parse_value",
+    "table",
+]
+
 PROMPT: Final = "devmodel> "
 PY_PROMPT: Final = "py> "
 PY_MORE: Final = "... "
@@ -352,8 +362,9 @@ class Repl:
             raise UsageError("this instance has no debug console (start it with --debug-console)")
         self.say(
             "debug console: Python runs inside the device model, on its event loop, and "
-            "every statement is logged there. Objects: engine, counters, settings, device, "
-            "link, builtin, windows(), window_at(off), tasks(). Empty line or Ctrl-D leaves."
+            "every statement is logged there. Objects: engine, counters, timing, settings, device, "
+            "lender (also as link or builtin), windows(), window_at(off), tasks(). "
+            "Empty line or Ctrl-D leaves."
         )
         while self.closed is None:
             try:

@@ -29,6 +29,12 @@ from devmodel_wire.control import (
 )
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
+__all__ = [
+    "ConnectionLost",
+    "ControlClient",
+    "ControlError",
+]
+
 
 class ControlError(Exception):
     """The server answered a command with an error."""

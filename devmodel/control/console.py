@@ -29,6 +29,15 @@ import trio
 
 from devmodel.logs import clean
 
+__all__ = [
+    "MAX_OUTPUT",
+    "Text",
+    "log_statement",
+    "namespace_for",
+    "run_statement",
+    "task_tree",
+]
+
 log = logging.getLogger("devmodel.console")
 
 MAX_OUTPUT: Final = 1 << 20

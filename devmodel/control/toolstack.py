@@ -20,6 +20,18 @@ import os
 import socket
 import stat
 
+__all__ = [
+    "PidFile",
+    "StartupError",
+    "bind_unix",
+    "check_ready_fd",
+    "private_directory",
+    "remove_stale_socket",
+    "sd_notify",
+    "unlink_quietly",
+    "write_ready_fd",
+]
+
 log = logging.getLogger("devmodel")
 
 

@@ -8,6 +8,12 @@ wait, so a vfio-user client (one access at a time) and Xen (one per vCPU) both f
 Forward progress: when a grant makes a window resident, the accesses waiting on it are
 performed inside the grant itself, before any other message (such as an immediate REVOKE) can
 be processed. A lender that revokes right after every grant still sees every fault served.
+
+Observation: the engine is the one object every transport calls, so whatever watches accesses
+(latency histograms, `trace on`) plugs in here as a hook (`timing`, `tracer`) rather than as a
+subclass wrapped around the access path. Unset, a hook costs one attribute test; set, one call
+with the duration. `in_flight` and `drain()` live here too: only the engine knows which
+accesses are waiting, and a graceful stop must wait for them whatever else is attached.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,12 +50,34 @@ from devmodel_wire.lease.constants import (
 log = logging.getLogger("devmodel.leases")
 
 S = WindowState
+_now = time.perf_counter_ns
 
 
 class LenderPort(Protocol):
     """How the engine reaches the lender: asks for a page-in; False if no lender is there."""
 
     def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool: ...
+
+
+class AccessObserver(Protocol):
+    """Told how long each access and each revoke took (devmodel.metrics.timing fills
+    histograms with it). Called on the access path: it must be cheap and must not raise."""
+
+    def access(self, ns: int) -> None:
+        """An access finished after `ns` nanoseconds (every access, faulted or not)."""
+
+    def fault(self, ns: int) -> None:
+        """The access just given to `access` faulted: its memory was not resident when it
+        came (evicted, paging in or being revoked), so it asked for a page-in or waited."""
+
+    def revoke(self, ns: int) -> None:
+        """A revoke finished (or failed) after `ns` nanoseconds."""
+
+
+class AccessTracer(Protocol):
+    """Sees every access with its data (`trace on`); set only while someone is looking."""
+
+    def __call__(self, write: bool, offset: int, data: bytes, ns: int) -> None: ...
 
 
 class UnknownLease(Exception):
@@ -85,6 +114,8 @@ class LeaseEngine:
         granule: int,
         counters: DeviceCounters,
         config: EngineConfig | None = None,
+        *,
+        timing: AccessObserver | None = None,
     ) -> None:
         self._size = size
         self._granule = granule
@@ -95,6 +126,14 @@ class LeaseEngine:
         # here; a revoke awaits every hook before it drops the engine's own access.
         self.unmap_hooks: list[UnmapHook] = []
         self.on_event: EventSink | None = None
+        # Observers (module docstring): timing for every access and revoke, a tracer on request.
+        # `_observed` says whether either is set, so that an unobserved access reads no clock.
+        self._timing: AccessObserver | None = timing
+        self._tracer: AccessTracer | None = None
+        self._observed = timing is not None
+        # Accesses inside the engine right now. Only the slow path counts: a resident access
+        # never suspends, so nobody could ever see it in flight.
+        self.in_flight = 0
         self._table = WindowTable()
         self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
         self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
@@ -102,6 +141,28 @@ class LeaseEngine:
         self._next_request = 1
         self._fds = FdStore()
         self._fail_log = RateLimitedLogger(log)
+
+    # ------------------------------------------------------------------ observers
+
+    @property
+    def timing(self) -> AccessObserver | None:
+        """Told the duration of every access and revoke (devmodel.metrics.timing)."""
+        return self._timing
+
+    @timing.setter
+    def timing(self, timing: AccessObserver | None) -> None:
+        self._timing = timing
+        self._observed = timing is not None or self._tracer is not None
+
+    @property
+    def tracer(self) -> AccessTracer | None:
+        """Shown every access with its data (`trace on`, devmodel.metrics.trace)."""
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: AccessTracer | None) -> None:
+        self._tracer = tracer
+        self._observed = self._timing is not None or tracer is not None
 
     # ------------------------------------------------------------------ Aperture protocol
 
@@ -114,6 +175,8 @@ class LeaseEngine:
         return self._granule
 
     async def read(self, offset: int, size: int) -> bytes:
+        observed = self._observed
+        start = _now() if observed else 0
         w = self._table.find(offset)
         if w is not None and w.state is S.RESIDENT:
             try:
@@ -122,20 +185,45 @@ class LeaseEngine:
                 pass  # the slow path tries again and answers with the failure policy
             else:
                 if len(data) == size:
+                    if observed:  # inline, not `_observe`: a call here costs 10% of a read
+                        ns = _now() - start
+                        if self._timing is not None:
+                            self._timing.access(ns)
+                        if self._tracer is not None:
+                            self._tracer(False, offset, data, ns)
                     return data
-        return await self._slow(offset, size, None)
+        return await self._slow(offset, size, None, start)
 
     async def write(self, offset: int, data: bytes) -> None:
+        observed = self._observed
+        start = _now() if observed else 0
         w = self._table.find(offset)
         if w is not None and w.state is S.RESIDENT and w.prot & PROT_WRITE:
             # A lender may write-seal its memfd after the grant (EPERM): the slow path tries
             # again and answers with the failure policy instead of raising into the transport.
             try:
-                if os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data):
-                    return
+                done = os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data)
             except OSError:
-                pass
-        await self._slow(offset, len(data), data)
+                done = False
+            if done:
+                if observed:
+                    ns = _now() - start
+                    if self._timing is not None:
+                        self._timing.access(ns)
+                    if self._tracer is not None:
+                        self._tracer(True, offset, data, ns)
+                return
+        await self._slow(offset, len(data), data, start)
+
+    def _observe(self, write: bool, offset: int, data: bytes, ns: int, faulted: bool) -> None:
+        timing = self._timing
+        if timing is not None:
+            timing.access(ns)
+            if faulted:
+                timing.fault(ns)
+        tracer = self._tracer
+        if tracer is not None:
+            tracer(write, offset, data, ns)
 
     def reset(self) -> None:
         """Device reset: lent memory belongs to the lender, so nothing here changes."""
@@ -164,24 +252,57 @@ class LeaseEngine:
     def kept_fds(self) -> int:
         return len(self._fds)
 
+    def state_counts(self) -> dict[str, int]:
+        """Windows per state (a walk over the table: for queries, never the hot path)."""
+        counts = {s.value: 0 for s in WindowState if s is not WindowState.VACANT}
+        for w in self._table:
+            counts[w.state.value] += 1
+        return counts
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait (up to `timeout`) until no access is inside the engine; True if none is.
+
+        A waiting access ends by itself within the page-in deadline (served, or given the
+        failure policy), so a graceful stop that waits here never cuts one off half-done.
+        """
+        with trio.move_on_after(timeout):
+            while self.in_flight:
+                await trio.sleep(0.005)
+        return not self.in_flight
+
     # ------------------------------------------------------------------ the slow path
 
-    async def _slow(self, offset: int, size: int, data: bytes | None) -> bytes:
+    async def _slow(self, offset: int, size: int, data: bytes | None, start: int) -> bytes:
+        """An access the fast path could not serve: counted in flight, then observed."""
+        self.in_flight += 1
+        try:
+            result, faulted = await self._serve_slowly(offset, size, data)
+        finally:
+            self.in_flight -= 1
+        if self._observed and start:  # start is 0 if nobody observed when the access came
+            shown = result if data is None else data
+            self._observe(data is not None, offset, shown, _now() - start, faulted)
+        return result
+
+    async def _serve_slowly(self, offset: int, size: int, data: bytes | None) -> tuple[bytes, bool]:
+        """(the answer, whether the access faulted: met its memory evicted or in transition)."""
         deadline = trio.current_time() + self.config.page_in_timeout
         waited = False
+        faulted = False
         while True:
             w = self._table.find(offset)
             if w is None:
-                return self._fail(offset, size, data, "nothing is lent there")
+                return self._fail(offset, size, data, "nothing is lent there"), faulted
             state = w.state
             if state is S.RESIDENT:
-                return self._perform(w, offset, size, data)
+                return self._perform(w, offset, size, data), faulted
             if state is S.LOST:
-                return self._fail(offset, size, data, "the lender is gone")
+                return self._fail(offset, size, data, "the lender is gone"), faulted
+            faulted = True
             if state is S.EVICTED:
                 access = Access.READ if data is None else Access.WRITE
                 if not self._start_page_in(w, access, deadline):
-                    return self._fail(offset, size, data, "no lender to page in from")
+                    return self._fail(offset, size, data, "no lender to page in from"), True
                 continue  # an in-process lender may have answered already
             # REVOKING or PAGING_IN: wait for it, within the deadline.
             if not waited:
@@ -194,17 +315,17 @@ class LeaseEngine:
             if pending.served:
                 if pending.error is not None:
                     raise pending.error
-                return pending.result
+                return pending.result, True
             if not pending.done.is_set():
                 holder = self._table.find(offset)
                 if holder is not None and pending in holder.waiters:
                     holder.waiters.remove(pending)
                 if holder is not None and holder.state is S.PAGING_IN:
                     self._page_in_failed(holder.request_id, "deadline passed")
-                return self._fail(offset, size, data, "page-in deadline passed")
+                return self._fail(offset, size, data, "page-in deadline passed"), True
             if pending.retry:
                 continue
-            return self._fail(offset, size, data, "page-in failed")
+            return self._fail(offset, size, data, "page-in failed"), True
 
     def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
         at = w.fd_offset + offset - w.start
@@ -336,6 +457,14 @@ class LeaseEngine:
 
     async def revoke(self, lease_id: int, mode: RevokeMode) -> None:
         """Take a lease back; returns once nothing here can reach its pages (send REVOKED)."""
+        start = _now()
+        try:
+            await self._revoke(lease_id, mode)
+        finally:
+            if self._timing is not None:
+                self._timing.revoke(_now() - start)
+
+    async def _revoke(self, lease_id: int, mode: RevokeMode) -> None:
         w = self._live.get(lease_id)
         if w is None:
             self._revoke_evicted(lease_id, mode)
@@ -478,6 +607,8 @@ class LeaseEngine:
 
 __all__ = [
     "AccessError",
+    "AccessObserver",
+    "AccessTracer",
     "EngineConfig",
     "LeaseEngine",
     "LenderPort",

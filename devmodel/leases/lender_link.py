@@ -19,7 +19,6 @@ idle read, which the keepalive bounds by pinging a silent lender.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -35,6 +34,7 @@ from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.grant_checks import check_grant_fd
 from devmodel.ratelimit import RateLimitedLogger
+from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary
 from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
@@ -69,8 +69,7 @@ log = logging.getLogger("devmodel.lender")
 RECV_BUFFER: Final = 64 << 10
 # The specification asks for room for at least 4 fds per recvmsg; more costs nothing.
 MAX_FDS_PER_RECV: Final = 16
-_FD_SIZE: Final = array.array("i").itemsize
-ANCILLARY_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_RECV * _FD_SIZE)
+ANCILLARY_SPACE: Final = ancillary_space(MAX_FDS_PER_RECV)
 # The reader stops reading while this much is waiting to be written (answers pile up only when
 # the lender does not read them).
 OUTBOUND_HIGH_WATER: Final = 1 << 20
@@ -78,6 +77,8 @@ OUTBOUND_HIGH_WATER: Final = 1 << 20
 # the link gives up on the connection (it never sends REVOKED early).
 REVOKE_MARGIN: Final = 1.0
 HELLO_MAX_LEASES: Final = 0xFFFFFFFF
+
+__all__ = ["ANCILLARY_SPACE", "MAX_FDS_PER_RECV", "LenderLink"]
 
 
 class _Ended(Exception):
@@ -340,21 +341,19 @@ class _Session:
     async def _receive(self) -> None:
         while self._out_bytes > OUTBOUND_HIGH_WATER:
             await self._progress.wait()  # the writer's deadline bounds this wait
+        # The trio socket waits for readiness; devmodel.unixfds reads the fds out of what
+        # arrived, with the one rule every receiver here follows: a message that lost fds in
+        # transit (MSG_CTRUNC) cannot be read correctly, so the connection ends.
         nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
             [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
         )
-        fds: list[int] = []
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        try:
+            fds = fds_from_ancillary(ancillary, flags)
+        except FdsTruncated:
             raise _Ended(
                 "file descriptors were lost (MSG_CTRUNC)",
                 Bye(ByeReason.PROTOCOL_ERROR, "ancillary data truncated"),
-            )
+            ) from None
         self._last_heard = trio.current_time()
         self._heard.set()
         self.conn.receive_data(self._view[:nbytes], fds)

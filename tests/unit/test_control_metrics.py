@@ -1,18 +1,35 @@
-"""devmodel/metrics.py: histograms, the instrumented engine, Prometheus text, the commands."""
+"""devmodel/metrics/: histograms, the engine's timing hook, Prometheus text, the commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from devmodel.config import Settings
 from devmodel.control import commands
+from devmodel.control.instance import (
+    BuiltinLenderView,
+    Instance,
+    Lender,
+    LinkLenderView,
+    Runtime,
+    device_collector,
+)
 from devmodel.control.server import ControlClient, Peer
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.engine import LeaseEngine
+from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
-from devmodel.metrics import BUCKETS, Histogram, InstrumentedEngine, exposition
+from devmodel.metrics.exposition import exposition
+from devmodel.metrics.histogram import BUCKETS, Histogram
+from devmodel.metrics.timing import AccessTiming
+from devmodel.pci.function import PciFunction
+from devmodel.pci.identity import PciIdentity
+from devmodel.pci.registers import Feature
 from devmodel_wire.control import Command, CommandFailed, ServerConnection
 from devmodel_wire.lease.constants import RevokeMode
 
@@ -57,14 +74,39 @@ def test_exposition_is_valid_prometheus_text() -> None:
     assert buckets == sorted(buckets)  # cumulative
 
 
-def make() -> tuple[InstrumentedEngine, BuiltinLender, commands.Instance]:
+def instance(
+    engine: LeaseEngine, timing: AccessTiming, lender: Lender, settings: Settings | None = None
+) -> Instance:
+    """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
+    settings = settings or Settings(socket_path="/x")
+    counters = engine.counters
+    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
+    runtime = Runtime()
+    stops: list[str] = []
+    metrics = device_collector(
+        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
+    )
+    return Instance(
+        settings=settings,
+        engine=engine,
+        counters=counters,
+        timing=timing,
+        device=device,
+        lender=lender,
+        transport_connected=lambda: False,
+        request_stop=stops.append,
+        metrics=metrics,
+        runtime=runtime,
+    )
+
+
+def make() -> tuple[LeaseEngine, BuiltinLender, Instance]:
     counters = DeviceCounters()
-    engine = InstrumentedEngine(8 * MiB, 2 * MiB, counters)
+    timing = AccessTiming()
+    engine = LeaseEngine(8 * MiB, 2 * MiB, counters, timing=timing)
     lender = BuiltinLender(engine, 2 * MiB)
     lender.lend_everything()
-    stops: list[str] = []
-    inst = commands.Instance(Settings(socket_path="/x"), engine, counters, stops.append)
-    inst.builtin = lender
+    inst = instance(engine, timing, BuiltinLenderView(lender))
     return engine, lender, inst
 
 
@@ -73,20 +115,21 @@ def client() -> ControlClient:
     return ControlClient(1, Peer(1, 0, 0), ServerConnection(), send, receive)
 
 
-async def call(inst: commands.Instance, name: str, **args: object) -> object:
+async def call(inst: Instance, name: str, **args: object) -> object:
     return await commands.execute(inst, client(), Command(name, dict(args)))
 
 
 async def test_accesses_faults_and_revokes_are_timed() -> None:
-    engine, lender, _inst = make()
+    engine, lender, inst = make()
+    timing = inst.timing  # the engine's timing hook holds the histograms
     await engine.write(0, b"abcdefgh")
     assert await engine.read(0, 8) == b"abcdefgh"
-    assert engine.access_latency.count == 2 and engine.fault_latency.count == 0
+    assert timing.access_latency.count == 2 and timing.fault_latency.count == 0
     await engine.revoke(1, RevokeMode.EVICT)
-    assert engine.revoke_latency.count == 1
+    assert timing.revoke_latency.count == 1
     assert engine.window_at(0).state is WindowState.EVICTED  # type: ignore[union-attr]
     assert await engine.read(0, 8) == b"abcdefgh"  # paged in by the built-in lender
-    assert engine.fault_latency.count == 1 and engine.in_flight == 0
+    assert timing.fault_latency.count == 1 and engine.in_flight == 0
     assert await engine.drain(0.1)
     engine.close()
     lender.close()
@@ -138,7 +181,9 @@ async def test_testing_aids_policy_and_unknown_commands() -> None:
             assert words in exc.desc
         else:
             raise AssertionError(f"{name} {args} did not fail")
-    inst.builtin = None
+    # An external lender owns its leases: the same instance, with the lender link instead.
+    link = LenderLink(LeaseEngine(8 * MiB, 2 * MiB, DeviceCounters()), "/nonexistent", 1)
+    inst = dataclasses.replace(inst, lender=LinkLenderView(link))
     try:
         await call(inst, "evict", all=True)
     except CommandFailed as exc:
@@ -165,5 +210,55 @@ async def test_stats_metrics_config_and_console() -> None:
     tree = await commands.execute(inst, c, Command("python", {"code": "print(tasks())"}))
     assert isinstance(tree, dict) and "test_stats_metrics_config_and_console" in str(tree)
     await call(inst, "quit")
+    engine.close()
+    lender.close()
+
+
+async def test_collector_output_reads_back_with_prometheus_clients_own_parser() -> None:
+    engine, lender, inst = make()
+    await engine.read(0, 8)
+    await engine.revoke(2, RevokeMode.EVICT)
+    await engine.read(2 * MiB, 8)  # a fault: paged in again
+    text = inst.metrics.render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    # Counters: the parser names the family without _total; every device counter is there.
+    for name, value in inst.counters.as_dict().items():
+        family = families[f"devmodel_{name}"]
+        assert family.type == "counter"
+        (sample,) = family.samples
+        assert sample.name == f"devmodel_{name}_total" and sample.value == value
+        assert sample.labels == {"domid": "0"}
+        assert not [s for s in family.samples if s.name.endswith("_created")]
+    windows = families["devmodel_windows"]
+    assert windows.type == "gauge"
+    by_state = {s.labels["state"]: s.value for s in windows.samples}
+    assert by_state["resident"] == 4 and set(by_state) == set(commands.STATES)
+    assert families["devmodel_leases"].samples[0].value == 4
+    assert families["devmodel_aperture_bytes"].samples[0].value == 8 * MiB
+    for name, count in (("access", 2), ("fault", 1), ("revoke", 1)):
+        family = families[f"devmodel_{name}_seconds"]
+        assert family.type == "histogram"
+        buckets = [s for s in family.samples if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == count
+        values = [s.value for s in buckets]
+        assert values == sorted(values)  # cumulative
+        bounds = [float(s.labels["le"]) for s in buckets]
+        assert bounds == sorted(bounds) and bounds[0] == 256e-9
+        by_name = {s.name: s.value for s in family.samples}
+        assert by_name[f"devmodel_{name}_seconds_count"] == count
+        assert by_name[f"devmodel_{name}_seconds_sum"] > 0
+    engine.close()
+    lender.close()
+
+
+def test_gauges_are_read_at_every_collect() -> None:
+    engine, lender, inst = make()
+    before = {f.name: f for f in inst.metrics.collect()}
+    assert before["devmodel_control_clients"].samples[0].value == 0
+    engine.lender_lost()
+    after = {f.name: f for f in inst.metrics.collect()}
+    assert after["devmodel_leases"].samples[0].value == 0
+    lost = {s.labels["state"]: s.value for s in after["devmodel_windows"].samples}
+    assert lost["lost"] == 4
     engine.close()
     lender.close()
