@@ -12,8 +12,6 @@ Metrics also leave through the control command `query-metrics` (the same text).
 
 from __future__ import annotations
 
-from devmodel.counters import DeviceCounters
-from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.metrics.exposition import DevmodelCollector, exposition
 from devmodel.metrics.histogram import BUCKETS, Histogram
 from devmodel.metrics.timing import AccessTiming
@@ -23,24 +21,6 @@ __all__ = [
     "AccessTiming",
     "DevmodelCollector",
     "Histogram",
-    "InstrumentedEngine",
     "exposition",
 ]
 
-
-class InstrumentedEngine(LeaseEngine):
-    """A `LeaseEngine` built with an `AccessTiming` attached: construction only.
-
-    Kept for callers written before timing became a hook (tests/xen/conftest.py); it adds
-    nothing to the access path. New code writes `LeaseEngine(..., timing=AccessTiming())`.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        granule: int,
-        counters: DeviceCounters,
-        config: EngineConfig | None = None,
-    ) -> None:
-        self.timings = AccessTiming()
-        super().__init__(size, granule, counters, config, timing=self.timings)

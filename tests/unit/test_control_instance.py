@@ -15,9 +15,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel_wire.control import Command, ServerConnection
-from tests.unit.test_control_metrics import make
-
-MiB = 1 << 20
+from tests.unit.control_support import MiB, make
 
 
 def test_the_instance_is_frozen() -> None:

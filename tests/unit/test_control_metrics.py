@@ -5,35 +5,21 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from devmodel.config import Settings
 from devmodel.control import commands
 from devmodel.control.instance import (
-    BuiltinLenderView,
-    Instance,
-    Lender,
     LinkLenderView,
-    Runtime,
-    device_collector,
 )
-from devmodel.control.server import ControlClient, Peer
 from devmodel.counters import DeviceCounters
-from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
 from devmodel.metrics.exposition import exposition
 from devmodel.metrics.histogram import BUCKETS, Histogram
-from devmodel.metrics.timing import AccessTiming
-from devmodel.pci.function import PciFunction
-from devmodel.pci.identity import PciIdentity
-from devmodel.pci.registers import Feature
-from devmodel_wire.control import Command, CommandFailed, ServerConnection
+from devmodel_wire.control import Command, CommandFailed
 from devmodel_wire.lease.constants import RevokeMode
-
-MiB = 1 << 20
+from tests.unit.control_support import MiB, call, client, make
 
 
 def test_histogram_buckets_and_quantiles() -> None:
@@ -72,51 +58,6 @@ def test_exposition_is_valid_prometheus_text() -> None:
         assert line.match(row), row
     buckets = [int(m) for m in re.findall(r"_bucket\{[^}]*\} (\d+)", text)]
     assert buckets == sorted(buckets)  # cumulative
-
-
-def instance(
-    engine: LeaseEngine, timing: AccessTiming, lender: Lender, settings: Settings | None = None
-) -> Instance:
-    """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
-    settings = settings or Settings(socket_path="/x")
-    counters = engine.counters
-    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
-    runtime = Runtime()
-    stops: list[str] = []
-    metrics = device_collector(
-        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
-    )
-    return Instance(
-        settings=settings,
-        engine=engine,
-        counters=counters,
-        timing=timing,
-        device=device,
-        lender=lender,
-        transport_connected=lambda: False,
-        request_stop=stops.append,
-        metrics=metrics,
-        runtime=runtime,
-    )
-
-
-def make() -> tuple[LeaseEngine, BuiltinLender, Instance]:
-    counters = DeviceCounters()
-    timing = AccessTiming()
-    engine = LeaseEngine(8 * MiB, 2 * MiB, counters, timing=timing)
-    lender = BuiltinLender(engine, 2 * MiB)
-    lender.lend_everything()
-    inst = instance(engine, timing, BuiltinLenderView(lender))
-    return engine, lender, inst
-
-
-def client() -> ControlClient:
-    send, receive = trio.open_memory_channel[bytes](10)
-    return ControlClient(1, Peer(1, 0, 0), ServerConnection(), send, receive)
-
-
-async def call(inst: Instance, name: str, **args: object) -> object:
-    return await commands.execute(inst, client(), Command(name, dict(args)))
 
 
 async def test_accesses_faults_and_revokes_are_timed() -> None:

@@ -12,7 +12,7 @@ import trio
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig, LeaseEngine
-from devmodel.metrics import InstrumentedEngine
+from devmodel.metrics import AccessTiming
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
@@ -50,9 +50,9 @@ class Rig:
 
 def build_device(
     aperture: int = APERTURE, granule: int = GRANULE, config: EngineConfig | None = None
-) -> tuple[PciFunction, InstrumentedEngine, DeviceCounters]:
+) -> tuple[PciFunction, LeaseEngine, DeviceCounters]:
     counters = DeviceCounters()
-    engine = InstrumentedEngine(aperture, granule, counters, config)
+    engine = LeaseEngine(aperture, granule, counters, config, timing=AccessTiming())
     device = PciFunction(
         PciIdentity(vendor_id=VENDOR, device_id=DEVICE), engine, counters, features=Feature.LENT
     )

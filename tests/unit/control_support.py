@@ -1,0 +1,71 @@
+"""What the control tests share: an Instance built as devmodel/app.py builds it, without sockets."""
+
+from __future__ import annotations
+
+import trio
+
+from devmodel.config import Settings
+from devmodel.control import commands
+from devmodel.control.instance import (
+    BuiltinLenderView,
+    Instance,
+    Lender,
+    Runtime,
+    device_collector,
+)
+from devmodel.control.server import ControlClient, Peer
+from devmodel.counters import DeviceCounters
+from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.engine import LeaseEngine
+from devmodel.metrics.timing import AccessTiming
+from devmodel.pci.function import PciFunction
+from devmodel.pci.identity import PciIdentity
+from devmodel.pci.registers import Feature
+from devmodel_wire.control import Command, ServerConnection
+
+MiB = 1 << 20
+
+
+def instance(
+    engine: LeaseEngine, timing: AccessTiming, lender: Lender, settings: Settings | None = None
+) -> Instance:
+    """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
+    settings = settings or Settings(socket_path="/x")
+    counters = engine.counters
+    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
+    runtime = Runtime()
+    stops: list[str] = []
+    metrics = device_collector(
+        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
+    )
+    return Instance(
+        settings=settings,
+        engine=engine,
+        counters=counters,
+        timing=timing,
+        device=device,
+        lender=lender,
+        transport_connected=lambda: False,
+        request_stop=stops.append,
+        metrics=metrics,
+        runtime=runtime,
+    )
+
+
+def make() -> tuple[LeaseEngine, BuiltinLender, Instance]:
+    counters = DeviceCounters()
+    timing = AccessTiming()
+    engine = LeaseEngine(8 * MiB, 2 * MiB, counters, timing=timing)
+    lender = BuiltinLender(engine, 2 * MiB)
+    lender.lend_everything()
+    inst = instance(engine, timing, BuiltinLenderView(lender))
+    return engine, lender, inst
+
+
+def client() -> ControlClient:
+    send, receive = trio.open_memory_channel[bytes](10)
+    return ControlClient(1, Peer(1, 0, 0), ServerConnection(), send, receive)
+
+
+async def call(inst: Instance, name: str, **args: object) -> object:
+    return await commands.execute(inst, client(), Command(name, dict(args)))
