@@ -76,13 +76,25 @@ MAX_IO_FD_SUBREGIONS: Final = 1024
 
 Encoded = tuple[bytes, tuple[int, ...]]
 Fields = dict[str, int]
-# (fixed fields, whole payload, fds, no_reply) -> extra event fields by name; raises to refuse.
-DecodeHook = Callable[[Fields, memoryview, Sequence[int], bool], Mapping[str, Any]]
+
+
+class Incoming(NamedTuple):
+    """What a decode hook sees of one message (only cold messages have hooks)."""
+
+    fields: Fields  # the fixed part, by name
+    payload: memoryview  # all of it, fixed part included: chains count offsets from its start
+    fds: Sequence[int]
+    no_reply: bool
+
+
+# A message's extra structure: checks it (raising RequestError) and returns event fields.
+DecodeHook = Callable[[Incoming], Mapping[str, Any]]
 # event -> (wire fields it sets itself, tail bytes)
 EncodeHook = Callable[[Any], tuple[Fields, bytes]]
 Buffer = bytes | bytearray
-# (msg_id, buffer, payload start, payload end, fds, no_reply, limits) -> event
-Decoder = Callable[[int, Buffer, int, int, Sequence[int], bool, Limits], ev.Event]
+Header = tuple[int, int, int, int, int]
+# (header fields, buffer, payload start, fds, limits) -> event
+Decoder = Callable[[Header, Buffer, int, Sequence[int], Limits], ev.Event]
 
 
 def _bad(message: str, err: int = errno.EINVAL) -> RequestError:
@@ -174,22 +186,15 @@ class Spec:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(
-        self,
-        msg_id: int,
-        buf: Buffer,
-        start: int,
-        end: int,
-        fds: Sequence[int],
-        no_reply: bool,
-        lim: Limits,
-    ) -> ev.Event:
-        """The event for the payload `buf[start:end]`, or RequestError naming what is wrong.
+    def _decode(self, hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits) -> Any:
+        """The event for the message whose payload starts at `buf[start]`, or RequestError.
 
         The payload is read through a memoryview released before returning or raising, so
         that the caller's buffer stays resizable.
         """
-        with memoryview(buf)[start:end] as p:
+        msg_id, _command, size, flags, _err = hdr
+        no_reply = bool(flags & c.FLAG_NO_REPLY) and not self.is_reply
+        with memoryview(buf)[start : start + size - c.HEADER_SIZE] as p:
             return self._decode_payload(msg_id, p, fds, no_reply, lim)
 
     def _decode_payload(
@@ -224,7 +229,7 @@ class Spec:
         }
         values.update(f)
         if spec.decode_hook is not None:
-            values.update(spec.decode_hook(f, p, fds, no_reply))
+            values.update(spec.decode_hook(Incoming(f, p, fds, no_reply)))
         return self.event(msg_id, *[values.get(name, 0) for name in spec.args])
 
     # ------------------------------------------------------------------ encoding
@@ -285,13 +290,11 @@ def _check_transfer(command: Command, count: int, lim: Limits) -> None:
 # ============================================================================ hooks
 
 
-def _version_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
-    if no_reply:
+def _version_decode(m: Incoming) -> Mapping[str, Any]:
+    if m.no_reply:
         # Unanswerable, and it would leave the negotiation pending for good.
         raise _bad("VERSION cannot be sent with NO_REPLY")
-    caps, keys = parse_capabilities(bytes(p[4:]))
+    caps, keys = parse_capabilities(bytes(m.payload[4:]))
     return {"capabilities": caps, "keys": keys}
 
 
@@ -300,9 +303,8 @@ def _version_encode(e: ev.VersionRequest | ev.VersionReply) -> tuple[Fields, byt
     return {}, encode_capabilities(e.capabilities, keys)
 
 
-def _dma_map_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _dma_map_decode(m: Incoming) -> Mapping[str, Any]:
+    f = m.fields
     if f["flags"] & ~(c.DMA_READ_FLAG | c.DMA_WRITE_FLAG):
         raise _bad(f"DMA_MAP flags {f['flags']:#x} has unknown bits")
     if f["size"] == 0 or f["address"] + f["size"] > 1 << 64:
@@ -310,9 +312,8 @@ def _dma_map_decode(
     return {}
 
 
-def _dma_unmap_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _dma_unmap_decode(m: Incoming) -> Mapping[str, Any]:
+    f = m.fields
     if f["flags"] & ~c.DMA_UNMAP_ALL:
         raise _bad(f"DMA_UNMAP flags {f['flags']:#x} are not supported (dirty bitmaps are not)")
     if f["flags"] & c.DMA_UNMAP_ALL and (f["address"] or f["size"]):
@@ -320,9 +321,8 @@ def _dma_unmap_decode(
     return {}
 
 
-def _io_fds_request_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _io_fds_request_decode(m: Incoming) -> Mapping[str, Any]:
+    f = m.fields
     if f["flags"]:
         raise _bad(f"DEVICE_GET_REGION_IO_FDS flags must be 0, not {f['flags']:#x}")
     return {}
@@ -332,9 +332,8 @@ def _one_bit(value: int) -> bool:
     return value != 0 and value & (value - 1) == 0
 
 
-def _set_irqs_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _set_irqs_decode(m: Incoming) -> Mapping[str, Any]:
+    f, p, fds = m.fields, m.payload, m.fds
     flags, count, data_len = f["flags"], f["count"], len(p) - 20
     if f["argsz"] != len(p):
         raise _bad(f"SET_IRQS argsz {f['argsz']} does not match its {len(p)}-byte payload")
@@ -358,9 +357,8 @@ def _set_irqs_decode(
     return {}
 
 
-def _write_multi_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _write_multi_decode(m: Incoming) -> Mapping[str, Any]:
+    f, p = m.fields, m.payload
     wr_cnt = f["wr_cnt"]
     if wr_cnt == 0 or len(p) != 8 + wr_cnt * WRITE_MULTI_ENTRY.size:
         raise _bad(f"REGION_WRITE_MULTI wr_cnt {wr_cnt} does not match its {len(p)}-byte payload")
@@ -411,9 +409,8 @@ def _region_caps(p: memoryview, first: int) -> tuple[ev.RegionCap, ...]:
     return tuple(caps)
 
 
-def _region_info_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _region_info_decode(m: Incoming) -> Mapping[str, Any]:
+    f, p = m.fields, m.payload
     if f["flags"] & c.REGION_INFO_FLAG_CAPS:
         return {"caps": _region_caps(p, f["cap_offset"])}
     if f["cap_offset"]:
@@ -445,9 +442,8 @@ def _region_info_encode(e: ev.RegionInfo) -> tuple[Fields, bytes]:
     return {"argsz": needed, "flags": flags}, b""
 
 
-def _io_fds_decode(
-    f: Fields, p: memoryview, fds: Sequence[int], no_reply: bool
-) -> Mapping[str, Any]:
+def _io_fds_decode(m: Incoming) -> Mapping[str, Any]:
+    f, p, fds = m.fields, m.payload, m.fds
     count = f["count"]
     if count > MAX_IO_FD_SUBREGIONS or len(p) != 16 + 40 * count:
         raise _bad(f"REGION_IO_FDS reply count {count} does not match {len(p)} bytes")
@@ -566,38 +562,26 @@ _POSTED: Final = c.TYPE_COMMAND | c.FLAG_NO_REPLY
 _REPLY: Final = c.TYPE_REPLY
 
 
-def _fast_region_read(
-    msg_id: int,
-    buf: Buffer,
-    start: int,
-    end: int,
-    fds: Sequence[int],
-    no_reply: bool,
-    lim: Limits,
-) -> ev.Event:
-    if end - start == 16 and not fds:
+def _fast_region_read(hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits) -> Any:
+    msg_id, _command, size, flags, _err = hdr
+    if size == 32 and not fds:
         offset, region, count = REGION_ACCESS.unpack_from(buf, start)
         if 0 < count <= lim.max_data_xfer_size:
-            return ev.RegionRead(msg_id, offset, region, count, no_reply)
-    return REQUESTS[_READ]._decode(msg_id, buf, start, end, fds, no_reply, lim)
+            return ev.RegionRead(msg_id, offset, region, count, flags & c.FLAG_NO_REPLY != 0)
+    return REQUESTS[_READ]._decode(hdr, buf, start, fds, lim)
 
 
 def _fast_region_write(
-    msg_id: int,
-    buf: Buffer,
-    start: int,
-    end: int,
-    fds: Sequence[int],
-    no_reply: bool,
-    lim: Limits,
-) -> ev.Event:
-    if end - start > 16 and not fds:
+    hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits
+) -> Any:
+    msg_id, _command, size, flags, _err = hdr
+    if size > 32 and not fds:
         offset, region, count = REGION_ACCESS.unpack_from(buf, start)
-        if end - start == 16 + count <= 16 + lim.max_data_xfer_size:
+        if size == 32 + count <= 32 + lim.max_data_xfer_size:
             # A temporary view: one copy, and nothing left holding the buffer.
-            data = bytes(memoryview(buf)[start + 16 : end])
-            return ev.RegionWrite(msg_id, offset, region, data, no_reply)
-    return REQUESTS[_WRITE]._decode(msg_id, buf, start, end, fds, no_reply, lim)
+            data = bytes(memoryview(buf)[start + 16 : start + size - 16])
+            return ev.RegionWrite(msg_id, offset, region, data, flags & c.FLAG_NO_REPLY != 0)
+    return REQUESTS[_WRITE]._decode(hdr, buf, start, fds, lim)
 
 
 def _fast_region_read_encode(e: ev.RegionRead) -> Encoded:
@@ -682,6 +666,5 @@ def decode_message(data: bytes, fds: Sequence[int] = (), limits: Limits = NO_LIM
     if flags & c.TYPE_MASK == c.TYPE_REPLY:
         if flags & c.FLAG_ERROR:
             return ev.ErrorReply(msg_id, command, err)
-        return row.reply.decode(msg_id, data, 16, size, fds, False, limits)
-    no_reply = bool(flags & c.FLAG_NO_REPLY)
-    return row.request.decode(msg_id, data, 16, size, fds, no_reply, limits)
+        return row.reply.decode((msg_id, command, size, flags, err), data, 16, fds, limits)
+    return row.request.decode((msg_id, command, size, flags, err), data, 16, fds, limits)

@@ -209,7 +209,7 @@ _CLIENT_REPLIES: Final = frozenset(
     {ev.ErrorReply} | {row.reply.event for row in codec.TABLE if row.command in c.SERVER_TO_CLIENT}
 )
 
-Header = tuple[int, int, int, int, int]
+Header = codec.Header
 
 
 class _Base:
@@ -289,20 +289,16 @@ class _Base:
                 raise self._fatal(fds, f"error reply to command {command} has a payload")
             _close_fds(fds)
             return ev.ErrorReply(msg_id, command, err)
-        end = start + size - _HEADER_SIZE
         try:
-            spec = codec.REPLIES[command]
-            return spec.decode(msg_id, self._framer.buf, start, end, fds, False, self._limits)
+            return codec.REPLIES[command].decode(hdr, self._framer.buf, start, fds, self._limits)
         except ProtocolError as exc:
             raise self._fatal(fds, f"malformed reply: {exc}") from None
 
     def _request(self, hdr: Header, start: int, fds: Sequence[int], no_reply: bool) -> ev.Event:
         """A request the peer may send in this state: its event, or BadRequest if malformed."""
-        msg_id, command, size, _flags, _err = hdr
-        end = start + size - _HEADER_SIZE
+        msg_id, command = hdr[0], hdr[1]
         try:
-            spec = codec.REQUESTS[command]
-            event = spec.decode(msg_id, self._framer.buf, start, end, fds, no_reply, self._limits)
+            event = codec.REQUESTS[command].decode(hdr, self._framer.buf, start, fds, self._limits)
         except ProtocolError as exc:
             err = exc.errno if isinstance(exc, codec.RequestError) else errno.EINVAL
             return self._refuse(msg_id, command, err, str(exc), fds, no_reply)

@@ -252,7 +252,7 @@ def _both_decoders(spec: codec.Spec, buf: bytes, fds: list[int], lim: codec.Limi
     outcomes: list[object] = []
     for decode in (spec.decode, spec._decode):
         try:
-            outcomes.append(decode(3, buf, 8, len(buf), fds, False, lim))
+            outcomes.append(decode((3, spec.command, len(buf) + 8, 0, 0), buf, 8, fds, lim))
         except ProtocolError as exc:
             outcomes.append((type(exc), str(exc), getattr(exc, "errno", None)))
     assert outcomes[0] == outcomes[1]
