@@ -57,6 +57,30 @@ def _stores_through_slots(cls: type[_E]) -> type[_E]:
     return cls
 
 
+@dataclass(frozen=True, slots=True)
+class _IndexQuery(Event):
+    """A question about one region or IRQ; `argsz` is the room the client has for the answer."""
+
+    index: int
+    argsz: int = 16
+    no_reply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Access(Event):
+    """Where a trapped access lands: an offset into one of the device's regions."""
+
+    offset: int
+    region: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Dma(Event):
+    """Where a server's DMA lands: an address in guest memory the client shared."""
+
+    address: int
+
+
 # ---------------------------------------------------------------- client to server requests
 
 
@@ -104,30 +128,21 @@ class DeviceGetInfo(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceGetRegionInfo(Event):
-    """`argsz` is the room the client has for the reply; a capability chain that needs more is
-    left out and the client asks again."""
+class DeviceGetRegionInfo(_IndexQuery):
+    """A capability chain that needs more than `argsz` is left out; the client asks again."""
 
     command: ClassVar[Command] = Command.DEVICE_GET_REGION_INFO
-    index: int
     argsz: int = 32
-    no_reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceGetRegionIoFds(Event):
+class DeviceGetRegionIoFds(_IndexQuery):
     command: ClassVar[Command] = Command.DEVICE_GET_REGION_IO_FDS
-    index: int
-    argsz: int = 16
-    no_reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceGetIrqInfo(Event):
+class DeviceGetIrqInfo(_IndexQuery):
     command: ClassVar[Command] = Command.DEVICE_GET_IRQ_INFO
-    index: int
-    argsz: int = 16
-    no_reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,24 +162,20 @@ class DeviceSetIrqs(Event):
 
 @_stores_through_slots
 @dataclass(frozen=True, slots=True)
-class RegionRead(Event):
+class RegionRead(_Access):
     """A trapped read: the hot path, decoded with one precompiled struct."""
 
     command: ClassVar[Command] = Command.REGION_READ
-    offset: int
-    region: int
     count: int
     no_reply: bool = False
 
 
 @_stores_through_slots
 @dataclass(frozen=True, slots=True)
-class RegionWrite(Event):
+class RegionWrite(_Access):
     """A trapped write; QEMU posts most of them (`no_reply`)."""
 
     command: ClassVar[Command] = Command.REGION_WRITE
-    offset: int
-    region: int
     data: bytes
     no_reply: bool = False
 
@@ -222,19 +233,17 @@ class MigDataWrite(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DmaRead(Event):
+class DmaRead(_Dma):
     """The server reads guest memory the client shared without an fd."""
 
     command: ClassVar[Command] = Command.DMA_READ
-    address: int
     count: int
     no_reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class DmaWrite(Event):
+class DmaWrite(_Dma):
     command: ClassVar[Command] = Command.DMA_WRITE
-    address: int
     data: bytes
     no_reply: bool = False
 
@@ -344,21 +353,17 @@ class IrqInfo(Event):
 
 @_stores_through_slots
 @dataclass(frozen=True, slots=True)
-class RegionReadReply(Event):
+class RegionReadReply(_Access):
     """The data a trapped read returns; its wire `count` is `len(data)`."""
 
     command: ClassVar[Command] = Command.REGION_READ
-    offset: int
-    region: int
     data: bytes
 
 
 @_stores_through_slots
 @dataclass(frozen=True, slots=True)
-class RegionWriteReply(Event):
+class RegionWriteReply(_Access):
     command: ClassVar[Command] = Command.REGION_WRITE
-    offset: int
-    region: int
     count: int
 
 
@@ -390,16 +395,14 @@ class MigDataWriteReply(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DmaReadReply(Event):
+class DmaReadReply(_Dma):
     command: ClassVar[Command] = Command.DMA_READ
-    address: int
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class DmaWriteReply(Event):
+class DmaWriteReply(_Dma):
     command: ClassVar[Command] = Command.DMA_WRITE
-    address: int
     count: int
 
 
