@@ -134,10 +134,6 @@ def exactly(n: int) -> Fds:
     return Fds(n, n)
 
 
-# Event fields the generic decoder fills from something other than a wire field.
-_SPECIAL: Final = frozenset({"data", "fd", "fds", "no_reply", "command"})
-
-
 class Spec:
     """One direction of one command: see the module docstring for how the row is read."""
 
@@ -168,15 +164,16 @@ class Spec:
         self.alternates = {alt.fixed_size: alt for alt in alternates}
         self.args = tuple(f.name for f in dataclasses.fields(event) if f.name != "msg_id")
         self.fd_field = next((n for n in ("fd", "fds") if n in self.args), None)
-        # Set by the table: which command this is and whether it is the reply.
+        # Set by `bind` when the table is built: the row's command and the direction.
         self.command = Command.VERSION
         self.is_reply = False
         self.what = ""
-        # A faster decoder or encoder for the same messages (the trapped accesses only).
+        # What decodes this message: the generic decoder, or for the trapped accesses a
+        # specialised one that hands anything unusual back to it.
         self.decode: Decoder = self._decode
-        self.fast_encode: Callable[[Any], Encoded] | None = None
 
     def bind(self, command: Command, is_reply: bool) -> Spec:
+        """Tell the spec its place in the table (its row's command and direction)."""
         self.command = command
         self.is_reply = is_reply
         self.what = f"{command.name} reply" if is_reply else command.name
@@ -186,7 +183,9 @@ class Spec:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(self, hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits) -> Any:
+    def _decode(
+        self, hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits
+    ) -> ev.Event:
         """The event for the message whose payload starts at `buf[start]`, or RequestError.
 
         The payload is read through a memoryview released before returning or raising, so
@@ -539,8 +538,6 @@ TABLE: Final[tuple[Row, ...]] = tuple(
 ROWS: Final[dict[int, Row]] = {row.command: row for row in TABLE}
 REQUESTS: Final[dict[int, Spec]] = {row.command: row.request for row in TABLE}
 REPLIES: Final[dict[int, Spec]] = {row.command: row.reply for row in TABLE}
-# How many fds each request may carry at most (the per-connection max_msg_fds caps it further).
-REQUEST_MAX_FDS: Final[dict[int, int]] = {cmd: spec.fds.most for cmd, spec in REQUESTS.items()}
 
 # Every event type with one spec (Ack serves three commands: its own field says which).
 SPEC_OF: Final[dict[type, Spec]] = {
@@ -562,7 +559,9 @@ _POSTED: Final = c.TYPE_COMMAND | c.FLAG_NO_REPLY
 _REPLY: Final = c.TYPE_REPLY
 
 
-def _fast_region_read(hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits) -> Any:
+def _fast_region_read(
+    hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits
+) -> ev.Event:
     msg_id, _command, size, flags, _err = hdr
     if size == 32 and not fds:
         offset, region, count = REGION_ACCESS.unpack_from(buf, start)
@@ -573,7 +572,7 @@ def _fast_region_read(hdr: Header, buf: Buffer, start: int, fds: Sequence[int], 
 
 def _fast_region_write(
     hdr: Header, buf: Buffer, start: int, fds: Sequence[int], lim: Limits
-) -> Any:
+) -> ev.Event:
     msg_id, _command, size, flags, _err = hdr
     if size > 32 and not fds:
         offset, region, count = REGION_ACCESS.unpack_from(buf, start)
