@@ -58,6 +58,33 @@ def _stores_through_slots(cls: type[_E]) -> type[_E]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Version(Event):
+    """What both VERSION messages say: the protocol version and the sender's capabilities."""
+
+    major: int
+    minor: int
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+
+@dataclass(frozen=True, slots=True)
+class _DmaRange(Event):
+    """A DMA_UNMAP and its reply: the range (or, with UNMAP_ALL, every range) unmapped."""
+
+    flags: int
+    address: int
+    size: int
+    argsz: int = 24
+
+
+@dataclass(frozen=True, slots=True)
+class _Feature(Event):
+    """A DEVICE_FEATURE and its reply; `data` is the feature's own payload, uninterpreted."""
+
+    flags: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class _IndexQuery(Event):
     """A question about one region or IRQ; `argsz` is the room the client has for the answer."""
 
@@ -85,14 +112,11 @@ class _Dma(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class VersionRequest(Event):
+class VersionRequest(_Version):
     """Opens the session; `keys` are the capability names the client sent (a reply may only
     use these), `capabilities` what they said, with the specification's defaults elsewhere."""
 
     command: ClassVar[Command] = Command.VERSION
-    major: int
-    minor: int
-    capabilities: Capabilities = field(default_factory=Capabilities)
     keys: frozenset[str] = frozenset()
     no_reply: bool = False
 
@@ -111,12 +135,8 @@ class DmaMap(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DmaUnmap(Event):
+class DmaUnmap(_DmaRange):
     command: ClassVar[Command] = Command.DMA_UNMAP
-    flags: int
-    address: int
-    size: int
-    argsz: int = 24
     no_reply: bool = False
 
 
@@ -203,12 +223,8 @@ class DeviceReset(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceFeature(Event):
-    """`data` is the feature's own payload, carried uninterpreted."""
-
+class DeviceFeature(_Feature):
     command: ClassVar[Command] = Command.DEVICE_FEATURE
-    flags: int
-    data: bytes = b""
     argsz: int = 8
     no_reply: bool = False
 
@@ -252,13 +268,10 @@ class DmaWrite(_Dma):
 
 
 @dataclass(frozen=True, slots=True)
-class VersionReply(Event):
+class VersionReply(_Version):
     """`keys`: the capability names to send (None: all of them); received, the names sent."""
 
     command: ClassVar[Command] = Command.VERSION
-    major: int
-    minor: int
-    capabilities: Capabilities = field(default_factory=Capabilities)
     keys: frozenset[str] | None = None
 
 
@@ -270,12 +283,8 @@ class Ack(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DmaUnmapReply(Event):
+class DmaUnmapReply(_DmaRange):
     command: ClassVar[Command] = Command.DMA_UNMAP
-    flags: int
-    address: int
-    size: int
-    argsz: int = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,10 +385,8 @@ class RegionWriteMultiReply(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceFeatureReply(Event):
+class DeviceFeatureReply(_Feature):
     command: ClassVar[Command] = Command.DEVICE_FEATURE
-    flags: int
-    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
