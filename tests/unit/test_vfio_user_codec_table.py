@@ -9,6 +9,7 @@ generic, table-driven ones give for the same input.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import struct
 from typing import Any
 
@@ -299,3 +300,19 @@ def test_fast_encoders_agree_with_the_table(cls: type[ev.Event], data: st.DataOb
     generic = codec.SPEC_OF[cls].encode
     assert fast is not generic
     assert fast(event) == generic(event)
+
+
+@pytest.mark.parametrize(
+    "cls", [ev.RegionRead, ev.RegionWrite, ev.RegionReadReply, ev.RegionWriteReply]
+)
+def test_hot_events_keep_the_dataclass_signature(cls: type[ev.Event]) -> None:
+    """Their faster `__init__` takes what the generated one took, positionally or by name."""
+    params = list(inspect.signature(cls).parameters.values())
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in params] == [f.name for f in fields]
+    assert [p.default for p in params] == [
+        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields
+    ]
+    values = {f.name: i + 1 for i, f in enumerate(fields)}
+    assert cls(**values) == cls(*values.values())
+    assert [getattr(cls(**values), name) for name in values] == list(values.values())
