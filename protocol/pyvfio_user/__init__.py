@@ -8,6 +8,7 @@ what QEMU's client actually sends. `ServerConnection` is what a device model use
 from pyvfio_user.connection import ClientConnection, ServerConnection
 from pyvfio_user.constants import Command
 from pyvfio_user.errors import ProtocolError
+from pyvfio_user.events import Event
 from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
 from pyvfio_user.version import Capabilities
 
@@ -17,6 +18,7 @@ __all__ = [
     "Capabilities",
     "ClientConnection",
     "Command",
+    "Event",
     "Outgoing",
     "ProtocolError",
     "ServerConnection",

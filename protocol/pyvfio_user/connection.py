@@ -16,7 +16,7 @@ import contextlib
 import enum
 import errno
 import os
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -33,6 +33,11 @@ MSG_OVERHEAD: Final = 64 * 1024
 
 _HEADER = c.HEADER
 _HEADER_SIZE = c.HEADER_SIZE
+# What a message without fds carries: shared, so the common case allocates no list.
+_NO_FDS: Final[tuple[int, ...]] = ()
+# Outgoing from an encoded (data, fds) pair in one C call (the NamedTuple's own __new__ is
+# Python code, and this runs once per trapped access).
+_outgoing: Final = tuple.__new__
 
 
 def _close_fds(fds: Sequence[int]) -> None:
@@ -44,12 +49,12 @@ def _close_fds(fds: Sequence[int]) -> None:
 class _Framer:
     """Byte stream plus fd batches in, (header, payload, fds) frames out."""
 
-    __slots__ = ("_base", "_buf", "_eof", "_fd_batches", "_start", "max_msg_size")
+    __slots__ = ("_base", "_eof", "_fd_batches", "_start", "buf", "max_msg_size")
 
     def __init__(self, max_msg_size: int) -> None:
-        self._buf = bytearray()
-        self._start = 0  # offset in _buf of the first unconsumed byte
-        self._base = 0  # stream position of _buf[0]
+        self.buf = bytearray()
+        self._start = 0  # offset in buf of the first unconsumed byte
+        self._base = 0  # stream position of buf[0]
         self._fd_batches: deque[tuple[int, list[int]]] = deque()
         self._eof = False
         self.max_msg_size = max_msg_size
@@ -60,8 +65,8 @@ class _Framer:
             if data:
                 raise ProtocolError("data received after the end of the stream")
             return
-        if self._start and (self._start == len(self._buf) or self._start > 65536):
-            del self._buf[: self._start]
+        if self._start and (self._start == len(self.buf) or self._start > 65536):
+            del self.buf[: self._start]
             self._base += self._start
             self._start = 0
         if not data:
@@ -69,30 +74,30 @@ class _Framer:
             if fds:
                 _close_fds(fds)
             return
-        self._buf += data
+        self.buf += data
         if fds:
-            last = self._base + len(self._buf) - 1
+            last = self._base + len(self.buf) - 1
             self._fd_batches.append((last, list(fds)))
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._start
+        return len(self.buf) - self._start
 
-    def next_frame(self) -> tuple[tuple[int, int, int, int, int], int, list[int]] | Sentinel:
+    def next_frame(self) -> tuple[tuple[int, int, int, int, int], int, Sequence[int]] | Sentinel:
         """The next complete message: (header fields, payload start offset, fds).
 
-        The payload is `self.payload(start, size)`; it is valid until the next `feed`.
+        The payload is `self.buf[start : start + size - 16]`, valid until the next `feed`.
         """
-        avail = len(self._buf) - self._start
+        avail = len(self.buf) - self._start
         if avail < _HEADER_SIZE:
             if self._eof:
                 if avail:
-                    self._start = len(self._buf)
+                    self._start = len(self.buf)
                     self.drop_fds()
                     raise ProtocolError(f"stream ended inside a message header ({avail} bytes)")
                 return CLOSED
             return NEED_DATA
-        hdr = _HEADER.unpack_from(self._buf, self._start)
+        hdr = _HEADER.unpack_from(self.buf, self._start)
         size = hdr[2]
         if size < _HEADER_SIZE:
             self.drop_fds()
@@ -102,21 +107,20 @@ class _Framer:
             raise ProtocolError(f"message size {size} exceeds the limit of {self.max_msg_size}")
         if avail < size:
             if self._eof:
-                self._start = len(self._buf)
+                self._start = len(self.buf)
                 self.drop_fds()
                 raise ProtocolError(f"stream ended inside a {size}-byte message")
             return NEED_DATA
         start = self._start
         self._start += size
+        batches = self._fd_batches
+        if not batches:
+            return hdr, start + _HEADER_SIZE, _NO_FDS
         end_pos = self._base + self._start  # stream position just past this message
         fds: list[int] = []
-        batches = self._fd_batches
         while batches and batches[0][0] < end_pos:
             fds.extend(batches.popleft()[1])
         return hdr, start + _HEADER_SIZE, fds
-
-    def payload(self, start: int, end: int) -> memoryview:
-        return memoryview(self._buf)[start:end]
 
     def drop_fds(self) -> None:
         while self._fd_batches:
@@ -131,7 +135,8 @@ class State(enum.Enum):
     BROKEN = "broken"  # a fatal protocol error; nothing more is parsed
 
 
-# Requests a READY server takes without consulting the rules table.
+# Requests a READY server takes without consulting the rules table, and their header flags.
+_PLAIN_FLAGS: Final = (c.TYPE_COMMAND, c.TYPE_COMMAND | c.FLAG_NO_REPLY)
 _PLAIN_REQUESTS: Final = frozenset(
     int(cmd) for cmd in Command if cmd not in c.SERVER_TO_CLIENT and cmd != Command.VERSION
 )
@@ -181,13 +186,44 @@ SERVER_DEFAULT_CAPS: Final = Capabilities(
     pgsizes=4096,
     write_multiple=True,
 )
+# The client side announces the same limits unless told otherwise.
+CLIENT_DEFAULT_CAPS: Final = SERVER_DEFAULT_CAPS
+
+_VERSION: Final = int(Command.VERSION)
+
+# What each side sends, by event type (the command comes from the event: its class variable, or
+# the field of the three events whose command varies).
+_CLIENT_REQUESTS: Final = frozenset(
+    row.request.event for row in codec.TABLE if row.command not in c.SERVER_TO_CLIENT
+)
+# Replies a server sends, by type: their command, or 0 where the event's own field says it.
+_SERVER_REPLIES: Final[dict[type, int]] = {
+    row.reply.event: 0 if row.reply.event is ev.Ack else int(row.command)
+    for row in codec.TABLE
+    if row.command not in c.SERVER_TO_CLIENT
+} | {ev.ErrorReply: 0}
+_SERVER_REQUESTS: Final = frozenset(
+    row.request.event for row in codec.TABLE if row.command in c.SERVER_TO_CLIENT
+)
+_CLIENT_REPLIES: Final = frozenset(
+    {ev.ErrorReply} | {row.reply.event for row in codec.TABLE if row.command in c.SERVER_TO_CLIENT}
+)
+
+Header = codec.Header
 
 
 class _Base:
+    """What both ends share: framing, ids of requests awaiting replies, replies owed."""
+
     def __init__(self, max_data_xfer_size: int, max_msg_fds: int) -> None:
         self._framer = _Framer(max_data_xfer_size + MSG_OVERHEAD)
         self._limits = codec.Limits(max_data_xfer_size, max_msg_fds)
         self.state = State.AWAIT_VERSION
+        # Our requests awaiting replies: msg_id -> command.
+        self._pending: dict[int, int] = {}
+        # The peer's requests we owe a reply: (msg_id, command) -> how many.
+        self._owed: dict[tuple[int, int], int] = {}
+        self._next_id = 0
 
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Feed what arrived. `b""` means the peer closed its end."""
@@ -213,7 +249,18 @@ class _Base:
     def buffered(self) -> int:
         return self._framer.buffered
 
-    def _frame(self) -> tuple[tuple[int, int, int, int, int], int, list[int]] | Sentinel:
+    def next_msg_id(self) -> int:
+        """An id for a request of ours that no outstanding one uses."""
+        for _ in range(1 << 16):
+            msg_id = self._next_id
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            if msg_id not in self._pending:
+                return msg_id
+        raise ProtocolError("all 65536 message ids are awaiting replies")
+
+    # ------------------------------------------------------------------ receiving
+
+    def _frame(self) -> tuple[Header, int, Sequence[int]] | Sentinel:
         if self.state is State.BROKEN:
             raise ProtocolError("connection is broken by an earlier protocol error")
         if self.state is State.CLOSED:
@@ -227,21 +274,78 @@ class _Base:
             self.state = State.CLOSED
         return frame
 
-    def _decode_reply(self, hdr: tuple[int, int, int, int, int], start: int, fds: list[int]) -> Any:
+    def _fatal(self, fds: Sequence[int], message: str) -> ProtocolError:
+        _close_fds(fds)
+        self._break()
+        return ProtocolError(message)
+
+    def _reply(self, hdr: Header, start: int, fds: Sequence[int]) -> ev.Event:
+        """A reply from the peer: it must answer a request of ours, and parse; else fatal."""
         msg_id, command, size, flags, err = hdr
+        if self._pending.pop(msg_id, None) != command:
+            raise self._fatal(fds, f"reply {msg_id} to command {command} answers nothing we sent")
         if flags & c.FLAG_ERROR:
-            _close_fds(fds)
             if size != _HEADER_SIZE:
-                self._break()
-                raise ProtocolError(f"error reply to command {command} has a payload")
+                raise self._fatal(fds, f"error reply to command {command} has a payload")
+            _close_fds(fds)
             return ev.ErrorReply(msg_id, command, err)
-        with self._framer.payload(start, start + size - _HEADER_SIZE) as payload:
-            try:
-                return codec.REPLY_DECODERS[command](msg_id, payload, fds)
-            except ProtocolError as exc:
-                _close_fds(fds)
-                self._break()
-                raise ProtocolError(f"malformed reply: {exc}") from None
+        try:
+            return codec.REPLIES[command].decode(hdr, self._framer.buf, start, fds, self._limits)
+        except ProtocolError as exc:
+            raise self._fatal(fds, f"malformed reply: {exc}") from None
+
+    def _request(self, hdr: Header, start: int, fds: Sequence[int], no_reply: bool) -> ev.Event:
+        """A request the peer may send in this state: its event, or BadRequest if malformed."""
+        msg_id, command = hdr[0], hdr[1]
+        try:
+            event = codec.REQUESTS[command].decode(hdr, self._framer.buf, start, fds, self._limits)
+        except ProtocolError as exc:
+            err = exc.errno if isinstance(exc, codec.RequestError) else errno.EINVAL
+            return self._refuse(msg_id, command, err, str(exc), fds, no_reply)
+        if not no_reply:
+            key = (msg_id, command)
+            owed = self._owed
+            owed[key] = owed.get(key, 0) + 1
+        return event
+
+    def _refuse(
+        self, msg_id: int, command: int, err: int, why: str, fds: Sequence[int], no_reply: bool
+    ) -> ev.BadRequest:
+        """Close what came with a request we cannot honour, and owe it an error reply."""
+        _close_fds(fds)
+        if not no_reply:
+            key = (msg_id, command)
+            self._owed[key] = self._owed.get(key, 0) + 1
+        return ev.BadRequest(msg_id, command, err, why, no_reply)
+
+    # ------------------------------------------------------------------ sending
+
+    def _pay(self, event: ev.Event, command: int) -> None:
+        """Account for a reply we send: it must answer a request of the peer's."""
+        key = (event.msg_id, command)
+        owed = self._owed
+        n = owed.get(key, 0)
+        if not n:
+            raise ProtocolError(
+                f"{type(event).__name__} answers no request that awaits a reply "
+                f"(message {key[0]}, command {key[1]}; posted requests get none)"
+            )
+        if n == 1:
+            del owed[key]
+        else:
+            owed[key] = n - 1
+
+    def _expect(self, event: ev.Event, command: int, no_reply: bool) -> None:
+        """Account for a request we send: its reply will come under its id."""
+        if not no_reply:
+            if event.msg_id in self._pending:
+                raise ProtocolError(f"message id {event.msg_id} is already awaiting a reply")
+            self._pending[event.msg_id] = command
+
+
+def _command(event: Any) -> int:
+    """The command of any request or reply event (a class variable or, for three, a field)."""
+    return int(event.command)
 
 
 class ServerConnection(_Base):
@@ -252,16 +356,13 @@ class ServerConnection(_Base):
         self.capabilities = capabilities
         # What the client announced; valid once READY.
         self.peer: Capabilities = Capabilities()
-        self._owed: dict[tuple[int, int], int] = {}
-        self._pending: dict[int, int] = {}  # our DMA_READ/WRITE ids awaiting replies
-        self._next_id = 0
         # The id of the accepted VERSION awaiting its reply; only that reply changes the state
         # (an error reply to a refused, stray VERSION must not undo a negotiation).
         self._version_id: int | None = None
 
     # ------------------------------------------------------------------ receiving
 
-    def next_event(self) -> Any:
+    def next_event(self) -> ev.Event | Sentinel:
         """The next event: a request, `BadRequest`, a reply to our DMA request, or a sentinel.
 
         Raises ProtocolError (fatal) when the stream can no longer be parsed.
@@ -270,96 +371,55 @@ class ServerConnection(_Base):
         if isinstance(frame, Sentinel):
             return frame
         hdr, start, fds = frame
-        msg_id, command, size, flags, _err = hdr
+        flags = hdr[3]
+        # The common case first, without the rules table: a plain request, once READY.
+        if (
+            flags in _PLAIN_FLAGS
+            and not fds
+            and hdr[1] in _PLAIN_REQUESTS
+            and self.state is State.READY
+        ):
+            return self._request(hdr, start, fds, flags != c.TYPE_COMMAND)
         kind = flags & c.TYPE_MASK
-        no_reply = bool(flags & c.FLAG_NO_REPLY)
         if kind == c.TYPE_REPLY:
-            expected = self._pending.pop(msg_id, None)
-            if expected != command:
-                _close_fds(fds)
-                self._break()
-                raise ProtocolError(f"reply {msg_id} to command {command} answers nothing we sent")
-            return self._decode_reply(hdr, start, fds)
+            return self._reply(hdr, start, fds)
         if kind != c.TYPE_COMMAND:
-            _close_fds(fds)
-            self._break()
-            raise ProtocolError(f"message type {kind} is neither command nor reply")
+            raise self._fatal(fds, f"message type {kind} is neither command nor reply")
+        msg_id, command = hdr[0], hdr[1]
+        no_reply = bool(flags & c.FLAG_NO_REPLY)
         bad = self._check_request(msg_id, command, flags, fds, no_reply)
         if bad is not None:
             return bad
-        decoder = codec.REQUEST_DECODERS[command]
-        with self._framer.payload(start, start + size - _HEADER_SIZE) as payload:
-            try:
-                event = decoder(msg_id, payload, fds, no_reply, self._limits)
-            except codec.RequestError as exc:
-                return self._refuse(msg_id, command, exc.errno, str(exc), fds, no_reply)
-            except ProtocolError as exc:
-                return self._refuse(msg_id, command, errno.EINVAL, str(exc), fds, no_reply)
-        if command == Command.VERSION:
+        event = self._request(hdr, start, fds, no_reply)
+        if command == _VERSION and type(event) is ev.VersionRequest:
             self.state = State.VERSION_PENDING
             self._version_id = msg_id
-        if not no_reply:
-            key = (msg_id, command)
-            owed = self._owed
-            owed[key] = owed.get(key, 0) + 1
         return event
 
     def _check_request(
-        self, msg_id: int, command: int, flags: int, fds: list[int], no_reply: bool
+        self, msg_id: int, command: int, flags: int, fds: Sequence[int], no_reply: bool
     ) -> ev.BadRequest | None:
-        # The common case first, without touching the rules table (enum hashing is slow).
-        if (
-            not fds
-            and self.state is State.READY
-            and command in _PLAIN_REQUESTS
-            and flags
-            in (
-                c.TYPE_COMMAND,
-                c.TYPE_COMMAND | c.FLAG_NO_REPLY,
-            )
-        ):
-            return None
+        """A BadRequest for what this state or the table does not allow, else None."""
+        refuse = self._refuse
         if flags & ~c.KNOWN_HEADER_FLAGS or flags & c.FLAG_ERROR:
-            return self._refuse(
-                msg_id,
-                command,
-                errno.EINVAL,
-                f"command flags {flags:#x} are invalid",
-                fds,
-                no_reply,
-            )
-        if command not in codec.REQUEST_DECODERS:
-            return self._refuse(
-                msg_id, command, errno.ENOSYS, f"unknown command {command}", fds, no_reply
-            )
+            why = f"command flags {flags:#x} are invalid"
+            return refuse(msg_id, command, errno.EINVAL, why, fds, no_reply)
+        spec = codec.REQUESTS.get(command)
+        if spec is None:
+            why = f"unknown command {command}"
+            return refuse(msg_id, command, errno.ENOSYS, why, fds, no_reply)
+        name = Command(command).name
         if command in c.SERVER_TO_CLIENT:
-            name = Command(command).name
-            return self._refuse(
-                msg_id, command, errno.EINVAL, f"{name} goes from server to client", fds, no_reply
-            )
-        kind = _Kind.VERSION if command == Command.VERSION else _Kind.REQUEST
+            why = f"{name} goes from server to client"
+            return refuse(msg_id, command, errno.EINVAL, why, fds, no_reply)
+        kind = _Kind.VERSION if command == _VERSION else _Kind.REQUEST
         _next, err, why = _SERVER_RULES[(self.state, kind)]
         if err:
-            return self._refuse(msg_id, command, err, why, fds, no_reply)
-        if len(fds) > min(self._limits.max_msg_fds, codec.REQUEST_MAX_FDS.get(command, 0)):
-            return self._refuse(
-                msg_id,
-                command,
-                errno.EINVAL,
-                f"{Command(command).name} carries {len(fds)} file descriptors, too many",
-                fds,
-                no_reply,
-            )
+            return refuse(msg_id, command, err, why, fds, no_reply)
+        if len(fds) > min(self._limits.max_msg_fds, spec.fds.most):
+            why = f"{name} carries {len(fds)} file descriptors, too many"
+            return refuse(msg_id, command, errno.EINVAL, why, fds, no_reply)
         return None
-
-    def _refuse(
-        self, msg_id: int, command: int, err: int, why: str, fds: list[int], no_reply: bool
-    ) -> ev.BadRequest:
-        _close_fds(fds)
-        if not no_reply:
-            key = (msg_id, command)
-            self._owed[key] = self._owed.get(key, 0) + 1
-        return ev.BadRequest(msg_id, command, err, why, no_reply)
 
     # ------------------------------------------------------------------ sending
 
@@ -374,102 +434,23 @@ class ServerConnection(_Base):
         self.peer = request.capabilities
         return ev.VersionReply(request.msg_id, MAJOR, min(request.minor, MINOR), caps, request.keys)
 
-    def send(self, event: Any) -> Outgoing:
+    def send(self, event: ev.Event) -> Outgoing:
         """Encode a reply (or a server-to-client request) for the wire."""
-        if type(event) is ev.RegionReadReply or type(event) is ev.RegionWriteReply:
-            key = (event.msg_id, 9 if type(event) is ev.RegionReadReply else 10)
-        elif isinstance(event, ev.DmaRead | ev.DmaWrite):
-            return self._send_request(event)
+        cls = type(event)
+        command = _SERVER_REPLIES.get(cls)
+        if command is not None:
+            command = command or _command(event)
+            self._pay(event, command)
+            if command == _VERSION and event.msg_id == self._version_id:
+                self._version_id = None
+                self.state = State.READY if cls is ev.VersionReply else State.AWAIT_VERSION
+        elif cls in _SERVER_REQUESTS:
+            if self.state is not State.READY:
+                raise ProtocolError("DMA requests need a negotiated connection")
+            self._expect(event, _command(event), getattr(event, "no_reply", False))
         else:
-            command = _reply_command(event)  # first: it refuses what is not a reply
-            key = (event.msg_id, command)
-        owed = self._owed
-        n = owed.get(key, 0)
-        if not n:
-            raise ProtocolError(
-                f"{type(event).__name__} answers no request that awaits a reply "
-                f"(message {key[0]}, command {key[1]}; posted writes get none)"
-            )
-        if n == 1:
-            del owed[key]
-        else:
-            owed[key] = n - 1
-        if key[1] == Command.VERSION and key[0] == self._version_id:
-            self._version_id = None
-            self.state = State.READY if isinstance(event, ev.VersionReply) else State.AWAIT_VERSION
-        data, fds = codec.encode(event)
-        return Outgoing(data, fds)
-
-    def _send_request(self, event: ev.DmaRead | ev.DmaWrite) -> Outgoing:
-        if self.state is not State.READY:
-            raise ProtocolError("DMA requests need a negotiated connection")
-        command = Command.DMA_READ if isinstance(event, ev.DmaRead) else Command.DMA_WRITE
-        if not event.no_reply:
-            if event.msg_id in self._pending:
-                raise ProtocolError(f"message id {event.msg_id} is already awaiting a reply")
-            self._pending[event.msg_id] = command
-        data, fds = codec.encode(event)
-        return Outgoing(data, fds)
-
-    def next_msg_id(self) -> int:
-        """An id for a server-to-client request that no outstanding one uses."""
-        for _ in range(1 << 16):
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            if msg_id not in self._pending:
-                return msg_id
-        raise ProtocolError("all 65536 message ids are awaiting replies")
-
-
-def _reply_command(event: Any) -> int:
-    if isinstance(event, ev.Ack | ev.ErrorReply):
-        return int(event.command)
-    command = _REPLY_COMMANDS.get(type(event))
-    if command is None:
-        raise ProtocolError(f"{type(event).__name__} is not a reply a server sends")
-    return command
-
-
-_REPLY_COMMANDS: Final[dict[type, int]] = {
-    ev.VersionReply: Command.VERSION,
-    ev.DmaUnmapReply: Command.DMA_UNMAP,
-    ev.DeviceInfo: Command.DEVICE_GET_INFO,
-    ev.RegionInfo: Command.DEVICE_GET_REGION_INFO,
-    ev.RegionIoFds: Command.DEVICE_GET_REGION_IO_FDS,
-    ev.IrqInfo: Command.DEVICE_GET_IRQ_INFO,
-    ev.RegionReadReply: Command.REGION_READ,
-    ev.RegionWriteReply: Command.REGION_WRITE,
-    ev.RegionWriteMultiReply: Command.REGION_WRITE_MULTI,
-    ev.DeviceFeatureReply: Command.DEVICE_FEATURE,
-    ev.MigDataReadReply: Command.MIG_DATA_READ,
-    ev.MigDataWriteReply: Command.MIG_DATA_WRITE,
-}
-
-_REQUEST_COMMANDS: Final[dict[type, int]] = {
-    ev.VersionRequest: Command.VERSION,
-    ev.DmaMap: Command.DMA_MAP,
-    ev.DmaUnmap: Command.DMA_UNMAP,
-    ev.DeviceGetInfo: Command.DEVICE_GET_INFO,
-    ev.DeviceGetRegionInfo: Command.DEVICE_GET_REGION_INFO,
-    ev.DeviceGetRegionIoFds: Command.DEVICE_GET_REGION_IO_FDS,
-    ev.DeviceGetIrqInfo: Command.DEVICE_GET_IRQ_INFO,
-    ev.DeviceSetIrqs: Command.DEVICE_SET_IRQS,
-    ev.RegionRead: Command.REGION_READ,
-    ev.RegionWrite: Command.REGION_WRITE,
-    ev.RegionWriteMulti: Command.REGION_WRITE_MULTI,
-    ev.DeviceReset: Command.DEVICE_RESET,
-    ev.DeviceFeature: Command.DEVICE_FEATURE,
-    ev.MigDataRead: Command.MIG_DATA_READ,
-    ev.MigDataWrite: Command.MIG_DATA_WRITE,
-}
-
-CLIENT_DEFAULT_CAPS: Final = Capabilities(
-    max_msg_fds=16,
-    max_data_xfer_size=1 << 20,
-    max_dma_maps=65535,
-    pgsizes=4096,
-    write_multiple=True,
-)
+            raise ProtocolError(f"{cls.__name__} is not a reply a server sends")
+        return _outgoing(Outgoing, codec.encode(event))
 
 
 class ClientConnection(_Base):
@@ -479,66 +460,35 @@ class ClientConnection(_Base):
         super().__init__(capabilities.max_data_xfer_size, capabilities.max_msg_fds)
         self.capabilities = capabilities
         self.server: Capabilities = Capabilities()
-        self._pending: dict[int, int] = {}
-        self._owed: Counter[tuple[int, int]] = Counter()
-        self._next_id = 0
 
-    def next_msg_id(self) -> int:
-        for _ in range(1 << 16):
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            if msg_id not in self._pending:
-                return msg_id
-        raise ProtocolError("all 65536 message ids are awaiting replies")
+    def send(self, event: ev.Event) -> Outgoing:
+        cls = type(event)
+        if cls in _CLIENT_REPLIES:
+            self._pay(event, _command(event))
+        elif cls in _CLIENT_REQUESTS:
+            command = _command(event)
+            kind = _Kind.VERSION if command == _VERSION else _Kind.REQUEST
+            next_state = _CLIENT_RULES[(self.state, kind)]
+            if next_state is None:
+                raise ProtocolError(
+                    f"cannot send {Command(command).name} in state {self.state.value}"
+                )
+            self._expect(event, command, getattr(event, "no_reply", False))
+            self.state = next_state
+        else:
+            raise ProtocolError(f"{cls.__name__} is not a request a client sends")
+        return _outgoing(Outgoing, codec.encode(event))
 
-    def send(self, event: Any) -> Outgoing:
-        if isinstance(event, ev.DmaReadReply | ev.DmaWriteReply | ev.ErrorReply):
-            command = (
-                event.command
-                if isinstance(event, ev.ErrorReply)
-                else Command.DMA_READ
-                if isinstance(event, ev.DmaReadReply)
-                else Command.DMA_WRITE
-            )
-            key = (event.msg_id, int(command))
-            if not self._owed.get(key):
-                raise ProtocolError(f"{type(event).__name__} answers no server request")
-            self._owed[key] -= 1
-            if not self._owed[key]:
-                del self._owed[key]
-            data, fds = codec.encode(event)
-            return Outgoing(data, fds)
-        request_command = _REQUEST_COMMANDS.get(type(event))
-        if request_command is None:
-            raise ProtocolError(f"{type(event).__name__} is not a request a client sends")
-        command = request_command
-        kind = _Kind.VERSION if command == Command.VERSION else _Kind.REQUEST
-        next_state = _CLIENT_RULES[(self.state, kind)]
-        if next_state is None:
-            raise ProtocolError(f"cannot send {Command(command).name} in state {self.state.value}")
-        if not event.no_reply:
-            if event.msg_id in self._pending:
-                raise ProtocolError(f"message id {event.msg_id} is already awaiting a reply")
-            self._pending[event.msg_id] = command
-        self.state = next_state
-        data, fds = codec.encode(event)
-        return Outgoing(data, fds)
-
-    def next_event(self) -> Any:
+    def next_event(self) -> ev.Event | Sentinel:
         frame = self._frame()
         if isinstance(frame, Sentinel):
             return frame
         hdr, start, fds = frame
-        msg_id, command, size, flags, _err = hdr
+        msg_id, command, _size, flags, _err = hdr
         kind = flags & c.TYPE_MASK
         if kind == c.TYPE_REPLY:
-            expected = self._pending.pop(msg_id, None)
-            if expected != command:
-                _close_fds(fds)
-                self._break()
-                raise ProtocolError(f"reply {msg_id} to command {command} answers nothing we sent")
-            event = self._decode_reply(hdr, start, fds)
-            if command == Command.VERSION:
+            event = self._reply(hdr, start, fds)
+            if command == _VERSION:
                 if isinstance(event, ev.VersionReply):
                     if event.major != MAJOR or event.minor > MINOR:
                         self._break()
@@ -549,30 +499,9 @@ class ClientConnection(_Base):
                     self.state = State.AWAIT_VERSION
             return event
         if kind != c.TYPE_COMMAND:
-            _close_fds(fds)
-            self._break()
-            raise ProtocolError(f"message type {kind} is neither command nor reply")
+            raise self._fatal(fds, f"message type {kind} is neither command nor reply")
         no_reply = bool(flags & c.FLAG_NO_REPLY)
         if command not in c.SERVER_TO_CLIENT or flags & c.FLAG_ERROR:
-            _close_fds(fds)
-            if not no_reply:
-                self._owed[(msg_id, command)] += 1
-            return ev.BadRequest(
-                msg_id,
-                command,
-                errno.EINVAL,
-                f"command {command} is not one a server sends",
-                no_reply,
-            )
-        with self._framer.payload(start, start + size - _HEADER_SIZE) as payload:
-            try:
-                event = codec.REQUEST_DECODERS[command](
-                    msg_id, payload, fds, no_reply, self._limits
-                )
-            except ProtocolError as exc:
-                _close_fds(fds)
-                err = exc.errno if isinstance(exc, codec.RequestError) else errno.EINVAL
-                event = ev.BadRequest(msg_id, command, err, str(exc), no_reply)
-        if not no_reply:
-            self._owed[(msg_id, command)] += 1
-        return event
+            why = f"command {command} is not one a server sends"
+            return self._refuse(msg_id, command, errno.EINVAL, why, fds, no_reply)
+        return self._request(hdr, start, fds, no_reply)

@@ -1,138 +1,101 @@
 """Every vfio-user payload layout, declared once with construct.
 
-These declarations are the readable source of truth: the codecs parse and build the cold
-messages through their compiled form, and the hot messages (REGION_READ/WRITE and replies)
-through hand-made `struct.Struct`s that a test proves identical to the declarations here.
-Offsets count from the end of the 16-byte header, as in the specification.
+These declarations are the single source of truth for field names, order and widths: `compile`
+turns each into a precompiled `struct.Struct` plus its field names when the codec's table is
+built, so nothing parses with construct at run time and the hot messages (REGION_READ/WRITE and
+their replies) cost one `unpack_from` / `pack`. Offsets count from the end of the 16-byte
+header, as in the specification. A trailing `GreedyBytes` field marks a free tail.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+import struct
+from typing import Any, Final, NamedTuple
 
-from construct import Bytes, GreedyBytes, Int16ul, Int32ul, Int64ul, Struct
+from construct import Bytes, FormatField, GreedyBytes, Int16ul, Int32ul, Int64ul, Renamed, Struct
+
+u16, u32, u64 = Int16ul, Int32ul, Int64ul
 
 Header: Final[Any] = Struct(
-    "msg_id" / Int16ul,
-    "command" / Int16ul,
-    "size" / Int32ul,
-    "flags" / Int32ul,
-    "error" / Int32ul,
+    "msg_id" / u16, "command" / u16, "size" / u32, "flags" / u32, "error" / u32
 )
-
-VersionFixed: Final[Any] = Struct("major" / Int16ul, "minor" / Int16ul, "data" / GreedyBytes)
-
+VersionFixed: Final[Any] = Struct("major" / u16, "minor" / u16, "data" / GreedyBytes)
 DmaMap: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "offset" / Int64ul,
-    "address" / Int64ul,
-    "size" / Int64ul,
+    "argsz" / u32, "flags" / u32, "offset" / u64, "address" / u64, "size" / u64
 )
-
-DmaUnmap: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "address" / Int64ul,
-    "size" / Int64ul,
-)
-
-DeviceInfo: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "num_regions" / Int32ul,
-    "num_irqs" / Int32ul,
-)
-
+DmaUnmap: Final[Any] = Struct("argsz" / u32, "flags" / u32, "address" / u64, "size" / u64)
+DeviceInfo: Final[Any] = Struct("argsz" / u32, "flags" / u32, "num_regions" / u32, "num_irqs" / u32)
+# cap_offset: where the capability chain starts, counted from the start of this payload.
 RegionInfo: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "index" / Int32ul,
-    "cap_offset" / Int32ul,
-    "size" / Int64ul,
-    "offset" / Int64ul,
+    "argsz" / u32, "flags" / u32, "index" / u32, "cap_offset" / u32, "size" / u64, "offset" / u64
 )
-
-CapHeader: Final[Any] = Struct("id" / Int16ul, "version" / Int16ul, "next" / Int32ul)
-
-SparseMmapFixed: Final[Any] = Struct("nr_areas" / Int32ul, "reserved" / Int32ul)
-
-SparseMmapArea: Final[Any] = Struct("offset" / Int64ul, "size" / Int64ul)
-
-RegionIoFds: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "index" / Int32ul,
-    "count" / Int32ul,
-)
-
+CapHeader: Final[Any] = Struct("id" / u16, "version" / u16, "next" / u32)
+SparseMmapFixed: Final[Any] = Struct("nr_areas" / u32, "reserved" / u32)
+SparseMmapArea: Final[Any] = Struct("offset" / u64, "size" / u64)
+RegionIoFds: Final[Any] = Struct("argsz" / u32, "flags" / u32, "index" / u32, "count" / u32)
 # Both sub-region kinds share one 40-byte shape; the last field is datamatch or user_data.
 IoFdSubregion: Final[Any] = Struct(
-    "offset" / Int64ul,
-    "size" / Int64ul,
-    "fd_index" / Int32ul,
-    "type" / Int32ul,
-    "flags" / Int32ul,
-    "padding" / Int32ul,
-    "data" / Int64ul,
+    "offset" / u64,
+    "size" / u64,
+    "fd_index" / u32,
+    "type" / u32,
+    "flags" / u32,
+    "padding" / u32,
+    "data" / u64,
 )
-
-IrqInfo: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "index" / Int32ul,
-    "count" / Int32ul,
-)
-
+IrqInfo: Final[Any] = Struct("argsz" / u32, "flags" / u32, "index" / u32, "count" / u32)
 SetIrqsFixed: Final[Any] = Struct(
-    "argsz" / Int32ul,
-    "flags" / Int32ul,
-    "index" / Int32ul,
-    "start" / Int32ul,
-    "count" / Int32ul,
+    "argsz" / u32, "flags" / u32, "index" / u32, "start" / u32, "count" / u32
 )
-
-RegionAccess: Final[Any] = Struct("offset" / Int64ul, "region" / Int32ul, "count" / Int32ul)
-
-DmaAccess: Final[Any] = Struct("address" / Int64ul, "count" / Int64ul)
-
-# QEMU's DMA_WRITE reply differs; this is the specification's (u32 count).
-DmaWriteReply: Final[Any] = Struct("address" / Int64ul, "count" / Int32ul)
-
-WriteMultiCount: Final[Any] = Struct("wr_cnt" / Int64ul)
-
+RegionAccess: Final[Any] = Struct("offset" / u64, "region" / u32, "count" / u32)
+DmaAccess: Final[Any] = Struct("address" / u64, "count" / u64)
+# QEMU's DMA_WRITE reply differs (a u64 count, as in DmaAccess); this is the specification's.
+DmaWriteReply: Final[Any] = Struct("address" / u64, "count" / u32)
+WriteMultiCount: Final[Any] = Struct("wr_cnt" / u64)
 WriteMultiEntry: Final[Any] = Struct(
-    "offset" / Int64ul,
-    "region" / Int32ul,
-    "count" / Int32ul,
-    "data" / Bytes(8),
+    "offset" / u64, "region" / u32, "count" / u32, "data" / Bytes(8)
 )
+DeviceFeatureFixed: Final[Any] = Struct("argsz" / u32, "flags" / u32)
+MigData: Final[Any] = Struct("argsz" / u32, "size" / u32)
+NoPayload: Final[Any] = Struct()
 
-DeviceFeatureFixed: Final[Any] = Struct("argsz" / Int32ul, "flags" / Int32ul)
 
-MigData: Final[Any] = Struct("argsz" / Int32ul, "size" / Int32ul)
+class Compiled(NamedTuple):
+    """A layout's fixed part as one precompiled struct, its field names, and whether a free
+    tail (a trailing GreedyBytes) follows it."""
 
+    struct: struct.Struct
+    names: tuple[str, ...]
+    tail: bool
+
+
+def compile_layout(layout: Any) -> Compiled:
+    """The `struct.Struct` equivalent of a declaration made of fixed-width fields.
+
+    Only what this module uses is understood (little-endian integers, fixed `Bytes`, one
+    trailing `GreedyBytes`); anything else is a mistake in a declaration and fails at import.
+    """
+    fmt, names, tail = "<", [], False
+    for sub in layout.subcons:
+        if tail or not isinstance(sub, Renamed):
+            raise TypeError(f"{sub!r}: only named fields, and a tail only at the end")
+        inner = sub.subcon
+        if isinstance(inner, FormatField) and inner.fmtstr[0] == "<":
+            fmt += inner.fmtstr[1:]
+        elif isinstance(inner, Bytes) and isinstance(inner.length, int):
+            fmt += f"{inner.length}s"
+        elif inner is GreedyBytes:
+            tail = True
+            continue
+        else:
+            raise TypeError(f"field {sub.name!r} has no fixed-width struct equivalent")
+        names.append(str(sub.name))
+    return Compiled(struct.Struct(fmt), tuple(names), tail)
+
+
+# Every fixed-size, non-empty declaration by name (the tests hold these to the specification).
 SIZES: Final[dict[str, int]] = {
-    name: layout.sizeof()
-    for name, layout in {
-        "Header": Header,
-        "DmaMap": DmaMap,
-        "DmaUnmap": DmaUnmap,
-        "DeviceInfo": DeviceInfo,
-        "RegionInfo": RegionInfo,
-        "CapHeader": CapHeader,
-        "SparseMmapFixed": SparseMmapFixed,
-        "SparseMmapArea": SparseMmapArea,
-        "RegionIoFds": RegionIoFds,
-        "IoFdSubregion": IoFdSubregion,
-        "IrqInfo": IrqInfo,
-        "SetIrqsFixed": SetIrqsFixed,
-        "RegionAccess": RegionAccess,
-        "DmaAccess": DmaAccess,
-        "DmaWriteReply": DmaWriteReply,
-        "WriteMultiCount": WriteMultiCount,
-        "WriteMultiEntry": WriteMultiEntry,
-        "DeviceFeatureFixed": DeviceFeatureFixed,
-        "MigData": MigData,
-    }.items()
+    name: value.sizeof()
+    for name, value in list(globals().items())
+    if isinstance(value, Struct) and not compile_layout(value).tail and value.subcons
 }

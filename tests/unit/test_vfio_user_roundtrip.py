@@ -529,9 +529,9 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         replies += server.send(reply).data
     client.receive_data(replies)
     offsets = []
-    while (reply := client.next_event()) is not NEED_DATA:
-        assert isinstance(reply, ev.RegionReadReply)
-        offsets.append(struct.unpack("<I", reply.data)[0])
+    while (got := client.next_event()) is not NEED_DATA:
+        assert isinstance(got, ev.RegionReadReply)
+        offsets.append(struct.unpack("<I", got.data)[0])
     assert offsets == [4 * k for k in range(20)]
 
 
@@ -573,6 +573,6 @@ def test_client_refuses_to_send_out_of_state() -> None:
 def test_server_refuses_unknown_events() -> None:
     _, server = negotiated_pair()
     with pytest.raises(ProtocolError):
-        server.send(object())
+        server.send(object())  # type: ignore[arg-type]
     with pytest.raises(ProtocolError):
         server.send(ev.RegionRead(0, 0, 0, 4))
