@@ -162,7 +162,7 @@ class ControlServer:
         """Queue an event for every client out of negotiation mode; never waits."""
         if not self.clients:
             return
-        line = encode_event(name, data)
+        line = encode_event(name, data, time.time())
         for client in list(self.clients.values()):
             if client.conn.events_enabled:
                 self._queue(client, line)

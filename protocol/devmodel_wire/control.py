@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -154,14 +153,15 @@ def encode_error(error: ErrorReply) -> bytes:
     return encode(msg)
 
 
-def timestamp(now: float | None = None) -> tuple[int, int]:
-    """QMP's event timestamp: wall-clock seconds and microseconds."""
-    t = time.time() if now is None else now
-    seconds = math.floor(t)
-    return seconds, min(999_999, round((t - seconds) * 1e6))
+def timestamp(now: float) -> tuple[int, int]:
+    """QMP's event timestamp from wall-clock `now`: seconds and microseconds.
+
+    The caller reads the clock (sans-IO: nothing here does)."""
+    seconds = math.floor(now)
+    return seconds, min(999_999, round((now - seconds) * 1e6))
 
 
-def encode_event(name: str, data: Mapping[str, object], now: float | None = None) -> bytes:
+def encode_event(name: str, data: Mapping[str, object], now: float) -> bytes:
     seconds, micro = timestamp(now)
     return encode(
         {

@@ -198,7 +198,7 @@ def test_encodings_are_one_ascii_line() -> None:
     for data in (
         encode_command("x", {"s": "é\n"}, 1),
         encode_return("\x1b[2J"),
-        encode_event("E", {"t": "\u2028"}),
+        encode_event("E", {"t": "\u2028"}, 0.0),
     ):
         assert data.endswith(b"\n") and data.count(b"\n") == 1
         assert data.isascii()

@@ -34,9 +34,6 @@ KNOWN = {
     # dropped fds back to the IO loop, which every transport and lender must then use.
     "protocol/pyvfio_user/connection.py: imports os",
     "protocol/devmodel_wire/lease/connection.py: imports os",
-    # encode_event stamps events with time.time() unless given `now`; the control server
-    # (devmodel/control/server.py) has to pass `now` before the default can go.
-    "protocol/devmodel_wire/control.py: imports time",
 }
 
 
