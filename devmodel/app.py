@@ -240,11 +240,11 @@ def _transport(
     device = inst.device
     if settings.transport == "xen":
         try:
-            xen = importlib.import_module("devmodel.transports.xen")
+            xen = importlib.import_module("devmodel.xen.server")
             serve_xen = xen.serve_xen
         except (ImportError, AttributeError):
             raise StartupError(
-                "the xen transport is not available in this build (devmodel.transports.xen)"
+                "the xen transport is not available in this build (devmodel.xen.server)"
             ) from None
 
         async def start_xen(nursery: trio.Nursery) -> None:

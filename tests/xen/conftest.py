@@ -16,7 +16,7 @@ from devmodel.metrics import InstrumentedEngine
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
-from devmodel.transports.xen import XenServer, serve_xen
+from devmodel.xen.server import XenServer, serve_xen
 from tests.xen.sim_hypervisor import SimHypervisor, SimVcpu
 
 APERTURE = 1 << 20

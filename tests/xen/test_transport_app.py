@@ -14,7 +14,7 @@ import trio
 
 from devmodel import app
 from devmodel.config import build_settings
-from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY
+from devmodel.xen.server import DEFAULT_SBDF, STATE_KEY
 from tests.xen.conftest import CMD_MEMORY, DEVICE, VENDOR
 from tests.xen.sim_hypervisor import SimHypervisor
 

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from devmodel.control.toolstack import StartupError
-from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY, serve_xen
+from devmodel.xen.server import DEFAULT_SBDF, STATE_KEY, serve_xen
 from devmodel_wire.lease.constants import RevokeMode
 from devmodel_wire.xen import BufioreqMode
 from tests.unit.lease_fakes import FakeLender, memfd
