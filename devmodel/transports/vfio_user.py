@@ -90,9 +90,7 @@ class VfioUserServer:
 
     async def serve_client(self, sock: socket.socket) -> None:
         """Run one client's session to its end; the device survives whatever happens here."""
-        session = _Session(
-            sock, VfioUserRequests(self.backend, self.capabilities, self._bad_log)
-        )
+        session = _Session(sock, VfioUserRequests(self.backend, self.capabilities, self._bad_log))
         try:
             await session.run()
         except ProtocolError as exc:
