@@ -8,8 +8,8 @@ subscribed (the Xen transport re-claims its MMIO ranges from that notification).
 rust-vmm vm-device's `Bus`: ranges in, one lookup out; nothing here knows about sockets.
 
 Two ways in, because transports address regions two ways:
-- vfio-user names a region by its vfio index (0-5 BARs, 7 config): `lookup(index)`, a list
-  index, kept that cheap because 8-byte BAR0 reads are the hot path;
+- vfio-user names a region by its vfio index (0-5 BARs, 7 config): `lookup(index)`, one dict
+  lookup in C, kept that cheap because 8-byte BAR0 reads are the hot path;
 - Xen gives a guest physical address: `route(address)`, a bisect over the BARs that decode now
   (a BAR whose memory decoding is off, or that the guest never programmed, is on no address).
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from devmodel.pci.errors import AccessError
 
@@ -34,9 +34,9 @@ __all__ = [
     "refusing_region",
 ]
 
-ReadFn = Callable[[int, int], Awaitable[bytes]]
+ReadFn = Callable[[int, int], Coroutine[Any, Any, bytes]]
 """(offset, size) -> the bytes read; raises AccessError when refused."""
-WriteFn = Callable[[int, bytes], Awaitable[None]]
+WriteFn = Callable[[int, bytes], Coroutine[Any, Any, None]]
 """(offset, data); raises AccessError when refused."""
 
 
@@ -77,14 +77,30 @@ def refusing_region(index: int, name: str = "") -> Region:
     return Region(index, name or f"region {index}", 0, read, write)
 
 
+class _IndexTable(dict[int, Region]):
+    """Index -> region; an index with no region gets a refusing one (made, never stored).
+
+    A dict so that a hit is one C-level `__getitem__`, no Python frame: `lookup` is that bound
+    method, and it is on the hot path of every vfio-user access.
+    """
+
+    def __missing__(self, index: int) -> Region:
+        return refusing_region(index)
+
+
 class RegionBus:
     """Regions registered once by vfio index; accesses routed by index or by guest address."""
 
-    __slots__ = ("_by_index", "_defined", "_listeners", "_map", "_starts")
+    __slots__ = ("_by_index", "_defined", "_listeners", "_map", "_starts", "lookup")
 
     def __init__(self, count: int) -> None:
-        self._by_index: list[Region] = [refusing_region(i) for i in range(count)]
+        self._by_index = _IndexTable((i, refusing_region(i)) for i in range(count))
         self._defined = [False] * count
+        self.lookup: Callable[[int], Region] = self._by_index.__getitem__
+        """The region an access to vfio index `index` goes to; a refusing one if none is there.
+
+        The hot path: one dict lookup in C, no Python frame.
+        """
         self._map: tuple[MappedRange, ...] = ()
         self._starts: list[int] = []
         self._listeners: list[BusListener] = []
@@ -108,18 +124,8 @@ class RegionBus:
             return self._by_index[index]
         return None
 
-    def lookup(self, index: int) -> Region:
-        """The region an access to vfio index `index` goes to; a refusing one if none is there.
-
-        The hot path: one list index. `index` is an unsigned wire field, never negative.
-        """
-        try:
-            return self._by_index[index]
-        except IndexError:
-            return refusing_region(index)
-
     def regions(self) -> tuple[Region, ...]:
-        return tuple(self._by_index)
+        return tuple(self._by_index.values())
 
     # --- the address map ----------------------------------------------------------------------
 
@@ -167,7 +173,7 @@ class RegionBus:
         self._map = tuple(
             sorted(
                 MappedRange(r.address, r.address + r.size - 1, r.index)
-                for r in self._by_index
+                for r in self._by_index.values()
                 if r.address is not None and r.size
             )
         )
