@@ -34,6 +34,9 @@ class DeviceBackend:
     __slots__ = ("bus", "counters", "function", "lookup", "route")
 
     def __init__(self, function: PciFunction) -> None:
+        if function.on_decode_change is not None:
+            # Two buses following one function would each hold half the truth.
+            raise ValueError("this PCI function already reports its decode changes elsewhere")
         self.function = function
         self.counters: DeviceCounters = function.counters
         self.bus = bus = RegionBus(NUM_REGIONS)

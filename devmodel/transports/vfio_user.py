@@ -106,6 +106,8 @@ class VfioUserServer:
 class _Session:
     """One client connection: its socket, the receive buffer, and its requests in order."""
 
+    __slots__ = ("buffer", "requests", "sock", "view")
+
     def __init__(self, sock: socket.socket, requests: VfioUserRequests) -> None:
         self.sock = sock
         self.requests = requests

@@ -51,6 +51,8 @@ _OPTIONAL_COMMANDS: Final[dict[type, int]] = {
 class VfioUserRequests:
     """One client's requests: the protocol object, its DMA maps, and the replies to send."""
 
+    __slots__ = ("_bad_log", "_handlers", "backend", "conn", "counters", "current", "dma", "out")
+
     def __init__(
         self,
         backend: DeviceBackend,
@@ -61,10 +63,10 @@ class VfioUserRequests:
         self.counters: DeviceCounters = backend.counters
         self.conn = ServerConnection(capabilities)
         self.dma = DmaTable(capabilities.max_dma_maps)
+        # Replies encoded and not sent yet, in order; the transport sends and clears them.
         self.out: list[Outgoing] = []
-        """Replies encoded and not sent yet, in order; the transport sends and clears them."""
+        # The access being served while an await is pending: answered on a forced stop.
         self.current: Access | None = None
-        """The access being served while an await is pending: answered on a forced stop."""
         self._bad_log = bad_log or RateLimitedLogger(log)
         self._handlers: dict[type, Callable[[Any], Any]] = {
             ev.VersionRequest: self.version,

@@ -198,6 +198,8 @@ def test_the_backend_owns_the_decode_hook_until_closed() -> None:
     assert owned and function.on_decode_change is not None
     same, owned_again = backend_for(made)
     assert same is made and not owned_again
+    with pytest.raises(ValueError, match="already reports"):
+        DeviceBackend(function)
     made.close()
     assert function.on_decode_change is None
     function.aperture.close()
