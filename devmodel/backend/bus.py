@@ -157,17 +157,17 @@ class RegionBus:
         True if the address map changed. This is the one place a BAR move lands, whatever made
         it (a config write, memory decoding toggled, a reset).
         """
-        changed = False
         for index, address in addresses.items():
-            region = self._by_index[index]
-            if region.address != address:
-                region.address = address
-                changed = True
-        if changed:
-            self._rebuild()
-            for listener in list(self._listeners):
-                listener(self._map)
-        return changed
+            if self.get(index) is None:
+                raise ValueError(f"no region {index} to move")
+            self._by_index[index].address = address
+        before = self._map
+        self._rebuild()
+        if self._map == before:
+            return False
+        for listener in list(self._listeners):
+            listener(self._map)
+        return True
 
     def _rebuild(self) -> None:
         self._map = tuple(

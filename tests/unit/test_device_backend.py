@@ -92,6 +92,9 @@ async def test_bus_refuses_unknown_indexes_and_double_registration() -> None:
     with pytest.raises(ValueError, match="outside the bus"):
         bus.register(refusing_region(3))
     assert bus.get(1) is not None and bus.get(0) is None and bus.get(7) is None
+    with pytest.raises(ValueError, match="no region 0"):
+        bus.move({0: 0x1000})
+    assert bus.move({1: 0x1000}) is False  # a region of size 0 decodes nowhere
     for index in (0, 1, 2, 3, 1 << 31):
         with pytest.raises(AccessError) as info:
             await bus.lookup(index).read(0, 4)
