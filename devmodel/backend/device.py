@@ -20,7 +20,15 @@ from functools import partial
 
 from devmodel.backend.bus import MappedRange, Region, RegionBus, refusing_region
 from devmodel.counters import DeviceCounters
-from devmodel.pci.function import NUM_REGIONS, REGION_CONFIG, REGION_ROM, REGION_VGA, PciFunction
+from devmodel.pci.function import (
+    APERTURE_BAR,
+    NUM_REGIONS,
+    REGION_CONFIG,
+    REGION_ROM,
+    REGION_VGA,
+    REGISTER_BAR,
+    PciFunction,
+)
 from devmodel.pci.irqs import IrqTable
 
 __all__ = ["BAR_INDEXES", "DeviceBackend", "backend_for"]
@@ -40,16 +48,17 @@ class DeviceBackend:
         self.function = function
         self.counters: DeviceCounters = function.counters
         self.bus = bus = RegionBus(NUM_REGIONS)
+        served = {
+            APERTURE_BAR: (function.aperture_read, function.aperture_write),
+            REGISTER_BAR: (function.register_read, function.register_write),
+        }
         for bar in BAR_INDEXES:
-            bus.register(
-                Region(
-                    bar,
-                    f"BAR{bar}",
-                    function.region_size(bar),
-                    partial(function.bar_read, bar),
-                    partial(function.bar_write, bar),
-                )
+            # BAR0 and BAR2 call the function's own method for that BAR (no index to dispatch
+            # on: BAR0 is the hot path); an absent BAR gets the function's refusal.
+            read, write = served.get(
+                bar, (partial(function.bar_read, bar), partial(function.bar_write, bar))
             )
+            bus.register(Region(bar, f"BAR{bar}", function.region_size(bar), read, write))
         bus.register(refusing_region(REGION_ROM, "expansion ROM"))
         bus.register(
             Region(
