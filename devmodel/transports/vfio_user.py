@@ -119,15 +119,22 @@ class _Session:
         self.view.release()
 
     async def run(self) -> None:
+        """Receive, answer in order, send; until the client closes or the server stops."""
         requests = self.requests
+        conn = requests.conn
+        sock = self.sock
+        view = self.view
         try:
             while True:
-                await self._recv()
+                n, fds = await recv_async(sock, view)
+                conn.receive_data(view[:n], fds)
                 more = await requests.process()
                 if requests.out:
                     await self._flush()
                 if not more:
                     return
+        except FdsTruncated as exc:
+            raise ProtocolError(str(exc)) from None
         except trio.Cancelled:
             await self._drain_on_stop()
             raise
@@ -155,13 +162,6 @@ class _Session:
                     await self._flush()
             except (ProtocolError, OSError) as exc:
                 log.info("could not answer everything before stopping: %s", exc)
-
-    async def _recv(self) -> None:
-        try:
-            n, fds = await recv_async(self.sock, self.view)
-        except FdsTruncated as exc:
-            raise ProtocolError(str(exc)) from None
-        self.requests.conn.receive_data(self.view[:n], fds)
 
     def _recv_nowait(self) -> bool:
         """Feed whatever is readable right now; False when nothing (or the end) was there."""
