@@ -18,7 +18,7 @@ toolstacks run a device model"):
    log line gives the counters, and the exit status is 0. A second stop signal while stopping
    exits at once (the default action of the signal).
 
-The Xen transport: `--transport xen` loads `devmodel.transports.xen.serve_xen`,
+The Xen transport: `--transport xen` loads `devmodel.xen.server.serve_xen`,
 started as `await nursery.start(serve_xen, device, counters, domid)`; it must call
 `task_status.started()` once the ioreq server serves, and run until cancelled.
 """
@@ -284,11 +284,11 @@ def _transport(
     device = inst.device
     if settings.transport == "xen":
         try:
-            xen = importlib.import_module("devmodel.transports.xen")
+            xen = importlib.import_module("devmodel.xen.server")
             serve_xen = xen.serve_xen
         except (ImportError, AttributeError):
             raise StartupError(
-                "the xen transport is not available in this build (devmodel.transports.xen)"
+                "the xen transport is not available in this build (devmodel.xen.server)"
             ) from None
 
         async def start_xen(nursery: trio.Nursery) -> None:

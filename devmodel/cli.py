@@ -122,7 +122,7 @@ def capabilities() -> dict[str, object]:
     """What --print-capabilities prints."""
     from devmodel.control.commands import COMMANDS, EVENTS  # noqa: PLC0415 (only here)
 
-    xen = importlib.util.find_spec("devmodel.transports.xen") is not None
+    xen = importlib.util.find_spec("devmodel.xen.server") is not None
     return {
         "name": "devmodel",
         "version": __version__,

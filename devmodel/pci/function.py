@@ -159,39 +159,62 @@ class PciFunction:
     async def bar_read(self, bar: int, offset: int, size: int) -> bytes:
         """Read `size` bytes (1, 2, 4 or 8, naturally aligned) at `offset` in a BAR."""
         if bar == APERTURE_BAR:
-            if size in VALID_SIZES and not offset & (size - 1) and 0 <= offset <= (
-                self._bar0_size - size
-            ):
-                self.counters.trapped_reads += 1
-                return await self._aperture_read(offset, size)
-            raise self._refused(bar, offset, size)
+            return await self.aperture_read(offset, size)
         if bar == REGISTER_BAR:
-            try:
-                return self.registers.read(offset, size)
-            except AccessError:
-                self.counters.bad_accesses += 1
-                raise
+            return await self.register_read(offset, size)
         raise self._refused(bar, offset, size)
 
     async def bar_write(self, bar: int, offset: int, data: bytes) -> None:
         """Write `data` (1, 2, 4 or 8 bytes, naturally aligned) at `offset` in a BAR."""
-        size = len(data)
         if bar == APERTURE_BAR:
-            if size in VALID_SIZES and not offset & (size - 1) and 0 <= offset <= (
-                self._bar0_size - size
-            ):
-                self.counters.trapped_writes += 1
-                await self._aperture_write(offset, data)
-                return
-            raise self._refused(bar, offset, size)
-        if bar == REGISTER_BAR:
-            try:
-                self.registers.write(offset, data)
-            except AccessError:
-                self.counters.bad_accesses += 1
-                raise
+            await self.aperture_write(offset, data)
+        elif bar == REGISTER_BAR:
+            await self.register_write(offset, data)
+        else:
+            raise self._refused(bar, offset, len(data))
+
+    # One method per BAR, so that a region table can call a BAR without an index to dispatch
+    # on (devmodel/backend): BAR0's are the hot path of every trapped access.
+
+    async def aperture_read(self, offset: int, size: int) -> bytes:
+        """BAR0: `size` bytes (1, 2, 4 or 8, naturally aligned) of lent memory at `offset`."""
+        if (
+            size in VALID_SIZES
+            and not offset & (size - 1)
+            and 0 <= offset <= (self._bar0_size - size)
+        ):
+            self.counters.trapped_reads += 1
+            return await self._aperture_read(offset, size)
+        raise self._refused(APERTURE_BAR, offset, size)
+
+    async def aperture_write(self, offset: int, data: bytes) -> None:
+        """BAR0: `data` (1, 2, 4 or 8 bytes, naturally aligned) into lent memory at `offset`."""
+        size = len(data)
+        if (
+            size in VALID_SIZES
+            and not offset & (size - 1)
+            and 0 <= offset <= (self._bar0_size - size)
+        ):
+            self.counters.trapped_writes += 1
+            await self._aperture_write(offset, data)
             return
-        raise self._refused(bar, offset, size)
+        raise self._refused(APERTURE_BAR, offset, size)
+
+    async def register_read(self, offset: int, size: int) -> bytes:
+        """BAR2: a register read (registers.py has the rules)."""
+        try:
+            return self.registers.read(offset, size)
+        except AccessError:
+            self.counters.bad_accesses += 1
+            raise
+
+    async def register_write(self, offset: int, data: bytes) -> None:
+        """BAR2: a register write (registers.py has the rules)."""
+        try:
+            self.registers.write(offset, data)
+        except AccessError:
+            self.counters.bad_accesses += 1
+            raise
 
     def _refused(self, bar: int, offset: int, size: int) -> AccessError:
         """Count a refused BAR access and build its error (the slow path, off the hot one)."""

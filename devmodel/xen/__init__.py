@@ -1,5 +1,6 @@
-"""Xen: the host interfaces an ioreq server needs, behind one contract (platform.py).
+"""Xen: the ioreq transport (server.py and its parts) and the host interfaces it needs.
 
-The transport (devmodel/transports/xen.py) talks only to `XenPlatform`; the real one binds
-Xen's tool libraries through ctypes, the simulated one (tests) plays the hypervisor.
+The transport talks to Xen only through `XenPlatform` (platform.py); the real one binds Xen's
+tool libraries through ctypes (host.py, libs.py), the simulated one (tests) plays the
+hypervisor. Regions are found through the device backend's bus (devmodel/backend).
 """

@@ -17,7 +17,7 @@ from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
 from devmodel.testing import SimHypervisor, SimVcpu
-from devmodel.transports.xen import XenServer, serve_xen
+from devmodel.xen.server import XenServer, serve_xen
 
 APERTURE = 1 << 20
 GRANULE = 4096

@@ -15,7 +15,7 @@ import trio
 from devmodel import app
 from devmodel.config import build_settings
 from devmodel.testing import SimHypervisor
-from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY
+from devmodel.xen.server import DEFAULT_SBDF, STATE_KEY
 from tests.xen.rig import CMD_MEMORY, DEVICE, VENDOR
 
 BAR0 = 0xC000_0000

@@ -9,7 +9,7 @@ import trio
 
 from devmodel.control.toolstack import StartupError
 from devmodel.testing import FakeLender, SimHypervisor, memfd
-from devmodel.transports.xen import DEFAULT_SBDF, STATE_KEY, serve_xen
+from devmodel.xen.server import DEFAULT_SBDF, STATE_KEY, serve_xen
 from devmodel_wire.lease.constants import RevokeMode
 from devmodel_wire.xen import BufioreqMode
 from tests.xen.rig import APERTURE, BAR0, BAR2, Rig, build_device, builtin_rig, serving

@@ -1,0 +1,196 @@
+"""The Xen transport: an alternate ioreq server that presents the device backend to one guest.
+
+Xen traps the guest's accesses to what this server claimed (one PCI function's config cycles,
+and the BARs' MMIO ranges while memory decoding is on) and writes each into the trapping vCPU's
+slot of the shared ioreq page. This module wires the parts together and owns their lifetime:
+
+- setup.py: setup and teardown with Xen, readiness in xenstore;
+- bar_claims.py: the MMIO ranges claimed, following the backend's region bus;
+- vcpus.py: the dispatch loop and one worker per vCPU;
+- request.py: one request decoded and served on the backend;
+- posted.py: the buffered ring of posted writes;
+- p2m.py: the seam for the lending hypercall.
+
+Everything host-specific goes through `XenPlatform` (platform.py): the real one binds Xen's
+tool libraries, tests pass a simulated hypervisor. The slot and ring layouts come from
+protocol/devmodel_wire/xen, which is checked against Xen's headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+
+from devmodel.backend.bus import MappedRange
+from devmodel.backend.device import DeviceBackend, backend_for
+from devmodel.control.toolstack import StartupError
+from devmodel.counters import DeviceCounters
+from devmodel.pci.function import PciFunction
+from devmodel.ratelimit import RateLimitedLogger
+from devmodel.xen.bar_claims import BarClaims
+from devmodel.xen.open_host import open_host
+from devmodel.xen.p2m import EmulateEverything, P2mMapper
+from devmodel.xen.platform import XenError, XenPlatform
+from devmodel.xen.posted import PostedWrites
+from devmodel.xen.request import MAX_REP_BYTES, IoreqHandler
+from devmodel.xen.setup import DEFAULT_SBDF, STATE_KEY, IoreqServerSetup, Step
+from devmodel.xen.vcpus import VcpuWorkers
+from devmodel_wire.xen import BufferedRing, XenAbiError
+
+__all__ = [
+    "DEFAULT_SBDF",
+    "MAX_REP_BYTES",
+    "STATE_KEY",
+    "EmulateEverything",
+    "P2mMapper",
+    "XenServer",
+    "serve_xen",
+]
+
+log = logging.getLogger("devmodel.xen")
+
+
+async def serve_xen(
+    device: PciFunction | DeviceBackend,
+    counters: DeviceCounters,
+    domid: int,
+    *,
+    platform: XenPlatform | None = None,
+    sbdf: tuple[int, int, int, int] = DEFAULT_SBDF,
+    mapper: P2mMapper | None = None,
+    state_key: str = STATE_KEY,
+    task_status: trio.TaskStatus[XenServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `device` (a PCI function or its backend) to guest `domid` until cancelled.
+
+    Without `platform` the real host is opened; either way this function owns the platform
+    and closes it on the way out (and the backend, if it made one). A failure before the
+    server serves raises StartupError (`devmodel run` exits 1 with its message) after undoing
+    whatever was set up.
+    """
+    if platform is None:
+        platform = open_host(domid)
+    backend, owned = backend_for(device)
+    server = XenServer(backend, counters, platform, sbdf, mapper or EmulateEverything())
+    try:
+        try:
+            server.start(state_key.format(domid=domid))
+        except (XenError, XenAbiError) as exc:
+            raise StartupError(
+                f"cannot set up the ioreq server for domain {domid}: {exc}"
+            ) from None
+        await server.run(task_status)
+    finally:
+        server.stop()
+        if owned:
+            backend.close()
+
+
+class XenServer:
+    """One ioreq server: its parts, started in order and stopped in reverse."""
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        counters: DeviceCounters,
+        platform: XenPlatform,
+        sbdf: tuple[int, int, int, int],
+        mapper: P2mMapper,
+    ) -> None:
+        self.backend = backend
+        self.device = backend.function
+        self.counters = counters
+        self.platform = platform
+        self.mapper = mapper
+        self.setup = IoreqServerSetup(platform, sbdf)
+        self._log = RateLimitedLogger(log)
+        self.handler = IoreqHandler(backend, platform, sbdf, mapper, self._log)
+        self.claims: BarClaims | None = None
+        self.posted = PostedWrites(None, counters, self.handler.write, self._log)
+        self.workers: VcpuWorkers | None = None
+        self._hook_installed = False
+        self._stopped = False
+
+    # --- what tests and the REPL look at --------------------------------------------------------
+
+    @property
+    def server_id(self) -> int | None:
+        return self.setup.server_id
+
+    @property
+    def vcpu_port(self) -> list[int]:
+        return self.setup.vcpu_port
+
+    @property
+    def ranges(self) -> list[MappedRange]:
+        return self.claims.ranges if self.claims is not None else []
+
+    @property
+    def ring(self) -> BufferedRing:
+        return self.posted.ring
+
+    @property
+    def served(self) -> int:
+        return self.workers.served if self.workers is not None else 0
+
+    @property
+    def _busy(self) -> list[bool]:
+        return self.workers.busy if self.workers is not None else []
+
+    # --- lifetime -------------------------------------------------------------------------------
+
+    def start(self, state_key: str) -> None:
+        """Everything up to enabling the server and announcing it; undone by `stop`."""
+        setup = self.setup
+        sid = setup.open()
+        hooks = getattr(self.device.aperture, "unmap_hooks", None)
+        if isinstance(hooks, list):
+            hooks.append(self.mapper.unmap)
+            self._hook_installed = True
+        self.posted.page = setup.bufioreq
+        self.workers = VcpuWorkers(
+            self.platform,
+            setup.ioreq,
+            setup.vcpu_port,
+            setup.buf_port,
+            self.posted,
+            self.handler.serve,
+            self._log,
+        )
+        self.claims = BarClaims(self.platform, sid, self.backend.bus, self.mapper)
+        self.claims.start()
+        setup.announce(state_key)
+
+    async def run(self, task_status: trio.TaskStatus[XenServer]) -> None:
+        """Start a worker per vCPU, report started, then dispatch events until cancelled."""
+        workers = self.workers
+        assert workers is not None
+        async with trio.open_nursery() as nursery:
+            workers.start_workers(nursery)
+            if self.setup.buf_port is not None:
+                nursery.start_soon(self.posted.run)
+            task_status.started(self)
+            await workers.dispatch()
+
+    def stop(self) -> None:
+        """Undo `start` in reverse, whatever state it reached; each step is tried alone."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.workers is not None:
+            self.workers.stopped = True
+        unclaims: list[Step] = self.claims.release_steps() if self.claims is not None else []
+        steps = self.setup.teardown_steps(unclaims)
+        if self._hook_installed:
+            hooks = getattr(self.device.aperture, "unmap_hooks", [])
+            with contextlib.suppress(ValueError):
+                hooks.remove(self.mapper.unmap)
+        for what, step in steps:
+            try:
+                step()
+            except (XenError, OSError) as exc:
+                log.warning("stopping: cannot %s: %s", what, exc)
+        self.setup.closed()
+        log.info("ioreq server stopped after %d requests", self.served)
