@@ -34,11 +34,12 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
 from devmodel import __version__
+from devmodel.backend import DeviceBackend
 from devmodel.config import Settings
 from devmodel.control import commands
 from devmodel.control.instance import (
@@ -156,13 +157,12 @@ class _Stopper:
             self.request(signal.Signals(signum).name)
 
 
-@dataclass(eq=False)
-class _TransportWiring:
-    """What `_transport` reads and fills in before the `Instance` exists (it is built last)."""
+class _Transport(NamedTuple):
+    """A transport whose resources exist (its socket is bound): how to start it, and whether
+    a client is attached (vfio-user; the Xen transport has no client to lose)."""
 
-    device: PciFunction
-    counters: DeviceCounters
-    transport_connected: Callable[[], bool] = lambda: False
+    start: Callable[[trio.Nursery], Awaitable[None]]
+    connected: Callable[[], bool]
 
 
 async def _serve(
@@ -197,18 +197,17 @@ async def _serve(
     vendor, device_id = settings.pci_id
     identity = PciIdentity(vendor_id=vendor, device_id=device_id)
     device = PciFunction(identity, engine, counters, features=Feature.LENT)
+    # The one backend every transport calls (its region bus follows the function's BARs).
+    backend = DeviceBackend(device)
     runtime = Runtime()
     on_event = runtime.emit
     engine.on_event = on_event
 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_close_engine, engine, builtin)
-        wiring = _TransportWiring(device, counters)
-        start_transport = _transport(settings, wiring, stack, on_event, xen_platform)
-
-        def transport_connected() -> bool:
-            # Looked up at query time: a transport may also say later how its status is read.
-            return wiring.transport_connected()
+        stack.callback(backend.close)
+        transport = _transport(settings, backend, counters, stack, on_event, xen_platform)
+        transport_connected = transport.connected
 
         metrics_listeners: list[trio.SocketListener] = []
         metrics_address: tuple[str, int] | None = None
@@ -259,7 +258,7 @@ async def _serve(
             nursery.start_soon(stopper.watch, signals)
             if link is not None:
                 nursery.start_soon(link.run)
-            await start_transport(nursery)
+            await transport.start(nursery)
             if control is not None:
                 await nursery.start(control.serve)
             if metrics_listeners:
@@ -274,14 +273,13 @@ async def _serve(
 
 def _transport(
     settings: Settings,
-    inst: _TransportWiring,
+    backend: DeviceBackend,
+    counters: DeviceCounters,
     stack: contextlib.AsyncExitStack,
     on_event: Callable[[str, dict[str, object]], None],
     xen_platform: Callable[[int], XenPlatform] | None = None,
-) -> Callable[[trio.Nursery], Awaitable[None]]:
+) -> _Transport:
     """Create the transport's resources now (StartupError here); return how to start it."""
-    assert inst.device is not None
-    device = inst.device
     if settings.transport == "xen":
         try:
             xen = importlib.import_module("devmodel.xen.server")
@@ -295,16 +293,15 @@ def _transport(
             start = serve_xen
             if xen_platform is not None:
                 start = functools.partial(serve_xen, platform=xen_platform(settings.domid))
-            await nursery.start(start, device, inst.counters, settings.domid)
+            await nursery.start(start, backend, counters, settings.domid)
 
-        return start_xen
+        return _Transport(start_xen, lambda: False)
 
     def on_client(what: str) -> None:
         name = "CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED"
         on_event(name, {"transport": "vfio-user"})
 
-    server = VfioUserServer(device, inst.counters, on_client=on_client)
-    inst.transport_connected = lambda: server.connected
+    server = VfioUserServer(backend, counters, on_client=on_client)
     listener = open_listener(settings)
     owned = settings.socket_path if settings.fd is None else None
     stack.callback(unlink_quietly, owned)
@@ -313,7 +310,7 @@ def _transport(
     async def start_vfio_user(nursery: trio.Nursery) -> None:
         await nursery.start(server.serve, listener)
 
-    return start_vfio_user
+    return _Transport(start_vfio_user, lambda: server.connected)
 
 
 def _announce(settings: Settings, inst: Instance) -> None:
