@@ -14,6 +14,7 @@
 Nothing here imports pytest, and nothing in devmodel outside this package imports it.
 """
 
+from devmodel.testing._private.device import memory_backend
 from devmodel.testing._private.fds import (
     F_ADD_SEALS,
     F_SEAL_FUTURE_WRITE,
@@ -135,6 +136,7 @@ __all__ = [
     "mapped",
     "memfd",
     "memfd_is_mapped",
+    "memory_backend",
     "negotiated_pair",
     "one_event",
     "open_fds",

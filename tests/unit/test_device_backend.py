@@ -15,6 +15,7 @@ from devmodel.pci import config_space as cs
 from devmodel.pci.errors import AccessError
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
+from devmodel.testing import memory_backend
 
 MiB = 1 << 20
 APERTURE = 2 * MiB
@@ -24,12 +25,8 @@ BAR2_AT = 0xF000_0000
 
 @pytest.fixture
 def backend() -> Iterator[DeviceBackend]:
-    function = PciFunction(PciIdentity(), OwnedMemory(APERTURE), DeviceCounters())
-    b = DeviceBackend(function)
-    yield b
-    b.close()
-    function.close()
-    function.aperture.close()
+    with memory_backend(APERTURE) as b:
+        yield b
 
 
 def config_write(b: DeviceBackend, offset: int, value: int, size: int) -> None:

@@ -10,13 +10,9 @@ from typing import Any
 
 import pytest
 
-from devmodel.aperture import OwnedMemory
 from devmodel.backend import DeviceBackend
-from devmodel.counters import DeviceCounters
 from devmodel.pci import config_space as cs
-from devmodel.pci.function import PciFunction
-from devmodel.pci.identity import PciIdentity
-from devmodel.testing import drain
+from devmodel.testing import drain, memory_backend
 from devmodel.transports.vfio_user_requests import VfioUserRequests
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
@@ -29,12 +25,8 @@ BAR0_AT = 0xE000_0000
 
 @pytest.fixture
 def backend() -> Iterator[DeviceBackend]:
-    function = PciFunction(PciIdentity(), OwnedMemory(APERTURE), DeviceCounters())
-    b = DeviceBackend(function)
-    yield b
-    b.close()
-    function.close()
-    function.aperture.close()
+    with memory_backend(APERTURE) as b:
+        yield b
 
 
 class Pair:
