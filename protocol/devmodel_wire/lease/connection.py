@@ -218,6 +218,15 @@ def event_id(event: ev.Event) -> int:
     return 0
 
 
+def answered_by_error(error: ev.Error) -> Key | None:
+    """The request an ERROR answers, or None: a type this side does not know was never sent,
+    and a DUPLICATE_ID refusal leaves the first request of that id outstanding."""
+    ref = known_type(error.ref_type)
+    if ref is None or error.code == ErrorCode.DUPLICATE_ID:
+        return None
+    return ref, error.ref_id
+
+
 def clip(text: str, limit: int = MAX_TEXT_BYTES) -> str:
     """Cut `text` to at most `limit` UTF-8 bytes on a character boundary, without NULs."""
     raw = text.replace("\x00", "?").encode("utf-8", "replace")[:limit]
@@ -428,9 +437,9 @@ class _Connection:
         msg_type = event.TYPE
         msg_id = event_id(event)
         if isinstance(event, ev.Error):
-            ref = known_type(event.ref_type)
-            if ref is not None and event.code != ErrorCode.DUPLICATE_ID:
-                self._awaiting.discard((ref, msg_id))
+            settled = answered_by_error(event)
+            if settled is not None:
+                self._awaiting.discard(settled)
             return
         request = ANSWERED_BY.get(msg_type)
         if request is not None:
@@ -548,9 +557,9 @@ class _Connection:
         msg_type = event.TYPE
         msg_id = event_id(event)
         if isinstance(event, ev.Error):
-            ref = known_type(event.ref_type)
-            if ref is not None and event.code != ErrorCode.DUPLICATE_ID:
-                self._settle((ref, msg_id))
+            settled = answered_by_error(event)
+            if settled is not None:
+                self._settle(settled)
             return
         request = ANSWERED_BY.get(msg_type)
         if request is not None:
