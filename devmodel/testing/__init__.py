@@ -6,7 +6,8 @@
   SCM_RIGHTS (`FdBag`).
 - The lease engine's lender side, in process: `FakeLender`, with `make_engine`, and `spawn` to
   run a task whose outcome (`Box`) a test reads.
-- A real `LenderLink` against a lender the test scripts step by step: `lender_link_rig`.
+- A real `LenderLink` against a lender the test scripts step by step: `lender_link_rig`, and
+  `lender_session` with the first session open and a memfd to grant from.
 - Lenders on real sockets in threads of their own: `ThreadedLender`, `StallingLender`.
 - A simulated Xen hypervisor the Xen transport cannot tell from a host: `SimHypervisor`.
 - Sealed memfds, and looks at the fds and mappings this process holds.
@@ -52,6 +53,7 @@ from devmodel.testing._private.lender_link_rig import (
     LenderListener,
     ScriptedLender,
     lender_link_rig,
+    lender_session,
 )
 from devmodel.testing._private.sim_hypervisor import (
     REMOTE_BUF_PORT,
@@ -131,6 +133,7 @@ __all__ = [
     "fds_of_memfd",
     "file_key",
     "lender_link_rig",
+    "lender_session",
     "make_engine",
     "mapped",
     "memfd",
