@@ -140,13 +140,13 @@ def make(role: lp.Role, state: lp.State, pool: FdPool) -> Conn:
     return conn
 
 
-def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]:
-    """A message of each type that the OPEN setups above would accept if its direction is
-    right (ids chosen to match their outstanding requests)."""
-    samples: dict[TypeKey, lp.Event] = {
-        lp.MsgType.HELLO: lender_hello(),
+def samples(hello: lp.Hello, error: lp.Error, fd: int) -> dict[lp.MsgType, lp.Event]:
+    """A message of each type, with `hello` and `error` as given (ids chosen to match the
+    outstanding requests of the OPEN setups above)."""
+    return {
+        lp.MsgType.HELLO: hello,
         lp.MsgType.BYE: lp.Bye(),
-        lp.MsgType.ERROR: lp.Error(lp.MsgType.PING, 1, lp.ErrorCode.OTHER),
+        lp.MsgType.ERROR: error,
         lp.MsgType.PING: lp.Ping(2),
         lp.MsgType.PONG: lp.Pong(1),
         lp.MsgType.GRANT: lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd),
@@ -157,28 +157,20 @@ def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]
         lp.MsgType.PAGE_IN: lp.PageIn(2, 0, GRANULE, lp.Access.READ),
         lp.MsgType.PAGE_IN_DONE: lp.PageInDone(1, lp.PageInStatus.OK),
     }
+
+
+def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]:
+    """A message of each type that the OPEN setups above would accept if its direction is
+    right (ids chosen to match their outstanding requests)."""
     if msg_type is None:
         return raw_message(UNKNOWN, 5, b"body"), ()
-    event = samples[msg_type]
+    event = samples(lender_hello(), lp.Error(lp.MsgType.PING, 1, lp.ErrorCode.OTHER), fd)[msg_type]
     return encode(event), (fd,) if msg_type is lp.MsgType.GRANT else ()
 
 
 def sent_sample(role: lp.Role, msg_type: lp.MsgType, fd: int) -> lp.Event:
-    samples: dict[lp.MsgType, lp.Event] = {
-        lp.MsgType.HELLO: borrower_hello() if role is lp.Role.BORROWER else lender_hello(),
-        lp.MsgType.BYE: lp.Bye(),
-        lp.MsgType.ERROR: lp.Error(lp.MsgType.GRANT, 99, lp.ErrorCode.OTHER),
-        lp.MsgType.PING: lp.Ping(2),
-        lp.MsgType.PONG: lp.Pong(1),
-        lp.MsgType.GRANT: lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd),
-        lp.MsgType.GRANT_ACK: lp.GrantAck(1),
-        lp.MsgType.GRANT_NACK: lp.GrantNack(2, lp.NackReason.OTHER),
-        lp.MsgType.REVOKE: lp.Revoke(2, lp.RevokeMode.RELEASE),
-        lp.MsgType.REVOKED: lp.Revoked(1),
-        lp.MsgType.PAGE_IN: lp.PageIn(2, 0, GRANULE, lp.Access.READ),
-        lp.MsgType.PAGE_IN_DONE: lp.PageInDone(1, lp.PageInStatus.OK),
-    }
-    return samples[msg_type]
+    hello = borrower_hello() if role is lp.Role.BORROWER else lender_hello()
+    return samples(hello, lp.Error(lp.MsgType.GRANT, 99, lp.ErrorCode.OTHER), fd)[msg_type]
 
 
 # -- the rules, as the specification states them ----------------------------------------------
