@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from devmodel.config import Settings
@@ -24,6 +26,14 @@ from devmodel.pci.registers import Feature
 from devmodel_wire.control import Command, ServerConnection
 
 MiB = 1 << 20
+
+
+def split_json_line(buf: bytes) -> tuple[dict[str, object], bytes]:
+    """The JSON object on the first line of `buf` (which holds a LF), and what follows it."""
+    line, _, rest = buf.partition(b"\n")
+    obj = json.loads(line)
+    assert isinstance(obj, dict)
+    return obj, rest
 
 
 def instance(

@@ -15,6 +15,7 @@ import trio
 from devmodel.control.server import ControlClient, ControlServer
 from devmodel.control.toolstack import StartupError
 from devmodel_wire.control import Command, CommandFailed
+from tests.unit.control_support import split_json_line
 
 
 async def echo(client: ControlClient, cmd: Command) -> object:
@@ -39,9 +40,7 @@ class Peer:
                 if not data:
                     return None
                 self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        obj = json.loads(line)
-        assert isinstance(obj, dict)
+        obj, self.buf = split_json_line(self.buf)
         return obj
 
     async def send(self, obj: object) -> None:
