@@ -5,7 +5,8 @@
 - vfio-user without sockets: raw messages, negotiated sans-IO pairs, fds that travel as with
   SCM_RIGHTS (`FdBag`).
 - The lease engine's lender side, in process: `FakeLender`, with `make_engine`, and `spawn` to
-  run a task whose outcome (`Box`) a test reads.
+  run a task whose outcome (`Box`) a test reads; a slow or stuck hypervisor's unmaps:
+  `delay_unmaps`, `hold_unmaps`.
 - A real `LenderLink` against a lender the test scripts step by step: `lender_link_rig`, and
   `lender_session` with the first session open and a memfd to grant from.
 - Lenders on real sockets in threads of their own: `ThreadedLender`, `StallingLender`.
@@ -40,6 +41,8 @@ from devmodel.testing._private.lease_fakes import (
     FakeLender,
     RecordedPageIn,
     answer_from,
+    delay_unmaps,
+    hold_unmaps,
     make_engine,
     pattern,
     spawn,
@@ -125,6 +128,7 @@ __all__ = [
     "VfioUserClient",
     "answer_from",
     "chunked",
+    "delay_unmaps",
     "deliver",
     "drain",
     "expect_fatal",
@@ -132,6 +136,7 @@ __all__ = [
     "fds_naming",
     "fds_of_memfd",
     "file_key",
+    "hold_unmaps",
     "lender_link_rig",
     "lender_session",
     "make_engine",

@@ -36,6 +36,7 @@ from devmodel.testing import (
     RecordedPageIn,
     fd_is_open,
     fds_of_memfd,
+    hold_unmaps,
     make_engine,
     memfd,
     memfd_is_mapped,
@@ -188,12 +189,7 @@ def test_grant_overlapping_a_resident_lease(rig: Rig) -> None:
 async def test_grant_overlapping_a_revoking_lease(rig: Rig) -> None:
     home = rig.fd(APERTURE)
     lease = rig.lender.grant(0, 2 * PAGE, home)
-    release = trio.Event()
-
-    async def slow_unmap(start: int, length: int) -> None:
-        await release.wait()
-
-    rig.engine.unmap_hooks.append(slow_unmap)
+    release = hold_unmaps(rig.engine)
     async with trio.open_nursery() as nursery:
         done = spawn(nursery, rig.engine.revoke, lease, EVICT)
         await trio.testing.wait_all_tasks_blocked()
@@ -605,12 +601,7 @@ async def test_a_second_revoke_of_a_revoking_lease_is_not_silently_accepted(rig:
     # here; if one ever slips through, the engine refuses loudly rather than double-freeing.
     home = rig.fd(APERTURE)
     lease = rig.lender.grant(0, PAGE, home)
-    gate = trio.Event()
-
-    async def slow(start: int, length: int) -> None:
-        await gate.wait()
-
-    rig.engine.unmap_hooks.append(slow)
+    gate = hold_unmaps(rig.engine)
     async with trio.open_nursery() as nursery:
         first = spawn(nursery, rig.engine.revoke, lease, EVICT)
         await trio.testing.wait_all_tasks_blocked()
@@ -687,12 +678,7 @@ async def test_lender_lost_fails_waiting_accesses_and_ends_a_pending_revoke(rig:
     paged = lender.grant(0, PAGE, home)
     revoking = lender.grant(4 * PAGE, PAGE, home)
     await e.revoke(paged, EVICT)
-    gate = trio.Event()
-
-    async def slow(start: int, length: int) -> None:
-        await gate.wait()
-
-    e.unmap_hooks.append(slow)
+    gate = hold_unmaps(e)
     async with trio.open_nursery() as nursery:
         reader = spawn(nursery, e.read, 0, 8)
         await trio.testing.wait_all_tasks_blocked()
