@@ -147,18 +147,28 @@ def cut(data: bytes, points: Sequence[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(marks) if b > a]
 
 
+STREAM_CASES: dict[str, st.SearchStrategy[object]] = {
+    "target": st.sampled_from(sorted(TARGETS)),
+    "prefix": st.booleans(),
+    "data": STREAMS,
+}
+"""A connection to feed (by name), whether its session opens first, and the bytes."""
+
+
+def _head(target: str, prefix: bool) -> list[tuple[bytes, list[int]]]:
+    """The HELLO that opens the session of `target`, if `prefix` asks and it needs one."""
+    return [(HELLO_PREFIX[target], [])] if prefix and HELLO_PREFIX[target] else []
+
+
 def _run(target: str, prefix: bool, chunks: Sequence[bytes]) -> list[Outcome]:
     conn = TARGETS[target]()
-    head = [(HELLO_PREFIX[target], ())] if prefix and HELLO_PREFIX[target] else []
     body: list[tuple[bytes, Sequence[int]]] = [(c, ()) for c in chunks]
-    return feed_all(conn, head + body)
+    return feed_all(conn, [*_head(target, prefix), *body])
 
 
 @PROPERTY
 @given(
-    target=st.sampled_from(sorted(TARGETS)),
-    prefix=st.booleans(),
-    data=STREAMS,
+    **STREAM_CASES,
     points=st.lists(st.integers(0, 10_000), max_size=30),
 )
 def test_any_bytes_any_chunks_only_events_or_protocol_errors(
@@ -181,9 +191,7 @@ def test_any_bytes_any_chunks_only_events_or_protocol_errors(
 
 @PROPERTY
 @given(
-    target=st.sampled_from(sorted(TARGETS)),
-    prefix=st.booleans(),
-    data=STREAMS,
+    **STREAM_CASES,
     points=st.lists(st.integers(0, 10_000), max_size=20),
     fd_chunks=st.lists(st.tuples(st.integers(0, 50), st.integers(1, 3)), max_size=6),
 )
@@ -203,11 +211,8 @@ def test_every_fd_is_either_handed_out_or_closed(
                 chunks[index % len(chunks)][1].extend(fds)
                 given_fds += fds
         conn = TARGETS[target]()
-        head: list[tuple[bytes, list[int]]] = []
-        if prefix and HELLO_PREFIX[target]:
-            head.append((HELLO_PREFIX[target], []))
         outcomes: list[Outcome] = []
-        for chunk, fds in head + chunks:  # all of them, also after a fatal error
+        for chunk, fds in _head(target, prefix) + chunks:  # all of them, also after a fatal error
             conn.receive_data(chunk, fds)
             outcomes += drain(conn)
         conn.close()
