@@ -13,7 +13,7 @@ from devmodel.control.instance import (
     Instance,
     Lender,
     Runtime,
-    device_collector,
+    build_instance,
 )
 from devmodel.control.server import ControlClient, Peer
 from devmodel.counters import DeviceCounters
@@ -41,24 +41,10 @@ def instance(
 ) -> Instance:
     """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
     settings = settings or Settings(socket_path="/x")
-    counters = engine.counters
-    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
-    runtime = Runtime()
+    device = PciFunction(PciIdentity(), engine, engine.counters, features=Feature.LENT)
     stops: list[str] = []
-    metrics = device_collector(
-        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
-    )
-    return Instance(
-        settings=settings,
-        engine=engine,
-        counters=counters,
-        timing=timing,
-        device=device,
-        lender=lender,
-        transport_connected=lambda: False,
-        request_stop=stops.append,
-        metrics=metrics,
-        runtime=runtime,
+    return build_instance(
+        settings, engine, timing, device, lender, lambda: False, stops.append, Runtime()
     )
 
 
