@@ -604,24 +604,27 @@ def test_in_flight_limit(pool: FdPool, monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- file descriptors -------------------------------------------------------------------------
 
+GRANT_BYTES = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
+"""A GRANT an OPEN borrower accepts, as bytes; its fd travels beside them (each test its own)."""
+
 
 def test_fds_belong_to_the_message_holding_the_chunks_last_byte(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    ping, grant = encode(lp.Ping(5)), encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
+    ping = encode(lp.Ping(5))
     fd = pool.new()
-    borrower.receive_data(ping + grant[:10], (fd,))
+    borrower.receive_data(ping + GRANT_BYTES[:10], (fd,))
     assert borrower.next_event() == lp.Ping(5)
     assert borrower.next_event() is NEED_DATA
-    borrower.receive_data(grant[10:])
+    borrower.receive_data(GRANT_BYTES[10:])
     assert borrower.next_event() == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd)
     assert fd_is_open(fd)
 
 
 def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    grant, ping = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0)), encode(lp.Ping(5))
+    ping = encode(lp.Ping(5))
     fd = pool.new()
-    borrower.receive_data(grant + ping[:1], (fd,))
+    borrower.receive_data(GRANT_BYTES + ping[:1], (fd,))
     with pytest.raises(lp.LeaseProtocolError) as info:
         borrower.next_event()
     assert info.value.code == lp.ErrorCode.BAD_FD_COUNT  # the GRANT came without its fd
@@ -632,21 +635,20 @@ def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: Fd
 
 def test_wrong_fd_counts_close_every_fd(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    grant = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
     fds = (pool.new(), pool.new())
-    err = _refusal(borrower, grant, fds)
+    err = _refusal(borrower, GRANT_BYTES, fds)
     assert err.reply == lp.Error(lp.MsgType.GRANT, 3, lp.ErrorCode.BAD_FD_COUNT, err.reply.text)  # type: ignore[union-attr]
     assert not any(map(fd_is_open, fds))
     # Two chunks, each ending inside the same GRANT, each with an fd: still two.
     a, b = pool.new(), pool.new()
-    borrower.receive_data(grant[:20], (a,))
-    borrower.receive_data(grant[20:], (b,))
+    borrower.receive_data(GRANT_BYTES[:20], (a,))
+    borrower.receive_data(GRANT_BYTES[20:], (b,))
     with pytest.raises(lp.LeaseProtocolError):
         borrower.next_event()
     assert not fd_is_open(a) and not fd_is_open(b)
     # A refused GRANT leaves its id unused: the same GRANT with one fd is fine now.
     c = pool.new()
-    assert _take(borrower, grant, (c,)) == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, c)
+    assert _take(borrower, GRANT_BYTES, (c,)) == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, c)
 
 
 def test_fd_on_a_message_that_takes_none(pool: FdPool) -> None:
@@ -669,15 +671,14 @@ def test_refused_grant_after_checks_closes_its_fd(pool: FdPool) -> None:
 def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    grant = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
     borrower.receive_data(encode(lp.Ping(5)))
-    borrower.receive_data(grant, (fd,))
+    borrower.receive_data(GRANT_BYTES, (fd,))
     borrower.receive_data(struct.pack("<HHIQ", lp.MsgType.PING, 0, 1 << 20, 0))
     assert borrower.next_event() == lp.Ping(5)
     event = borrower.next_event()
     assert isinstance(event, lp.Grant) and fd_is_open(fd)  # handed out: the caller's now
     fd2 = pool.new()
-    borrower.receive_data(grant, (fd2,))
+    borrower.receive_data(GRANT_BYTES, (fd2,))
     with pytest.raises(lp.LeaseProtocolError) as info:
         borrower.next_event()
     assert info.value.fatal and not fd_is_open(fd2)
@@ -686,7 +687,7 @@ def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
 def test_close_releases_held_fds(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    borrower.receive_data(encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))[:30], (fd,))
+    borrower.receive_data(GRANT_BYTES[:30], (fd,))
     assert borrower.next_event() is NEED_DATA and fd_is_open(fd)
     borrower.close()
     assert not fd_is_open(fd)
@@ -716,7 +717,7 @@ def test_end_of_stream_after_buffered_events(pool: FdPool) -> None:
 def test_end_of_stream_inside_a_message(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    borrower.receive_data(encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))[:40], (fd,))
+    borrower.receive_data(GRANT_BYTES[:40], (fd,))
     borrower.receive_data(b"")
     with pytest.raises(lp.LeaseProtocolError) as info:
         borrower.next_event()
