@@ -8,6 +8,7 @@ test_lease_engine_timing.py; the hypothesis state machine in test_lease_engine_s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -371,15 +372,23 @@ async def test_first_and_last_byte_of_a_window(rig: Rig) -> None:
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_vacant_access_gets_the_policy(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         await _expect_policy(engine, policy, 0x1000, 4)
         await _expect_policy(engine, policy, APERTURE - 8, 8)
         assert lender.page_ins == []  # nothing to page in: no PAGE_IN (9.1 "Vacant")
         assert engine.counters.failed_accesses == 4
+
+
+@contextlib.contextmanager
+def policy_engine(policy: FailurePolicy) -> Iterator[tuple[LeaseEngine, FakeLender]]:
+    """An engine with `policy` and its FakeLender, both closed at the end."""
+    engine = make_engine(APERTURE, policy=policy)
+    lender = FakeLender(engine)
+    try:
+        yield engine, lender
     finally:
         engine.close()
+        lender.close()
 
 
 async def _expect_policy(engine: LeaseEngine, policy: FailurePolicy, at: int, size: int) -> None:
@@ -397,9 +406,7 @@ async def _expect_policy(engine: LeaseEngine, policy: FailurePolicy, at: int, si
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_release_makes_the_range_vacant(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         home = lender.own(memfd(APERTURE, fill=b"\x42" * PAGE))
         lease = lender.grant(0, 2 * PAGE, home)
         assert await engine.read(0, 8) == b"\x42" * 8
@@ -412,16 +419,11 @@ async def test_release_makes_the_range_vacant(policy: FailurePolicy) -> None:
         # The lender may lend the range again.
         lender.grant(0, PAGE, home)
         assert await engine.read(0, 8) == b"\x42" * 8
-    finally:
-        engine.close()
-        lender.close()
 
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_write_to_a_read_only_lease_gets_the_policy(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         home = lender.own(memfd(APERTURE, fill=b"\x42" * PAGE))
         lender.grant(0, PAGE, home, prot=RO)
         if policy is FailurePolicy.ERROR:
@@ -435,9 +437,6 @@ async def test_write_to_a_read_only_lease_gets_the_policy(policy: FailurePolicy)
         assert lender.page_ins == []  # 9.2: a guest error, no PAGE_IN
         assert engine.window_at(0) is not None
         assert engine.window_at(0).state is S.RESIDENT  # type: ignore[union-attr]
-    finally:
-        engine.close()
-        lender.close()
 
 
 async def test_lender_adding_a_write_seal_after_the_grant_gets_the_policy(rig: Rig) -> None:
@@ -637,9 +636,7 @@ async def test_no_port_or_unreachable_lender_gets_the_policy(rig: Rig) -> None:
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_lender_lost(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         a_fd = lender.own(memfd(APERTURE, "lost-a", fill=b"\x42" * PAGE))
         b_fd = lender.own(memfd(APERTURE, "lost-b"))
         lender.grant(0, 2 * PAGE, a_fd)
@@ -667,9 +664,6 @@ async def test_lender_lost(policy: FailurePolicy) -> None:
         assert engine.window_at(PAGE) is not None
         assert engine.window_at(PAGE).state is S.LOST  # type: ignore[union-attr]
         assert engine.kept_fds == 1
-    finally:
-        engine.close()
-        lender.close()
 
 
 async def test_lender_lost_fails_waiting_accesses_and_ends_a_pending_revoke(rig: Rig) -> None:
