@@ -334,8 +334,8 @@ def test_send_every_message_in_every_state(
 # -- handshake --------------------------------------------------------------------------------
 
 
-def _fatal_on_receive(conn: Conn, data: bytes) -> lp.LeaseProtocolError:
-    conn.receive_data(data)
+def _fatal_on_receive(conn: Conn, data: bytes, fds: tuple[int, ...] = ()) -> lp.LeaseProtocolError:
+    conn.receive_data(data, fds)
     with pytest.raises(lp.LeaseProtocolError) as info:
         conn.next_event()
     assert info.value.fatal
@@ -678,10 +678,8 @@ def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
     event = borrower.next_event()
     assert isinstance(event, lp.Grant) and fd_is_open(fd)  # handed out: the caller's now
     fd2 = pool.new()
-    borrower.receive_data(GRANT_BYTES, (fd2,))
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        borrower.next_event()
-    assert info.value.fatal and not fd_is_open(fd2)
+    _fatal_on_receive(borrower, GRANT_BYTES, (fd2,))
+    assert not fd_is_open(fd2)
 
 
 def test_close_releases_held_fds(pool: FdPool) -> None:
@@ -718,10 +716,8 @@ def test_end_of_stream_inside_a_message(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
     borrower.receive_data(GRANT_BYTES[:40], (fd,))
-    borrower.receive_data(b"")
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        borrower.next_event()
-    assert info.value.fatal and not fd_is_open(fd)
+    _fatal_on_receive(borrower, b"")
+    assert not fd_is_open(fd)
 
 
 def test_end_of_stream_with_fds_and_no_data(pool: FdPool) -> None:
@@ -780,18 +776,14 @@ def test_nothing_but_hello_or_bye_before_the_handshake(
     conn = make(role, lp.State.START, pool)
     data = event if isinstance(event, bytes) else encode(event)
     fds = (pool.new(),) if isinstance(event, lp.Grant) else ()
-    conn.receive_data(data, fds)
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        conn.next_event()
-    assert info.value.fatal and isinstance(info.value.reply, lp.Bye)
+    error = _fatal_on_receive(conn, data, fds)
+    assert isinstance(error.reply, lp.Bye)
     assert not (fds and fd_is_open(fds[0]))
 
 
 def test_a_hello_with_an_fd_is_fatal(pool: FdPool) -> None:
     conn = lp.LenderConnection()
     fd = pool.new()
-    conn.receive_data(encode(borrower_hello()), (fd,))
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        conn.next_event()
-    assert info.value.fatal and info.value.code == lp.ErrorCode.OTHER and not fd_is_open(fd)
-    assert isinstance(info.value.reply, lp.Bye)
+    error = _fatal_on_receive(conn, encode(borrower_hello()), (fd,))
+    assert error.code == lp.ErrorCode.OTHER and not fd_is_open(fd)
+    assert isinstance(error.reply, lp.Bye)
