@@ -44,11 +44,8 @@ from devmodel.testing import (
     pattern,
     spawn,
 )
-from devmodel_wire.lease.constants import Access, NackReason, PageInStatus, RevokeMode
-
-S = WindowState
-EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE
-APERTURE = 1 << 20
+from devmodel_wire.lease.constants import Access, NackReason, PageInStatus
+from tests.unit.lease_engine_support import APERTURE, EVICT, RELEASE, S, state
 
 
 @dataclass
@@ -64,8 +61,7 @@ class Rig:
         return self.lender.own(memfd(size, name, seals=seals, fill=fill))
 
     def state(self, offset: int) -> WindowState:
-        w = self.engine.window_at(offset)
-        return S.VACANT if w is None else w.state
+        return state(self.engine, offset)
 
     def snapshot(self) -> object:
         """Everything a refused grant must leave as it was."""

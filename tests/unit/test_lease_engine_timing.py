@@ -14,7 +14,6 @@ import trio.testing
 
 from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.policy import FailurePolicy
-from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
 from devmodel.testing import (
     PAGE,
@@ -27,11 +26,9 @@ from devmodel.testing import (
     pattern,
     spawn,
 )
-from devmodel_wire.lease.constants import Access, PageInStatus, RevokeMode
+from devmodel_wire.lease.constants import Access, PageInStatus
+from tests.unit.lease_engine_support import APERTURE, EVICT, RELEASE, S, state
 
-S = WindowState
-EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE
-APERTURE = 1 << 20
 TIMEOUT = 2.0
 
 
@@ -52,11 +49,6 @@ def lender(engine: LeaseEngine) -> Iterator[FakeLender]:
 def lend_first_page(lender: FakeLender) -> int:
     """Lend the first page of the aperture from a fresh memfd; return the lease id."""
     return lender.grant(0, PAGE, lender.own(memfd(APERTURE)))
-
-
-def state(engine: LeaseEngine, offset: int) -> WindowState:
-    w = engine.window_at(offset)
-    return S.VACANT if w is None else w.state
 
 
 async def evicted_window(
