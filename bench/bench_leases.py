@@ -102,6 +102,13 @@ def show_ratio(
     print(f"    ratio {what}: {subject / peer:.2f}x (+{(subject - peer) / unit:.2f} {label})")
 
 
+def show_pair(ratio: str, peer: tuple[str, list[float]], subject: tuple[str, list[float]]) -> None:
+    """Show a peer's and a subject's (name, samples), trimmed, and the ratio of the medians."""
+    peer_median = show(peer[0], trimmed(peer[1]))
+    subject_median = show(subject[0], trimmed(subject[1]))
+    show_ratio(ratio, subject_median, peer_median)
+
+
 def trimmed(samples: list[float]) -> list[float]:
     """Drop the first tenth (warm-up: caches, the allocator, branch predictors)."""
     return samples[len(samples) // 10 :]
@@ -610,9 +617,7 @@ async def engine_faults(repeat: int) -> None:
         if port.page_ins != repeat:
             raise BenchFailed(f"{repeat} faults sent {port.page_ins} PAGE_INs")
         print("  in-process (LeaseEngine.read, an inline lender: grant + PAGE_IN_DONE at once):")
-        peer = show("resident window (peer)", trimmed(resident))
-        subject = show("evicted window (fault, page-in, served)", trimmed(fault))
-        show_ratio("fault/resident", subject, peer)
+        show_faults(resident, fault)
     finally:
         engine.close()
         os.close(home)
@@ -631,9 +636,15 @@ def e2e_faults(client: RawClient, lender: LenderProcess, repeat: int) -> None:
     print(
         "  end to end (vfio-user client process -> devmodel run -> lease socket -> lender process):"
     )
-    peer = show("resident window (peer)", trimmed(resident))
-    subject = show("evicted window (fault, page-in, served)", trimmed(fault))
-    show_ratio("fault/resident", subject, peer)
+    show_faults(resident, fault)
+
+
+def show_faults(resident: list[float], fault: list[float]) -> None:
+    show_pair(
+        "fault/resident",
+        ("resident window (peer)", resident),
+        ("evicted window (fault, page-in, served)", fault),
+    )
 
 
 # ---------------------------------------------------------------------------- b) revokes
@@ -656,9 +667,7 @@ async def engine_revokes(repeat: int) -> None:
             await engine.read(engine.granule, 8)
             reads.append(perf() - t0)
         print("  in-process (LeaseEngine.revoke, no transport mappings to remove):")
-        peer = show("resident read (peer)", trimmed(reads))
-        subject = show("engine.revoke(EVICT)", trimmed(samples))
-        show_ratio("revoke/read", subject, peer)
+        show_pair("revoke/read", ("resident read (peer)", reads), ("engine.revoke(EVICT)", samples))
     finally:
         engine.close()
         os.close(home)
@@ -666,9 +675,11 @@ async def engine_revokes(repeat: int) -> None:
 
 def print_revokes(title: str, answer: dict[str, Any]) -> None:
     print(title)
-    peer = show("PING -> PONG (peer)", trimmed(answer["pings"]))
-    subject = show("REVOKE(EVICT) -> REVOKED", trimmed(answer["revokes"]))
-    show_ratio("revoke/ping", subject, peer)
+    show_pair(
+        "revoke/ping",
+        ("PING -> PONG (peer)", answer["pings"]),
+        ("REVOKE(EVICT) -> REVOKED", answer["revokes"]),
+    )
 
 
 # ---------------------------------------------------------------------------- c) coalescing
@@ -953,9 +964,9 @@ def resident_reads(engine: LeaseEngine, n: int, granule: int, repeat: int) -> No
     finally:
         one.close()
     print(f"  resident 8-byte read (LeaseEngine.read), {n:,} leases against one:")
-    peer = show("engine with one lease (peer)", trimmed(one_t))
-    subject = show(f"engine with {n:,} leases", trimmed(full_t))
-    show_ratio("full/one", subject, peer)
+    show_pair(
+        "full/one", ("engine with one lease (peer)", one_t), (f"engine with {n:,} leases", full_t)
+    )
 
 
 # ---------------------------------------------------------------------------- main

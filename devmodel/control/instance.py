@@ -140,6 +140,40 @@ class Instance:
         return round(time.monotonic() - self.started_monotonic, 3)
 
 
+def build_instance(
+    settings: Settings,
+    engine: LeaseEngine,
+    timing: AccessTiming,
+    device: PciFunction,
+    lender: Lender,
+    transport_connected: Callable[[], bool],
+    request_stop: Callable[[str], None],
+    runtime: Runtime,
+    *,
+    metrics_address: tuple[str, int] | None = None,
+    started: float | None = None,
+) -> Instance:
+    """The Instance around `engine` (and its counters), with the metrics of those same parts."""
+    started = time.time() if started is None else started
+    counters = engine.counters
+    return Instance(
+        settings=settings,
+        engine=engine,
+        counters=counters,
+        timing=timing,
+        device=device,
+        lender=lender,
+        transport_connected=transport_connected,
+        request_stop=request_stop,
+        metrics=device_collector(
+            settings, engine, counters, timing, lender, transport_connected, runtime, started
+        ),
+        runtime=runtime,
+        metrics_address=metrics_address,
+        started=started,
+    )
+
+
 def device_collector(
     settings: Settings,
     engine: LeaseEngine,

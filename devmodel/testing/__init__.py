@@ -5,8 +5,10 @@
 - vfio-user without sockets: raw messages, negotiated sans-IO pairs, fds that travel as with
   SCM_RIGHTS (`FdBag`).
 - The lease engine's lender side, in process: `FakeLender`, with `make_engine`, and `spawn` to
-  run a task whose outcome (`Box`) a test reads.
-- A real `LenderLink` against a lender the test scripts step by step: `lender_link_rig`.
+  run a task whose outcome (`Box`) a test reads; a slow or stuck hypervisor's unmaps:
+  `delay_unmaps`, `hold_unmaps`.
+- A real `LenderLink` against a lender the test scripts step by step: `lender_link_rig`, and
+  `lender_session` with the first session open and a memfd to grant from.
 - Lenders on real sockets in threads of their own: `ThreadedLender`, `StallingLender`.
 - A simulated Xen hypervisor the Xen transport cannot tell from a host: `SimHypervisor`.
 - Sealed memfds, and looks at the fds and mappings this process holds.
@@ -40,6 +42,8 @@ from devmodel.testing._private.lease_fakes import (
     FakeLender,
     RecordedPageIn,
     answer_from,
+    delay_unmaps,
+    hold_unmaps,
     make_engine,
     pattern,
     spawn,
@@ -53,6 +57,7 @@ from devmodel.testing._private.lender_link_rig import (
     LenderListener,
     ScriptedLender,
     lender_link_rig,
+    lender_session,
 )
 from devmodel.testing._private.sim_hypervisor import (
     REMOTE_BUF_PORT,
@@ -124,6 +129,7 @@ __all__ = [
     "VfioUserClient",
     "answer_from",
     "chunked",
+    "delay_unmaps",
     "deliver",
     "drain",
     "expect_fatal",
@@ -131,7 +137,9 @@ __all__ = [
     "fds_naming",
     "fds_of_memfd",
     "file_key",
+    "hold_unmaps",
     "lender_link_rig",
+    "lender_session",
     "make_engine",
     "mapped",
     "memfd",

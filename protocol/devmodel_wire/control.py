@@ -56,17 +56,24 @@ class ControlProtocolError(ProtocolError):
 # ---------------------------------------------------------------------------- messages
 
 
+class _MaybeId:
+    """For messages whose `id` may be absent (the field comes last in each, with a default)."""
+
+    __slots__ = ()
+    id: object
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+
 @dataclass(slots=True)
-class Command:
+class Command(_MaybeId):
     """`{"execute": name, "arguments": {...}, "id": ...}` from a client."""
 
     name: str
     arguments: dict[str, object] = field(default_factory=dict)
     id: object = _NO_ID
-
-    @property
-    def has_id(self) -> bool:
-        return self.id is not _NO_ID
 
 
 @dataclass(slots=True)
@@ -83,24 +90,16 @@ class Greeting:
 
 
 @dataclass(slots=True)
-class Return:
+class Return(_MaybeId):
     value: object
     id: object = _NO_ID
 
-    @property
-    def has_id(self) -> bool:
-        return self.id is not _NO_ID
-
 
 @dataclass(slots=True)
-class ErrorReply:
+class ErrorReply(_MaybeId):
     error_class: str
     desc: str
     id: object = _NO_ID
-
-    @property
-    def has_id(self) -> bool:
-        return self.id is not _NO_ID
 
 
 @dataclass(slots=True)
@@ -279,7 +278,24 @@ def _clip(text: str, limit: int = 64) -> str:
 # ---------------------------------------------------------------------------- connections
 
 
-class ServerConnection:
+class _LineConnection:
+    """Either side: bytes in, non-blank lines out."""
+
+    def __init__(self, max_line: int) -> None:
+        self._lines = LineBuffer(max_line)
+
+    def receive_data(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def _next_line(self) -> bytes | Sentinel:
+        """The next line that is not blank, NEED_DATA, or CLOSED."""
+        while True:
+            line = self._lines.next_line()
+            if isinstance(line, Sentinel) or line.strip():
+                return line
+
+
+class ServerConnection(_LineConnection):
     """The device model's side of one control connection.
 
     Feed it bytes; `next_event()` gives Commands to execute, BadCommands to answer with their
@@ -289,19 +305,13 @@ class ServerConnection:
     """
 
     def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
-        self._lines = LineBuffer(max_line)
+        super().__init__(max_line)
         self.events_enabled = False
 
-    def receive_data(self, data: bytes) -> None:
-        self._lines.feed(data)
-
     def next_event(self) -> Command | BadCommand | Sentinel:
-        while True:
-            line = self._lines.next_line()
-            if isinstance(line, Sentinel):
-                return line
-            if line.strip():
-                break
+        line = self._next_line()
+        if isinstance(line, Sentinel):
+            return line
         parsed = parse_command(line)
         if isinstance(parsed, BadCommand):
             return parsed
@@ -334,23 +344,17 @@ class ServerConnection:
         return parsed
 
 
-class ClientConnection:
+class ClientConnection(_LineConnection):
     """A client's side: bytes in, Greeting/Return/ErrorReply/EventMessage out."""
 
     def __init__(self, max_line: int = MAX_REPLY_LINE) -> None:
-        self._lines = LineBuffer(max_line)
+        super().__init__(max_line)
         self.greeting: Greeting | None = None
 
-    def receive_data(self, data: bytes) -> None:
-        self._lines.feed(data)
-
     def next_event(self) -> ServerMessage | Sentinel:
-        while True:
-            line = self._lines.next_line()
-            if isinstance(line, Sentinel):
-                return line
-            if line.strip():
-                break
+        line = self._next_line()
+        if isinstance(line, Sentinel):
+            return line
         try:
             obj = decode_json(line)
         except ValueError as exc:

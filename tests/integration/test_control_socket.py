@@ -4,7 +4,6 @@ hostile and slow clients (the guest's accesses are served throughout), metrics o
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import stat
@@ -19,6 +18,7 @@ import pytest
 from devmodel.control.client import ControlClient, ControlError
 from devmodel.testing import VfioUserClient
 from tests.integration.launching import Launched, launch
+from tests.unit.control_support import split_json_line
 
 MiB = 1 << 20
 
@@ -48,9 +48,7 @@ class Raw:
             if not data:
                 return None
             self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        obj = json.loads(line)
-        assert isinstance(obj, dict)
+        obj, self.buf = split_json_line(self.buf)
         return obj
 
     def send(self, data: bytes) -> None:

@@ -121,6 +121,31 @@ class Guest:
         return self.counter(GRANTS) >= WINDOWS and self.counter(REVOKES) >= WINDOWS - RESIDENT
 
 
+@contextlib.contextmanager
+def lent_guest(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], domid: int, *lender_args: str
+) -> Iterator[tuple[LenderProcess, DevmodelProcess, Guest]]:
+    """A lender with 16M of VRAM, a device model with a 64M aperture borrowing from it, and a
+    guest attached once the whole aperture has been lent."""
+    lender = start_lender(tmp_path, "--vram", "16M", *lender_args)
+    processes.append(lender.proc)
+    dm = start_devmodel(
+        tmp_path,
+        "--lender-socket",
+        lender.socket_path,
+        "--domid",
+        str(domid),
+        "--aperture-size",
+        "64M",
+    )
+    processes.append(dm.proc)
+    with VfioUserClient(dm.socket_path) as client:
+        client.attach()
+        guest = Guest(client)
+        wait_for("the aperture to be lent", guest.lent)
+        yield lender, dm, guest
+
+
 def pattern(window: int, k: int) -> bytes:
     return struct.pack("<HHI", window, k, 0x600DF00D)
 
@@ -140,18 +165,9 @@ def devmodel_maps_and_fds(dm: DevmodelProcess) -> str:
 def test_contents_survive_eviction_of_everything(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    lender = start_lender(
-        tmp_path, "--vram", "16M", "--move-probability", "0.5", "--poison", "--seed", "7"
-    )
-    processes.append(lender.proc)
-    dm = start_devmodel(
-        tmp_path, "--lender-socket", lender.socket_path, "--domid", "5", "--aperture-size", "64M"
-    )
-    processes.append(dm.proc)
-    with VfioUserClient(dm.socket_path) as client:
-        client.attach()
-        guest = Guest(client)
-        wait_for("the aperture to be lent", guest.lent)
+    with lent_guest(
+        tmp_path, processes, 5, "--move-probability", "0.5", "--poison", "--seed", "7"
+    ) as (lender, dm, guest):
         for w, k, offset in OFFSETS:
             guest.write(offset, pattern(w, k))
         for w, k, offset in OFFSETS:
@@ -185,16 +201,7 @@ def test_contents_survive_eviction_of_everything(
 def test_lender_killed_then_restarted(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    lender = start_lender(tmp_path, "--vram", "16M")
-    processes.append(lender.proc)
-    dm = start_devmodel(
-        tmp_path, "--lender-socket", lender.socket_path, "--domid", "6", "--aperture-size", "64M"
-    )
-    processes.append(dm.proc)
-    with VfioUserClient(dm.socket_path) as client:
-        client.attach()
-        guest = Guest(client)
-        wait_for("the aperture to be lent", guest.lent)
+    with lent_guest(tmp_path, processes, 6) as (lender, dm, guest):
         guest.write(0, b"resident")
         guest.write(40 * MiB, b"evicted!")
         assert guest.read(0) == b"resident" and guest.read(40 * MiB) == b"evicted!"
@@ -209,7 +216,7 @@ def test_lender_killed_then_restarted(
         assert guest.read(8) == ONES
         assert guest.counter(FAILED_ACCESSES) == failed + 4
         # The device keeps answering, and holds nothing of the dead lender.
-        assert client.read_u32(2, 0) == 0x4C444D44
+        assert guest.client.read_u32(2, 0) == 0x4C444D44
         assert "vram-heap" not in devmodel_maps_and_fds(dm)
 
         again = start_lender(tmp_path, "--vram", "16M", run=2)
@@ -230,18 +237,9 @@ def test_lender_killed_then_restarted(
 def test_random_revocations_under_a_running_guest(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    lender = start_lender(
-        tmp_path, "--vram", "16M", "--revoke-rate", "300", "--move-probability", "0.5"
-    )
-    processes.append(lender.proc)
-    dm = start_devmodel(
-        tmp_path, "--lender-socket", lender.socket_path, "--domid", "8", "--aperture-size", "64M"
-    )
-    processes.append(dm.proc)
-    with VfioUserClient(dm.socket_path) as client:
-        client.attach()
-        guest = Guest(client)
-        wait_for("the aperture to be lent", guest.lent)
+    with lent_guest(
+        tmp_path, processes, 8, "--revoke-rate", "300", "--move-probability", "0.5"
+    ) as (lender, _dm, guest):
         revokes = guest.counter(REVOKES)
         model: dict[int, bytes] = {}
         deadline = time.monotonic() + 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from devmodel.config import Settings
@@ -11,7 +13,7 @@ from devmodel.control.instance import (
     Instance,
     Lender,
     Runtime,
-    device_collector,
+    build_instance,
 )
 from devmodel.control.server import ControlClient, Peer
 from devmodel.counters import DeviceCounters
@@ -26,29 +28,23 @@ from devmodel_wire.control import Command, ServerConnection
 MiB = 1 << 20
 
 
+def split_json_line(buf: bytes) -> tuple[dict[str, object], bytes]:
+    """The JSON object on the first line of `buf` (which holds a LF), and what follows it."""
+    line, _, rest = buf.partition(b"\n")
+    obj = json.loads(line)
+    assert isinstance(obj, dict)
+    return obj, rest
+
+
 def instance(
     engine: LeaseEngine, timing: AccessTiming, lender: Lender, settings: Settings | None = None
 ) -> Instance:
     """An Instance as devmodel/app.py builds it, around `engine` (no sockets, no transport)."""
     settings = settings or Settings(socket_path="/x")
-    counters = engine.counters
-    device = PciFunction(PciIdentity(), engine, counters, features=Feature.LENT)
-    runtime = Runtime()
+    device = PciFunction(PciIdentity(), engine, engine.counters, features=Feature.LENT)
     stops: list[str] = []
-    metrics = device_collector(
-        settings, engine, counters, timing, lender, lambda: False, runtime, 0.0
-    )
-    return Instance(
-        settings=settings,
-        engine=engine,
-        counters=counters,
-        timing=timing,
-        device=device,
-        lender=lender,
-        transport_connected=lambda: False,
-        request_stop=stops.append,
-        metrics=metrics,
-        runtime=runtime,
+    return build_instance(
+        settings, engine, timing, device, lender, lambda: False, stops.append, Runtime()
     )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import trio
 from devmodel.control.server import ControlClient, ControlServer
 from devmodel.control.toolstack import StartupError
 from devmodel_wire.control import Command, CommandFailed
+from tests.unit.control_support import split_json_line
 
 
 async def echo(client: ControlClient, cmd: Command) -> object:
@@ -38,9 +40,7 @@ class Peer:
                 if not data:
                     return None
                 self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        obj = json.loads(line)
-        assert isinstance(obj, dict)
+        obj, self.buf = split_json_line(self.buf)
         return obj
 
     async def send(self, obj: object) -> None:
@@ -55,11 +55,16 @@ class Peer:
                 return msg
 
 
-async def start(tmp_path: Path, nursery: trio.Nursery, **kw: object) -> ControlServer:
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, **kw: object) -> AsyncIterator[ControlServer]:
+    """A ControlServer answering with `echo`, served for the block, closed after it."""
     server = ControlServer(str(tmp_path / "ctl" / "c.sock"), echo, {"package": "t"}, **kw)  # type: ignore[arg-type]
     server.open()
-    await nursery.start(server.serve)
-    return server
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+    server.close()
 
 
 async def attach(server: ControlServer, negotiate: bool = True) -> Peer:
@@ -75,12 +80,9 @@ async def attach(server: ControlServer, negotiate: bool = True) -> Peer:
 
 
 async def test_socket_and_directory_are_private_and_removed(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery)
+    async with serving(tmp_path) as server:
         assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(tmp_path / "ctl").st_mode) == 0o700
-        nursery.cancel_scope.cancel()
-    server.close()
     assert not (tmp_path / "ctl").exists()
 
 
@@ -95,19 +97,15 @@ def test_a_directory_others_can_enter_is_refused(tmp_path: Path) -> None:
 
 
 async def test_a_peer_of_another_uid_is_refused(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery, allowed_uids=frozenset({os.geteuid() + 4242}))
+    async with serving(tmp_path, allowed_uids=frozenset({os.geteuid() + 4242})) as server:
         stream = await trio.open_unix_socket(server.path)
         with trio.fail_after(5):
             assert await stream.receive_some(100) == b""  # closed without a greeting
         assert server.refused_peers == 1
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_commands_errors_and_bugs(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery)
+    async with serving(tmp_path) as server:
         peer = await attach(server)
         reply = await peer.call("hello", x=1)
         assert reply == {"return": {"name": "hello", "arguments": {"x": 1}}, "id": "hello"}
@@ -118,13 +116,10 @@ async def test_commands_errors_and_bugs(tmp_path: Path) -> None:
         crash = await peer.call("crash")
         assert crash["error"] == {"class": "GenericError", "desc": "internal error: RuntimeError"}
         assert "return" in await peer.call("still-here")
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_events_only_after_negotiation(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery)
+    async with serving(tmp_path) as server:
         fresh = await attach(server, negotiate=False)
         ready = await attach(server)
         server.broadcast("LEASE_GRANTED", {"lease": 1})
@@ -135,13 +130,10 @@ async def test_events_only_after_negotiation(tmp_path: Path) -> None:
         await fresh.send({"execute": "x", "id": 1})
         refused = await fresh.line()
         assert refused is not None and refused["error"]["class"] == "CommandNotFound"  # type: ignore[index]
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_a_client_that_never_reads_is_dropped_and_others_go_on(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery, send_queue=64)
+    async with serving(tmp_path, send_queue=64) as server:
         sleeper = await attach(server)  # negotiates, then never reads again
         good = await attach(server)
         payload = {"blob": "y" * 4000}
@@ -170,13 +162,10 @@ async def test_a_client_that_never_reads_is_dropped_and_others_go_on(tmp_path: P
         assert sleeper.stream.socket.fileno() >= 0
         good.buf = b""
         assert "return" in await good.call("alive")
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_a_client_pipelining_without_reading_is_dropped(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery, send_queue=16)
+    async with serving(tmp_path, send_queue=16) as server:
         flooder = await attach(server)
         line = b'{"execute":"big"}\n'
         with trio.fail_after(10):
@@ -189,34 +178,26 @@ async def test_a_client_pipelining_without_reading_is_dropped(tmp_path: Path) ->
         assert server.dropped_clients == 1
         other = await attach(server)
         assert "return" in await other.call("alive")
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_an_oversized_line_gets_an_error_then_the_door(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery)
+    async with serving(tmp_path) as server:
         peer = await attach(server)
         with contextlib.suppress(trio.BrokenResourceError):
             await peer.stream.send_all(b"{" + b" " * (70 << 10))
         error = await peer.line()
         assert error is not None and "longer than" in str(error["error"])
         assert await peer.line() is None
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_too_many_clients(tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery, max_clients=1)
+    async with serving(tmp_path, max_clients=1) as server:
         first = await attach(server)
         extra = Peer(await trio.open_unix_socket(server.path))
         refusal = await extra.line()
         assert refusal is not None and "too many clients" in str(refusal["error"])
         assert await extra.line() is None
         assert "return" in await first.call("ok")
-        nursery.cancel_scope.cancel()
-    server.close()
 
 
 async def test_pipelined_commands_leave_room_for_the_device(tmp_path: Path) -> None:
@@ -228,8 +209,7 @@ async def test_pipelined_commands_leave_room_for_the_device(tmp_path: Path) -> N
             ticks += 1
             await trio.sleep(0)
 
-    async with trio.open_nursery() as nursery:
-        server = await start(tmp_path, nursery)
+    async with serving(tmp_path) as server, trio.open_nursery() as nursery:
         peer = await attach(server)
         nursery.start_soon(device)
         await peer.stream.send_all(b'{"execute":"x"}\n' * 2000)
@@ -238,4 +218,3 @@ async def test_pipelined_commands_leave_room_for_the_device(tmp_path: Path) -> N
             assert await peer.line() is not None
         assert ticks - before >= 1000  # the device ran between the commands
         nursery.cancel_scope.cancel()
-    server.close()

@@ -8,6 +8,7 @@ test_lease_engine_timing.py; the hypothesis state machine in test_lease_engine_s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -36,17 +37,15 @@ from devmodel.testing import (
     RecordedPageIn,
     fd_is_open,
     fds_of_memfd,
+    hold_unmaps,
     make_engine,
     memfd,
     memfd_is_mapped,
     pattern,
     spawn,
 )
-from devmodel_wire.lease.constants import Access, NackReason, PageInStatus, RevokeMode
-
-S = WindowState
-EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE
-APERTURE = 1 << 20
+from devmodel_wire.lease.constants import Access, NackReason, PageInStatus
+from tests.unit.lease_engine_support import APERTURE, EVICT, RELEASE, S, state
 
 
 @dataclass
@@ -62,8 +61,7 @@ class Rig:
         return self.lender.own(memfd(size, name, seals=seals, fill=fill))
 
     def state(self, offset: int) -> WindowState:
-        w = self.engine.window_at(offset)
-        return S.VACANT if w is None else w.state
+        return state(self.engine, offset)
 
     def snapshot(self) -> object:
         """Everything a refused grant must leave as it was."""
@@ -188,12 +186,7 @@ def test_grant_overlapping_a_resident_lease(rig: Rig) -> None:
 async def test_grant_overlapping_a_revoking_lease(rig: Rig) -> None:
     home = rig.fd(APERTURE)
     lease = rig.lender.grant(0, 2 * PAGE, home)
-    release = trio.Event()
-
-    async def slow_unmap(start: int, length: int) -> None:
-        await release.wait()
-
-    rig.engine.unmap_hooks.append(slow_unmap)
+    release = hold_unmaps(rig.engine)
     async with trio.open_nursery() as nursery:
         done = spawn(nursery, rig.engine.revoke, lease, EVICT)
         await trio.testing.wait_all_tasks_blocked()
@@ -375,15 +368,23 @@ async def test_first_and_last_byte_of_a_window(rig: Rig) -> None:
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_vacant_access_gets_the_policy(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         await _expect_policy(engine, policy, 0x1000, 4)
         await _expect_policy(engine, policy, APERTURE - 8, 8)
         assert lender.page_ins == []  # nothing to page in: no PAGE_IN (9.1 "Vacant")
         assert engine.counters.failed_accesses == 4
+
+
+@contextlib.contextmanager
+def policy_engine(policy: FailurePolicy) -> Iterator[tuple[LeaseEngine, FakeLender]]:
+    """An engine with `policy` and its FakeLender, both closed at the end."""
+    engine = make_engine(APERTURE, policy=policy)
+    lender = FakeLender(engine)
+    try:
+        yield engine, lender
     finally:
         engine.close()
+        lender.close()
 
 
 async def _expect_policy(engine: LeaseEngine, policy: FailurePolicy, at: int, size: int) -> None:
@@ -401,9 +402,7 @@ async def _expect_policy(engine: LeaseEngine, policy: FailurePolicy, at: int, si
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_release_makes_the_range_vacant(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         home = lender.own(memfd(APERTURE, fill=b"\x42" * PAGE))
         lease = lender.grant(0, 2 * PAGE, home)
         assert await engine.read(0, 8) == b"\x42" * 8
@@ -416,16 +415,11 @@ async def test_release_makes_the_range_vacant(policy: FailurePolicy) -> None:
         # The lender may lend the range again.
         lender.grant(0, PAGE, home)
         assert await engine.read(0, 8) == b"\x42" * 8
-    finally:
-        engine.close()
-        lender.close()
 
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_write_to_a_read_only_lease_gets_the_policy(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         home = lender.own(memfd(APERTURE, fill=b"\x42" * PAGE))
         lender.grant(0, PAGE, home, prot=RO)
         if policy is FailurePolicy.ERROR:
@@ -439,9 +433,6 @@ async def test_write_to_a_read_only_lease_gets_the_policy(policy: FailurePolicy)
         assert lender.page_ins == []  # 9.2: a guest error, no PAGE_IN
         assert engine.window_at(0) is not None
         assert engine.window_at(0).state is S.RESIDENT  # type: ignore[union-attr]
-    finally:
-        engine.close()
-        lender.close()
 
 
 async def test_lender_adding_a_write_seal_after_the_grant_gets_the_policy(rig: Rig) -> None:
@@ -605,12 +596,7 @@ async def test_a_second_revoke_of_a_revoking_lease_is_not_silently_accepted(rig:
     # here; if one ever slips through, the engine refuses loudly rather than double-freeing.
     home = rig.fd(APERTURE)
     lease = rig.lender.grant(0, PAGE, home)
-    gate = trio.Event()
-
-    async def slow(start: int, length: int) -> None:
-        await gate.wait()
-
-    rig.engine.unmap_hooks.append(slow)
+    gate = hold_unmaps(rig.engine)
     async with trio.open_nursery() as nursery:
         first = spawn(nursery, rig.engine.revoke, lease, EVICT)
         await trio.testing.wait_all_tasks_blocked()
@@ -646,9 +632,7 @@ async def test_no_port_or_unreachable_lender_gets_the_policy(rig: Rig) -> None:
 
 @pytest.mark.parametrize("policy", list(FailurePolicy))
 async def test_lender_lost(policy: FailurePolicy) -> None:
-    engine = make_engine(APERTURE, policy=policy)
-    lender = FakeLender(engine)
-    try:
+    with policy_engine(policy) as (engine, lender):
         a_fd = lender.own(memfd(APERTURE, "lost-a", fill=b"\x42" * PAGE))
         b_fd = lender.own(memfd(APERTURE, "lost-b"))
         lender.grant(0, 2 * PAGE, a_fd)
@@ -676,9 +660,6 @@ async def test_lender_lost(policy: FailurePolicy) -> None:
         assert engine.window_at(PAGE) is not None
         assert engine.window_at(PAGE).state is S.LOST  # type: ignore[union-attr]
         assert engine.kept_fds == 1
-    finally:
-        engine.close()
-        lender.close()
 
 
 async def test_lender_lost_fails_waiting_accesses_and_ends_a_pending_revoke(rig: Rig) -> None:
@@ -687,12 +668,7 @@ async def test_lender_lost_fails_waiting_accesses_and_ends_a_pending_revoke(rig:
     paged = lender.grant(0, PAGE, home)
     revoking = lender.grant(4 * PAGE, PAGE, home)
     await e.revoke(paged, EVICT)
-    gate = trio.Event()
-
-    async def slow(start: int, length: int) -> None:
-        await gate.wait()
-
-    e.unmap_hooks.append(slow)
+    gate = hold_unmaps(e)
     async with trio.open_nursery() as nursery:
         reader = spawn(nursery, e.read, 0, 8)
         await trio.testing.wait_all_tasks_blocked()

@@ -14,23 +14,21 @@ import trio.testing
 
 from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.policy import FailurePolicy
-from devmodel.leases.states import WindowState
 from devmodel.pci.errors import AccessError
 from devmodel.testing import (
     PAGE,
     Box,
     FakeLender,
+    delay_unmaps,
     fds_of_memfd,
     make_engine,
     memfd,
     pattern,
     spawn,
 )
-from devmodel_wire.lease.constants import Access, PageInStatus, RevokeMode
+from devmodel_wire.lease.constants import Access, PageInStatus
+from tests.unit.lease_engine_support import APERTURE, EVICT, RELEASE, S, state
 
-S = WindowState
-EVICT, RELEASE = RevokeMode.EVICT, RevokeMode.RELEASE
-APERTURE = 1 << 20
 TIMEOUT = 2.0
 
 
@@ -48,9 +46,9 @@ def lender(engine: LeaseEngine) -> Iterator[FakeLender]:
     lender.close()
 
 
-def state(engine: LeaseEngine, offset: int) -> WindowState:
-    w = engine.window_at(offset)
-    return S.VACANT if w is None else w.state
+def lend_first_page(lender: FakeLender) -> int:
+    """Lend the first page of the aperture from a fresh memfd; return the lease id."""
+    return lender.grant(0, PAGE, lender.own(memfd(APERTURE)))
 
 
 async def evicted_window(
@@ -274,13 +272,8 @@ async def test_waiters_on_a_revoking_window_refault_after_the_revoke(
 async def test_waiters_on_a_revoking_window_get_the_policy_after_release(
     autojump_clock: trio.testing.MockClock, engine: LeaseEngine, lender: FakeLender
 ) -> None:
-    home = lender.own(memfd(APERTURE))
-    lease = lender.grant(0, PAGE, home)
-
-    async def slow_unmap(start: int, length: int) -> None:
-        await trio.sleep(0.5)
-
-    engine.unmap_hooks.append(slow_unmap)
+    lease = lend_first_page(lender)
+    delay_unmaps(engine, 0.5)
     async with trio.open_nursery() as nursery:
         spawn(nursery, engine.revoke, lease, RELEASE)
         await trio.sleep(0.1)
@@ -299,11 +292,7 @@ async def test_a_revoke_slower_than_the_access_deadline(
     engine.config.page_in_timeout = 1.0
     home = lender.own(memfd(APERTURE, "slower"))
     lease = lender.grant(0, PAGE, home)
-
-    async def slow_unmap(start: int, length: int) -> None:
-        await trio.sleep(1.5)
-
-    engine.unmap_hooks.append(slow_unmap)
+    delay_unmaps(engine, 1.5)
     async with trio.open_nursery() as nursery:
         revoke = spawn(nursery, engine.revoke, lease, EVICT)
         await trio.sleep(0)
@@ -319,8 +308,7 @@ async def test_a_revoke_slower_than_the_access_deadline(
 async def test_revoke_is_never_acknowledged_before_the_unmap_hooks_finish(
     autojump_clock: trio.testing.MockClock, engine: LeaseEngine, lender: FakeLender
 ) -> None:
-    home = lender.own(memfd(APERTURE))
-    lease = lender.grant(0, PAGE, home)
+    lease = lend_first_page(lender)
     unmapped = trio.Event()
 
     async def stuck_unmap(start: int, length: int) -> None:
@@ -501,8 +489,7 @@ async def test_page_in_done_ok_without_a_grant_fails_what_was_not_granted(
 async def test_release_of_a_lease_being_paged_in(
     mock_clock: trio.testing.MockClock, engine: LeaseEngine, lender: FakeLender
 ) -> None:
-    home = lender.own(memfd(APERTURE))
-    lease = lender.grant(0, PAGE, home)
+    lease = lend_first_page(lender)
     await engine.revoke(lease, EVICT)
     async with trio.open_nursery() as nursery:
         box = spawn(nursery, engine.read, 0, 8)

@@ -140,13 +140,13 @@ def make(role: lp.Role, state: lp.State, pool: FdPool) -> Conn:
     return conn
 
 
-def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]:
-    """A message of each type that the OPEN setups above would accept if its direction is
-    right (ids chosen to match their outstanding requests)."""
-    samples: dict[TypeKey, lp.Event] = {
-        lp.MsgType.HELLO: lender_hello(),
+def samples(hello: lp.Hello, error: lp.Error, fd: int) -> dict[lp.MsgType, lp.Event]:
+    """A message of each type, with `hello` and `error` as given (ids chosen to match the
+    outstanding requests of the OPEN setups above)."""
+    return {
+        lp.MsgType.HELLO: hello,
         lp.MsgType.BYE: lp.Bye(),
-        lp.MsgType.ERROR: lp.Error(lp.MsgType.PING, 1, lp.ErrorCode.OTHER),
+        lp.MsgType.ERROR: error,
         lp.MsgType.PING: lp.Ping(2),
         lp.MsgType.PONG: lp.Pong(1),
         lp.MsgType.GRANT: lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd),
@@ -157,28 +157,20 @@ def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]
         lp.MsgType.PAGE_IN: lp.PageIn(2, 0, GRANULE, lp.Access.READ),
         lp.MsgType.PAGE_IN_DONE: lp.PageInDone(1, lp.PageInStatus.OK),
     }
+
+
+def received_sample(msg_type: TypeKey, fd: int) -> tuple[bytes, tuple[int, ...]]:
+    """A message of each type that the OPEN setups above would accept if its direction is
+    right (ids chosen to match their outstanding requests)."""
     if msg_type is None:
         return raw_message(UNKNOWN, 5, b"body"), ()
-    event = samples[msg_type]
+    event = samples(lender_hello(), lp.Error(lp.MsgType.PING, 1, lp.ErrorCode.OTHER), fd)[msg_type]
     return encode(event), (fd,) if msg_type is lp.MsgType.GRANT else ()
 
 
 def sent_sample(role: lp.Role, msg_type: lp.MsgType, fd: int) -> lp.Event:
-    samples: dict[lp.MsgType, lp.Event] = {
-        lp.MsgType.HELLO: borrower_hello() if role is lp.Role.BORROWER else lender_hello(),
-        lp.MsgType.BYE: lp.Bye(),
-        lp.MsgType.ERROR: lp.Error(lp.MsgType.GRANT, 99, lp.ErrorCode.OTHER),
-        lp.MsgType.PING: lp.Ping(2),
-        lp.MsgType.PONG: lp.Pong(1),
-        lp.MsgType.GRANT: lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd),
-        lp.MsgType.GRANT_ACK: lp.GrantAck(1),
-        lp.MsgType.GRANT_NACK: lp.GrantNack(2, lp.NackReason.OTHER),
-        lp.MsgType.REVOKE: lp.Revoke(2, lp.RevokeMode.RELEASE),
-        lp.MsgType.REVOKED: lp.Revoked(1),
-        lp.MsgType.PAGE_IN: lp.PageIn(2, 0, GRANULE, lp.Access.READ),
-        lp.MsgType.PAGE_IN_DONE: lp.PageInDone(1, lp.PageInStatus.OK),
-    }
-    return samples[msg_type]
+    hello = borrower_hello() if role is lp.Role.BORROWER else lender_hello()
+    return samples(hello, lp.Error(lp.MsgType.GRANT, 99, lp.ErrorCode.OTHER), fd)[msg_type]
 
 
 # -- the rules, as the specification states them ----------------------------------------------
@@ -342,8 +334,8 @@ def test_send_every_message_in_every_state(
 # -- handshake --------------------------------------------------------------------------------
 
 
-def _fatal_on_receive(conn: Conn, data: bytes) -> lp.LeaseProtocolError:
-    conn.receive_data(data)
+def _fatal_on_receive(conn: Conn, data: bytes, fds: tuple[int, ...] = ()) -> lp.LeaseProtocolError:
+    conn.receive_data(data, fds)
     with pytest.raises(lp.LeaseProtocolError) as info:
         conn.next_event()
     assert info.value.fatal
@@ -612,24 +604,27 @@ def test_in_flight_limit(pool: FdPool, monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- file descriptors -------------------------------------------------------------------------
 
+GRANT_BYTES = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
+"""A GRANT an OPEN borrower accepts, as bytes; its fd travels beside them (each test its own)."""
+
 
 def test_fds_belong_to_the_message_holding_the_chunks_last_byte(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    ping, grant = encode(lp.Ping(5)), encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
+    ping = encode(lp.Ping(5))
     fd = pool.new()
-    borrower.receive_data(ping + grant[:10], (fd,))
+    borrower.receive_data(ping + GRANT_BYTES[:10], (fd,))
     assert borrower.next_event() == lp.Ping(5)
     assert borrower.next_event() is NEED_DATA
-    borrower.receive_data(grant[10:])
+    borrower.receive_data(GRANT_BYTES[10:])
     assert borrower.next_event() == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, fd)
     assert fd_is_open(fd)
 
 
 def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    grant, ping = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0)), encode(lp.Ping(5))
+    ping = encode(lp.Ping(5))
     fd = pool.new()
-    borrower.receive_data(grant + ping[:1], (fd,))
+    borrower.receive_data(GRANT_BYTES + ping[:1], (fd,))
     with pytest.raises(lp.LeaseProtocolError) as info:
         borrower.next_event()
     assert info.value.code == lp.ErrorCode.BAD_FD_COUNT  # the GRANT came without its fd
@@ -640,21 +635,20 @@ def test_fds_with_a_chunk_ending_in_the_next_message_go_to_that_message(pool: Fd
 
 def test_wrong_fd_counts_close_every_fd(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
-    grant = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
     fds = (pool.new(), pool.new())
-    err = _refusal(borrower, grant, fds)
+    err = _refusal(borrower, GRANT_BYTES, fds)
     assert err.reply == lp.Error(lp.MsgType.GRANT, 3, lp.ErrorCode.BAD_FD_COUNT, err.reply.text)  # type: ignore[union-attr]
     assert not any(map(fd_is_open, fds))
     # Two chunks, each ending inside the same GRANT, each with an fd: still two.
     a, b = pool.new(), pool.new()
-    borrower.receive_data(grant[:20], (a,))
-    borrower.receive_data(grant[20:], (b,))
+    borrower.receive_data(GRANT_BYTES[:20], (a,))
+    borrower.receive_data(GRANT_BYTES[20:], (b,))
     with pytest.raises(lp.LeaseProtocolError):
         borrower.next_event()
     assert not fd_is_open(a) and not fd_is_open(b)
     # A refused GRANT leaves its id unused: the same GRANT with one fd is fine now.
     c = pool.new()
-    assert _take(borrower, grant, (c,)) == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, c)
+    assert _take(borrower, GRANT_BYTES, (c,)) == lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, c)
 
 
 def test_fd_on_a_message_that_takes_none(pool: FdPool) -> None:
@@ -677,24 +671,21 @@ def test_refused_grant_after_checks_closes_its_fd(pool: FdPool) -> None:
 def test_fatal_error_closes_fds_buffered_behind_it(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    grant = encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))
     borrower.receive_data(encode(lp.Ping(5)))
-    borrower.receive_data(grant, (fd,))
+    borrower.receive_data(GRANT_BYTES, (fd,))
     borrower.receive_data(struct.pack("<HHIQ", lp.MsgType.PING, 0, 1 << 20, 0))
     assert borrower.next_event() == lp.Ping(5)
     event = borrower.next_event()
     assert isinstance(event, lp.Grant) and fd_is_open(fd)  # handed out: the caller's now
     fd2 = pool.new()
-    borrower.receive_data(grant, (fd2,))
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        borrower.next_event()
-    assert info.value.fatal and not fd_is_open(fd2)
+    _fatal_on_receive(borrower, GRANT_BYTES, (fd2,))
+    assert not fd_is_open(fd2)
 
 
 def test_close_releases_held_fds(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    borrower.receive_data(encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))[:30], (fd,))
+    borrower.receive_data(GRANT_BYTES[:30], (fd,))
     assert borrower.next_event() is NEED_DATA and fd_is_open(fd)
     borrower.close()
     assert not fd_is_open(fd)
@@ -724,11 +715,9 @@ def test_end_of_stream_after_buffered_events(pool: FdPool) -> None:
 def test_end_of_stream_inside_a_message(pool: FdPool) -> None:
     borrower = make(lp.Role.BORROWER, lp.State.OPEN, pool)
     fd = pool.new()
-    borrower.receive_data(encode(lp.Grant(3, 2 * GRANULE, GRANULE, 0, RW, 0))[:40], (fd,))
-    borrower.receive_data(b"")
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        borrower.next_event()
-    assert info.value.fatal and not fd_is_open(fd)
+    borrower.receive_data(GRANT_BYTES[:40], (fd,))
+    _fatal_on_receive(borrower, b"")
+    assert not fd_is_open(fd)
 
 
 def test_end_of_stream_with_fds_and_no_data(pool: FdPool) -> None:
@@ -787,18 +776,14 @@ def test_nothing_but_hello_or_bye_before_the_handshake(
     conn = make(role, lp.State.START, pool)
     data = event if isinstance(event, bytes) else encode(event)
     fds = (pool.new(),) if isinstance(event, lp.Grant) else ()
-    conn.receive_data(data, fds)
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        conn.next_event()
-    assert info.value.fatal and isinstance(info.value.reply, lp.Bye)
+    error = _fatal_on_receive(conn, data, fds)
+    assert isinstance(error.reply, lp.Bye)
     assert not (fds and fd_is_open(fds[0]))
 
 
 def test_a_hello_with_an_fd_is_fatal(pool: FdPool) -> None:
     conn = lp.LenderConnection()
     fd = pool.new()
-    conn.receive_data(encode(borrower_hello()), (fd,))
-    with pytest.raises(lp.LeaseProtocolError) as info:
-        conn.next_event()
-    assert info.value.fatal and info.value.code == lp.ErrorCode.OTHER and not fd_is_open(fd)
-    assert isinstance(info.value.reply, lp.Bye)
+    error = _fatal_on_receive(conn, encode(borrower_hello()), (fd,))
+    assert error.code == lp.ErrorCode.OTHER and not fd_is_open(fd)
+    assert isinstance(error.reply, lp.Bye)

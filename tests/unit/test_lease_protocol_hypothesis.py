@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
@@ -147,18 +147,28 @@ def cut(data: bytes, points: Sequence[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(marks) if b > a]
 
 
+STREAM_CASES: dict[str, st.SearchStrategy[object]] = {
+    "target": st.sampled_from(sorted(TARGETS)),
+    "prefix": st.booleans(),
+    "data": STREAMS,
+}
+"""A connection to feed (by name), whether its session opens first, and the bytes."""
+
+
+def _head(target: str, prefix: bool) -> list[tuple[bytes, list[int]]]:
+    """The HELLO that opens the session of `target`, if `prefix` asks and it needs one."""
+    return [(HELLO_PREFIX[target], [])] if prefix and HELLO_PREFIX[target] else []
+
+
 def _run(target: str, prefix: bool, chunks: Sequence[bytes]) -> list[Outcome]:
     conn = TARGETS[target]()
-    head = [(HELLO_PREFIX[target], ())] if prefix and HELLO_PREFIX[target] else []
     body: list[tuple[bytes, Sequence[int]]] = [(c, ()) for c in chunks]
-    return feed_all(conn, head + body)
+    return feed_all(conn, [*_head(target, prefix), *body])
 
 
 @PROPERTY
 @given(
-    target=st.sampled_from(sorted(TARGETS)),
-    prefix=st.booleans(),
-    data=STREAMS,
+    **STREAM_CASES,
     points=st.lists(st.integers(0, 10_000), max_size=30),
 )
 def test_any_bytes_any_chunks_only_events_or_protocol_errors(
@@ -181,9 +191,7 @@ def test_any_bytes_any_chunks_only_events_or_protocol_errors(
 
 @PROPERTY
 @given(
-    target=st.sampled_from(sorted(TARGETS)),
-    prefix=st.booleans(),
-    data=STREAMS,
+    **STREAM_CASES,
     points=st.lists(st.integers(0, 10_000), max_size=20),
     fd_chunks=st.lists(st.tuples(st.integers(0, 50), st.integers(1, 3)), max_size=6),
 )
@@ -203,11 +211,8 @@ def test_every_fd_is_either_handed_out_or_closed(
                 chunks[index % len(chunks)][1].extend(fds)
                 given_fds += fds
         conn = TARGETS[target]()
-        head: list[tuple[bytes, list[int]]] = []
-        if prefix and HELLO_PREFIX[target]:
-            head.append((HELLO_PREFIX[target], []))
         outcomes: list[Outcome] = []
-        for chunk, fds in head + chunks:  # all of them, also after a fatal error
+        for chunk, fds in _head(target, prefix) + chunks:  # all of them, also after a fatal error
             conn.receive_data(chunk, fds)
             outcomes += drain(conn)
         conn.close()
@@ -219,6 +224,15 @@ def test_every_fd_is_either_handed_out_or_closed(
 # -- valid streams ----------------------------------------------------------------------------
 
 
+def _draw_error(draw: st.DrawFn, outstanding: Mapping[int, set[int]], text: str = "") -> lp.Error:
+    """An ERROR naming any type and id; a request it names that is still `outstanding` (ids by
+    type) is answered by it, unless it is a DUPLICATE_ID refusal."""
+    error = lp.Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(lp.ErrorCode)), text)
+    if error.code != lp.ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
+        outstanding.get(error.ref_type, set()).discard(error.ref_id)
+    return error
+
+
 @st.composite
 def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[lp.Event]:
     """What a correct lender may send after HELLO, given that the borrower asked PAGE_IN 1..4
@@ -228,6 +242,7 @@ def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[lp.Even
     granted: list[int] = []
     revoking: set[int] = set()
     page_ins, pings = {1, 2, 3, 4}, {1, 2}
+    outstanding: dict[int, set[int]] = {lp.MsgType.PAGE_IN: page_ins, lp.MsgType.PING: pings}
     token = 100
     for _ in range(draw(st.integers(0, 14))):
         choice = draw(st.sampled_from(["grant", "revoke", "done", "ping", "pong", "error"]))
@@ -251,13 +266,7 @@ def lender_script(draw: st.DrawFn, fd_source: Callable[[], int]) -> list[lp.Even
         elif choice == "pong" and pings:
             out.append(lp.Pong(pings.pop()))
         elif choice == "error":
-            error = lp.Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(lp.ErrorCode)), "x")
-            if error.code != lp.ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
-                if error.ref_type == lp.MsgType.PAGE_IN:
-                    page_ins.discard(error.ref_id)
-                if error.ref_type == lp.MsgType.PING:
-                    pings.discard(error.ref_id)
-            out.append(error)
+            out.append(_draw_error(draw, outstanding, "x"))
     if draw(st.booleans()):
         out.append(lp.Bye(lp.ByeReason.NORMAL, draw(TEXT)))
     return out
@@ -269,6 +278,11 @@ def borrower_script(draw: st.DrawFn) -> list[lp.Event]:
     1..2 and pinged 1..2 once it saw the HELLO (see `_lender_reacts`)."""
     out: list[lp.Event] = [borrower_hello(name="b")]
     grants, revokes, pings = {1, 2, 3, 4, 5}, {1, 2}, {1, 2}
+    outstanding: dict[int, set[int]] = {
+        lp.MsgType.GRANT: grants,
+        lp.MsgType.REVOKE: revokes,
+        lp.MsgType.PING: pings,
+    }
     request = 1
     for _ in range(draw(st.integers(0, 14))):
         choice = draw(st.sampled_from(["answer", "revoked", "page_in", "ping", "pong", "err"]))
@@ -291,15 +305,7 @@ def borrower_script(draw: st.DrawFn) -> list[lp.Event]:
         elif choice == "pong" and pings:
             out.append(lp.Pong(pings.pop()))
         elif choice == "err":
-            error = lp.Error(draw(TYPES), draw(SMALL_IDS), draw(st.sampled_from(lp.ErrorCode)))
-            if error.code != lp.ErrorCode.DUPLICATE_ID:  # an ERROR answers the request it names
-                {lp.MsgType.GRANT: grants, lp.MsgType.REVOKE: revokes, lp.MsgType.PING: pings}.get(
-                    lp.MsgType(error.ref_type)
-                    if error.ref_type in set(lp.MsgType)
-                    else lp.MsgType.BYE,
-                    set(),
-                ).discard(error.ref_id)
-            out.append(error)
+            out.append(_draw_error(draw, outstanding))
     if draw(st.booleans()):
         out.append(lp.Bye(lp.ByeReason.NORMAL))
     return out

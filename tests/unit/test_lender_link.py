@@ -31,6 +31,7 @@ from devmodel.testing import (
     LenderLinkRig,
     fds_naming,
     lender_link_rig,
+    lender_session,
     mapped,
     sealed_memfd,
 )
@@ -51,20 +52,15 @@ async def test_handshake_offers_the_engine_geometry(tmp_path: Path) -> None:
 
 
 async def test_grant_serves_reads_and_writes_from_the_memfd(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(4 * GRANULE)
-        try:
-            os.pwrite(fd, b"lender!!", GRANULE)
-            await peer.grant(1, 8 * GRANULE, 2 * GRANULE, fd, GRANULE)
-            assert await r.engine.read(8 * GRANULE, 8) == b"lender!!"
-            await r.engine.write(9 * GRANULE + 16, b"guest123")
-            assert os.pread(fd, 8, 2 * GRANULE + 16) == b"guest123"
-            assert r.counters.grants == 1 and r.counters.failed_accesses == 0
-            # Outside the lease nothing is lent: the failure policy, no page-in.
-            assert await r.engine.read(0, 8) == ONES
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, 4 * GRANULE) as (r, peer, fd):
+        os.pwrite(fd, b"lender!!", GRANULE)
+        await peer.grant(1, 8 * GRANULE, 2 * GRANULE, fd, GRANULE)
+        assert await r.engine.read(8 * GRANULE, 8) == b"lender!!"
+        await r.engine.write(9 * GRANULE + 16, b"guest123")
+        assert os.pread(fd, 8, 2 * GRANULE + 16) == b"guest123"
+        assert r.counters.grants == 1 and r.counters.failed_accesses == 0
+        # Outside the lease nothing is lent: the failure policy, no page-in.
+        assert await r.engine.read(0, 8) == ONES
 
 
 async def test_revoked_means_fd_closed_nothing_mapped_and_poison_never_read(
@@ -114,63 +110,53 @@ async def test_revoked_means_fd_closed_nothing_mapped_and_poison_never_read(
 
 
 async def test_several_page_ins_in_flight_answered_out_of_order(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(4 * GRANULE)
-        try:
-            for lease in (1, 2, 3):
-                os.pwrite(fd, f"window {lease}".encode(), lease * GRANULE)
-                await peer.grant(lease, lease * GRANULE, GRANULE, fd, lease * GRANULE)
-            for lease in (1, 2, 3):
-                await peer.revoke(lease)
-            results: dict[int, bytes] = {}
+    async with lender_session(tmp_path, 4 * GRANULE) as (r, peer, fd):
+        for lease in (1, 2, 3):
+            os.pwrite(fd, f"window {lease}".encode(), lease * GRANULE)
+            await peer.grant(lease, lease * GRANULE, GRANULE, fd, lease * GRANULE)
+        for lease in (1, 2, 3):
+            await peer.revoke(lease)
+        results: dict[int, bytes] = {}
 
-            async def guest_read(lease: int) -> None:
-                results[lease] = await r.engine.read(lease * GRANULE, 8)
+        async def guest_read(lease: int) -> None:
+            results[lease] = await r.engine.read(lease * GRANULE, 8)
 
-            async with trio.open_nursery() as guests:
-                for lease in (1, 2, 3):
-                    guests.start_soon(guest_read, lease)
-                asks = [await peer.event() for _ in range(3)]
-                assert all(isinstance(a, lp.PageIn) for a in asks)
-                next_lease = 4
-                for ask in reversed(asks):
-                    assert isinstance(ask, lp.PageIn)
-                    await peer.send(lp.Grant(next_lease, ask.offset, GRANULE, ask.offset, RW, fd))
-                    await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
-                    next_lease += 1
-            assert results == {n: f"window {n}".encode()[:8] for n in (1, 2, 3)}
-            assert r.counters.page_ins == 3
-        finally:
-            os.close(fd)
+        async with trio.open_nursery() as guests:
+            for lease in (1, 2, 3):
+                guests.start_soon(guest_read, lease)
+            asks = [await peer.event() for _ in range(3)]
+            assert all(isinstance(a, lp.PageIn) for a in asks)
+            next_lease = 4
+            for ask in reversed(asks):
+                assert isinstance(ask, lp.PageIn)
+                await peer.send(lp.Grant(next_lease, ask.offset, GRANULE, ask.offset, RW, fd))
+                await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
+                next_lease += 1
+        assert results == {n: f"window {n}".encode()[:8] for n in (1, 2, 3)}
+        assert r.counters.page_ins == 3
 
 
 async def test_page_in_failures_give_the_failure_policy(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE)
-        try:
-            await peer.grant(1, 0, GRANULE, fd, 0)
-            await peer.revoke(1)
-            for answer in ("status", "error"):
-                result: list[bytes] = []
-                async with trio.open_nursery() as guests:
-                    guests.start_soon(_read_into, r, 0, result)
-                    ask = await peer.event()
-                    assert isinstance(ask, lp.PageIn)
-                    if answer == "status":
-                        await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.NO_MEMORY))
-                    else:
-                        await peer.send(
-                            lp.Error(lp.MsgType.PAGE_IN, ask.request_id, lp.ErrorCode.OTHER, "no")
-                        )
-                assert result == [ONES]
-            # The range stays evicted: the next access asks again.
-            window = r.engine.window_at(0)
-            assert window is not None and window.state is WindowState.EVICTED
-            assert r.link.connected
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, GRANULE) as (r, peer, fd):
+        await peer.grant(1, 0, GRANULE, fd, 0)
+        await peer.revoke(1)
+        for answer in ("status", "error"):
+            result: list[bytes] = []
+            async with trio.open_nursery() as guests:
+                guests.start_soon(_read_into, r, 0, result)
+                ask = await peer.event()
+                assert isinstance(ask, lp.PageIn)
+                if answer == "status":
+                    await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.NO_MEMORY))
+                else:
+                    await peer.send(
+                        lp.Error(lp.MsgType.PAGE_IN, ask.request_id, lp.ErrorCode.OTHER, "no")
+                    )
+            assert result == [ONES]
+        # The range stays evicted: the next access asks again.
+        window = r.engine.window_at(0)
+        assert window is not None and window.state is WindowState.EVICTED
+        assert r.link.connected
 
 
 async def _read_into(r: LenderLinkRig, offset: int, into: list[bytes]) -> None:
@@ -178,23 +164,18 @@ async def _read_into(r: LenderLinkRig, offset: int, into: list[bytes]) -> None:
 
 
 async def test_revoke_release_then_repeat_and_unknown_ids(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE)
-        try:
-            await peer.grant(1, 0, GRANULE, fd, 0)
-            await peer.revoke(1, lp.RevokeMode.RELEASE)
-            assert r.engine.window_at(0) is None
-            # Granted but no longer live: REVOKED at once (specification, section 8).
-            await peer.revoke(1, lp.RevokeMode.RELEASE)
-            # Never granted: the protocol answers UNKNOWN_ID.
-            await peer.send_encoded(lp.Revoke(9, lp.RevokeMode.EVICT))
-            err = await peer.event()
-            assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.UNKNOWN_ID
-            assert err.ref_type == lp.MsgType.REVOKE and err.ref_id == 9
-            assert r.link.connected and r.counters.lender_losses == 0
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, GRANULE) as (r, peer, fd):
+        await peer.grant(1, 0, GRANULE, fd, 0)
+        await peer.revoke(1, lp.RevokeMode.RELEASE)
+        assert r.engine.window_at(0) is None
+        # Granted but no longer live: REVOKED at once (specification, section 8).
+        await peer.revoke(1, lp.RevokeMode.RELEASE)
+        # Never granted: the protocol answers UNKNOWN_ID.
+        await peer.send_encoded(lp.Revoke(9, lp.RevokeMode.EVICT))
+        err = await peer.event()
+        assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.UNKNOWN_ID
+        assert err.ref_type == lp.MsgType.REVOKE and err.ref_id == 9
+        assert r.link.connected and r.counters.lender_losses == 0
 
 
 async def test_ping_is_answered_and_a_silent_lender_is_pinged_then_dropped(
@@ -220,27 +201,22 @@ async def test_ping_is_answered_and_a_silent_lender_is_pinged_then_dropped(
 
 
 async def test_lender_bye_drops_leases_and_the_link_reconnects(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE)
-        try:
-            await peer.grant(1, 0, GRANULE, fd, 0)
-            await r.engine.write(0, b"12345678")
-            await peer.send(lp.Bye(lp.ByeReason.NORMAL, "maintenance"))
-            assert await peer.event() is None  # the link closes without answering
-            with trio.fail_after(STEP):
-                while r.counters.lender_losses == 0:
-                    await trio.sleep(0.005)
-            assert r.engine.kept_fds == 0
-            assert await r.engine.read(0, 8) == ONES
-            await r.engine.write(0, b"dropped!")
-            # A new lender grants again and the guest is served again.
-            again = await r.lender.session()
-            await again.grant(1, 0, GRANULE, fd, 0)
-            assert await r.engine.read(0, 8) == b"12345678"
-            assert r.link.last_end_reason.startswith("the lender said BYE")
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, GRANULE) as (r, peer, fd):
+        await peer.grant(1, 0, GRANULE, fd, 0)
+        await r.engine.write(0, b"12345678")
+        await peer.send(lp.Bye(lp.ByeReason.NORMAL, "maintenance"))
+        assert await peer.event() is None  # the link closes without answering
+        with trio.fail_after(STEP):
+            while r.counters.lender_losses == 0:
+                await trio.sleep(0.005)
+        assert r.engine.kept_fds == 0
+        assert await r.engine.read(0, 8) == ONES
+        await r.engine.write(0, b"dropped!")
+        # A new lender grants again and the guest is served again.
+        again = await r.lender.session()
+        await again.grant(1, 0, GRANULE, fd, 0)
+        assert await r.engine.read(0, 8) == b"12345678"
+        assert r.link.last_end_reason.startswith("the lender said BYE")
 
 
 async def test_no_lender_means_failure_policy_and_no_page_in(tmp_path: Path) -> None:
@@ -253,16 +229,11 @@ async def test_no_lender_means_failure_policy_and_no_page_in(tmp_path: Path) -> 
 
 
 async def test_stopping_drops_every_lease_then_says_bye(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE)
-        try:
-            await peer.grant(1, 0, GRANULE, fd, 0)
-            assert r.engine.kept_fds == 1
-            r.nursery.cancel_scope.cancel()
-            bye = await peer.event()
-            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.NORMAL
-            assert r.engine.kept_fds == 0  # dropped before the BYE went out
-            assert await peer.event() is None
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, GRANULE) as (r, peer, fd):
+        await peer.grant(1, 0, GRANULE, fd, 0)
+        assert r.engine.kept_fds == 1
+        r.nursery.cancel_scope.cancel()
+        bye = await peer.event()
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.NORMAL
+        assert r.engine.kept_fds == 0  # dropped before the BYE went out
+        assert await peer.event() is None

@@ -27,6 +27,7 @@ from devmodel.testing import (
     ScriptedLender,
     fds_naming,
     lender_link_rig,
+    lender_session,
     open_fds,
     sealed_memfd,
 )
@@ -252,46 +253,36 @@ async def test_wrong_fd_counts_are_refused_and_the_fds_closed(tmp_path: Path) ->
 
 
 async def test_more_fds_than_room_fails_the_connection_and_closes_them(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(2 * GRANULE, NAME)
-        try:
-            await grant_ok(peer, 1, 0, fd)
-            mine = len(fds_naming(NAME)) - 1  # the engine keeps one
-            await send_with_fds(peer, encode(lp.Grant(2, GRANULE, GRANULE, 0, RW, fd)), [fd] * 40)
-            bye = await peer.event()
-            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
-            assert await peer.event() is None
-            await r.lender.session()
-            await r.connected()
-            assert r.counters.lender_losses == 1
-            assert len(fds_naming(NAME)) == mine  # nothing received was kept
-            assert await r.engine.read(0, 8) == ONES  # the old session's lease is gone
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, 2 * GRANULE, NAME) as (r, peer, fd):
+        await grant_ok(peer, 1, 0, fd)
+        mine = len(fds_naming(NAME)) - 1  # the engine keeps one
+        await send_with_fds(peer, encode(lp.Grant(2, GRANULE, GRANULE, 0, RW, fd)), [fd] * 40)
+        bye = await peer.event()
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
+        assert await peer.event() is None
+        await r.lender.session()
+        await r.connected()
+        assert r.counters.lender_losses == 1
+        assert len(fds_naming(NAME)) == mine  # nothing received was kept
+        assert await r.engine.read(0, 8) == ONES  # the old session's lease is gone
 
 
 # -------------------------------------------------------------------------- broken sessions
 
 
 async def test_garbage_bytes_end_the_connection_and_the_link_reconnects(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE, NAME)
-        try:
-            await grant_ok(peer, 1, 0, fd)
-            await r.engine.write(0, b"survives")
-            await peer.send_raw(b"\xde\xad\xbe\xef" * 8)  # a header with length 0xefbeadde
-            bye = await peer.event()
-            assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
-            assert await peer.event() is None
-            assert await r.engine.read(0, 8) == ONES
-            again = await r.lender.session()
-            await grant_ok(again, 1, 0, fd)
-            assert await r.engine.read(0, 8) == b"survives"
-            assert r.counters.lender_losses == 1 and r.link.sessions == 2
-        finally:
-            os.close(fd)
+    async with lender_session(tmp_path, GRANULE, NAME) as (r, peer, fd):
+        await grant_ok(peer, 1, 0, fd)
+        await r.engine.write(0, b"survives")
+        await peer.send_raw(b"\xde\xad\xbe\xef" * 8)  # a header with length 0xefbeadde
+        bye = await peer.event()
+        assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.PROTOCOL_ERROR
+        assert await peer.event() is None
+        assert await r.engine.read(0, 8) == ONES
+        again = await r.lender.session()
+        await grant_ok(again, 1, 0, fd)
+        assert await r.engine.read(0, 8) == b"survives"
+        assert r.counters.lender_losses == 1 and r.link.sessions == 2
 
 
 async def test_well_framed_unknown_and_misdirected_messages_are_answered(tmp_path: Path) -> None:
@@ -380,9 +371,7 @@ async def test_lender_refusing_the_guest_is_retried(tmp_path: Path) -> None:
 
 
 async def test_a_revoke_in_progress_does_not_block_the_session(tmp_path: Path) -> None:
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(GRANULE, NAME)
+    async with lender_session(tmp_path, GRANULE, NAME) as (r, peer, fd):
         unmapped = trio.Event()
         release = trio.Event()
 
@@ -391,31 +380,26 @@ async def test_a_revoke_in_progress_does_not_block_the_session(tmp_path: Path) -
             await release.wait()
 
         r.engine.unmap_hooks.append(slow_unmap)
-        try:
-            await grant_ok(peer, 1, 0, fd)
-            await peer.send(lp.Revoke(1, lp.RevokeMode.EVICT))
-            with trio.fail_after(STEP):
-                await unmapped.wait()
-            # The reader goes on meanwhile: PING answered, a repeated REVOKE refused.
-            await still_alive(r, peer)
-            await peer.send_encoded(lp.Revoke(1, lp.RevokeMode.EVICT))
-            err = await peer.event()
-            assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.DUPLICATE_ID
-            assert r.engine.kept_fds == 1  # not yet: REVOKED is never early
-            release.set()
-            assert await peer.event() == lp.Revoked(1)
-            assert r.engine.kept_fds == 0
-        finally:
-            os.close(fd)
+        await grant_ok(peer, 1, 0, fd)
+        await peer.send(lp.Revoke(1, lp.RevokeMode.EVICT))
+        with trio.fail_after(STEP):
+            await unmapped.wait()
+        # The reader goes on meanwhile: PING answered, a repeated REVOKE refused.
+        await still_alive(r, peer)
+        await peer.send_encoded(lp.Revoke(1, lp.RevokeMode.EVICT))
+        err = await peer.event()
+        assert isinstance(err, lp.Error) and err.code == lp.ErrorCode.DUPLICATE_ID
+        assert r.engine.kept_fds == 1  # not yet: REVOKED is never early
+        release.set()
+        assert await peer.event() == lp.Revoked(1)
+        assert r.engine.kept_fds == 0
 
 
 async def test_lender_revoking_every_grant_at_once_cannot_starve_the_guest(
     tmp_path: Path,
 ) -> None:
     """Each page-in is answered GRANT, PAGE_IN_DONE, REVOKE in one burst: still no livelock."""
-    async with lender_link_rig(tmp_path) as r:
-        peer = await r.lender.session()
-        fd = sealed_memfd(4 * GRANULE, NAME)
+    async with lender_session(tmp_path, 4 * GRANULE, NAME) as (r, peer, fd):
         next_lease = 1
 
         async def nasty_lender() -> None:
@@ -432,33 +416,28 @@ async def test_lender_revoking_every_grant_at_once_cannot_starve_the_guest(
                 elif event is None:
                     return
 
-        try:
-            for lease in range(4):
-                await peer.send(
-                    lp.Grant(next_lease, lease * GRANULE, GRANULE, lease * GRANULE, RW, fd)
-                )
-                await peer.send(lp.Revoke(next_lease, lp.RevokeMode.EVICT))
-                next_lease += 1
-            for _ in range(8):
-                assert isinstance(await peer.event(), lp.GrantAck | lp.Revoked)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(nasty_lender)
-                model: dict[int, bytes] = {}
-                for i in range(200):
-                    offset = (i * 7 % 4) * GRANULE + (i % 16) * 8
-                    if i % 3:
-                        data = i.to_bytes(8, "little")
-                        await r.engine.write(offset, data)
-                        model[offset] = data
-                    else:
-                        assert await r.engine.read(offset, 8) == model.get(offset, bytes(8))
-                nursery.cancel_scope.cancel()
-            assert r.counters.failed_accesses == 0
-            # Nearly every access pages in (the REVOKE usually lands before the next access).
-            assert r.counters.page_ins >= 100
-            assert r.link.connected
-        finally:
-            os.close(fd)
+        for lease in range(4):
+            await peer.send(lp.Grant(next_lease, lease * GRANULE, GRANULE, lease * GRANULE, RW, fd))
+            await peer.send(lp.Revoke(next_lease, lp.RevokeMode.EVICT))
+            next_lease += 1
+        for _ in range(8):
+            assert isinstance(await peer.event(), lp.GrantAck | lp.Revoked)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nasty_lender)
+            model: dict[int, bytes] = {}
+            for i in range(200):
+                offset = (i * 7 % 4) * GRANULE + (i % 16) * 8
+                if i % 3:
+                    data = i.to_bytes(8, "little")
+                    await r.engine.write(offset, data)
+                    model[offset] = data
+                else:
+                    assert await r.engine.read(offset, 8) == model.get(offset, bytes(8))
+            nursery.cancel_scope.cancel()
+        assert r.counters.failed_accesses == 0
+        # Nearly every access pages in (the REVOKE usually lands before the next access).
+        assert r.counters.page_ins >= 100
+        assert r.link.connected
 
 
 async def test_truncated_plain_file_gives_the_failure_policy_not_a_crash(tmp_path: Path) -> None:

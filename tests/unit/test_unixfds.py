@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -19,10 +21,21 @@ def _pipe_fds(n: int) -> list[int]:
     return fds
 
 
-def test_fds_travel_with_the_first_bytes_and_are_cloexec() -> None:
+@contextlib.contextmanager
+def _pair_and_pipes(n: int) -> Iterator[tuple[socket.socket, socket.socket, list[int]]]:
+    """A socketpair and the fds of `n` pipes to send over it, all closed at the end."""
     a, b = socket.socketpair()
-    sent = _pipe_fds(2)
+    sent = _pipe_fds(n)
     try:
+        yield a, b, sent
+    finally:
+        unixfds.close_fds(sent)
+        a.close()
+        b.close()
+
+
+def test_fds_travel_with_the_first_bytes_and_are_cloexec() -> None:
+    with _pair_and_pipes(2) as (a, b, sent):
         assert unixfds.send_nowait(a, b"hello", sent) == 5
         buf = bytearray(64)
         n, fds = unixfds.recv_nowait(b, memoryview(buf))
@@ -32,25 +45,15 @@ def test_fds_travel_with_the_first_bytes_and_are_cloexec() -> None:
             assert os.fstat(mine).st_ino == os.fstat(theirs).st_ino
             assert not os.get_inheritable(theirs)
         unixfds.close_fds(fds)
-    finally:
-        unixfds.close_fds(sent)
-        a.close()
-        b.close()
 
 
 def test_truncated_fds_are_closed_and_raise() -> None:
-    a, b = socket.socketpair()
-    sent = _pipe_fds(4)
-    before = set(os.listdir("/proc/self/fd"))
-    try:
+    with _pair_and_pipes(4) as (a, b, sent):
+        before = set(os.listdir("/proc/self/fd"))
         unixfds.send_nowait(a, b"x", sent)
         with pytest.raises(unixfds.FdsTruncated):
             unixfds.recv_nowait(b, bytearray(8), unixfds.ancillary_space(2))
         assert set(os.listdir("/proc/self/fd")) == before
-    finally:
-        unixfds.close_fds(sent)
-        a.close()
-        b.close()
 
 
 def test_a_reset_reads_as_the_end() -> None:

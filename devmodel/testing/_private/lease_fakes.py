@@ -213,3 +213,24 @@ def spawn(nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], *args: ob
 
     nursery.start_soon(run)
     return box
+
+
+def hold_unmaps(engine: LeaseEngine) -> trio.Event:
+    """Make every unmap of `engine` wait, like a stuck hypervisor, until the returned event
+    is set."""
+    release = trio.Event()
+
+    async def held_unmap(start: int, length: int) -> None:
+        await release.wait()
+
+    engine.unmap_hooks.append(held_unmap)
+    return release
+
+
+def delay_unmaps(engine: LeaseEngine, seconds: float) -> None:
+    """Make every unmap of `engine` take `seconds`, like a slow hypervisor."""
+
+    async def slow_unmap(start: int, length: int) -> None:
+        await trio.sleep(seconds)
+
+    engine.unmap_hooks.append(slow_unmap)

@@ -9,6 +9,7 @@ LeaseEngine, with nothing mocked on the device model's side.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import devmodel_wire.lease as lp
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
+from devmodel.testing._private.fds import sealed_memfd
 from devmodel.testing._private.lease_fakes import RW
 from devmodel.unixfds import rights
 from devmodel_wire.lease.constants import HEADER_SIZE
@@ -188,3 +190,18 @@ async def lender_link_rig(
             peer.close()
         listener.close()
         engine.close()
+
+
+@contextlib.asynccontextmanager
+async def lender_session(
+    tmp_path: Path, memfd_size: int, memfd_name: str = "test-lender", **rig_options: float
+) -> AsyncIterator[tuple[LenderLinkRig, ScriptedLender, int]]:
+    """A `lender_link_rig` whose first session is open, and a sealed memfd of `memfd_size` for
+    the lender to grant from (closed at the end)."""
+    async with lender_link_rig(tmp_path, **rig_options) as rig:
+        peer = await rig.lender.session()
+        fd = sealed_memfd(memfd_size, memfd_name)
+        try:
+            yield rig, peer, fd
+        finally:
+            os.close(fd)

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Final, TypeAlias
 
+from devmodel_wire.lease import events as ev
 from devmodel_wire.lease.checks import check_grant, geometry_problem, range_problem
 from devmodel_wire.lease.constants import (
     HEADER_SIZE,
@@ -35,21 +36,6 @@ from devmodel_wire.lease.constants import (
     NackReason,
 )
 from devmodel_wire.lease.errors import LeaseProtocolError
-from devmodel_wire.lease.events import (
-    Bye,
-    Error,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    PageIn,
-    PageInDone,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-)
 from devmodel_wire.lease.wire import HEADER, decode, encode
 from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing, Sentinel
 
@@ -121,9 +107,10 @@ _S = State
 _V = Verdict
 
 _Rows: TypeAlias = Mapping[State, tuple[Mapping[TypeKey, Outcome], Outcome]]
+_Table: TypeAlias = Mapping[State, Mapping[TypeKey, Outcome]]
 
 
-def _complete(rows: _Rows) -> Mapping[State, Mapping[TypeKey, Outcome]]:
+def _complete(rows: _Rows) -> _Table:
     """Expand each row's default so that the table has an entry for every state and type."""
     return {
         state: {t: explicit.get(t, default) for t in ALL_TYPES}
@@ -131,93 +118,77 @@ def _complete(rows: _Rows) -> Mapping[State, Mapping[TypeKey, Outcome]]:
     }
 
 
+# The messages each side may send while OPEN, besides BYE: what the other side may receive.
+BORROWER_SENDS: Final = (
+    _M.ERROR,
+    _M.PING,
+    _M.PONG,
+    _M.GRANT_ACK,
+    _M.GRANT_NACK,
+    _M.REVOKED,
+    _M.PAGE_IN,
+)
+LENDER_SENDS: Final = (_M.ERROR, _M.PING, _M.PONG, _M.GRANT, _M.REVOKE, _M.PAGE_IN_DONE)
+
+
+def _receive_table(handshake: _Rows, peer_sends: tuple[MsgType, ...]) -> _Table:
+    """The receive table of a side: its handshake rows, then what every side shares."""
+    open_row: dict[TypeKey, Outcome] = {_M.HELLO: _V.FATAL, _M.BYE: _S.BYE_RECEIVED}
+    open_row.update(dict.fromkeys(peer_sends, _S.OPEN))
+    return _complete(
+        {
+            **handshake,
+            _S.OPEN: (open_row, _V.REJECT),
+            _S.BYE_SENT: ({}, _V.DISCARD),
+            _S.BYE_RECEIVED: ({}, _V.FATAL),
+            _S.CLOSED: ({}, _V.FATAL),
+            _S.ERROR: ({}, _V.FATAL),
+        }
+    )
+
+
+def _send_table(
+    handshake: Mapping[State, Mapping[MsgType, State]], sends: tuple[MsgType, ...]
+) -> Mapping[State, Mapping[MsgType, State]]:
+    """The send table of a side: its handshake rows, then what every side shares."""
+    return {
+        **handshake,
+        _S.OPEN: {_M.BYE: _S.BYE_SENT, **dict.fromkeys(sends, _S.OPEN)},
+        _S.BYE_SENT: {},
+        _S.BYE_RECEIVED: {},
+        _S.CLOSED: {},
+        _S.ERROR: {_M.BYE: _S.ERROR},
+    }
+
+
 # What receiving each message does, per state: the next state, or a Verdict.
-BORROWER_RECEIVE: Final = _complete(
+BORROWER_RECEIVE: Final = _receive_table(
     {
         _S.START: ({_M.BYE: _S.BYE_RECEIVED}, _V.FATAL),
         _S.HELLO_SENT: ({_M.HELLO: _S.OPEN, _M.BYE: _S.BYE_RECEIVED}, _V.FATAL),
-        _S.OPEN: (
-            {
-                _M.HELLO: _V.FATAL,
-                _M.BYE: _S.BYE_RECEIVED,
-                _M.ERROR: _S.OPEN,
-                _M.PING: _S.OPEN,
-                _M.PONG: _S.OPEN,
-                _M.GRANT: _S.OPEN,
-                _M.REVOKE: _S.OPEN,
-                _M.PAGE_IN_DONE: _S.OPEN,
-            },
-            _V.REJECT,
-        ),
-        _S.BYE_SENT: ({}, _V.DISCARD),
-        _S.BYE_RECEIVED: ({}, _V.FATAL),
-        _S.CLOSED: ({}, _V.FATAL),
-        _S.ERROR: ({}, _V.FATAL),
-    }
+    },
+    LENDER_SENDS,
 )
-
-LENDER_RECEIVE: Final = _complete(
+LENDER_RECEIVE: Final = _receive_table(
     {
         _S.START: ({_M.HELLO: _S.HELLO_RECEIVED, _M.BYE: _S.BYE_RECEIVED}, _V.FATAL),
         _S.HELLO_RECEIVED: ({_M.BYE: _S.BYE_RECEIVED}, _V.FATAL),
-        _S.OPEN: (
-            {
-                _M.HELLO: _V.FATAL,
-                _M.BYE: _S.BYE_RECEIVED,
-                _M.ERROR: _S.OPEN,
-                _M.PING: _S.OPEN,
-                _M.PONG: _S.OPEN,
-                _M.GRANT_ACK: _S.OPEN,
-                _M.GRANT_NACK: _S.OPEN,
-                _M.REVOKED: _S.OPEN,
-                _M.PAGE_IN: _S.OPEN,
-            },
-            _V.REJECT,
-        ),
-        _S.BYE_SENT: ({}, _V.DISCARD),
-        _S.BYE_RECEIVED: ({}, _V.FATAL),
-        _S.CLOSED: ({}, _V.FATAL),
-        _S.ERROR: ({}, _V.FATAL),
-    }
+    },
+    BORROWER_SENDS,
 )
 
 # What sending each message does, per state; a missing entry means send() refuses it.
-BORROWER_SEND: Final[Mapping[State, Mapping[MsgType, State]]] = {
-    _S.START: {_M.HELLO: _S.HELLO_SENT, _M.BYE: _S.BYE_SENT},
-    _S.HELLO_SENT: {_M.BYE: _S.BYE_SENT},
-    _S.OPEN: {
-        _M.BYE: _S.BYE_SENT,
-        _M.ERROR: _S.OPEN,
-        _M.PING: _S.OPEN,
-        _M.PONG: _S.OPEN,
-        _M.GRANT_ACK: _S.OPEN,
-        _M.GRANT_NACK: _S.OPEN,
-        _M.REVOKED: _S.OPEN,
-        _M.PAGE_IN: _S.OPEN,
+BORROWER_SEND: Final = _send_table(
+    {
+        _S.START: {_M.HELLO: _S.HELLO_SENT, _M.BYE: _S.BYE_SENT},
+        _S.HELLO_SENT: {_M.BYE: _S.BYE_SENT},
     },
-    _S.BYE_SENT: {},
-    _S.BYE_RECEIVED: {},
-    _S.CLOSED: {},
-    _S.ERROR: {_M.BYE: _S.ERROR},
-}
-
-LENDER_SEND: Final[Mapping[State, Mapping[MsgType, State]]] = {
-    _S.START: {_M.BYE: _S.BYE_SENT},
-    _S.HELLO_RECEIVED: {_M.HELLO: _S.OPEN, _M.BYE: _S.BYE_SENT},
-    _S.OPEN: {
-        _M.BYE: _S.BYE_SENT,
-        _M.ERROR: _S.OPEN,
-        _M.PING: _S.OPEN,
-        _M.PONG: _S.OPEN,
-        _M.GRANT: _S.OPEN,
-        _M.REVOKE: _S.OPEN,
-        _M.PAGE_IN_DONE: _S.OPEN,
-    },
-    _S.BYE_SENT: {},
-    _S.BYE_RECEIVED: {},
-    _S.CLOSED: {},
-    _S.ERROR: {_M.BYE: _S.ERROR},
-}
+    BORROWER_SENDS,
+)
+LENDER_SEND: Final = _send_table(
+    {_S.START: {_M.BYE: _S.BYE_SENT}, _S.HELLO_RECEIVED: {_M.HELLO: _S.OPEN, _M.BYE: _S.BYE_SENT}},
+    LENDER_SENDS,
+)
 
 
 _BY_NUMBER: Final[Mapping[int, MsgType]] = {int(t): t for t in MsgType}
@@ -234,17 +205,26 @@ def type_name(raw: int) -> str:
     return known.name if known is not None else f"type {raw:#06x}"
 
 
-def event_id(event: Event) -> int:
+def event_id(event: ev.Event) -> int:
     """The value the event puts in the header's id field."""
-    if isinstance(event, Grant | GrantAck | GrantNack | Revoke | Revoked):
+    if isinstance(event, ev.Grant | ev.GrantAck | ev.GrantNack | ev.Revoke | ev.Revoked):
         return event.lease_id
-    if isinstance(event, PageIn | PageInDone):
+    if isinstance(event, ev.PageIn | ev.PageInDone):
         return event.request_id
-    if isinstance(event, Ping | Pong):
+    if isinstance(event, ev.Ping | ev.Pong):
         return event.token
-    if isinstance(event, Error):
+    if isinstance(event, ev.Error):
         return event.ref_id
     return 0
+
+
+def answered_by_error(error: ev.Error) -> Key | None:
+    """The request an ERROR answers, or None: a type this side does not know was never sent,
+    and a DUPLICATE_ID refusal leaves the first request of that id outstanding."""
+    ref = known_type(error.ref_type)
+    if ref is None or error.code == ErrorCode.DUPLICATE_ID:
+        return None
+    return ref, error.ref_id
 
 
 def clip(text: str, limit: int = MAX_TEXT_BYTES) -> str:
@@ -279,8 +259,8 @@ class _Connection:
         self._eof = False
         self._failure = ""
         self._bye_sent = False
-        self._local_hello: Hello | None = None
-        self._peer_hello: Hello | None = None
+        self._local_hello: ev.Hello | None = None
+        self._peer_hello: ev.Hello | None = None
         self._awaiting: set[Key] = set()  # requests we sent, not yet answered
         self._owed: dict[Key, int] = {}  # requests we received and must answer, with counts
         self._owed_total = 0
@@ -294,11 +274,11 @@ class _Connection:
         return self._state
 
     @property
-    def local_hello(self) -> Hello | None:
+    def local_hello(self) -> ev.Hello | None:
         return self._local_hello
 
     @property
-    def peer_hello(self) -> Hello | None:
+    def peer_hello(self) -> ev.Hello | None:
         return self._peer_hello
 
     @property
@@ -321,7 +301,7 @@ class _Connection:
         """Requests the peer sent that this side has not answered yet, as (type, id)."""
         return frozenset(self._owed)
 
-    def _lender_hello(self) -> Hello | None:
+    def _lender_hello(self) -> ev.Hello | None:
         raise NotImplementedError
 
     # -- input --------------------------------------------------------------------------------
@@ -342,7 +322,7 @@ class _Connection:
             self._fd_groups.append((self._buf_start + len(self._buf) + len(data) - 1, list(fds)))
         self._buf += data
 
-    def next_event(self) -> Event | Sentinel:
+    def next_event(self) -> ev.Event | Sentinel:
         """The next event, NEED_DATA, or CLOSED once the stream ended and all was delivered.
 
         Raises LeaseProtocolError: non-fatal ones consumed the offending message and the next
@@ -413,7 +393,7 @@ class _Connection:
             raise self._fail(f"the stream ended inside a message ({available} bytes buffered)")
         return CLOSED
 
-    def _dispatch(self, raw_type: int, msg_id: int, body: bytes, fds: list[int]) -> Event | None:
+    def _dispatch(self, raw_type: int, msg_id: int, body: bytes, fds: list[int]) -> ev.Event | None:
         known = _BY_NUMBER.get(raw_type)
         outcome = self.RECEIVE[self._state][known]
         if outcome is Verdict.DISCARD:
@@ -439,27 +419,27 @@ class _Connection:
                 raise self._fail(str(exc)) from None
             raise self._refuse(raw_type, msg_id, exc.code, str(exc)) from None
         try:
-            if isinstance(event, Hello):
+            if isinstance(event, ev.Hello):
                 self._receive_hello(event)
-            elif self._state is State.OPEN and not isinstance(event, Bye):
+            elif self._state is State.OPEN and not isinstance(event, ev.Bye):
                 self._track_received(event)
         except LeaseProtocolError:
-            if isinstance(event, Grant):
+            if isinstance(event, ev.Grant):
                 _close_fds((event.fd,))
             raise
         self._state = outcome
         return event
 
-    def _receive_hello(self, hello: Hello) -> None:
+    def _receive_hello(self, hello: ev.Hello) -> None:
         raise NotImplementedError
 
-    def _track_received(self, event: Event) -> None:
+    def _track_received(self, event: ev.Event) -> None:
         msg_type = event.TYPE
         msg_id = event_id(event)
-        if isinstance(event, Error):
-            ref = known_type(event.ref_type)
-            if ref is not None and event.code != ErrorCode.DUPLICATE_ID:
-                self._awaiting.discard((ref, msg_id))
+        if isinstance(event, ev.Error):
+            settled = answered_by_error(event)
+            if settled is not None:
+                self._awaiting.discard(settled)
             return
         request = ANSWERED_BY.get(msg_type)
         if request is not None:
@@ -481,7 +461,7 @@ class _Connection:
                     f"GRANT: {text}",
                     fatal=False,
                     code=ErrorCode.DUPLICATE_ID,
-                    reply=GrantNack(msg_id, NackReason.DUPLICATE_LEASE_ID, text),
+                    reply=ev.GrantNack(msg_id, NackReason.DUPLICATE_LEASE_ID, text),
                 )
             self._owe(key)
             self._last_lease_id = msg_id
@@ -533,19 +513,21 @@ class _Connection:
         self._fd_groups.clear()
         self._buf.clear()
         self._read = 0
-        reply = Bye(reason, clip(message)) if may_say_bye else None
+        reply = ev.Bye(reason, clip(message)) if may_say_bye else None
         return LeaseProtocolError(message, fatal=True, code=ErrorCode.OTHER, reply=reply)
 
     def _refuse(
         self, raw_type: int, msg_id: int, code: ErrorCode, message: str
     ) -> LeaseProtocolError:
         """A non-fatal error whose reply is the ERROR for the refused message."""
-        reply = None if raw_type == MsgType.ERROR else Error(raw_type, msg_id, code, clip(message))
+        reply = (
+            None if raw_type == MsgType.ERROR else ev.Error(raw_type, msg_id, code, clip(message))
+        )
         return LeaseProtocolError(message, fatal=False, code=code, reply=reply)
 
     # -- output -------------------------------------------------------------------------------
 
-    def send(self, event: Event) -> Outgoing:
+    def send(self, event: ev.Event) -> Outgoing:
         """The bytes and fds for `event`; refuses (non-fatal) what this side may not send now.
 
         A refused send changes nothing. The fd of a Grant stays the caller's: close it after
@@ -558,26 +540,26 @@ class _Connection:
                 f"the {self.role.value} may not send {msg_type.name} in {self._state.name}"
             )
         data = encode(event)
-        if isinstance(event, Hello):
+        if isinstance(event, ev.Hello):
             self._send_hello(event)
-        elif self._state is State.OPEN and not isinstance(event, Bye):
+        elif self._state is State.OPEN and not isinstance(event, ev.Bye):
             self._track_sent(event)
-        if isinstance(event, Bye):
+        if isinstance(event, ev.Bye):
             self._bye_sent = True
         self._state = next_state
-        return Outgoing(data, (event.fd,) if isinstance(event, Grant) else ())
+        return Outgoing(data, (event.fd,) if isinstance(event, ev.Grant) else ())
 
-    def _send_hello(self, hello: Hello) -> None:
+    def _send_hello(self, hello: ev.Hello) -> None:
         raise NotImplementedError
 
-    def _track_sent(self, event: Event) -> None:
+    def _track_sent(self, event: ev.Event) -> None:
         """Check `event` against the bookkeeping and record it; changes nothing if it raises."""
         msg_type = event.TYPE
         msg_id = event_id(event)
-        if isinstance(event, Error):
-            ref = known_type(event.ref_type)
-            if ref is not None and event.code != ErrorCode.DUPLICATE_ID:
-                self._settle((ref, msg_id))
+        if isinstance(event, ev.Error):
+            settled = answered_by_error(event)
+            if settled is not None:
+                self._settle(settled)
             return
         request = ANSWERED_BY.get(msg_type)
         if request is not None:
@@ -594,7 +576,7 @@ class _Connection:
             self._last_lease_id = msg_id
         self._awaiting.add(key)
 
-    def _check_request(self, event: Event) -> None:
+    def _check_request(self, event: ev.Event) -> None:
         """Role-specific rules for a request about to be sent."""
 
     def _local(self, message: str) -> LeaseProtocolError:
@@ -608,17 +590,17 @@ class BorrowerConnection(_Connection):
     RECEIVE = BORROWER_RECEIVE
     SEND = BORROWER_SEND
 
-    def _lender_hello(self) -> Hello | None:
+    def _lender_hello(self) -> ev.Hello | None:
         return self._peer_hello
 
-    def check_grant(self, grant: Grant) -> NackReason | None:
+    def check_grant(self, grant: ev.Grant) -> NackReason | None:
         """The NACK reason for the grant's shape under the session geometry, or None."""
         hello = self._local_hello
         if hello is None:
             raise self._local("no HELLO has been sent, the geometry is unknown")
         return check_grant(grant, aperture_size=hello.aperture_size, granule=hello.granule)
 
-    def _send_hello(self, hello: Hello) -> None:
+    def _send_hello(self, hello: ev.Hello) -> None:
         if (hello.major, hello.minor) != (VERSION_MAJOR, VERSION_MINOR):
             raise self._local(
                 f"this borrower implements {VERSION_MAJOR}.{VERSION_MINOR}, "
@@ -629,7 +611,7 @@ class BorrowerConnection(_Connection):
             raise self._local(problem)
         self._local_hello = hello
 
-    def _receive_hello(self, hello: Hello) -> None:
+    def _receive_hello(self, hello: ev.Hello) -> None:
         offer = self._local_hello
         assert offer is not None
         if hello.major != offer.major:
@@ -655,8 +637,8 @@ class BorrowerConnection(_Connection):
             )
         self._peer_hello = hello
 
-    def _check_request(self, event: Event) -> None:
-        if isinstance(event, PageIn):
+    def _check_request(self, event: ev.Event) -> None:
+        if isinstance(event, ev.PageIn):
             hello = self._local_hello
             assert hello is not None
             problem = range_problem(
@@ -676,16 +658,16 @@ class LenderConnection(_Connection):
     RECEIVE = LENDER_RECEIVE
     SEND = LENDER_SEND
 
-    def _lender_hello(self) -> Hello | None:
+    def _lender_hello(self) -> ev.Hello | None:
         return self._local_hello
 
-    def hello_reply(self, name: str = "", features: int = 0) -> Hello:
+    def hello_reply(self, name: str = "", features: int = 0) -> ev.Hello:
         """The HELLO that accepts the borrower's offer: its geometry, the agreed version, and
         `features` narrowed to what was offered."""
         offer = self._peer_hello
         if offer is None or self._state is not State.HELLO_RECEIVED:
             raise self._local("there is no borrower HELLO to answer")
-        return Hello(
+        return ev.Hello(
             guest_id=offer.guest_id,
             aperture_size=offer.aperture_size,
             granule=offer.granule,
@@ -696,7 +678,7 @@ class LenderConnection(_Connection):
             minor=min(offer.minor, VERSION_MINOR),
         )
 
-    def _receive_hello(self, hello: Hello) -> None:
+    def _receive_hello(self, hello: ev.Hello) -> None:
         if hello.major != VERSION_MAJOR:
             raise self._fail(
                 f"the borrower offers version {hello.major}.{hello.minor}; this lender speaks "
@@ -708,7 +690,7 @@ class LenderConnection(_Connection):
             raise self._fail(problem, ByeReason.BAD_GEOMETRY)
         self._peer_hello = hello
 
-    def _send_hello(self, hello: Hello) -> None:
+    def _send_hello(self, hello: ev.Hello) -> None:
         offer = self._peer_hello
         assert offer is not None
         expected = self.hello_reply(hello.name, hello.features)
@@ -720,10 +702,10 @@ class LenderConnection(_Connection):
             )
         self._local_hello = hello
 
-    def _check_request(self, event: Event) -> None:
-        if isinstance(event, Grant) and event.lease_id <= self._last_lease_id:
+    def _check_request(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Grant) and event.lease_id <= self._last_lease_id:
             raise self._local(
                 f"lease id {event.lease_id} is not above the last one, {self._last_lease_id}"
             )
-        if isinstance(event, Revoke) and not 0 < event.lease_id <= self._last_lease_id:
+        if isinstance(event, ev.Revoke) and not 0 < event.lease_id <= self._last_lease_id:
             raise self._local(f"lease {event.lease_id} was never granted")

@@ -11,7 +11,7 @@ both compare equal to the number on the wire.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 from devmodel_wire.lease.constants import (
     VERSION_MAJOR,
@@ -161,17 +161,5 @@ Event = (
     | PageInDone
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = (
-    Hello,
-    Bye,
-    Error,
-    Ping,
-    Pong,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Revoke,
-    Revoked,
-    PageIn,
-    PageInDone,
-)
+EVENT_TYPES: tuple[type[Event], ...] = get_args(Event)
+"""Every event class, for isinstance checks."""

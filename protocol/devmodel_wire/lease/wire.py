@@ -17,37 +17,18 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Final
+from typing import Final, TypeAlias
 
+from devmodel_wire.lease import constants
+from devmodel_wire.lease import events as ev
 from devmodel_wire.lease.constants import (
     HEADER_SIZE,
     MAGIC,
     MAX_NAME_BYTES,
     MAX_TEXT_BYTES,
-    Access,
-    ByeReason,
-    ErrorCode,
     MsgType,
-    NackReason,
-    PageInStatus,
-    RevokeMode,
 )
 from devmodel_wire.lease.errors import LeaseProtocolError
-from devmodel_wire.lease.events import (
-    Bye,
-    Error,
-    Event,
-    Grant,
-    GrantAck,
-    GrantNack,
-    Hello,
-    PageIn,
-    PageInDone,
-    Ping,
-    Pong,
-    Revoke,
-    Revoked,
-)
 
 HEADER: Final = struct.Struct("<HHIQ")
 """type u16, flags u16, length u32 (header included), id u64."""
@@ -86,35 +67,35 @@ def _text_bytes(text: str, limit: int, what: str) -> bytes:
     return raw
 
 
-def _body(event: Event) -> tuple[int, bytes]:
+def _body(event: ev.Event) -> tuple[int, bytes]:
     """The header id and the body bytes of `event`."""
-    if isinstance(event, Grant):
+    if isinstance(event, ev.Grant):
         if event.fd < 0:
             raise LeaseProtocolError(f"GRANT needs a file descriptor, not {event.fd}", fatal=False)
         body = GRANT_BODY.pack(event.offset, event.length, event.fd_offset, event.prot, event.flags)
         return event.lease_id, body
-    if isinstance(event, GrantAck | Revoked):
+    if isinstance(event, ev.GrantAck | ev.Revoked):
         return event.lease_id, b""
-    if isinstance(event, PageIn):
+    if isinstance(event, ev.PageIn):
         if event.access not in _ACCESSES:
             raise ValueError(f"unknown access type {event.access}")
         return event.request_id, PAGE_IN_BODY.pack(event.offset, event.length, event.access)
-    if isinstance(event, PageInDone):
+    if isinstance(event, ev.PageInDone):
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "PAGE_IN_DONE text")
         return event.request_id, CODE_TEXT_BODY.pack(event.status, len(text)) + text
-    if isinstance(event, GrantNack):
+    if isinstance(event, ev.GrantNack):
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "GRANT_NACK text")
         return event.lease_id, CODE_TEXT_BODY.pack(event.reason, len(text)) + text
-    if isinstance(event, Revoke):
+    if isinstance(event, ev.Revoke):
         if event.mode not in _MODES:
             raise ValueError(f"unknown revoke mode {event.mode}")
         return event.lease_id, REVOKE_BODY.pack(event.mode)
-    if isinstance(event, Ping | Pong):
+    if isinstance(event, ev.Ping | ev.Pong):
         return event.token, b""
-    if isinstance(event, Error):
+    if isinstance(event, ev.Error):
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "ERROR text")
         return event.ref_id, ERROR_BODY.pack(event.code, event.ref_type, len(text)) + text
-    if isinstance(event, Bye):
+    if isinstance(event, ev.Bye):
         text = _text_bytes(event.text, MAX_TEXT_BYTES, "BYE text")
         return 0, CODE_TEXT_BODY.pack(event.reason, len(text)) + text
     name = _text_bytes(event.name, MAX_NAME_BYTES, "HELLO name")
@@ -132,7 +113,7 @@ def _body(event: Event) -> tuple[int, bytes]:
     return 0, body + name
 
 
-def encode(event: Event) -> bytes:
+def encode(event: ev.Event) -> bytes:
     """The complete message for `event`; its fd (GRANT only) travels separately.
 
     Raises a non-fatal LeaseProtocolError for values that do not fit their fields, so that a
@@ -179,12 +160,12 @@ def _members(family: type[IntEnum]) -> dict[int, IntEnum]:
 
 # Dict lookups instead of enum calls: these run for every message, and an enum call costs
 # several times as much (plus an exception for values a newer peer may send).
-_BYE_REASONS: Final = _members(ByeReason)
-_NACK_REASONS: Final = _members(NackReason)
-_STATUSES: Final = _members(PageInStatus)
-_ERROR_CODES: Final = _members(ErrorCode)
-_MODES: Final[dict[int, RevokeMode]] = {int(m): m for m in RevokeMode}
-_ACCESSES: Final[dict[int, Access]] = {int(a): a for a in Access}
+_BYE_REASONS: Final = _members(constants.ByeReason)
+_NACK_REASONS: Final = _members(constants.NackReason)
+_STATUSES: Final = _members(constants.PageInStatus)
+_ERROR_CODES: Final = _members(constants.ErrorCode)
+_MODES: Final[dict[int, constants.RevokeMode]] = {int(m): m for m in constants.RevokeMode}
+_ACCESSES: Final[dict[int, constants.Access]] = {int(a): a for a in constants.Access}
 
 
 def _code(known: dict[int, IntEnum], value: int) -> int:
@@ -192,7 +173,7 @@ def _code(known: dict[int, IntEnum], value: int) -> int:
     return known.get(value, value)
 
 
-def _hello(msg_id: int, body: bytes) -> Hello:
+def _hello(msg_id: int, body: bytes) -> ev.Hello:
     if len(body) < HELLO_BODY.size:
         raise _malformed(MsgType.HELLO, f"body is {len(body)} bytes, at least {HELLO_BODY.size}")
     magic, major, minor, guest, granule, size, features, max_leases, name_len = (
@@ -201,95 +182,86 @@ def _hello(msg_id: int, body: bytes) -> Hello:
     if magic != MAGIC:
         raise _malformed(MsgType.HELLO, f"magic is {magic:#010x}, not {MAGIC:#010x}")
     name = _text(MsgType.HELLO, body, HELLO_BODY.size, name_len, MAX_NAME_BYTES)
-    return Hello(guest, size, granule, features, max_leases, name, major, minor)
+    return ev.Hello(guest, size, granule, features, max_leases, name, major, minor)
 
 
-def _bye(msg_id: int, body: bytes) -> Bye:
+def _code_text(msg_type: MsgType, body: bytes, known: dict[int, IntEnum]) -> tuple[int, str]:
+    """The code (reason or status) and the text of a BYE, GRANT_NACK or PAGE_IN_DONE body."""
     if len(body) < CODE_TEXT_BODY.size:
-        raise _malformed(MsgType.BYE, "body too short")
-    reason, text_len = CODE_TEXT_BODY.unpack_from(body)
-    text = _text(MsgType.BYE, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return Bye(_code(_BYE_REASONS, reason), text)
+        raise _malformed(msg_type, "body too short")
+    code, text_len = CODE_TEXT_BODY.unpack_from(body)
+    text = _text(msg_type, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
+    return _code(known, code), text
 
 
-def _error(msg_id: int, body: bytes) -> Error:
+def _bye(msg_id: int, body: bytes) -> ev.Bye:
+    return ev.Bye(*_code_text(MsgType.BYE, body, _BYE_REASONS))
+
+
+def _grant_nack(msg_id: int, body: bytes) -> ev.GrantNack:
+    return ev.GrantNack(msg_id, *_code_text(MsgType.GRANT_NACK, body, _NACK_REASONS))
+
+
+def _page_in_done(msg_id: int, body: bytes) -> ev.PageInDone:
+    return ev.PageInDone(msg_id, *_code_text(MsgType.PAGE_IN_DONE, body, _STATUSES))
+
+
+def _error(msg_id: int, body: bytes) -> ev.Error:
     if len(body) < ERROR_BODY.size:
         raise _malformed(MsgType.ERROR, "body too short")
     code, ref_type, text_len = ERROR_BODY.unpack_from(body)
     text = _text(MsgType.ERROR, body, ERROR_BODY.size, text_len, MAX_TEXT_BYTES)
-    return Error(ref_type, msg_id, _code(_ERROR_CODES, code), text)
+    return ev.Error(ref_type, msg_id, _code(_ERROR_CODES, code), text)
 
 
-def _ping(msg_id: int, body: bytes) -> Ping:
-    _exact(MsgType.PING, body, 0)
-    return Ping(msg_id)
+_IdOnly: TypeAlias = type[ev.Ping | ev.Pong | ev.GrantAck | ev.Revoked]
 
 
-def _pong(msg_id: int, body: bytes) -> Pong:
-    _exact(MsgType.PONG, body, 0)
-    return Pong(msg_id)
+def _id_only(cls: _IdOnly) -> Callable[[int, bytes], ev.Event]:
+    """The decoder of a message that is its header id alone, with an empty body."""
+    msg_type = cls.TYPE
+
+    def decode_id_only(msg_id: int, body: bytes) -> ev.Event:
+        _exact(msg_type, body, 0)
+        return cls(msg_id)
+
+    return decode_id_only
 
 
-def _grant_ack(msg_id: int, body: bytes) -> GrantAck:
-    _exact(MsgType.GRANT_ACK, body, 0)
-    return GrantAck(msg_id)
-
-
-def _grant_nack(msg_id: int, body: bytes) -> GrantNack:
-    if len(body) < CODE_TEXT_BODY.size:
-        raise _malformed(MsgType.GRANT_NACK, "body too short")
-    reason, text_len = CODE_TEXT_BODY.unpack_from(body)
-    text = _text(MsgType.GRANT_NACK, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return GrantNack(msg_id, _code(_NACK_REASONS, reason), text)
-
-
-def _revoke(msg_id: int, body: bytes) -> Revoke:
+def _revoke(msg_id: int, body: bytes) -> ev.Revoke:
     _exact(MsgType.REVOKE, body, REVOKE_BODY.size)
     (mode,) = REVOKE_BODY.unpack(body)
     known = _MODES.get(mode)
     if known is None:
         raise _malformed(MsgType.REVOKE, f"unknown mode {mode}")
-    return Revoke(msg_id, known)
+    return ev.Revoke(msg_id, known)
 
 
-def _revoked(msg_id: int, body: bytes) -> Revoked:
-    _exact(MsgType.REVOKED, body, 0)
-    return Revoked(msg_id)
-
-
-def _page_in(msg_id: int, body: bytes) -> PageIn:
+def _page_in(msg_id: int, body: bytes) -> ev.PageIn:
     _exact(MsgType.PAGE_IN, body, PAGE_IN_BODY.size)
     offset, length, access = PAGE_IN_BODY.unpack(body)
     known = _ACCESSES.get(access)
     if known is None:
         raise _malformed(MsgType.PAGE_IN, f"unknown access type {access}")
-    return PageIn(msg_id, offset, length, known)
+    return ev.PageIn(msg_id, offset, length, known)
 
 
-def _page_in_done(msg_id: int, body: bytes) -> PageInDone:
-    if len(body) < CODE_TEXT_BODY.size:
-        raise _malformed(MsgType.PAGE_IN_DONE, "body too short")
-    status, text_len = CODE_TEXT_BODY.unpack_from(body)
-    text = _text(MsgType.PAGE_IN_DONE, body, CODE_TEXT_BODY.size, text_len, MAX_TEXT_BYTES)
-    return PageInDone(msg_id, _code(_STATUSES, status), text)
-
-
-_DECODERS: Final[dict[int, Callable[[int, bytes], Event]]] = {
+_DECODERS: Final[dict[int, Callable[[int, bytes], ev.Event]]] = {
     MsgType.HELLO: _hello,
     MsgType.BYE: _bye,
     MsgType.ERROR: _error,
-    MsgType.PING: _ping,
-    MsgType.PONG: _pong,
-    MsgType.GRANT_ACK: _grant_ack,
+    MsgType.PING: _id_only(ev.Ping),
+    MsgType.PONG: _id_only(ev.Pong),
+    MsgType.GRANT_ACK: _id_only(ev.GrantAck),
     MsgType.GRANT_NACK: _grant_nack,
     MsgType.REVOKE: _revoke,
-    MsgType.REVOKED: _revoked,
+    MsgType.REVOKED: _id_only(ev.Revoked),
     MsgType.PAGE_IN: _page_in,
     MsgType.PAGE_IN_DONE: _page_in_done,
 }
 
 
-def decode(msg_type: int, msg_id: int, body: bytes, fds: Sequence[int]) -> Event:
+def decode(msg_type: int, msg_id: int, body: bytes, fds: Sequence[int]) -> ev.Event:
     """The event for one framed message (header already split off).
 
     Raises a non-fatal LeaseProtocolError whose `code` is the ERROR code to answer with. Never
@@ -301,26 +273,28 @@ def decode(msg_type: int, msg_id: int, body: bytes, fds: Sequence[int]) -> Event
             raise LeaseProtocolError(
                 f"GRANT carries {len(fds)} file descriptors, exactly 1 is required",
                 fatal=False,
-                code=ErrorCode.BAD_FD_COUNT,
+                code=constants.ErrorCode.BAD_FD_COUNT,
             )
         offset, length, fd_offset, prot, flags = GRANT_BODY.unpack(body)
-        return Grant(msg_id, offset, length, fd_offset, prot, fds[0], flags)
+        return ev.Grant(msg_id, offset, length, fd_offset, prot, fds[0], flags)
     decoder = _DECODERS.get(msg_type)
     if decoder is None:
         raise LeaseProtocolError(
-            f"unknown message type {msg_type:#06x}", fatal=False, code=ErrorCode.UNKNOWN_TYPE
+            f"unknown message type {msg_type:#06x}",
+            fatal=False,
+            code=constants.ErrorCode.UNKNOWN_TYPE,
         )
     event = decoder(msg_id, body)
     if fds:
         raise LeaseProtocolError(
             f"{event.TYPE.name} carries {len(fds)} file descriptors, it may carry none",
             fatal=False,
-            code=ErrorCode.BAD_FD_COUNT,
+            code=constants.ErrorCode.BAD_FD_COUNT,
         )
     return event
 
 
-def decode_message(data: bytes, fds: Sequence[int] = ()) -> Event:
+def decode_message(data: bytes, fds: Sequence[int] = ()) -> ev.Event:
     """Decode one whole message (header and body), for tools and tests that hold exactly one."""
     if len(data) < HEADER_SIZE:
         raise LeaseProtocolError(f"{len(data)} bytes cannot hold a {HEADER_SIZE}-byte header")
