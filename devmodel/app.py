@@ -48,7 +48,7 @@ from devmodel.control.instance import (
     Lender,
     LinkLenderView,
     Runtime,
-    device_collector,
+    build_instance,
 )
 from devmodel.control.server import ControlServer
 from devmodel.control.toolstack import (
@@ -223,19 +223,15 @@ async def _serve(
                 stack.push_async_callback(listener.aclose)
             metrics_address = bound_address(metrics_listeners)
         # Everything the commands see exists now: the one place the Instance is built.
-        inst = Instance(
-            settings=settings,
-            engine=engine,
-            counters=counters,
-            timing=timing,
-            device=device,
-            lender=lender,
-            transport_connected=transport_connected,
-            request_stop=stopper.request,
-            metrics=device_collector(
-                settings, engine, counters, timing, lender, transport_connected, runtime, started
-            ),
-            runtime=runtime,
+        inst = build_instance(
+            settings,
+            engine,
+            timing,
+            device,
+            lender,
+            transport_connected,
+            stopper.request,
+            runtime,
             metrics_address=metrics_address,
             started=started,
         )
