@@ -30,8 +30,8 @@ def test_dom0_toolstack_is_up(dom0_suite: Dom0Run) -> None:
 
 def test_pvh_guest_boots_to_init(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: `xl create -p` of a PVH guest (Debian's kernel, a busybox
-    initramfs, 2 vCPUs), then unpause; its /init reports on its console that it is a PVH guest
-    with both vCPUs online."""
+    initramfs, 2 vCPUs), a hook while it is paused, then unpause; its /init reports on its
+    console that it is a PVH guest with both vCPUs online."""
     record = dom0_suite.guest("pvh")
     report = record["report"]
     assert report["guest_type"] == "PVH", record
@@ -39,6 +39,9 @@ def test_pvh_guest_boots_to_init(dom0_suite: Dom0Run) -> None:
     # No device model: a PVH guest has no PCI config space (Linux says "No config space
     # access function found").
     assert report["pci"] == [], record
+    # `guest --before-unpause` ran while the domain was created but paused (state "--p---").
+    paused = (dom0_suite.workdir / "pvh-paused.out").read_text()
+    assert re.search(r"^pvh\s+\d+\s+256\s+2\s+-*p-*\s", paused, re.MULTILINE), paused
 
 
 def test_hvm_guest_boots_to_init(dom0_suite: Dom0Run) -> None:
