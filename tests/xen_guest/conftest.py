@@ -12,6 +12,7 @@ scripts/check's, deselects them (see pytest_collection_modifyitems).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ PROVISION_TIMEOUT = 900.0
 # took about 4 minutes on a loaded 2-core machine.
 BOOT_TIMEOUT = 1500.0
 READY_LINE = "XENBED-READY"
+# dom0-suite's line at the end of each step.
+STEP_LINE = re.compile(r"^XENBED-STEP (\S+): exit (\d+) after ([\d.]+) s$", re.MULTILINE)
 MARKER = "xen_guest"
 
 
@@ -155,6 +158,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"one boot: dom0 toolstack up after {ready}, {run.seconds:.1f} s in all "
             f"(run exit {run.returncode})")
+        for name, status, seconds in STEP_LINE.findall(run.console):
+            terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")
         for name in ("pvh", "hvm"):
             path = run.workdir / f"{name}.json"
             if path.exists():
