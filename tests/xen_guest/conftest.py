@@ -1,0 +1,169 @@
+"""Fixtures for the xen_guest tests: the provisioned Xen test bed and one shared boot of it.
+
+A boot of Xen under TCG, with a PVH and an HVM guest started from dom0, takes minutes, so the
+tests share one: `dom0_suite` boots the test bed once and runs tests/xen_guest/dom0-suite in
+dom0, which leaves each step's output and exit status in the run's directory; each test checks
+its own step. On a failure the report carries the end of the machine's console.
+
+These tests run only when selected by marker (`pytest -m xen_guest`): a plain run, such as
+scripts/check's, deselects them (see pytest_collection_modifyitems).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Generator, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..qemu.testbed import Process, Reaper, tail
+
+REPO = Path(__file__).resolve().parents[2]
+XEN_CONFIGS = REPO / "qemu-configs" / "xen"
+SUITE = Path(__file__).resolve().parent / "dom0-suite"
+PROVISION_TIMEOUT = 900.0
+# The whole boot: Xen, dom0, the toolstack, both guests one after the other, power-off. It
+# took about 4 minutes on a loaded 2-core machine.
+BOOT_TIMEOUT = 1500.0
+READY_LINE = "XENBED-READY"
+# dom0-suite's line at the end of each step.
+STEP_LINE = re.compile(r"^XENBED-STEP (\S+): exit (\d+) after ([\d.]+) s$", re.MULTILINE)
+MARKER = "xen_guest"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the xen_guest tests unless the marker expression names them (-m xen_guest)."""
+    if MARKER in (config.option.markexpr or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker(MARKER)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker(MARKER)]
+
+
+@dataclass
+class Dom0Run:
+    """One boot of the Xen test bed that ran dom0-suite: its console and its files."""
+
+    workdir: Path
+    returncode: int | None
+    console: str
+    seconds: float
+    ready_seconds: float | None
+
+    def step(self, name: str) -> tuple[int | None, str]:
+        """(exit status, output) of a dom0-suite step; status None if it never finished."""
+        status = self.workdir / f"{name}.status"
+        output = self.workdir / f"{name}.out"
+        rc = int(status.read_text()) if status.exists() else None
+        return rc, output.read_text(errors="replace") if output.exists() else ""
+
+    def guest(self, name: str) -> dict[str, Any]:
+        """What dom0/guest recorded for guest `name` (its NAME.json); fails if it did not."""
+        rc, output = self.step(name)
+        path = self.workdir / f"{name}.json"
+        assert rc == 0 and path.exists(), (
+            f"the {name} guest did not report (step exit {rc}):\n{output}")
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record
+
+    def report(self) -> str:
+        return f"----- console (run exit {self.returncode}) -----\n{tail(self.console)}"
+
+
+@pytest.fixture(scope="session")
+def xenbed(pytestconfig: pytest.Config) -> Path:
+    """Provision the Xen test bed (and the QEMU one under it), its progress shown live."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    output: list[str] = []
+    with capman.global_and_fixture_disabled() if capman else nullcontext():
+        proc = subprocess.Popen([str(XEN_CONFIGS / "provision")], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            output.append(line)
+        try:
+            rc = proc.wait(PROVISION_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    if rc != 0:
+        pytest.fail(f"qemu-configs/xen/provision failed with status {rc}:\n{''.join(output)}",
+                    pytrace=False)
+    return XEN_CONFIGS
+
+
+@pytest.fixture(scope="session")
+def reaper() -> Iterator[Reaper]:
+    r = Reaper()
+    yield r
+    r.reap()
+
+
+_runs: list[Dom0Run] = []
+
+
+@pytest.fixture(scope="session")
+def dom0_suite(xenbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory
+               ) -> Dom0Run:
+    """Boot the test bed once and run dom0-suite in dom0; QEMU is gone when this returns."""
+    workdir = tmp_path_factory.mktemp("xenbed")
+    argv = [str(xenbed / "run"), "--workdir", str(workdir), "--script", str(SUITE),
+            "--timeout", f"{BOOT_TIMEOUT:g}"]
+    console = workdir.parent / f"{workdir.name}.console"
+    t0 = time.monotonic()
+    run = reaper.add(Process("xen-run", argv, workdir.parent / f"{workdir.name}.stderr",
+                             stdout_path=console))
+    ready: float | None = None
+    while run.wait(0.2) is None:
+        if ready is None and READY_LINE in run.stdout():
+            ready = time.monotonic() - t0
+        if time.monotonic() - t0 > BOOT_TIMEOUT + 30:
+            break
+    rc = run.stop(grace=5)
+    result = Dom0Run(workdir=workdir, returncode=rc, console=run.stdout() + run.log(),
+                     seconds=time.monotonic() - t0, ready_seconds=ready)
+    _runs.append(result)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the end of the machine's console to a failed test's report."""
+    report = yield
+    if report.failed and isinstance(item, pytest.Function):
+        run = item.funcargs.get("dom0_suite")
+        if isinstance(run, Dom0Run):
+            report.sections.append(("xen test bed console", run.report()))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How long the boot took, to the toolstack and in all, and each guest's boot."""
+    for run in _runs:
+        terminalreporter.section("xen test bed")
+        ready = "never" if run.ready_seconds is None else f"{run.ready_seconds:.1f} s"
+        terminalreporter.write_line(
+            f"one boot: dom0 toolstack up after {ready}, {run.seconds:.1f} s in all "
+            f"(run exit {run.returncode})")
+        for name, status, seconds in STEP_LINE.findall(run.console):
+            terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")
+        for name in ("pvh", "hvm"):
+            path = run.workdir / f"{name}.json"
+            if path.exists():
+                record = json.loads(path.read_text())
+                terminalreporter.write_line(
+                    f"  {name} guest: xl create -p {record['create_s']} s, /init reported "
+                    f"{record['boot_s']} s after unpause")
