@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -137,12 +138,14 @@ def cpu_plan(pin: str = "split") -> tuple[set[int] | None, set[int] | None]:
 
 
 def build_c(name: str) -> Path:
-    """bench/NAME.c compiled into the bench cache (again only when the source changed)."""
+    """bench/NAME.c compiled into the bench cache, named by a hash of its source (so worktrees
+    with different sources never share a binary); compiled again only when that is missing."""
     src = HERE / f"{name}.c"
-    out = BENCH_CACHE / name
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    out = BENCH_CACHE / f"{name}-{digest}"
+    if not out.exists():
         BENCH_CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".new")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(src)], check=True)
         tmp.replace(out)
     return out
@@ -343,9 +346,13 @@ def run(
                     lvu_proc = None
                     if lvu is not None:
                         lvu_sock = str(tmp / f"lvu{r}")
-                        lvu_proc = spawn([str(lvu), lvu_sock], server_cpus, lvu_sock)
-                        names.append("lvu")
-                        socks.append(lvu_sock)
+                        try:
+                            lvu_proc = spawn([str(lvu), lvu_sock], server_cpus, lvu_sock)
+                        except bl.BenchFailed as exc:  # measure the others all the same
+                            lvu, lvu_note = None, f"did not start: {exc}"
+                        else:
+                            names.append("lvu")
+                            socks.append(lvu_sock)
                     if dm_on is not None:
                         names.append("on")
                         socks.append(on_sock)
