@@ -419,7 +419,7 @@ def run(
             row.target = f"<= {bound:.2f}x {peer_name}"
             if row.ratio is not None:
                 row.passed = row.ratio <= bound
-    own_row = res.latency("own_time", "device model's own time per trapped read", own)
+    own_row = res.latency("own_time", "device model's own time per read (means of 1000)", own)
     res.compare("own_time", "trapped_dm_off_vs_floor")
     check(own_row, "median <= 3 us", lambda m: m <= 3.0)
 
