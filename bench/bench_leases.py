@@ -55,7 +55,7 @@ from devmodel.testing import VfioUserClient
 from devmodel.unixfds import rights
 from devmodel_wire.lease.constants import PROT_READ, PROT_WRITE
 from pyvfio_user.codec import HEADER_AND_ACCESS
-from pyvfio_user.constants import Command
+from pyvfio_user.constants import FLAG_NO_REPLY, Command
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -462,15 +462,24 @@ async def lender_process(path: str) -> None:
         listener.close()
 
 
-class LenderProcess:
-    """The benchmark's handle on a lender process."""
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn that pins the child to `cpus` (None: no pinning)."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
 
-    def __init__(self, path: str) -> None:
+
+class LenderProcess:
+    """The benchmark's handle on a lender process (pinned to `cpus` if given)."""
+
+    def __init__(self, path: str, cpus: set[int] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve-lender", path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=pinned(cpus),  # noqa: PLW1509  (the benchmark starts no threads)
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in: IO[str] = self.proc.stdin
@@ -511,6 +520,13 @@ def write_request(msg_id: int, offset: int, data: bytes) -> bytes:
     return head + data
 
 
+def posted_write_request(msg_id: int, offset: int, data: bytes) -> bytes:
+    head = HEADER_AND_ACCESS.pack(
+        msg_id & 0xFFFF, Command.REGION_WRITE, 40, FLAG_NO_REPLY, 0, offset, 0, 8
+    )
+    return head + data
+
+
 class RawClient:
     """8-byte BAR0 accesses with as little client-side Python as possible (as in
     bench_vfio_user.py), after a real attach sequence."""
@@ -548,9 +564,21 @@ class RawClient:
         self.sock.sendall(write_request(self.msg_id, offset, data))
         self._reply(32)
 
+    def post(self, offset: int, data: bytes) -> None:
+        """A posted write (NO_REPLY): nothing comes back; the next read orders after it."""
+        self.msg_id += 1
+        self.sock.sendall(posted_write_request(self.msg_id, offset, data))
 
-def hammer_process(path: str) -> None:
-    """`--hammer PATH`: read and write windows 0..HAMMERED-1 until SIGTERM; print the counts."""
+
+LOADS = ("rw", "reads", "posted")  # what the load client does per window, see hammer_process
+
+
+def hammer_process(path: str, load: str = "rw") -> None:
+    """`--hammer PATH [--load L]`: access windows 0..HAMMERED-1 until SIGTERM; print the counts.
+
+    Per window visited: `rw` a read and a write (each answered), `reads` a read, `posted` a
+    read and a posted write (NO_REPLY, as a guest's writes to a BAR are).
+    """
     stop = False
 
     def on_term(signum: int, frame: object) -> None:
@@ -568,8 +596,13 @@ def hammer_process(path: str) -> None:
         _, data = client.read(index * E2E_GRANULE)
         if data != struct.pack("<Q", MARK + index):
             wrong += 1
-        client.write(index * E2E_GRANULE + 64, struct.pack("<Q", i))
-        accesses += 2
+        if load == "rw":
+            client.write(index * E2E_GRANULE + 64, struct.pack("<Q", i))
+            accesses += 1
+        elif load == "posted":
+            client.post(index * E2E_GRANULE + 64, struct.pack("<Q", i))
+            accesses += 1
+        accesses += 1
         i += 1
     print(json.dumps({"accesses": accesses, "wrong": wrong, "seconds": perf() - t0}), flush=True)
     client.close()
@@ -623,7 +656,11 @@ async def engine_faults(repeat: int) -> None:
         os.close(home)
 
 
-def e2e_faults(client: RawClient, lender: LenderProcess, repeat: int) -> None:
+def measure_e2e_faults(
+    client: RawClient, lender: LenderProcess, repeat: int
+) -> tuple[list[float], list[float]]:
+    """`repeat` pairs, in alternating order: a read of window 0 just evicted by the lender (a
+    fault served by a page-in) and a read of resident window 1; returns (faults, residents)."""
     fault: list[float] = []
     resident: list[float] = []
     for i in range(repeat):
@@ -633,6 +670,11 @@ def e2e_faults(client: RawClient, lender: LenderProcess, repeat: int) -> None:
             took, data = client.read(index * E2E_GRANULE)
             expect_mark(data, index, "end to end")
             (fault if index == 0 else resident).append(took)
+    return fault, resident
+
+
+def e2e_faults(client: RawClient, lender: LenderProcess, repeat: int) -> None:
+    fault, resident = measure_e2e_faults(client, lender, repeat)
     print(
         "  end to end (vfio-user client process -> devmodel run -> lease socket -> lender process):"
     )
@@ -972,61 +1014,120 @@ def resident_reads(engine: LeaseEngine, n: int, granule: int, repeat: int) -> No
 # ---------------------------------------------------------------------------- main
 
 
+def devmodel_command(dm_sock: str, lender_sock: str, *extra: str) -> list[str]:
+    """`devmodel run` as the end-to-end measurements start it: the small aperture, one lender."""
+    return [
+        sys.executable,
+        "-m",
+        "devmodel",
+        "run",
+        "--socket-path",
+        dm_sock,
+        "--lender-socket",
+        lender_sock,
+        "--domid",
+        str(GUEST),
+        "--aperture-size",
+        str(E2E_APERTURE),
+        "--granule",
+        str(E2E_GRANULE),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
+class EndToEnd:
+    """A lender process, `devmodel run` borrowing from it, and a vfio-user client attached to
+    it, each pinned if CPUs are given (devmodel to `server_cpus`, the others to `client_cpus`).
+    A context manager: leaving it stops both processes."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        server_cpus: set[int] | None = None,
+        client_cpus: set[int] | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.dm_sock = str(tmp / "dm.sock")
+        self.client_cpus = client_cpus
+        lender_sock = str(tmp / "lender.sock")
+        self.lender = LenderProcess(lender_sock, client_cpus)
+        self.client: RawClient | None = None
+        try:
+            self.devmodel = subprocess.Popen(
+                devmodel_command(self.dm_sock, lender_sock, *extra),
+                preexec_fn=pinned(server_cpus),  # noqa: PLW1509
+            )
+            wait_for_path(self.dm_sock, self.devmodel)
+            self.lender.ask("ready")
+            self.client = RawClient(self.dm_sock)
+        except BaseException:
+            self.close()
+            raise
+
+    def hammer(self, load: str = "rw") -> subprocess.Popen[str]:
+        """Start a load client (`hammer_process`) on the device; it runs until stop_hammer."""
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--hammer", self.dm_sock, "--load", load],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=pinned(self.client_cpus),  # noqa: PLW1509
+        )
+        assert proc.stdout is not None
+        if not proc.stdout.readline():
+            stop_process(proc)
+            raise BenchFailed("the load client did not start")
+        return proc
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if getattr(self, "devmodel", None) is not None:
+            stop_process(self.devmodel)
+        self.lender.stop()
+
+    def __enter__(self) -> EndToEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def stop_hammer(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Stop a load client; its counts (accesses, wrong, seconds). Wrong contents fail the run."""
+    stop_process(proc)
+    assert proc.stdout is not None
+    load: dict[str, Any] = json.loads(proc.stdout.readline())
+    if load["wrong"]:
+        raise BenchFailed(f"the load client read wrong contents {load['wrong']} times")
+    return load
+
+
 def e2e(tmp: Path, repeat: int) -> dict[str, Any]:
     """Sections a) and b) through real processes; returns the lender's counters."""
-    lender_sock = str(tmp / "lender.sock")
-    dm_sock = str(tmp / "dm.sock")
-    lender = LenderProcess(lender_sock)
-    procs: list[subprocess.Popen[Any]] = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "devmodel",
-                    "run",
-                    "--socket-path",
-                    dm_sock,
-                    "--lender-socket",
-                    lender_sock,
-                    "--domid",
-                    str(GUEST),
-                    "--aperture-size",
-                    str(E2E_APERTURE),
-                    "--granule",
-                    str(E2E_GRANULE),
-                    "--log-level",
-                    "warning",
-                ]
-            )
-        )
-        wait_for_path(dm_sock, procs[0])
-        lender.ask("ready")
-        client = RawClient(dm_sock)
-        try:
-            print("a) fault service latency, 8-byte reads of BAR0, instant lender")
-            trio.run(engine_faults, repeat)
-            e2e_faults(client, lender, repeat)
-        finally:
-            client.close()
+    with EndToEnd(tmp) as setup:
+        lender = setup.lender
+        assert setup.client is not None
+        print("a) fault service latency, 8-byte reads of BAR0, instant lender")
+        trio.run(engine_faults, repeat)
+        e2e_faults(setup.client, lender, repeat)
+        setup.client.close()
+        setup.client = None
         print("b) REVOKE -> REVOKED latency")
         trio.run(engine_revokes, repeat)
         print_revokes(
             "  over the lease socket, devmodel idle (lender process, window 0):",
             lender.ask("revokes", 0, repeat),
         )
-        hammer = subprocess.Popen(
-            [sys.executable, __file__, "--hammer", dm_sock], stdout=subprocess.PIPE, text=True
-        )
-        procs.append(hammer)
-        assert hammer.stdout is not None
-        if not hammer.stdout.readline():
-            raise BenchFailed("the load client did not start")
-        same = lender.ask("revokes", 0, repeat)
-        other = lender.ask("revokes", HAMMERED + 1, repeat)
-        stop_process(hammer)
-        load = json.loads(hammer.stdout.readline())
+        hammer = setup.hammer()
+        try:
+            same = lender.ask("revokes", 0, repeat)
+            other = lender.ask("revokes", HAMMERED + 1, repeat)
+        finally:
+            load = stop_hammer(hammer)
         rate = load["accesses"] / load["seconds"]
         print_revokes(
             f"  over the lease socket, under load (a vfio-user client reading and writing windows "
@@ -1034,13 +1135,7 @@ def e2e(tmp: Path, repeat: int) -> dict[str, Any]:
             same,
         )
         print_revokes(f"  same load, window {HAMMERED + 1} (not hammered):", other)
-        if load["wrong"]:
-            raise BenchFailed(f"the load client read wrong contents {load['wrong']} times")
         return lender.ask("stats")
-    finally:
-        for p in procs:
-            stop_process(p)
-        lender.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1050,12 +1145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="samples per measurement (default 2000)")
     parser.add_argument("--serve-lender", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--hammer", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--load", choices=LOADS, default="rw", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_lender:
         trio.run(lender_process, args.serve_lender)
         return 0
     if args.hammer:
-        hammer_process(args.hammer)
+        hammer_process(args.hammer, args.load)
         return 0
     repeat = args.repeat or (50 if args.quick else 2000)
     leases = args.leases or (5000 if args.quick else 1_000_000)
