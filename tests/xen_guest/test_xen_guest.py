@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from .conftest import Dom0Run
+from .dom0run import Dom0Run
 
 pytestmark = pytest.mark.xen_guest
 
