@@ -8,7 +8,10 @@ request means is `VfioUserRequests`' (vfio_user_requests.py) and the device's is
 
 The socket is driven directly, non-blocking, through devmodel.unixfds (the one place fds cross
 unix sockets) into one reused buffer, which keeps the per-access cost of the event loop to a
-few microseconds.
+few microseconds. The loop parks in trio only when the socket is empty, so a client that never
+lets it run dry (posted writes need no reply) would starve every other task, the lender link
+included: the requests' time slice (devmodel/fairness.py) makes the loop yield at least every
+millisecond of continuous work; a real wait starts a new slice.
 
 BAR0 is never offered as MMAP: a vfio-user server cannot take back a mapping it gave away, and
 lent memory must be revocable (shared/reference/vfio-user.md). Every access is trapped.
@@ -28,7 +31,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.transports.vfio_user_requests import VfioUserRequests
-from devmodel.unixfds import FdsTruncated, recv_async, recv_nowait, send_all_async
+from devmodel.unixfds import FdsTruncated, recv_nowait, send_all_async
 from pyvfio_user.connection import SERVER_DEFAULT_CAPS
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.version import Capabilities
@@ -40,6 +43,8 @@ log = logging.getLogger("devmodel.vfio_user")
 RECV_BUFFER: Final = 2 << 20
 STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
+STOP_FLUSH_SECONDS: Final = 0.1
+"""The part of STOP_DRAIN_SECONDS kept for sending the answers (a client may keep sending)."""
 
 
 class VfioUserServer:
@@ -90,7 +95,8 @@ class VfioUserServer:
 
     async def serve_client(self, sock: socket.socket) -> None:
         """Run one client's session to its end; the device survives whatever happens here."""
-        session = _Session(sock, VfioUserRequests(self.backend, self.capabilities, self._bad_log))
+        requests = VfioUserRequests(self.backend, self.capabilities, self._bad_log)
+        session = _Session(sock, requests)
         try:
             await session.run()
         except ProtocolError as exc:
@@ -126,7 +132,10 @@ class _Session:
         view = self.view
         try:
             while True:
-                n, fds = await recv_async(sock, view)
+                try:
+                    n, fds = recv_nowait(sock, view)
+                except (BlockingIOError, InterruptedError):
+                    n, fds = await self._wait()
                 conn.receive_data(view[:n], fds)
                 more = await requests.process()
                 if requests.out:
@@ -138,6 +147,23 @@ class _Session:
         except trio.Cancelled:
             await self._drain_on_stop()
             raise
+
+    async def _wait(self) -> tuple[int, list[int]]:
+        """The socket was empty: park in trio until it is not."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            # Others ran while this loop was parked: its time slice starts again.
+            self.requests.slice.restart()
+            got = self._try_recv()
+            if got is not None:
+                return got
+
+    def _try_recv(self) -> tuple[int, list[int]] | None:
+        """One non-blocking receive: (bytes, fds), or None when there was nothing to read."""
+        try:
+            return recv_nowait(self.sock, self.view)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     async def _drain_on_stop(self) -> None:
         """On a graceful stop, answer what the client already sent before the socket closes.
@@ -154,10 +180,14 @@ class _Session:
             try:
                 requests.fail_current()
                 # Requests that arrived in the same read as the one being served are already
-                # in the connection's buffer: answer those first, then whatever the socket holds.
-                more = await requests.process()
-                while more and self._recv_nowait():
+                # in the connection's buffer: answer those first, then whatever the socket
+                # holds. A client that keeps sending is cut off (at a request boundary, where
+                # `process` yields) in time to send what was answered.
+                with trio.move_on_after(STOP_DRAIN_SECONDS - STOP_FLUSH_SECONDS):
                     more = await requests.process()
+                    while more and self._recv_nowait():
+                        more = await requests.process()
+                requests.fail_current()
                 if requests.out:
                     await self._flush()
             except (ProtocolError, OSError) as exc:
