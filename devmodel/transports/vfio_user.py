@@ -8,10 +8,16 @@ request means is `VfioUserRequests`' (vfio_user_requests.py) and the device's is
 
 The socket is driven directly, non-blocking, through devmodel.unixfds (the one place fds cross
 unix sockets) into one reused buffer, which keeps the per-access cost of the event loop to a
-few microseconds. The loop parks in trio only when the socket is empty, so a client that never
-lets it run dry (posted writes need no reply) would starve every other task, the lender link
-included: the requests' time slice (devmodel/fairness.py) makes the loop yield at least every
-millisecond of continuous work; a real wait starts a new slice.
+few microseconds. Two things keep that cheap without making it unfair:
+
+- Fairness: the loop parks in trio only when the socket is empty, so a client that never lets
+  it run dry (posted writes need no reply) would starve every other task, the lender link
+  included. The requests' time slice (devmodel/fairness.py) makes the loop yield at least every
+  millisecond of continuous work; a real wait starts a new slice.
+- Adaptive polling (devmodel/polling.py, `--poll-max-us`): when the socket is empty, the loop
+  first retries the receive for a self-tuned budget before parking, because a client that sends
+  its next request within microseconds is caught far cheaper than by a park and a wakeup. The
+  spin counts as continuous work for the slice.
 
 BAR0 is never offered as MMAP: a vfio-user server cannot take back a mapping it gave away, and
 lent memory must be revocable (shared/reference/vfio-user.md). Every access is trapped.
@@ -29,6 +35,7 @@ import trio
 from devmodel.backend.device import DeviceBackend, backend_for
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
+from devmodel.polling import AdaptivePoll
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.transports.vfio_user_requests import VfioUserRequests
 from devmodel.unixfds import FdsTruncated, recv_nowait, send_all_async
@@ -56,11 +63,14 @@ class VfioUserServer:
         counters: DeviceCounters,
         capabilities: Capabilities = SERVER_DEFAULT_CAPS,
         on_client: Callable[[str], None] | None = None,
+        poll_max_ns: int = 0,
     ) -> None:
         self.backend, _ = backend_for(device)
         self.device = self.backend.function
         self.counters = counters
         self.capabilities = capabilities
+        # One budget for every client in turn: a new client of the same guest behaves alike.
+        self.poll = AdaptivePoll(poll_max_ns, counters) if poll_max_ns else None
         self._on_client = on_client
         self._bad_log = RateLimitedLogger(log)
         self.connected = False
@@ -96,7 +106,7 @@ class VfioUserServer:
     async def serve_client(self, sock: socket.socket) -> None:
         """Run one client's session to its end; the device survives whatever happens here."""
         requests = VfioUserRequests(self.backend, self.capabilities, self._bad_log)
-        session = _Session(sock, requests)
+        session = _Session(sock, requests, self.poll)
         try:
             await session.run()
         except ProtocolError as exc:
@@ -112,11 +122,14 @@ class VfioUserServer:
 class _Session:
     """One client connection: its socket, the receive buffer, and its requests in order."""
 
-    __slots__ = ("buffer", "requests", "sock", "view")
+    __slots__ = ("buffer", "poll", "requests", "sock", "view")
 
-    def __init__(self, sock: socket.socket, requests: VfioUserRequests) -> None:
+    def __init__(
+        self, sock: socket.socket, requests: VfioUserRequests, poll: AdaptivePoll | None = None
+    ) -> None:
         self.sock = sock
         self.requests = requests
+        self.poll = poll
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
 
@@ -149,13 +162,20 @@ class _Session:
             raise
 
     async def _wait(self) -> tuple[int, list[int]]:
-        """The socket was empty: park in trio until it is not."""
+        """The socket was empty: poll it for the budget, else park in trio until it is not."""
+        poll = self.poll
+        if poll is not None:
+            got = poll.poll(self._try_recv)
+            if got is not None:
+                return got
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             # Others ran while this loop was parked: its time slice starts again.
             self.requests.slice.restart()
             got = self._try_recv()
             if got is not None:
+                if poll is not None:
+                    poll.parked()
                 return got
 
     def _try_recv(self) -> tuple[int, list[int]] | None:

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from devmodel.testing import sealed_memfd
 from devmodel.unixfds import recv_nowait, send_nowait
 from devmodel_wire import lease as lp
@@ -158,7 +160,8 @@ class ProbingLender:
             time.sleep(PROBE_INTERVAL)
 
 
-def test_a_streaming_client_does_not_starve_the_lender(tmp_path: Path) -> None:
+@pytest.mark.parametrize("poll", ["0", "50"])
+def test_a_streaming_client_does_not_starve_the_lender(tmp_path: Path, poll: str) -> None:
     lender = ProbingLender(tmp_path / "lender.sock")
     dm = start_devmodel(
         tmp_path,
@@ -166,6 +169,8 @@ def test_a_streaming_client_does_not_starve_the_lender(tmp_path: Path) -> None:
         str(tmp_path / "lender.sock"),
         "--aperture-size",
         "16M",
+        "--poll-max-us",
+        poll,
         "--log-level",
         "warning",
     )
