@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -52,6 +53,10 @@ STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
 STOP_FLUSH_SECONDS: Final = 0.1
 """The part of STOP_DRAIN_SECONDS kept for sending the answers (a client may keep sending)."""
+DRAIN_RECV: Final = 64 << 10
+"""A stop reads at most this much at a time, so its clock is checked every few milliseconds."""
+NEVER: Final = 1 << 62
+"""A time-slice deadline (perf_counter_ns) that never comes."""
 
 
 class VfioUserServer:
@@ -193,21 +198,24 @@ class _Session:
         but not answered waits out the whole reply timeout. So: answer the request being
         served (with an error if it cannot finish), read and answer whatever else is already
         there, within a short deadline, and only then let the socket close.
+
+        The answering does not yield to the time slice: every other task is stopping too, and
+        the lender link's teardown would take lent memory away from requests sent before the
+        stop. A client that keeps sending is cut off by the clock instead, checked between
+        receives that are kept small (DRAIN_RECV), leaving time to send what was answered.
         """
         requests = self.requests
+        requests.slice.deadline = NEVER
+        answer_until = time.monotonic() + STOP_DRAIN_SECONDS - STOP_FLUSH_SECONDS
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + STOP_DRAIN_SECONDS
             try:
                 requests.fail_current()
                 # Requests that arrived in the same read as the one being served are already
-                # in the connection's buffer: answer those first, then whatever the socket
-                # holds. A client that keeps sending is cut off (at a request boundary, where
-                # `process` yields) in time to send what was answered.
-                with trio.move_on_after(STOP_DRAIN_SECONDS - STOP_FLUSH_SECONDS):
+                # in the connection's buffer: answer those first, then whatever the socket holds.
+                more = await requests.process()
+                while more and time.monotonic() < answer_until and self._recv_nowait():
                     more = await requests.process()
-                    while more and self._recv_nowait():
-                        more = await requests.process()
-                requests.fail_current()
                 if requests.out:
                     await self._flush()
             except (ProtocolError, OSError) as exc:
@@ -216,7 +224,7 @@ class _Session:
     def _recv_nowait(self) -> bool:
         """Feed whatever is readable right now; False when nothing (or the end) was there."""
         try:
-            n, fds = recv_nowait(self.sock, self.view)
+            n, fds = recv_nowait(self.sock, self.view[:DRAIN_RECV])
         except (BlockingIOError, InterruptedError):
             return False
         except FdsTruncated as exc:
