@@ -9,8 +9,8 @@ a session loop that only yields to trio when its socket runs dry answers neither
 stream stops (seconds), which is what these bounds catch.
 
 The bounds are loose enough for a loaded 2-core machine (the device model yields at least
-every millisecond of continuous work; a revoke takes a few scheduler rounds) and far below
-what the starvation bug gives (the length of the stream).
+every millisecond of continuous work; a revoke takes a few scheduler rounds: a few ms) and far
+below what the starvation bug gives (the length of the stream: 3.5 s here).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ STREAM_SECONDS = 4.0
 PROBE_START = 0.5
 PROBE_SECONDS = 2.5
 PROBE_INTERVAL = 0.05
-# Each answer within this (the starvation bug gives the rest of the stream: seconds).
-MAX_LATENCY = 0.1
+# The starvation bug gives the rest of the stream: seconds. Fixed, answers take a few ms; the
+# worst of ~40 has been seen at 106 ms while the whole suite ran on a loaded 2-core machine
+# (a process descheduled), hence a loose maximum and a tight median.
+MAX_LATENCY = 0.5
 MEDIAN_LATENCY = 0.05
 
 # The client: attach, then resend one pre-encoded batch of posted writes to BAR0's window 0
