@@ -6,7 +6,14 @@ reads per second and per-read latency (median, p99) for
   - a C server that answers without doing anything (the floor the socket sets),
 and the ratio between them; then the device model's own Python time per request (bytes in to
 bytes out, measured in-process without the socket), which is what the Xen transport will
-pay too. Usage: bench/bench_vfio_user.py [--reads N]. Not a test: machines here are noisy.
+pay too. `--poll-max-us 0,50` runs one devmodel per value (adaptive polling off, on) and
+alternates them with the floor, so that machine noise hits all alike ("default": no option,
+as an older devmodel needs). `--baseline-src DIR` adds a devmodel run from another checkout's
+sources (a tree with devmodel/ and protocol/, e.g. `git archive OLD devmodel protocol | tar -x
+-C DIR`), alternated with the others: a
+before/after comparison in one run.
+Usage: bench/bench_vfio_user.py [--reads N] [--poll-max-us LIST] [--baseline-src DIR].
+Not a test: machines here are noisy; compare figures from one run, and medians of several.
 """
 
 from __future__ import annotations
@@ -37,6 +44,15 @@ from pyvfio_user.connection import ServerConnection
 from pyvfio_user.constants import Command
 
 HERE = Path(__file__).resolve().parent
+
+# `python -m devmodel` from another source tree: the editable install's finder is dropped so
+# that the tree put first on sys.path is the one imported.
+_RUN_FROM = (
+    "import runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    "sys.path[:0] = [{src!r}, {src!r} + '/protocol']; sys.argv[0] = 'devmodel'; "
+    "runpy.run_module('devmodel', run_name='__main__', alter_sys=True)"
+)
 
 
 def wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
@@ -128,7 +144,16 @@ def device_model_own_times(reads: int, batch: int = 1000) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=20000)
+    parser.add_argument(
+        "--poll-max-us",
+        default="default",
+        help="comma-separated --poll-max-us values, one devmodel each (default: none given)",
+    )
+    parser.add_argument("--baseline-src", help="also run the devmodel package found in DIR")
     args = parser.parse_args()
+    polls = args.poll_max_us.split(",")
+    if args.baseline_src:
+        polls.insert(0, "baseline")
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -137,36 +162,35 @@ def main() -> None:
         echo_sock = str(tmp / "echo.sock")
         procs.append(subprocess.Popen([str(echo_bin), echo_sock]))
         wait_for(echo_sock, procs[-1])
-        dm_sock = str(tmp / "dm.sock")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "devmodel",
-                    "run",
-                    "--socket-path",
-                    dm_sock,
-                    "--log-level",
-                    "warning",
-                ]
-            )
-        )
-        wait_for(dm_sock, procs[-1])
+        dm_socks: dict[str, str] = {}
+        for poll in polls:
+            dm_sock = str(tmp / f"dm-{poll}.sock")
+            extra = [] if poll in ("default", "baseline") else ["--poll-max-us", poll]
+            argv = [sys.executable, "-m", "devmodel", "run", "--socket-path", dm_sock]
+            if poll == "baseline":
+                argv[1:3] = ["-c", _RUN_FROM.format(src=os.path.abspath(args.baseline_src))]
+            procs.append(subprocess.Popen([*argv, "--log-level", "warning", *extra]))
+            wait_for(dm_sock, procs[-1])
+            dm_socks[poll] = dm_sock
         print(f"8-byte trapped reads over a unix socket, {args.reads} each, one client process:")
-        # Alternate the two so that machine noise hits both alike.
-        dm_samples: list[float] = []
+        # Alternate them so that machine noise hits all alike.
+        dm_samples: dict[str, list[float]] = {poll: [] for poll in polls}
         floor_samples: list[float] = []
         for _ in range(4):
             floor_samples += measure_socket(echo_sock, args.reads // 4, negotiate=False)
-            dm_samples += measure_socket(dm_sock, args.reads // 4, negotiate=True)
+            for poll, dm_sock in dm_socks.items():
+                dm_samples[poll] += measure_socket(dm_sock, args.reads // 4, negotiate=True)
         floor = summarize("C null server (floor)", floor_samples)
-        dm = summarize("devmodel", dm_samples)
-        print(
-            f"  ratio devmodel/floor: throughput {dm['rate'] / floor['rate']:.2f}x, "
-            f"median latency {dm['median'] / floor['median']:.2f}x "
-            f"(+{(dm['median'] - floor['median']) * 1e6:.1f} us per read)"
-        )
+        for poll, samples in dm_samples.items():
+            label = {"default": "devmodel", "baseline": "devmodel (baseline)"}.get(
+                poll, f"devmodel --poll-max-us {poll}"
+            )
+            dm = summarize(label, samples)
+            print(
+                f"  ratio devmodel/floor: throughput {dm['rate'] / floor['rate']:.2f}x, "
+                f"median latency {dm['median'] / floor['median']:.2f}x "
+                f"(+{(dm['median'] - floor['median']) * 1e6:.1f} us per read)"
+            )
         own = device_model_own_time(args.reads * 5)
         print(
             f"device model's own time per REGION_READ (bytes in to bytes out): {own * 1e6:.2f} us"

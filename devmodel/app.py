@@ -297,7 +297,9 @@ def _transport(
         name = "CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED"
         on_event(name, {"transport": "vfio-user"})
 
-    server = VfioUserServer(backend, counters, on_client=on_client)
+    server = VfioUserServer(
+        backend, counters, on_client=on_client, poll_max_ns=settings.poll_max_us * 1000
+    )
     listener = open_listener(settings)
     owned = settings.socket_path if settings.fd is None else None
     stack.callback(unlink_quietly, owned)

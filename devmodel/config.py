@@ -28,6 +28,7 @@ from devmodel.aperture import (
 )
 from devmodel.leases.policy import FailurePolicy
 from devmodel.pci.identity import parse_pci_id
+from devmodel.polling import DEFAULT_POLL_MAX_US, MAX_POLL_MAX_US
 from devmodel.sizes import format_size, parse_size
 
 # QEMU's vfio-user client gives up on a reply after 5 s; every wait must end before that.
@@ -128,6 +129,15 @@ def _domid(value: object) -> int:
     if not 0 <= domid <= MAX_DOMID:
         raise ValueError(f"a guest id is from 0 to {MAX_DOMID} ({MAX_DOMID:#x}), not {domid}")
     return domid
+
+
+def _poll_us(value: object) -> int:
+    us = _integer(value, "a number of microseconds")
+    if not 0 <= us <= MAX_POLL_MAX_US:
+        raise ValueError(
+            f"the polling budget is from 0 (off) to {MAX_POLL_MAX_US} microseconds, not {us}"
+        )
+    return us
 
 
 def _path(value: object) -> str:
@@ -321,6 +331,16 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "choice",
     ),
     Option(
+        "poll-max-us",
+        _poll_us,
+        DEFAULT_POLL_MAX_US,
+        "vfio-user: before waiting for the client's next message, poll "
+        "its socket for up to this many microseconds (self-tuned below it, like QEMU's "
+        f"poll-max-ns); 0 turns polling off (default {DEFAULT_POLL_MAX_US})",
+        "N",
+        "int",
+    ),
+    Option(
         "control-socket",
         _socket_path,
         None,
@@ -413,6 +433,7 @@ class Settings:
     page_in_timeout: float = 2.0
     revoke_timeout: float = 2.0
     failure_policy: FailurePolicy = FailurePolicy.ALL_ONES
+    poll_max_us: int = DEFAULT_POLL_MAX_US
     control_socket: str | None = None
     log_format: str = "text"
     log_level: str = "info"
@@ -546,6 +567,7 @@ def limits() -> dict[str, object]:
         "timeout_max_seconds": MAX_TIMEOUT,
         "domid_max": MAX_DOMID,
         "socket_path_max_bytes": MAX_SOCKET_PATH,
+        "poll_max_us_max": MAX_POLL_MAX_US,
     }
 
 

@@ -29,6 +29,11 @@ class DeviceCounters:
     # Accesses that had to wait for a revoke or a page-in.
     faults: int = 0
     lender_losses: int = 0
+    # Adaptive polling of the transport's socket (devmodel/polling.py): spins that caught a
+    # message, spins that ran out of budget, and the time spent spinning (CPU time, in ns).
+    poll_hits: int = 0
+    poll_misses: int = 0
+    poll_ns: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

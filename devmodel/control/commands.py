@@ -292,6 +292,13 @@ async def query_stats(inst: Instance, client: ControlClient, args: dict[str, obj
             "dropped": control.dropped_clients if (control := inst.runtime.control) else 0,
         },
         "client_connected": inst.transport_connected(),
+        # Adaptive polling of the vfio-user socket (its counters are the poll_* above).
+        "polling": {
+            "max_us": inst.settings.poll_max_us,
+            "hits": inst.counters.poll_hits,
+            "misses": inst.counters.poll_misses,
+            "cpu_ns": inst.counters.poll_ns,
+        },
     }
 
 

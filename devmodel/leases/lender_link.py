@@ -15,6 +15,10 @@ that stops reading cannot make the device model buffer without limit.
 
 Every wait has a deadline: connecting, the lender's HELLO, each write, each revoke, and the
 idle read, which the keepalive bounds by pinging a silent lender.
+
+The reader handles everything one receive brought before it receives again; a lender that
+sends a buffer full of messages gets a time slice for them (devmodel/fairness.py), after which
+the reader yields, so a chatty lender cannot hold up the guest's accesses either.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Final
 
 import trio
 
+from devmodel.fairness import TimeSlice
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.grant_checks import check_grant_fd
@@ -249,6 +254,7 @@ class _Session:
         self._last_heard = trio.current_time()
         self._heard = trio.Event()
         self._next_token = 1
+        self._slice = TimeSlice()
 
     @property
     def usable(self) -> bool:
@@ -347,6 +353,8 @@ class _Session:
         nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
             [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
         )
+        # A trio socket operation always lets the other tasks run: a new slice starts.
+        self._slice.restart()
         try:
             fds = fds_from_ancillary(ancillary, flags)
         except FdsTruncated:
@@ -426,11 +434,13 @@ class _Session:
         )
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, self._keepalive)
+        fair = self._slice
         while True:
             event = await self._next_event()
             if event is None:
                 raise _Ended("the lender closed the connection")
             self._handle(event)
+            await fair.maybe_yield()
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Grant):

@@ -55,6 +55,9 @@ COUNTER_HELP: Final = {
     "revokes": "revokes performed",
     "faults": "accesses that waited for a page-in or a revoke",
     "lender_losses": "times the lender connection was lost",
+    "poll_hits": "transport socket polls that caught a message without parking",
+    "poll_misses": "transport socket polls that ran out of budget (then parked)",
+    "poll_ns": "CPU time spent polling the transport socket, in nanoseconds",
 }
 
 HISTOGRAM_HELP: Final = {

@@ -93,6 +93,9 @@ REGISTERS: tuple[Register, ...] = (
     Register("REVOKES", 0x70, 8, RO, "leases revoked by the lender"),
     Register("FAULTS", 0x78, 8, RO, "accesses that waited for a revoke or a page-in"),
     Register("LENDER_LOSSES", 0x80, 8, RO, "times the lender connection was lost"),
+    Register("POLL_HITS", 0x88, 8, RO, "transport socket polls that caught a message"),
+    Register("POLL_MISSES", 0x90, 8, RO, "transport socket polls that ran out of budget"),
+    Register("POLL_NS", 0x98, 8, RO, "CPU time spent polling the transport socket, in ns"),
     Register(
         "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "

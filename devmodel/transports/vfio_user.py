@@ -8,7 +8,16 @@ request means is `VfioUserRequests`' (vfio_user_requests.py) and the device's is
 
 The socket is driven directly, non-blocking, through devmodel.unixfds (the one place fds cross
 unix sockets) into one reused buffer, which keeps the per-access cost of the event loop to a
-few microseconds.
+few microseconds. Two things keep that cheap without making it unfair:
+
+- Fairness: the loop parks in trio only when the socket is empty, so a client that never lets
+  it run dry (posted writes need no reply) would starve every other task, the lender link
+  included. The requests' time slice (devmodel/fairness.py) makes the loop yield at least every
+  millisecond of continuous work; a real wait starts a new slice.
+- Adaptive polling (devmodel/polling.py, `--poll-max-us`): when the socket is empty, the loop
+  first retries the receive for a self-tuned budget before parking, because a client that sends
+  its next request within microseconds is caught far cheaper than by a park and a wakeup. The
+  spin counts as continuous work for the slice.
 
 BAR0 is never offered as MMAP: a vfio-user server cannot take back a mapping it gave away, and
 lent memory must be revocable (shared/reference/vfio-user.md). Every access is trapped.
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -26,9 +36,10 @@ import trio
 from devmodel.backend.device import DeviceBackend, backend_for
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
+from devmodel.polling import AdaptivePoll
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.transports.vfio_user_requests import VfioUserRequests
-from devmodel.unixfds import FdsTruncated, recv_async, recv_nowait, send_all_async
+from devmodel.unixfds import FdsTruncated, recv_nowait, send_all_async
 from pyvfio_user.connection import SERVER_DEFAULT_CAPS
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.version import Capabilities
@@ -40,6 +51,12 @@ log = logging.getLogger("devmodel.vfio_user")
 RECV_BUFFER: Final = 2 << 20
 STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
+STOP_FLUSH_SECONDS: Final = 0.1
+"""The part of STOP_DRAIN_SECONDS kept for sending the answers (a client may keep sending)."""
+DRAIN_RECV: Final = 64 << 10
+"""A stop reads at most this much at a time, so its clock is checked every few milliseconds."""
+NEVER: Final = 1 << 62
+"""A time-slice deadline (perf_counter_ns) that never comes."""
 
 
 class VfioUserServer:
@@ -51,11 +68,14 @@ class VfioUserServer:
         counters: DeviceCounters,
         capabilities: Capabilities = SERVER_DEFAULT_CAPS,
         on_client: Callable[[str], None] | None = None,
+        poll_max_ns: int = 0,
     ) -> None:
         self.backend, _ = backend_for(device)
         self.device = self.backend.function
         self.counters = counters
         self.capabilities = capabilities
+        # One budget for every client in turn: a new client of the same guest behaves alike.
+        self.poll = AdaptivePoll(poll_max_ns, counters) if poll_max_ns else None
         self._on_client = on_client
         self._bad_log = RateLimitedLogger(log)
         self.connected = False
@@ -90,7 +110,8 @@ class VfioUserServer:
 
     async def serve_client(self, sock: socket.socket) -> None:
         """Run one client's session to its end; the device survives whatever happens here."""
-        session = _Session(sock, VfioUserRequests(self.backend, self.capabilities, self._bad_log))
+        requests = VfioUserRequests(self.backend, self.capabilities, self._bad_log)
+        session = _Session(sock, requests, self.poll)
         try:
             await session.run()
         except ProtocolError as exc:
@@ -106,11 +127,14 @@ class VfioUserServer:
 class _Session:
     """One client connection: its socket, the receive buffer, and its requests in order."""
 
-    __slots__ = ("buffer", "requests", "sock", "view")
+    __slots__ = ("buffer", "poll", "requests", "sock", "view")
 
-    def __init__(self, sock: socket.socket, requests: VfioUserRequests) -> None:
+    def __init__(
+        self, sock: socket.socket, requests: VfioUserRequests, poll: AdaptivePoll | None = None
+    ) -> None:
         self.sock = sock
         self.requests = requests
+        self.poll = poll
         self.buffer = bytearray(RECV_BUFFER)
         self.view = memoryview(self.buffer)
 
@@ -126,7 +150,10 @@ class _Session:
         view = self.view
         try:
             while True:
-                n, fds = await recv_async(sock, view)
+                try:
+                    n, fds = recv_nowait(sock, view)
+                except (BlockingIOError, InterruptedError):
+                    n, fds = await self._wait()
                 conn.receive_data(view[:n], fds)
                 more = await requests.process()
                 if requests.out:
@@ -139,6 +166,30 @@ class _Session:
             await self._drain_on_stop()
             raise
 
+    async def _wait(self) -> tuple[int, list[int]]:
+        """The socket was empty: poll it for the budget, else park in trio until it is not."""
+        poll = self.poll
+        if poll is not None:
+            got = poll.poll(self._try_recv)
+            if got is not None:
+                return got
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            # Others ran while this loop was parked: its time slice starts again.
+            self.requests.slice.restart()
+            got = self._try_recv()
+            if got is not None:
+                if poll is not None:
+                    poll.parked()
+                return got
+
+    def _try_recv(self) -> tuple[int, list[int]] | None:
+        """One non-blocking receive: (bytes, fds), or None when there was nothing to read."""
+        try:
+            return recv_nowait(self.sock, self.view)
+        except (BlockingIOError, InterruptedError):
+            return None
+
     async def _drain_on_stop(self) -> None:
         """On a graceful stop, answer what the client already sent before the socket closes.
 
@@ -147,8 +198,15 @@ class _Session:
         but not answered waits out the whole reply timeout. So: answer the request being
         served (with an error if it cannot finish), read and answer whatever else is already
         there, within a short deadline, and only then let the socket close.
+
+        The answering does not yield to the time slice: every other task is stopping too, and
+        the lender link's teardown would take lent memory away from requests sent before the
+        stop. A client that keeps sending is cut off by the clock instead, checked between
+        receives that are kept small (DRAIN_RECV), leaving time to send what was answered.
         """
         requests = self.requests
+        requests.slice.deadline = NEVER
+        answer_until = time.monotonic() + STOP_DRAIN_SECONDS - STOP_FLUSH_SECONDS
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + STOP_DRAIN_SECONDS
             try:
@@ -156,7 +214,7 @@ class _Session:
                 # Requests that arrived in the same read as the one being served are already
                 # in the connection's buffer: answer those first, then whatever the socket holds.
                 more = await requests.process()
-                while more and self._recv_nowait():
+                while more and time.monotonic() < answer_until and self._recv_nowait():
                     more = await requests.process()
                 if requests.out:
                     await self._flush()
@@ -166,7 +224,7 @@ class _Session:
     def _recv_nowait(self) -> bool:
         """Feed whatever is readable right now; False when nothing (or the end) was there."""
         try:
-            n, fds = recv_nowait(self.sock, self.view)
+            n, fds = recv_nowait(self.sock, self.view[:DRAIN_RECV])
         except (BlockingIOError, InterruptedError):
             return False
         except FdsTruncated as exc:

@@ -8,6 +8,10 @@ map table, device/region/IRQ info, SET_IRQS and reset. The transport loop
 the replies back, with no socketpair.
 
 The hot path (REGION_READ/WRITE of a BAR) stays inline in `process`: one bus lookup, one await.
+`process` also keeps the loop fair: a client that streams requests (posted writes need no
+reply, so nothing ever makes it wait) gets a time slice (devmodel/fairness.py), after which
+`process` yields to trio between two requests, so that the lender link, the control socket and
+every deadline still run.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import Any
 
 from devmodel.backend.device import DeviceBackend
 from devmodel.counters import DeviceCounters
 from devmodel.dma import DmaError, DmaRegion, DmaTable
+from devmodel.fairness import TimeSlice
 from devmodel.pci.errors import AccessError
 from devmodel.ratelimit import RateLimitedLogger
 from pyvfio_user import constants as c
@@ -40,7 +46,17 @@ Access = ev.RegionRead | ev.RegionWrite | ev.RegionWriteMulti
 class VfioUserRequests:
     """One client's requests: the protocol object, its DMA maps, and the replies to send."""
 
-    __slots__ = ("_bad_log", "_handlers", "backend", "conn", "counters", "current", "dma", "out")
+    __slots__ = (
+        "_bad_log",
+        "_handlers",
+        "backend",
+        "conn",
+        "counters",
+        "current",
+        "dma",
+        "out",
+        "slice",
+    )
 
     def __init__(
         self,
@@ -56,6 +72,8 @@ class VfioUserRequests:
         self.out: list[Outgoing] = []
         # The access being served while an await is pending: answered on a forced stop.
         self.current: Access | None = None
+        # How long `process` may run before it yields; the transport restarts it after a wait.
+        self.slice = TimeSlice()
         self._bad_log = bad_log or RateLimitedLogger(log)
         self._handlers: dict[type, Callable[[Any], Any]] = {
             ev.VersionRequest: self.version,
@@ -85,11 +103,16 @@ class VfioUserRequests:
         """Answer every complete request the connection holds, in order, into `out`.
 
         False once the client closed (whatever was answered before is still in `out`).
+        Yields to trio between two requests once its time slice is used up (Cancelled there
+        when the server stops, with no request half served).
         """
         conn = self.conn
         lookup = self.backend.lookup
         out = self.out
+        fair = self.slice
         while True:
+            if perf_counter_ns() >= fair.deadline:
+                await fair.yield_now()
             # Dispatch on the exact type with `is` (cheaper than isinstance chains on the hot
             # path); mypy cannot narrow through `kind`, hence Any.
             event: Any = conn.next_event()

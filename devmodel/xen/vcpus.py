@@ -5,6 +5,11 @@ blocked until its slot is answered. The dispatcher reads which ports fired, clai
 request (READY -> INPROCESS) and wakes that vCPU's worker, which serves it and answers. So a
 vCPU whose access waits for a page-in never holds up another (shared/DESIGN.md, "Concurrency"),
 and every slot is always answered, all-ones on a forced stop, so no vCPU is left blocked.
+
+The dispatcher reads ports until none is pending, and a busy guest (posted writes notify the
+buffered port again as soon as it is unmasked) could keep it reading forever, with the workers
+it wakes, the posted-write task, the lender link and every deadline starved. A time slice
+(devmodel/fairness.py) makes it yield at least every millisecond of continuous work.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from devmodel.fairness import TimeSlice
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.platform import XenError, XenPlatform
 from devmodel.xen.posted import PostedWrites
@@ -69,9 +75,12 @@ class VcpuWorkers:
         p = self.platform
         fd = p.evtchn_fd()
         port_vcpu = self.port_vcpu
+        fair = TimeSlice()
         while True:
             await trio.lowlevel.wait_readable(fd)
+            fair.restart()
             while True:
+                await fair.maybe_yield()
                 port = p.evtchn_pending()
                 if port is None:
                     break

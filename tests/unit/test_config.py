@@ -15,6 +15,7 @@ from devmodel.config import (
     load_file,
 )
 from devmodel.leases.policy import FailurePolicy
+from devmodel.polling import DEFAULT_POLL_MAX_US
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -88,6 +89,9 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"transport": "xen"}, "needs --domid"),
         ({"transport": "xen", "domid": "3", "socket-path": "/a"}, "belong to the vfio-user"),
         ({"transport": "tcp", "socket-path": "/a"}, "vfio-user, xen"),
+        ({"socket-path": "/a", "poll-max-us": "-1"}, "from 0 (off) to 1000 microseconds"),
+        ({"socket-path": "/a", "poll-max-us": "5000"}, "from 0 (off) to 1000 microseconds"),
+        ({"socket-path": "/a", "poll-max-us": "fast"}, "a number of microseconds"),
     ],
 )
 def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> None:
@@ -142,3 +146,11 @@ def test_the_example_config_file_loads() -> None:
     path = str(Path(__file__).resolve().parents[2] / "examples" / "launch" / "devmodel.toml")
     s = build_settings({"socket-path": "/run/x.sock"}, load_file(path), path)
     assert s.lender_socket == "/run/gpu-lender/lender.sock" and s.aperture_size == 256 << 20
+
+
+def test_polling_is_an_option_on_the_command_line_and_in_the_file(tmp_path: Path) -> None:
+    assert build_settings({"socket-path": "/a"}).poll_max_us == DEFAULT_POLL_MAX_US
+    assert build_settings({"socket-path": "/a", "poll-max-us": "0"}).poll_max_us == 0
+    path = write(tmp_path, "poll-max-us = 20\n")
+    s = build_settings({"socket-path": "/a"}, load_file(path), path)
+    assert s.poll_max_us == 20 and s.as_dict()["poll-max-us"] == 20

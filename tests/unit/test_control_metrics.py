@@ -138,6 +138,13 @@ async def test_stats_metrics_config_and_console() -> None:
     inst.settings.debug_console = True
     stats = await call(inst, "query-stats")
     assert isinstance(stats, dict) and set(stats["latency"]) == {"access", "fault", "revoke"}
+    assert stats["polling"] == {
+        "max_us": inst.settings.poll_max_us,
+        "hits": 0,
+        "misses": 0,
+        "cpu_ns": 0,
+    }
+    assert {"poll_hits", "poll_misses", "poll_ns"} <= set(stats["counters"])
     metrics = await call(inst, "query-metrics")
     assert isinstance(metrics, dict) and "devmodel_grants_total" in str(metrics["text"])
     names = await call(inst, "query-commands")

@@ -1,0 +1,105 @@
+"""Adaptive polling: spin briefly on a socket before parking in trio, as QEMU's event loop does.
+
+Parking a task in trio (`wait_readable`) and being woken again costs a pass through epoll and
+the scheduler, which is a large part of a trapped access when the guest sends its next request
+a few microseconds after the last reply. Trying the non-blocking receive again for a short
+while first catches such a request without parking. The spin must pay for itself, so its budget
+tunes itself the way QEMU's AioContext does (poll-max-ns, poll-grow, poll-shrink; util/aio-posix.c
+`adjust_polling_time`), from how long each wait really lasted (spin plus park):
+
+- the message came while spinning: the budget is right, keep it;
+- it came after the budget but within the maximum: a longer spin would have caught it, so the
+  budget doubles (from `POLL_INITIAL_NS` when it was 0), up to the maximum;
+- it came after the maximum: no allowed spin would have caught it, so the budget halves, and
+  below `POLL_INITIAL_NS` it becomes 0: a few such misses in a row and the loop parks at once.
+
+An idle peer thus costs nothing (the loop parks; each spin that misses shrinks the budget), and
+a peer that answers quickly gets caught without a park. The spin is bounded by the budget and is
+continuous work as far as fairness goes (devmodel/fairness.py): it never delays another task
+by more than the loop's time slice allows.
+
+`AdaptivePoll` is pure logic around a clock and an `attempt` callable, so tests drive it with a
+fake clock; the transport gives it its non-blocking receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import perf_counter_ns
+from typing import Final, TypeVar
+
+from devmodel.counters import DeviceCounters
+
+__all__ = ["DEFAULT_POLL_MAX_US", "MAX_POLL_MAX_US", "POLL_INITIAL_NS", "AdaptivePoll"]
+
+T = TypeVar("T")
+
+POLL_INITIAL_NS: Final = 4_000
+"""The first budget after 0 (QEMU's too): and below it, 0."""
+DEFAULT_POLL_MAX_US: Final = 50
+MAX_POLL_MAX_US: Final = 1_000
+"""A spin longer than a millisecond would eat the loop's whole time slice (fairness.py)."""
+
+
+class AdaptivePoll:
+    """One socket's polling budget and the spin that uses it.
+
+    Use: `got = poll.poll(attempt)`; if None, park until readable, receive, then `parked()`.
+    Counters: `poll_hits` (a spin got a message), `poll_misses` (a spin ran out of budget) and
+    `poll_ns` (time spent spinning: CPU time, since a spin never sleeps).
+    """
+
+    __slots__ = ("_clock", "_started", "budget_ns", "counters", "max_ns")
+
+    def __init__(
+        self,
+        max_ns: int,
+        counters: DeviceCounters,
+        clock: Callable[[], int] = perf_counter_ns,
+    ) -> None:
+        if max_ns < 0:
+            raise ValueError("the polling budget cannot be negative")
+        self.max_ns = max_ns
+        self.budget_ns = 0
+        self.counters = counters
+        self._clock = clock
+        self._started = 0
+
+    def poll(self, attempt: Callable[[], T | None]) -> T | None:
+        """Call `attempt` until it returns something or the budget is spent (None then).
+
+        The wait starts now, whatever the budget: `parked()` measures from here.
+        """
+        clock = self._clock
+        start = self._started = clock()
+        budget = self.budget_ns
+        if not budget:
+            return None
+        deadline = start + budget
+        counters = self.counters
+        while True:
+            got = attempt()
+            now = clock()
+            if got is not None:
+                counters.poll_hits += 1
+                counters.poll_ns += now - start
+                return got
+            if now >= deadline:
+                counters.poll_misses += 1
+                counters.poll_ns += now - start
+                return None
+
+    def parked(self) -> None:
+        """The message came after a park: tune the budget to how long the whole wait took."""
+        self.adjust(self._clock() - self._started)
+
+    def adjust(self, waited_ns: int) -> None:
+        """QEMU's rule (see the module): keep, grow or shrink the budget after a wait."""
+        budget = self.budget_ns
+        if waited_ns <= budget:
+            return
+        if waited_ns > self.max_ns:
+            budget //= 2
+            self.budget_ns = budget if budget >= POLL_INITIAL_NS else 0
+        elif budget < self.max_ns:
+            self.budget_ns = min(budget * 2 if budget else POLL_INITIAL_NS, self.max_ns)
