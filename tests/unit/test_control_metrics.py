@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
 from devmodel.control import commands
@@ -15,7 +16,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
-from devmodel.metrics.exposition import exposition
+from devmodel.metrics.exposition import CONTENT_TYPE, exposition
 from devmodel.metrics.histogram import BUCKETS, Histogram
 from devmodel_wire.control import Command, CommandFailed
 from devmodel_wire.lease.constants import RevokeMode
@@ -210,3 +211,8 @@ def test_gauges_are_read_at_every_collect() -> None:
     assert lost["lost"] == 4
     engine.close()
     lender.close()
+
+
+def test_content_type_is_prometheus_clients_text_format() -> None:
+    # Declared without importing prometheus_client (it is imported at the first rendering).
+    assert CONTENT_TYPE == CONTENT_TYPE_PLAIN_0_0_4
