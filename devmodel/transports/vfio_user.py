@@ -49,6 +49,10 @@ __all__ = ["RECV_BUFFER", "STOP_DRAIN_SECONDS", "VfioUserServer"]
 log = logging.getLogger("devmodel.vfio_user")
 
 RECV_BUFFER: Final = 2 << 20
+"""The most one receive takes: a whole message of the largest transfer in one call."""
+RECV_START: Final = 16 << 10
+"""What a session's receive buffer starts with; it doubles (up to RECV_BUFFER) each time a
+receive fills it, so an idle or small-access client costs 16 KiB, not 2 MiB, per instance."""
 STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
 STOP_FLUSH_SECONDS: Final = 0.1
@@ -135,8 +139,14 @@ class _Session:
         self.sock = sock
         self.requests = requests
         self.poll = poll
-        self.buffer = bytearray(RECV_BUFFER)
+        self.buffer = bytearray(RECV_START)
         self.view = memoryview(self.buffer)
+
+    def _grow(self) -> memoryview:
+        """A receive filled the buffer: double it (the bytes are already fed elsewhere)."""
+        self.buffer = bytearray(min(len(self.buffer) * 2, RECV_BUFFER))
+        self.view = memoryview(self.buffer)
+        return self.view
 
     def close(self) -> None:
         self.requests.close()
@@ -155,6 +165,8 @@ class _Session:
                 except (BlockingIOError, InterruptedError):
                     n, fds = await self._wait()
                 conn.receive_data(view[:n], fds)
+                if n == len(view) and n < RECV_BUFFER:
+                    view = self._grow()
                 more = await requests.process()
                 if requests.out:
                     await self._flush()
