@@ -1,12 +1,12 @@
 """Payload codecs: events to bytes and back, driven by one table with a row per command.
 
 A row (`Row`) gives, for each direction of a command, a `Spec`: the event class, the layout of
-the payload's fixed part (declared with construct in `layouts`, precompiled to a
-`struct.Struct`), the size rule (exactly the fixed part; at least it, with a free tail; or a
-tail as long as the fixed part's last field says), how many fds may come with it, and, only
-where a message has structure of its own, a decode hook and an encode hook. One generic
-`Spec.decode` and one generic `Spec.encode` do the rest, matching wire fields to event fields
-by name:
+the payload's fixed part (declared with construct in `layouts`, used precompiled to a
+`struct.Struct` from `compiled`), the size rule (exactly the fixed part; at least it, with a
+free tail; or a tail as long as the fixed part's last field says), how many fds may come with
+it, and, only where a message has structure of its own, a decode hook and an encode hook.
+One generic `Spec.decode` and one generic `Spec.encode` do the rest, matching wire fields to
+event fields by name:
 
 - decoding, an event field takes the wire field of its name; `data` takes the tail, `fd` the
   single fd, `fds` all of them, `no_reply` the header flag, `command` the row's command;
@@ -34,9 +34,9 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from pyvfio_user import compiled as lay
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
-from pyvfio_user import layouts as lay
 from pyvfio_user.constants import Command
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.version import encode_capabilities, parse_capabilities
@@ -62,13 +62,13 @@ class Limits:
 
 NO_LIMITS: Final = Limits(1 << 64, 1 << 16)
 
-# The hot structs, compiled from their declarations; the tests hold them to construct's view.
+# The hot structs, compiled from their declarations (`compiled`, held to `layouts` by the tests).
 HEADER: Final = c.HEADER
-REGION_ACCESS: Final = lay.compile_layout(lay.RegionAccess).struct
+REGION_ACCESS: Final = lay.RegionAccess.struct
 HEADER_AND_ACCESS: Final = struct.Struct(HEADER.format + REGION_ACCESS.format[1:])
-WRITE_MULTI_ENTRY: Final = lay.compile_layout(lay.WriteMultiEntry).struct
-U64: Final = lay.compile_layout(lay.WriteMultiCount).struct
-SPARSE_AREA: Final = lay.compile_layout(lay.SparseMmapArea).struct
+WRITE_MULTI_ENTRY: Final = lay.WriteMultiEntry.struct
+U64: Final = lay.WriteMultiCount.struct
+SPARSE_AREA: Final = lay.SparseMmapArea.struct
 
 MAX_REGION_CAPS: Final = 16
 MAX_SPARSE_AREAS: Final = 1024
@@ -140,7 +140,7 @@ class Spec:
     def __init__(
         self,
         event: type[ev.Event],
-        layout: Any,
+        layout: lay.Compiled,
         size: Size = Size.EXACT,
         fds: Fds = NO_FDS,
         *,
@@ -149,7 +149,7 @@ class Spec:
         encode_hook: EncodeHook | None = None,
         alternates: tuple[Spec, ...] = (),
     ) -> None:
-        compiled = lay.compile_layout(layout)
+        compiled = layout
         self.struct: struct.Struct = compiled.struct
         self.names: tuple[str, ...] = compiled.names
         self.fixed_size: int = compiled.struct.size
@@ -376,9 +376,9 @@ def _write_multi_encode(e: ev.RegionWriteMulti) -> tuple[Fields, bytes]:
     return {"wr_cnt": len(e.writes)}, entries
 
 
-_CAP_HEADER: Final = lay.compile_layout(lay.CapHeader).struct
-_SPARSE_FIXED: Final = lay.compile_layout(lay.SparseMmapFixed).struct
-_IO_FD_SUBREGION: Final = lay.compile_layout(lay.IoFdSubregion).struct
+_CAP_HEADER: Final = lay.CapHeader.struct
+_SPARSE_FIXED: Final = lay.SparseMmapFixed.struct
+_IO_FD_SUBREGION: Final = lay.IoFdSubregion.struct
 
 
 def _region_caps(p: memoryview, first: int) -> tuple[ev.RegionCap, ...]:

@@ -1,8 +1,9 @@
 """Every vfio-user payload layout, declared once with construct.
 
-These declarations are the single source of truth for field names, order and widths: `compile`
-turns each into a precompiled `struct.Struct` plus its field names when the codec's table is
-built, so nothing parses with construct at run time and the hot messages (REGION_READ/WRITE and
+These declarations are the single source of truth for field names, order and widths:
+`compile_layout` turns each into a precompiled `struct.Struct` plus its field names, kept in
+`compiled` (tests hold that module to these declarations), so nothing parses with construct at
+run time and the codec does not even import it and the hot messages (REGION_READ/WRITE and
 their replies) cost one `unpack_from` / `pack`. Offsets count from the end of the 16-byte
 header, as in the specification. A trailing `GreedyBytes` field marks a free tail.
 """
@@ -10,9 +11,11 @@ header, as in the specification. A trailing `GreedyBytes` field marks a free tai
 from __future__ import annotations
 
 import struct
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from construct import Bytes, FormatField, GreedyBytes, Int16ul, Int32ul, Int64ul, Renamed, Struct
+
+from pyvfio_user.compiled import Compiled
 
 u16, u32, u64 = Int16ul, Int32ul, Int64ul
 
@@ -58,15 +61,6 @@ WriteMultiEntry: Final[Any] = Struct(
 DeviceFeatureFixed: Final[Any] = Struct("argsz" / u32, "flags" / u32)
 MigData: Final[Any] = Struct("argsz" / u32, "size" / u32)
 NoPayload: Final[Any] = Struct()
-
-
-class Compiled(NamedTuple):
-    """A layout's fixed part as one precompiled struct, its field names, and whether a free
-    tail (a trailing GreedyBytes) follows it."""
-
-    struct: struct.Struct
-    names: tuple[str, ...]
-    tail: bool
 
 
 def compile_layout(layout: Any) -> Compiled:

@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 import pytest
+from construct import Struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from devmodel.testing import (
     negotiated_pair,
     one_event,
 )
-from pyvfio_user import codec
+from pyvfio_user import codec, compiled
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user import layouts as lay
@@ -481,3 +482,18 @@ def test_golden_region_info_full_reply() -> None:
         "0100 0100 00000000 02000000 00000000"
         "0000000000000000 0010000000000000 0030000000000000 0020000000000000"
     )
+
+
+def test_the_compiled_layouts_are_the_declarations_compiled() -> None:
+    """The codec uses `compiled` (no construct import at run time); it must be `layouts`."""
+    declared = {n: v for n, v in vars(lay).items() if isinstance(v, Struct)}
+    mirrored = {n: v for n, v in vars(compiled).items() if isinstance(v, compiled.Compiled)}
+    assert set(declared) == set(mirrored)
+    for name, layout in declared.items():
+        want = lay.compile_layout(layout)
+        got = mirrored[name]
+        assert (got.struct.format, got.names, got.tail) == (
+            want.struct.format,
+            want.names,
+            want.tail,
+        ), name
