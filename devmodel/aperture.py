@@ -32,6 +32,10 @@ class Aperture(Protocol):
 
     async def read(self, offset: int, size: int) -> bytes: ...
 
+    # Optional: `read_now(offset, size) -> bytes | None`, the same read done synchronously, or
+    # None when it would have to wait (then the caller awaits `read`). The PCI function uses
+    # it when the aperture has it: a coroutine that never suspends still costs its frame.
+
     async def write(self, offset: int, data: bytes) -> None: ...
 
     def reset(self) -> None:
@@ -78,6 +82,9 @@ class OwnedMemory:
         return self._granule
 
     async def read(self, offset: int, size: int) -> bytes:
+        return self._mm[offset : offset + size]
+
+    def read_now(self, offset: int, size: int) -> bytes:
         return self._mm[offset : offset + size]
 
     async def write(self, offset: int, data: bytes) -> None:

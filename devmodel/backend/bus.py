@@ -28,9 +28,11 @@ __all__ = [
     "BusListener",
     "MappedRange",
     "ReadFn",
+    "ReadNowFn",
     "Region",
     "RegionBus",
     "WriteFn",
+    "never_now",
     "refusing_region",
 ]
 
@@ -38,6 +40,13 @@ ReadFn = Callable[[int, int], Coroutine[Any, Any, bytes]]
 """(offset, size) -> the bytes read; raises AccessError when refused."""
 WriteFn = Callable[[int, bytes], Coroutine[Any, Any, None]]
 """(offset, data); raises AccessError when refused."""
+ReadNowFn = Callable[[int, int], bytes | None]
+"""(offset, size) -> the bytes, when the read needs no wait; None: await `read` instead (it
+may wait, or be refused). Never raises, never counts a read it did not do."""
+
+
+def never_now(offset: int, size: int) -> None:
+    """The `read_now` of a region whose reads are always awaited."""
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +60,8 @@ class Region:
     write: WriteFn
     address: int | None = None
     """Where the guest decodes it now (BARs only); None while it decodes nowhere."""
+    read_now: ReadNowFn = never_now
+    """`read` without a coroutine when it needs no wait (BAR0's resident windows)."""
 
 
 class MappedRange(NamedTuple):

@@ -58,7 +58,11 @@ class DeviceBackend:
             read, write = served.get(
                 bar, (partial(function.bar_read, bar), partial(function.bar_write, bar))
             )
-            bus.register(Region(bar, f"BAR{bar}", function.region_size(bar), read, write))
+            region = Region(bar, f"BAR{bar}", function.region_size(bar), read, write)
+            if bar == APERTURE_BAR:
+                # Reads of resident lent memory need no coroutine: transports try this first.
+                region.read_now = function.aperture_read_now
+            bus.register(region)
         bus.register(refusing_region(REGION_ROM, "expansion ROM"))
         bus.register(
             Region(

@@ -174,6 +174,34 @@ class LeaseEngine:
     def granule(self) -> int:
         return self._granule
 
+    def read_now(self, offset: int, size: int) -> bytes | None:
+        """`read` when it needs no wait: the bytes of a RESIDENT window, timed and traced as
+        `read` does; None (nothing done, nothing counted) when the access must wait or fail,
+        and then the caller awaits `read`. Same rule as `read`: only a RESIDENT window is read,
+        so nothing touches a page after its revoke."""
+        w = self._table.find(offset)
+        if w is None or w.state is not S.RESIDENT:
+            return None
+        if not self._observed:
+            try:
+                data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+            except OSError:
+                return None
+            return data if len(data) == size else None
+        start = _now()
+        try:
+            data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+        except OSError:
+            return None
+        if len(data) != size:
+            return None
+        ns = _now() - start
+        if self._timing is not None:
+            self._timing.access(ns)
+        if self._tracer is not None:
+            self._tracer(False, offset, data, ns)
+        return data
+
     async def read(self, offset: int, size: int) -> bytes:
         observed = self._observed
         start = _now() if observed else 0

@@ -69,11 +69,16 @@ MSI_VECTORS = 1
 NO_FEATURES = Feature(0)
 
 
+def _not_now(offset: int, size: int) -> None:
+    """`read_now` of an aperture without one: every read is awaited."""
+
+
 class PciFunction:
     """One emulated function; BAR0 accesses are the hot path and are kept to a few int ops."""
 
     __slots__ = (
         "_aperture_read",
+        "_aperture_read_now",
         "_aperture_write",
         "_bar0_size",
         "_bars",
@@ -119,6 +124,9 @@ class PciFunction:
         # Bound once: the hot path must not look these up per access.
         self._bar0_size = aperture.size
         self._aperture_read = aperture.read
+        self._aperture_read_now: Callable[[int, int], bytes | None] = getattr(
+            aperture, "read_now", _not_now
+        )
         self._aperture_write = aperture.write
 
     def _msix_pending(self) -> int:
@@ -175,6 +183,21 @@ class PciFunction:
 
     # One method per BAR, so that a region table can call a BAR without an index to dispatch
     # on (devmodel/backend): BAR0's are the hot path of every trapped access.
+
+    def aperture_read_now(self, offset: int, size: int) -> bytes | None:
+        """BAR0 `aperture_read` when it needs no wait (a resident window): the bytes, counted;
+        None when it must be awaited (it may wait, or is refused): nothing done, nothing
+        counted, and the caller awaits `aperture_read`, which counts and refuses as ever."""
+        if (
+            size in VALID_SIZES
+            and not offset & (size - 1)
+            and 0 <= offset <= (self._bar0_size - size)
+        ):
+            data = self._aperture_read_now(offset, size)
+            if data is not None:
+                self.counters.trapped_reads += 1
+            return data
+        return None
 
     async def aperture_read(self, offset: int, size: int) -> bytes:
         """BAR0: `size` bytes (1, 2, 4 or 8, naturally aligned) of lent memory at `offset`."""

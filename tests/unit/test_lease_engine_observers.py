@@ -173,3 +173,26 @@ async def test_state_counts_on_the_plain_engine() -> None:
         counts = engine.state_counts()
         assert counts[S.RESIDENT.value] == 3 and counts[S.EVICTED.value] == 1
         assert S.VACANT.value not in counts
+
+
+async def test_read_now_reads_only_resident_windows_and_is_observed_like_read() -> None:
+    rec = Recorder()
+    with lent_engine(rec) as (engine, _lender):
+        engine.tracer = rec
+        await engine.write(8, b"abcdefgh")
+        rec.accesses.clear()
+        rec.traced.clear()
+        assert engine.read_now(8, 8) == b"abcdefgh"
+        assert [f for _, f in rec.accesses] == [False]
+        assert rec.traced == [(False, 8, b"abcdefgh")]
+        await engine.revoke(1, RevokeMode.EVICT)
+        # Evicted: nothing read, nothing observed; the awaited read pages in and serves it.
+        assert engine.read_now(8, 8) is None
+        assert len(rec.accesses) == 1 and len(rec.traced) == 1
+        assert engine.in_flight == 0
+        assert await engine.read(8, 8) == b"abcdefgh"
+        assert rec.accesses[-1][1] is True
+        assert engine.read_now(8, 8) == b"abcdefgh"  # resident again (the page-in's lease)
+        await engine.revoke(5, RevokeMode.RELEASE)
+        assert engine.read_now(8, 8) is None  # vacant: the awaited read gives the policy
+        assert await engine.read(8, 8) == b"\xff" * 8
