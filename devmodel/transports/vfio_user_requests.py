@@ -7,7 +7,11 @@ map table, device/region/IRQ info, SET_IRQS and reset. The transport loop
 `ServerConnection`; tests feed the connection bytes (or call a handler with an event) and read
 the replies back, with no socketpair.
 
-The hot path (REGION_READ/WRITE of a BAR) stays inline in `process`: one bus lookup, one await.
+The hot path (REGION_READ/WRITE of a BAR) stays inline in `process`. A plain read is taken
+straight from the connection's buffer (`next_read`, no event) and tried synchronously on its
+region (`read_now`: a resident window of BAR0); its reply is packed at once. Only a read that
+must wait (a fault, a revoke in progress) or be refused takes the general way: its event, one
+bus lookup, one await.
 `process` also keeps the loop fair: a client that streams requests (posted writes need no
 reply, so nothing ever makes it wait) gets a time slice (devmodel/fairness.py), after which
 `process` yields to trio between two requests, so that the lender link, the control socket and
@@ -37,6 +41,9 @@ from pyvfio_user.sansio import CLOSED, NEED_DATA, Outgoing
 from pyvfio_user.version import Capabilities
 
 __all__ = ["VfioUserRequests"]
+
+# Outgoing from (data, fds) in one C call (the NamedTuple's own __new__ is Python code).
+_outgoing = tuple.__new__
 
 log = logging.getLogger("devmodel.vfio_user")
 
@@ -110,27 +117,28 @@ class VfioUserRequests:
         lookup = self.backend.lookup
         out = self.out
         fair = self.slice
+        next_read = conn.next_read
+        read_reply = conn.read_reply
         while True:
             if perf_counter_ns() >= fair.deadline:
                 await fair.yield_now()
+            # The trapped read of resident memory: no event, no coroutine, no bookkeeping.
+            taken = next_read()
+            if taken is not None:
+                msg_id, offset, index, count = taken
+                data = lookup(index).read_now(offset, count)
+                if data is not None:
+                    out.append(_outgoing(Outgoing, (read_reply(msg_id, offset, index, data), ())))
+                    continue
+                await self._read(conn.owe_read(msg_id, offset, index, count))
+                continue
             # Dispatch on the exact type with `is` (cheaper than isinstance chains on the hot
             # path); mypy cannot narrow through `kind`, hence Any.
             event: Any = conn.next_event()
             kind = type(event)
             # The hot path, inline: trapped reads and posted writes on a BAR.
             if kind is ev.RegionRead:
-                self.current = event
-                try:
-                    data = await lookup(event.region).read(event.offset, event.count)
-                except AccessError as exc:
-                    self._refused("read", event.region, event.offset, exc)
-                    out.append(conn.send(ev.ErrorReply(event.msg_id, kind.command, exc.errno)))
-                    self.current = None
-                    continue
-                out.append(
-                    conn.send(ev.RegionReadReply(event.msg_id, event.offset, event.region, data))
-                )
-                self.current = None
+                await self._read(event)
             elif kind is ev.RegionWrite:
                 self.current = event
                 refused = await self._write(event.region, event.offset, event.data)
@@ -160,6 +168,20 @@ class VfioUserRequests:
                 reply = self.handle(event)
                 if reply is not None and not getattr(event, "no_reply", False):
                     out.append(conn.send(reply))
+
+    async def _read(self, event: ev.RegionRead) -> None:
+        """Serve one read the general way (it may wait, or be refused) and queue its reply."""
+        self.current = event
+        conn = self.conn
+        try:
+            data = await self.backend.lookup(event.region).read(event.offset, event.count)
+        except AccessError as exc:
+            self._refused("read", event.region, event.offset, exc)
+            reply: Any = ev.ErrorReply(event.msg_id, Command.REGION_READ, exc.errno)
+        else:
+            reply = ev.RegionReadReply(event.msg_id, event.offset, event.region, data)
+        self.current = None
+        self.out.append(conn.send(reply))
 
     def fail_current(self) -> None:
         """Answer the access being served with EIO (a forced stop interrupted it)."""

@@ -190,6 +190,10 @@ SERVER_DEFAULT_CAPS: Final = Capabilities(
 CLIENT_DEFAULT_CAPS: Final = SERVER_DEFAULT_CAPS
 
 _VERSION: Final = int(Command.VERSION)
+_READ: Final = int(Command.REGION_READ)
+_REPLY: Final = c.TYPE_REPLY
+_REQUEST: Final = c.TYPE_COMMAND
+_HEADER_AND_ACCESS: Final = codec.HEADER_AND_ACCESS
 
 # What each side sends, by event type (the command comes from the event: its class variable, or
 # the field of the three events whose command varies).
@@ -395,6 +399,47 @@ class ServerConnection(_Base):
             self.state = State.VERSION_PENDING
             self._version_id = msg_id
         return event
+
+    def next_read(self) -> tuple[int, int, int, int] | None:
+        """The trapped read's shortcut past `next_event`: if the next message is a plain
+        REGION_READ (READY, 32 bytes, a reply wanted, no fds pending, a count within the
+        limit), take it and return (msg_id, offset, region, count); else None, nothing taken,
+        and `next_event` decodes it as ever (malformed and odd reads included).
+
+        A read taken here is owed nothing yet: answer it at once with `read_reply` (no event,
+        no bookkeeping: nothing can come between), or call `owe_read` for the event that
+        `next_event` would have returned, to be answered with `send` like any other.
+        """
+        framer = self._framer
+        buf = framer.buf
+        start = framer._start
+        if len(buf) - start < 32 or framer._fd_batches or self.state is not State.READY:
+            return None
+        msg_id, command, size, flags, _err, offset, region, count = _HEADER_AND_ACCESS.unpack_from(
+            buf, start
+        )
+        if (
+            command != _READ
+            or size != 32
+            or flags != _REQUEST
+            or not 0 < count <= self._limits.max_data_xfer_size
+        ):
+            return None
+        framer._start = start + 32
+        return msg_id, offset, region, count
+
+    def read_reply(self, msg_id: int, offset: int, region: int, data: bytes) -> bytes:
+        """The reply to a read taken with `next_read`, encoded (as `send` would encode a
+        `RegionReadReply`)."""
+        n = len(data)
+        return _HEADER_AND_ACCESS.pack(msg_id, _READ, 32 + n, _REPLY, 0, offset, region, n) + data
+
+    def owe_read(self, msg_id: int, offset: int, region: int, count: int) -> ev.RegionRead:
+        """A read taken with `next_read` that will be answered later: its event, now owed a
+        reply exactly as if `next_event` had returned it."""
+        key = (msg_id, _READ)
+        self._owed[key] = self._owed.get(key, 0) + 1
+        return ev.RegionRead(msg_id, offset, region, count, False)
 
     def _check_request(
         self, msg_id: int, command: int, flags: int, fds: Sequence[int], no_reply: bool

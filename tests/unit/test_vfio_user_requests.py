@@ -12,6 +12,7 @@ import pytest
 
 from devmodel.backend import DeviceBackend
 from devmodel.pci import config_space as cs
+from devmodel.pci.function import REGION_CONFIG
 from devmodel.testing import drain, memory_backend
 from devmodel.transports.vfio_user_requests import VfioUserRequests
 from pyvfio_user import constants as c
@@ -184,3 +185,42 @@ async def test_a_forced_stop_answers_the_access_in_flight_with_eio(pair: Pair) -
 async def test_process_reports_the_client_closing(pair: Pair) -> None:
     pair.requests.conn.receive_data(b"")
     assert await pair.requests.process() is False
+
+
+async def test_plain_reads_take_the_shortcut_and_answer_as_send_would(pair: Pair) -> None:
+    """A plain REGION_READ of BAR0 skips the event (`next_read`, `read_now`, `read_reply`):
+    its reply is byte for byte what `send(RegionReadReply)` makes, and it is counted."""
+    (ack,) = await pair.exchange(ev.RegionWrite(pair.msg_id(), 64, 0, b"\x11" * 8))
+    assert isinstance(ack, ev.RegionWriteReply)
+    counters = pair.requests.counters
+    before = counters.trapped_reads
+    msg_id = pair.msg_id()
+    pair.requests.conn.receive_data(pair.client.send(ev.RegionRead(msg_id, 64, 0, 8)).data)
+    conn = pair.requests.conn
+    taken = conn.next_read()
+    assert taken == (msg_id, 64, 0, 8)
+    assert conn.next_read() is None  # nothing left
+    reply = ev.RegionReadReply(msg_id, 64, 0, b"\x11" * 8)
+    conn.owe_read(*taken)  # owed now, as if next_event had returned it
+    assert conn.send(reply).data == conn.read_reply(msg_id, 64, 0, b"\x11" * 8)
+    # Through process: the same reply, the read counted once.
+    (got,) = await pair.exchange(ev.RegionRead(pair.msg_id(), 64, 0, 8))
+    assert isinstance(got, ev.RegionReadReply) and got.data == b"\x11" * 8
+    assert counters.trapped_reads == before + 1
+
+
+async def test_reads_the_shortcut_leaves_alone_take_the_general_way(pair: Pair) -> None:
+    """Reads that are not plain BAR0 reads of resident memory: other regions, refused shapes."""
+    conn = pair.requests.conn
+    # Config space (region 7) and BAR2: read through the bus as ever.
+    (cfg,) = await pair.exchange(ev.RegionRead(pair.msg_id(), 0, REGION_CONFIG, 4))
+    assert isinstance(cfg, ev.RegionReadReply) and len(cfg.data) == 4
+    # Unaligned and oversized BAR0 reads: refused with EINVAL, counted as bad accesses.
+    bad = pair.requests.counters.bad_accesses
+    replies = await pair.exchange(
+        ev.RegionRead(pair.msg_id(), 3, 0, 8), ev.RegionRead(pair.msg_id(), 0, 0, 16)
+    )
+    assert [type(r) for r in replies] == [ev.ErrorReply, ev.ErrorReply]
+    assert all(r.errno == errno.EINVAL for r in replies)
+    assert pair.requests.counters.bad_accesses == bad + 2
+    assert conn.buffered == 0
