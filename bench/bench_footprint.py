@@ -4,7 +4,7 @@ For each round, alternately for this tree and for `--baseline-src DIR` (a tree w
 and protocol/, e.g. `git worktree add /tmp/base OLD`): exec to READY=1 on --ready-fd, then the
 instance's RSS (/proc/PID/status VmRSS, and the anonymous part) with an attached, idle vfio-user
 client, and the device model's own time per trapped read (bench_vfio_user.py's in-process
-loop, run in a child process of that tree). Prints medians per tree.
+loop of this tree, run in a child process on that tree's sources). Prints medians per tree.
 Usage: bench/bench_footprint.py [--rounds N] [--baseline-src DIR]
 """
 
@@ -40,7 +40,8 @@ _OWN = (
 
 
 def python_argv(src: str, module: str, *args: str) -> list[str]:
-    code = _FROM.format(src=src, bench=src + "/bench", name=module, module=module)
+    # This tree's benchmark code measures either tree's devmodel: the same loop for both.
+    code = _FROM.format(src=src, bench=str(HERE), name=module, module=module)
     return [sys.executable, "-c", code, *args]
 
 
