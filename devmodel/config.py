@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -467,6 +466,8 @@ class Settings:
 
 def load_file(path: str) -> dict[str, object]:
     """The raw key/values of a TOML configuration file; ConfigError on any problem."""
+    import tomllib  # noqa: PLC0415 (only with --config: not loaded by every instance)
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
