@@ -124,8 +124,10 @@ class VfioUserRequests:
                 await fair.yield_now()
             # The trapped read of resident memory: no event, no coroutine, no bookkeeping.
             taken = next_read()
+            if taken is NEED_DATA:  # what next_event would say; mypy cannot narrow on `is`
+                return True
             if taken is not None:
-                msg_id, offset, index, count = taken
+                msg_id, offset, index, count = taken  # type: ignore[misc, str-unpack]
                 data = lookup(index).read_now(offset, count)
                 if data is not None:
                     out.append(_outgoing(Outgoing, (read_reply(msg_id, offset, index, data), ())))

@@ -400,11 +400,12 @@ class ServerConnection(_Base):
             self._version_id = msg_id
         return event
 
-    def next_read(self) -> tuple[int, int, int, int] | None:
+    def next_read(self) -> tuple[int, int, int, int] | Sentinel | None:
         """The trapped read's shortcut past `next_event`: if the next message is a plain
         REGION_READ (READY, 32 bytes, a reply wanted, no fds pending, a count within the
-        limit), take it and return (msg_id, offset, region, count); else None, nothing taken,
-        and `next_event` decodes it as ever (malformed and odd reads included).
+        limit), take it and return (msg_id, offset, region, count); NEED_DATA when READY and
+        not even a header is buffered (what `next_event` would say); else None, nothing
+        taken, and `next_event` decodes it as ever (malformed and odd reads included).
 
         A read taken here is owed nothing yet: answer it at once with `read_reply` (no event,
         no bookkeeping: nothing can come between), or call `owe_read` for the event that
@@ -413,7 +414,12 @@ class ServerConnection(_Base):
         framer = self._framer
         buf = framer.buf
         start = framer._start
-        if len(buf) - start < 32 or framer._fd_batches or self.state is not State.READY:
+        if self.state is not State.READY:
+            return None
+        avail = len(buf) - start
+        if avail < 32 or framer._fd_batches:
+            if avail < _HEADER_SIZE and not framer._eof:
+                return NEED_DATA
             return None
         msg_id, command, size, flags, _err, offset, region, count = _HEADER_AND_ACCESS.unpack_from(
             buf, start

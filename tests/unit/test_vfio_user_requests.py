@@ -19,6 +19,7 @@ from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from pyvfio_user.connection import ClientConnection
 from pyvfio_user.constants import Command
+from pyvfio_user.sansio import NEED_DATA
 
 APERTURE = 2 << 20
 BAR0_AT = 0xE000_0000
@@ -199,7 +200,11 @@ async def test_plain_reads_take_the_shortcut_and_answer_as_send_would(pair: Pair
     conn = pair.requests.conn
     taken = conn.next_read()
     assert taken == (msg_id, 64, 0, 8)
-    assert conn.next_read() is None  # nothing left
+    assert conn.next_read() is NEED_DATA  # nothing left: what next_event says too
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(pair.client.send(ev.DeviceGetInfo(pair.msg_id())).data)
+    assert conn.next_read() is None  # not a read: next_event's business
+    assert isinstance(conn.next_event(), ev.DeviceGetInfo)
     reply = ev.RegionReadReply(msg_id, 64, 0, b"\x11" * 8)
     conn.owe_read(*taken)  # owed now, as if next_event had returned it
     assert conn.send(reply).data == conn.read_reply(msg_id, 64, 0, b"\x11" * 8)
@@ -224,3 +229,6 @@ async def test_reads_the_shortcut_leaves_alone_take_the_general_way(pair: Pair) 
     assert all(r.errno == errno.EINVAL for r in replies)
     assert pair.requests.counters.bad_accesses == bad + 2
     assert conn.buffered == 0
+    conn.receive_data(b"")  # the client closed: next_event's CLOSED, never NEED_DATA
+    assert conn.next_read() is None
+    assert await pair.requests.process() is False
