@@ -50,6 +50,8 @@ from devmodel_wire.lease.constants import (
 log = logging.getLogger("devmodel.leases")
 
 S = WindowState
+# The fast paths' state test: a global, not an Enum member read off its class (~60 ns more).
+_RESIDENT = WindowState.RESIDENT
 _now = time.perf_counter_ns
 
 
@@ -180,7 +182,7 @@ class LeaseEngine:
         and then the caller awaits `read`. Same rule as `read`: only a RESIDENT window is read,
         so nothing touches a page after its revoke."""
         w = self._table.find(offset)
-        if w is None or w.state is not S.RESIDENT:
+        if w is None or w.state is not _RESIDENT:
             return None
         if not self._observed:
             try:
@@ -206,7 +208,7 @@ class LeaseEngine:
         observed = self._observed
         start = _now() if observed else 0
         w = self._table.find(offset)
-        if w is not None and w.state is S.RESIDENT:
+        if w is not None and w.state is _RESIDENT:
             try:
                 data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
             except OSError:
@@ -226,7 +228,7 @@ class LeaseEngine:
         observed = self._observed
         start = _now() if observed else 0
         w = self._table.find(offset)
-        if w is not None and w.state is S.RESIDENT and w.prot & PROT_WRITE:
+        if w is not None and w.state is _RESIDENT and w.prot & PROT_WRITE:
             # A lender may write-seal its memfd after the grant (EPERM): the slow path tries
             # again and answers with the failure policy instead of raising into the transport.
             try:
