@@ -1,10 +1,10 @@
 """Start-up footprint and own time of `devmodel run`, this tree against another, interleaved.
 
 For each round, alternately for this tree and for `--baseline-src DIR` (a tree with devmodel/
-and protocol/, e.g. `git worktree add /tmp/base OLD`): exec to READY=1 on --ready-fd, then the
-instance's RSS (/proc/PID/status VmRSS, and the anonymous part) with an attached, idle vfio-user
-client, and the device model's own time per trapped read (bench_vfio_user.py's in-process
-loop of this tree, run in a child process on that tree's sources). Prints medians per tree.
+and protocol/, e.g. `git worktree add /tmp/base OLD`): exec to READY=1 on --ready-fd; the
+instance's memory with an attached, idle vfio-user client (VmRSS, its anonymous part, Pss);
+and the device model's own time per trapped read (bench_vfio_user.py's in-process loop of
+this tree, run in a child process on that tree's sources). Prints medians per tree.
 Usage: bench/bench_footprint.py [--rounds N] [--baseline-src DIR]
 """
 
@@ -35,7 +35,8 @@ _FROM = (
 )
 _OWN = (
     "import statistics, bench_vfio_user as bv; "
-    "t = bv.device_model_own_times({reads}); print(statistics.median(t))"
+    "t = bv.device_model_own_times({reads}); print(statistics.median(t)); "
+    "t = bv.device_model_own_times({reads}, lent=True); print(statistics.median(t))"
 )
 
 
@@ -64,30 +65,34 @@ def start(src: str, sock: str) -> tuple[subprocess.Popen[bytes], float]:
     return proc, took
 
 
-def rss_kb(pid: int) -> tuple[int, int]:
+def memory_kb(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, RssAnon, Pss) in KiB: all resident pages, the process's own anonymous ones, and
+    its proportional share (shared libraries divided among the processes mapping them)."""
     fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value
-    return int(fields["VmRSS"].split()[0]), int(fields["RssAnon"].split()[0])
+    for name in (f"/proc/{pid}/status", f"/proc/{pid}/smaps_rollup"):
+        with open(name) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields[key] = value
+    return tuple(int(fields[k].split()[0]) for k in ("VmRSS", "RssAnon", "Pss"))  # type: ignore[return-value]
 
 
-def idle_rss(src: str, sock: str) -> tuple[float, int, int]:
+def idle_memory(src: str, sock: str) -> tuple[float, int, int, int]:
     proc, took = start(src, sock)
     try:
         with VfioUserClient(sock) as client:
             client.attach()
             client.read(0, 0, 8)
             time.sleep(0.5)
-            rss, anon = rss_kb(proc.pid)
+            rss, anon, pss = memory_kb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
-    return took, rss, anon
+    return took, rss, anon, pss
 
 
-def own_time(src: str, reads: int) -> float:
+def own_time(src: str, reads: int) -> tuple[float, float]:
+    """Seconds per read: anonymous memory, and lent by the built-in lender (the engine)."""
     code = _OWN.format(reads=reads)
     argv = [*python_argv(src, "bench_footprint_own"), code]
     argv[2] = argv[2].replace(
@@ -95,7 +100,8 @@ def own_time(src: str, reads: int) -> float:
         "exec(sys.argv[1])",
     )
     done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=src)
-    return float(done.stdout.split()[-1])
+    memory, lent = done.stdout.split()[-2:]
+    return float(memory), float(lent)
 
 
 def main() -> None:
@@ -110,17 +116,21 @@ def main() -> None:
         trees = {"old": os.path.abspath(args.baseline_src), **trees}
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-footprint-"))
     got: dict[str, dict[str, list[float]]] = {
-        name: {"ready": [], "rss": [], "anon": [], "own": []} for name in trees
+        name: {"ready": [], "rss": [], "anon": [], "pss": [], "own": [], "lent": []}
+        for name in trees
     }
     try:
         for r in range(args.rounds):
             for name, src in trees.items():
-                took, rss, anon = idle_rss(src, str(tmp / f"{name}{r}.sock"))
+                took, rss, anon, pss = idle_memory(src, str(tmp / f"{name}{r}.sock"))
                 got[name]["ready"].append(took)
                 got[name]["rss"].append(rss / 1024)
                 got[name]["anon"].append(anon / 1024)
+                got[name]["pss"].append(pss / 1024)
                 if not args.no_own:
-                    got[name]["own"].append(own_time(src, args.own_reads) * 1e6)
+                    memory, lent = own_time(src, args.own_reads)
+                    got[name]["own"].append(memory * 1e6)
+                    got[name]["lent"].append(lent * 1e6)
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,10 +139,14 @@ def main() -> None:
         line = (
             f"  {name}: ready {statistics.median(figs['ready']):.3f} s "
             f"(max {max(figs['ready']):.3f}), idle RSS {statistics.median(figs['rss']):.1f} MiB "
-            f"(anon {statistics.median(figs['anon']):.1f})"
+            f"(anon {statistics.median(figs['anon']):.1f}, "
+            f"Pss {statistics.median(figs['pss']):.1f})"
         )
         if figs["own"]:
-            line += f", own time per read {statistics.median(figs['own']):.2f} us"
+            line += (
+                f", own time per read {statistics.median(figs['own']):.2f} us "
+                f"(lent by the built-in lender: {statistics.median(figs['lent']):.2f} us)"
+            )
         print(line)
 
 

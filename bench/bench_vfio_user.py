@@ -30,10 +30,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devmodel.aperture import OwnedMemory
 from devmodel.backend import DeviceBackend
 from devmodel.counters import DeviceCounters
+from devmodel.leases.builtin_lender import BuiltinLender
+from devmodel.leases.engine import LeaseEngine
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.testing import VfioUserClient
@@ -95,15 +98,20 @@ def summarize(name: str, samples: list[float]) -> dict[str, float]:
     return {"rate": rate, "median": med, "p99": p99}
 
 
-def own_time_loop() -> Callable[[int], float]:
+def own_time_loop(lent: bool = False) -> Callable[[int], float]:
     """A device model and a READY vfio-user connection in this process; returns a function
     that serves n REGION_READs from request bytes to reply bytes and returns the seconds taken.
 
     The requests go the transport's way: `VfioUserRequests.process` (the coroutine the socket
     loop awaits; it never suspends here, so it is driven with one `send`), with the aperture
-    the device model has without a lender (anonymous memory)."""
+    the device model has without a lender (anonymous memory), or with `lent` the lease engine
+    with every window lent by the built-in lender (`devmodel run`'s default: a pread per read)."""
     counters = DeviceCounters()
-    device = PciFunction(PciIdentity(), OwnedMemory(256 << 20), counters)
+    aperture: Any = OwnedMemory(256 << 20)
+    if lent:
+        aperture = LeaseEngine(256 << 20, 2 << 20, counters)
+        BuiltinLender(aperture, 2 << 20).lend_everything()
+    device = PciFunction(PciIdentity(), aperture, counters)
     requests = VfioUserRequests(DeviceBackend(device))
     conn = requests.conn
     # VERSION 0.0 without capabilities, then the reply, to reach the READY state.
@@ -140,9 +148,9 @@ def device_model_own_time(reads: int) -> float:
     return own_time_loop()(reads) / reads
 
 
-def device_model_own_times(reads: int, batch: int = 1000) -> list[float]:
+def device_model_own_times(reads: int, batch: int = 1000, lent: bool = False) -> list[float]:
     """Like device_model_own_time, as the mean per read of each batch of `batch` reads."""
-    serve = own_time_loop()
+    serve = own_time_loop(lent)
     return [serve(batch) / batch for _ in range(max(1, reads // batch))]
 
 
