@@ -64,9 +64,12 @@ async def test_a_streaming_client_neither_starves_others_nor_delays_a_stop(
                     await trio.sleep(0.002)
                     lags.append(trio.current_time() - t0 - 0.002)
                 assert server.connected
-                assert max(lags) < 0.1, f"woken {max(lags) * 1e3:.0f} ms late"
+                # Without the time slice the first sleep ends only with the stream (seconds);
+                # a loaded machine can still delay one wake-up by tens of milliseconds.
+                assert max(lags) < 0.5, f"woken {max(lags) * 1e3:.0f} ms late"
+                assert sorted(lags)[len(lags) // 2] < 0.05, "woken late as a rule"
                 stopping = trio.current_time()
                 nursery.cancel_scope.cancel()
             took = trio.current_time() - stopping
     # The session let go at its stop deadline, not when the client gave up.
-    assert took < STOP_DRAIN_SECONDS + 0.3, took
+    assert took < STOP_DRAIN_SECONDS + 1.0, took
