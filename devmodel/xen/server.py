@@ -19,7 +19,9 @@ protocol/devmodel_wire/xen, which is checked against Xen's headers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+from typing import Final
 
 import trio
 
@@ -50,6 +52,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("devmodel.xen")
+
+_GONE: Final = frozenset({errno.ENOENT, errno.ESRCH})
+"""What Xen answers for a server (ENOENT) or domain (ESRCH) that no longer exists."""
 
 
 async def serve_xen(
@@ -150,6 +155,10 @@ class XenServer:
             hooks.append(self.mapper.unmap)
             self._hook_installed = True
         self.posted.page = setup.bufioreq
+        self.claims = BarClaims(self.platform, sid, self.backend.bus, self.mapper)
+        self.claims.start()
+        # Enable, then bind: Xen writes the vCPUs' ports into the page only at enable.
+        setup.enable()
         self.workers = VcpuWorkers(
             self.platform,
             setup.ioreq,
@@ -159,8 +168,6 @@ class XenServer:
             self.handler.serve,
             self._log,
         )
-        self.claims = BarClaims(self.platform, sid, self.backend.bus, self.mapper)
-        self.claims.start()
         setup.announce(state_key)
 
     async def run(self, task_status: trio.TaskStatus[XenServer]) -> None:
@@ -187,10 +194,23 @@ class XenServer:
             hooks = getattr(self.device.aperture, "unmap_hooks", [])
             with contextlib.suppress(ValueError):
                 hooks.remove(self.mapper.unmap)
+        gone = False
         for what, step in steps:
             try:
                 step()
             except (XenError, OSError) as exc:
+                if exc.errno in _GONE:
+                    # The domain was destroyed (`xl destroy`) and its ioreq server with it:
+                    # every later step on the server fails the same way. Said once, quietly.
+                    if not gone:
+                        log.info(
+                            "stopping: the ioreq server is already gone (domain destroyed?): "
+                            "cannot %s: %s",
+                            what,
+                            exc,
+                        )
+                    gone = True
+                    continue
                 log.warning("stopping: cannot %s: %s", what, exc)
         self.setup.closed()
         log.info("ioreq server stopped after %d requests", self.served)
