@@ -111,8 +111,13 @@ class SimMapping:
 class SimHypervisor:
     """One HVM guest `domid` with `vcpus` vCPUs and `ram` bytes of RAM at address 0."""
 
-    def __init__(self, domid: int = 7, vcpus: int = 2, ram: int = 1 << 20) -> None:
+    def __init__(
+        self, domid: int = 7, vcpus: int = 2, ram: int = 1 << 20, *, device_model: bool = True
+    ) -> None:
+        """`device_model`: the guest has QEMU beside this server (an HVM guest); False for a
+        PVH guest, where nobody else answers port I/O or config cycles."""
         self.domid = domid
+        self.device_model = device_model
         self.vcpus = vcpus
         self.ram = bytearray(ram)
         self.servers: dict[int, SimServer] = {}
@@ -129,6 +134,8 @@ class SimHypervisor:
         # Accesses Xen sent to the default device model: (kind, address).
         self.default_accesses: list[tuple[str, int]] = []
         self.msis: list[tuple[int, int]] = []
+        # Xen's own latch of the guest's last 4-byte write to port 0xcf8.
+        self.pci_cf8 = 0
         # Set when a server is enabled: the next access first broadcasts an INVALIDATE.
         self.invalidate_pending = False
         self.invalidates = 0
@@ -361,6 +368,10 @@ class SimHypervisor:
         self._call("xenstore_remove")
         self.xenstore.pop(path, None)
 
+    def has_device_model(self) -> bool:
+        self._call("has_device_model")
+        return self.device_model
+
     def close(self) -> None:
         self._call("close")
         self.closed = True
@@ -481,6 +492,46 @@ class SimVcpu:
             IoreqType.COPY,
         )
         return await self.send(req)
+
+    # ---------------------------------------------------------------- port I/O
+
+    async def port_read(self, port: int, size: int) -> int:
+        """`in` at `port`, routed as Xen routes it (see `_port`)."""
+        req = self._port(port, size, IOREQ_READ, 0)
+        if req is None:
+            return ones(size)
+        return (await self.send(req)).data & ones(size)
+
+    async def port_write(self, port: int, size: int, value: int) -> None:
+        req = self._port(port, size, IOREQ_WRITE, value)
+        if req is not None:
+            await self.send(req)
+
+    def _port(self, port: int, size: int, direction: int, data: int) -> IoReq | None:
+        """Xen's routing of port I/O (x86 hvm/io.c and ioreq.c): a 4-byte write to 0xcf8 is
+        latched (and still goes on to a server); an access to 0xcfc-0xcff while the latch is
+        enabled becomes a PCI_CONFIG request for the server that claimed the function, or
+        reaches nobody; any other port goes to the server that claimed it. Nobody: the
+        default device model if the guest has one, else all-ones / dropped."""
+        sim = self.sim
+        if port == 0xCF8 and size == 4 and direction == IOREQ_WRITE:
+            sim.pci_cf8 = data & 0xFFFF_FFFF
+        cf8 = sim.pci_cf8
+        if port & ~3 == 0xCFC and cf8 & (1 << 31):
+            bus, devfn = (cf8 >> 16) & 0xFF, (cf8 >> 8) & 0xFF
+            sbdf = (0, bus, devfn >> 3, devfn & 7)
+            reg = (cf8 & 0xFC) | (port & 3)
+            if sim.config_server(sbdf) is None:
+                sim.default_accesses.append(("config-port", port))
+                return None
+            addr = encode_pci_config_addr(*sbdf, reg)
+            return _req(IoreqType.PCI_CONFIG, addr, size, direction, data)
+        for s in sim.servers.values():
+            claimed = any(a <= port and port + size - 1 <= b for a, b in s.pio)
+            if s.enabled and not s.destroyed and claimed:
+                return _req(IoreqType.PIO, port, size, direction, data)
+        sim.default_accesses.append(("port", port))
+        return None
 
     # ---------------------------------------------------------------- config space
 
