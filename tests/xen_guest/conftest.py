@@ -18,13 +18,12 @@ import sys
 import time
 from collections.abc import Generator, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ..qemu.testbed import Process, Reaper, tail
+from ..qemu.testbed import Process, Reaper
+from .bed import Dom0Run
 
 REPO = Path(__file__).resolve().parents[2]
 XEN_CONFIGS = REPO / "qemu-configs" / "xen"
@@ -47,36 +46,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker(MARKER)]
-
-
-@dataclass
-class Dom0Run:
-    """One boot of the Xen test bed that ran dom0-suite: its console and its files."""
-
-    workdir: Path
-    returncode: int | None
-    console: str
-    seconds: float
-    ready_seconds: float | None
-
-    def step(self, name: str) -> tuple[int | None, str]:
-        """(exit status, output) of a dom0-suite step; status None if it never finished."""
-        status = self.workdir / f"{name}.status"
-        output = self.workdir / f"{name}.out"
-        rc = int(status.read_text()) if status.exists() else None
-        return rc, output.read_text(errors="replace") if output.exists() else ""
-
-    def guest(self, name: str) -> dict[str, Any]:
-        """What dom0/guest recorded for guest `name` (its NAME.json); fails if it did not."""
-        rc, output = self.step(name)
-        path = self.workdir / f"{name}.json"
-        assert rc == 0 and path.exists(), (
-            f"the {name} guest did not report (step exit {rc}):\n{output}")
-        record: dict[str, Any] = json.loads(path.read_text())
-        return record
-
-    def report(self) -> str:
-        return f"----- console (run exit {self.returncode}) -----\n{tail(self.console)}"
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +129,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"(run exit {run.returncode})")
         for name, status, seconds in STEP_LINE.findall(run.console):
             terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")
-        for name in ("pvh", "hvm"):
+        for name in ("pvh", "hvm", "hvmdm", "pvhdm", "hvmlend"):
             path = run.workdir / f"{name}.json"
             if path.exists():
                 record = json.loads(path.read_text())
