@@ -43,15 +43,17 @@ class Dom0Run:
     def report(self) -> str:
         return f"----- console (run exit {self.returncode}) -----\n{tail(self.console)}"
 
-    def results(self, name: str) -> list[dict[str, Any]]:
-        """bartest's `DEVMODEL-RESULT {json}` lines from guest `name`'s console (HVM: its
-        serial file; PVH: xenconsoled's log)."""
+    def console_of(self, name: str) -> str:
+        """Guest `name`'s console (HVM: its serial file; PVH: xenconsoled's log)."""
         for path in (self.workdir / f"{name}.serial",
                      self.workdir / "log" / "console" / f"guest-{name}.log"):
             if path.exists():
-                text = path.read_text(errors="replace")
-                return [json.loads(m) for m in RESULT_LINE.findall(text)]
-        return []
+                return path.read_text(errors="replace")
+        return ""
+
+    def results(self, name: str) -> list[dict[str, Any]]:
+        """bartest's `DEVMODEL-RESULT {json}` lines from guest `name`'s console."""
+        return [json.loads(m) for m in RESULT_LINE.findall(self.console_of(name))]
 
     def result(self, name: str, test: str) -> dict[str, Any]:
         """bartest's result line for `test` in guest `name`; fails if there is none."""
