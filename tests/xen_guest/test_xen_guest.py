@@ -82,10 +82,11 @@ def decode_regs(line: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def check_served_guest(dom0_suite: Dom0Run, name: str, guest_type: str) -> dict[str, Any]:
+def check_served_guest(
+    dom0_suite: Dom0Run, name: str, guest_type: str, bar0_size: int = GIB
+) -> dict[str, Any]:
     """What every guest devmodel served shows: the guest's Linux enumerated the function at
-    00:1e.0 (1234:10e5, class 0x050000) with a 1 GiB, 64-bit prefetchable BAR0, and bartest's
-    BAR0 round trips of 1, 2, 4 and 8 bytes at both ends of BAR0 came back as written."""
+    00:1e.0 (1234:10e5, class 0x050000) with a 64-bit prefetchable BAR0 of `bar0_size`."""
     record = dom0_suite.guest(name)
     report = record["report"]
     assert report["guest_type"] == guest_type, record
@@ -95,15 +96,15 @@ def check_served_guest(dom0_suite: Dom0Run, name: str, guest_type: str) -> dict[
     assert (enumerate_["vendor"], enumerate_["device"]) == ("0x1234", "0x10e5"), enumerate_
     assert enumerate_["class"] == "0x050000", enumerate_
     bar0 = next(b for b in enumerate_["bars"] if b["index"] == 0)
-    assert bar0["size"] == GIB and bar0["mem"] and bar0["mem64"] and bar0["prefetch"], bar0
+    assert bar0["size"] == bar0_size and bar0["mem"] and bar0["mem64"] and bar0["prefetch"], bar0
     assert int(enumerate_["bar0_reg"], 16) & 0xF == 0xC, enumerate_
     return enumerate_
 
 
-def check_devmodel_log(dom0_suite: Dom0Run, step: str, name: str) -> str:
+def check_devmodel_log(dom0_suite: Dom0Run, name: str) -> str:
     """devmodel served the guest and, stopped after `xl destroy`, said once, quietly, that the
     ioreq server was already gone (no warning per teardown step)."""
-    rc, output = dom0_suite.step(f"{step}-stop")
+    rc, output = dom0_suite.step(f"{name}-stop")
     log = dom0_suite.devmodel_log(name)
     assert rc == 0, output
     assert re.search(r"ioreq server \d+ for domain \d+: 2 vCPU\(s\), PCI 0000:00:1e\.0", log), log
@@ -118,14 +119,14 @@ def test_devmodel_serves_an_hvm_guest_beside_qemu(dom0_suite: Dom0Run) -> None:
     second ioreq server: hvmloader places the BARs, the guest's Linux enumerates the function,
     bartest reads BAR2's identification registers and does BAR0 round trips with the built-in
     lender."""
-    check_served_guest(dom0_suite, "hvmdm", "HVM")
-    regs = decode_regs(dom0_suite.result("hvmdm", "regs"))
+    check_served_guest(dom0_suite, "hvm-devmodel", "HVM")
+    regs = decode_regs(dom0_suite.result("hvm-devmodel", "regs"))
     assert regs["MAGIC"] == MAGIC and regs["VERSION"] == INTERFACE_VERSION, regs
     assert regs["APERTURE_SIZE"] == GIB, regs
     assert regs["BAD_ACCESSES"] == regs["PROTOCOL_ERRORS"] == 0, regs
-    boundary = dom0_suite.result("hvmdm", "boundary")
+    boundary = dom0_suite.result("hvm-devmodel", "boundary")
     assert boundary["ok"] and boundary["failures"] == 0, boundary
-    log = check_devmodel_log(dom0_suite, "hvm-devmodel", "hvmdm")
+    log = check_devmodel_log(dom0_suite, "hvm-devmodel")
     assert "PCI configuration ports: left to the guest's device model" in log, log
 
 
@@ -134,52 +135,53 @@ def test_devmodel_answers_a_pvh_guests_pci_configuration_ports(dom0_suite: Dom0R
     auto) claims ports 0xcf8-0xcff and presents a host bridge, and the guest's Linux, with no
     special kernel option, finds type 1 config access through them (before, it said `PCI:
     Fatal: No config space access function found`)."""
-    record = dom0_suite.guest("pvhdm")
+    record = dom0_suite.guest("pvh-devmodel")
     assert record["report"]["guest_type"] == "PVH", record
-    console = dom0_suite.console_of("pvhdm")
+    console = dom0_suite.console_of("pvh-devmodel")
     assert "PCI: Using configuration type 1 for base access" in console, console
     assert "No config space access function found" not in console, console
-    log = check_devmodel_log(dom0_suite, "pvh-devmodel", "pvhdm")
+    log = check_devmodel_log(dom0_suite, "pvh-devmodel")
     assert "PCI configuration ports: served here (the guest has no device model" in log, log
     assert "serving PCI configuration ports 0xcf8-0xcff and host bridge 00:00.0" in log, log
 
 
-def test_a_pvh_guest_without_acpi_enumerates_the_function(dom0_suite: Dom0Run) -> None:
-    """Runs on the real hypervisor: with `acpi = 0` (no ACPI tables, so no ACPI host bridge
-    for Linux to wait for) a PVH guest's Linux scans bus 0 through devmodel's configuration
-    ports, finds the host bridge and the function, and bartest does the same BAR0 and BAR2
-    accesses as on the HVM guest."""
-    check_served_guest(dom0_suite, "pvhna", "PVH")
-    record = dom0_suite.guest("pvhna")
+def test_a_pvh_guest_with_pci_noacpi_enumerates_the_function(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: libxl gives a PVH guest ACPI tables without a PCI host
+    bridge, so its Linux, which then takes PCI roots from ACPI only, scans no bus. With the
+    kernel option `pci=noacpi` it scans bus 0 itself through devmodel's configuration ports,
+    finds the host bridge and the function, and bartest does the same BAR0 and BAR2 accesses as
+    on the HVM guest."""
+    check_served_guest(dom0_suite, "pvh-pci-noacpi", "PVH")
+    record = dom0_suite.guest("pvh-pci-noacpi")
     assert "00:00.0 1234:10e4" in record["report"]["pci"], record
-    regs = decode_regs(dom0_suite.result("pvhna", "regs"))
+    regs = decode_regs(dom0_suite.result("pvh-pci-noacpi", "regs"))
     assert regs["MAGIC"] == MAGIC and regs["APERTURE_SIZE"] == GIB, regs
-    boundary = dom0_suite.result("pvhna", "boundary")
+    boundary = dom0_suite.result("pvh-pci-noacpi", "boundary")
     assert boundary["ok"] and boundary["failures"] == 0, boundary
-    check_devmodel_log(dom0_suite, "pvh-noacpi", "pvhna")
+    check_devmodel_log(dom0_suite, "pvh-pci-noacpi")
 
 
 def test_leases_from_the_reference_lender_are_evicted_and_paged_back_in(
     dom0_suite: Dom0Run,
 ) -> None:
-    """Runs on the real hypervisor: devmodel borrows BAR0's memory from the reference lender in
-    dom0, which has 4 MiB of VRAM; the guest writes into 8 windows of 2 MiB, so the lender
-    evicts to make room, and reading everything back faults the evicted windows in again with
-    their contents intact."""
-    check_served_guest(dom0_suite, "hvmlend", "HVM")
-    evict = dom0_suite.result("hvmlend", "evict")
+    """Runs on the real hypervisor: devmodel (a 64 MiB BAR0) borrows its memory from the
+    reference lender in dom0, which has 4 MiB of VRAM; the guest writes into 8 windows of
+    2 MiB, so the lender evicts to make room, and reading everything back faults the evicted
+    windows in again with their contents intact."""
+    check_served_guest(dom0_suite, "hvm-lender", "HVM", 64 << 20)
+    evict = dom0_suite.result("hvm-lender", "evict")
     assert evict["ok"] and evict["mismatches"] == 0 and evict["windows"] == 8, evict
     counters = evict["counters"]
     assert counters["revokes"] > 0 and counters["page_ins"] > 0, evict
     assert counters["failed_accesses"] == 0, evict
-    check_devmodel_log(dom0_suite, "hvm-lender", "hvmlend")
+    check_devmodel_log(dom0_suite, "hvm-lender")
 
 
 def test_run_returns_the_commands_status(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: `run` exits with the status of the command dom0 ran (the
     suite's: the number of steps that failed), after dom0 powered the machine off."""
     steps = ["xl-info", "xl-list", "devmodel-handles", "pvh", "hvm", "hvm-devmodel",
-             "hvm-devmodel-stop", "pvh-devmodel", "pvh-devmodel-stop", "pvh-noacpi",
+             "hvm-devmodel-stop", "pvh-devmodel", "pvh-devmodel-stop", "pvh-pci-noacpi",
              "pvh-noacpi-stop", "hvm-lender",
              "hvm-lender-stop"]
     failed = sum(dom0_suite.step(name)[0] != 0 for name in steps)
