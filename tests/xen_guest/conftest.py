@@ -129,7 +129,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"(run exit {run.returncode})")
         for name, status, seconds in STEP_LINE.findall(run.console):
             terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")
-        for name in ("pvh", "hvm", "hvm-devmodel", "pvh-devmodel", "pvh-pci-noacpi", "hvm-lender"):
+        for name in ("pvh", "hvm", "hvm-devmodel", "pvh-devmodel", "pvh-pci-noacpi", "hvm-lender",
+                     "hvm-lender-stopped"):
             path = run.workdir / f"{name}.json"
             if path.exists():
                 record = json.loads(path.read_text())

@@ -177,13 +177,31 @@ def test_leases_from_the_reference_lender_are_evicted_and_paged_back_in(
     check_devmodel_log(dom0_suite, "hvm-lender")
 
 
+def test_a_stopped_lender_leaves_reads_all_ones_after_the_page_in_deadline(
+    dom0_suite: Dom0Run,
+) -> None:
+    """Runs on the real hypervisor: while the guest idles after writing a value, the reference
+    lender evicts everything and is stopped (SIGSTOP); the guest's next read of that value
+    waits for a page-in nobody answers and gets all-ones once devmodel's page-in deadline (2 s)
+    passes, and the device still answers on BAR2 afterwards."""
+    watch = dom0_suite.result("hvm-lender-stopped", "watch")
+    assert watch["ok"] and watch["saw_all_ones"], watch
+    assert 1500 <= watch["ms_to_all_ones"] <= 10_000, watch
+    assert int(watch["bar2_magic_after"], 16) == MAGIC, watch
+    rc, output = dom0_suite.step("hvm-lender-stopped-stop")
+    assert rc == 0, output
+    log = dom0_suite.devmodel_log("hvm-lender-stopped")
+    assert log.count("the ioreq server is already gone") == 1, log
+    assert "evicted everything (SIGUSR1), then stopped (SIGSTOP)" in dom0_suite.console
+
+
 def test_run_returns_the_commands_status(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: `run` exits with the status of the command dom0 ran (the
     suite's: the number of steps that failed), after dom0 powered the machine off."""
     steps = ["xl-info", "xl-list", "devmodel-handles", "pvh", "hvm", "hvm-devmodel",
              "hvm-devmodel-stop", "pvh-devmodel", "pvh-devmodel-stop", "pvh-pci-noacpi",
-             "pvh-noacpi-stop", "hvm-lender",
-             "hvm-lender-stop"]
+             "pvh-pci-noacpi-stop", "hvm-lender", "hvm-lender-stop", "hvm-lender-stopped",
+             "hvm-lender-stopped-stop"]
     failed = sum(dom0_suite.step(name)[0] != 0 for name in steps)
     assert dom0_suite.returncode == failed, dom0_suite.report()
     assert f"XENBED-EXIT {failed}" in dom0_suite.console
