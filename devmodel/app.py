@@ -286,9 +286,9 @@ def _transport(
             ) from None
 
         async def start_xen(nursery: trio.Nursery) -> None:
-            start = serve_xen
+            start = functools.partial(serve_xen, pci_config_ports=settings.pci_config_ports)
             if xen_platform is not None:
-                start = functools.partial(serve_xen, platform=xen_platform(settings.domid))
+                start = functools.partial(start, platform=xen_platform(settings.domid))
             await nursery.start(start, backend, counters, settings.domid)
 
         return _Transport(start_xen, lambda: False)

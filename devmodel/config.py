@@ -37,6 +37,7 @@ MAX_DOMID: Final = 0x7FEF
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 TRANSPORTS: Final = ("vfio-user", "xen")
+PCI_CONFIG_PORTS: Final = ("auto", "on", "off")
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -246,6 +247,16 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "choice",
     ),
     Option(
+        "pci-config-ports",
+        _choice(*PCI_CONFIG_PORTS),
+        "auto",
+        "xen: answer the PCI configuration ports 0xcf8-0xcff and present a host bridge "
+        "at 00:00.0, so that a guest with no device model of its own (PVH) enumerates the "
+        "function: on, off, or auto (default: on when the guest has no device model)",
+        "{auto,on,off}",
+        "choice",
+    ),
+    Option(
         "socket-path",
         _socket_path,
         None,
@@ -423,6 +434,7 @@ class Settings:
 
     domid: int = 0
     transport: str = "vfio-user"
+    pci_config_ports: str = "auto"
     socket_path: str | None = None
     fd: int | None = None
     lender_socket: str | None = None
@@ -531,6 +543,8 @@ def check(s: Settings) -> None:
             raise ConfigError("one of --socket-path or --fd is required (vfio-user transport)")
         if s.socket_path is not None and s.fd is not None:
             raise ConfigError("--socket-path and --fd cannot both be given")
+        if s.pci_config_ports != "auto":
+            raise ConfigError("--pci-config-ports belongs to the xen transport")
     else:
         if s.socket_path is not None or s.fd is not None:
             raise ConfigError("--socket-path and --fd belong to the vfio-user transport")

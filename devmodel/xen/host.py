@@ -19,7 +19,7 @@ import os
 from typing import Any, Final
 
 from devmodel.xen import libs
-from devmodel.xen.platform import XenError
+from devmodel.xen.platform import DEVICE_MODEL_STATE, XenError
 from devmodel_wire.xen.ioreq import (
     FRAME_BUFIOREQ,
     PAGE_SIZE,
@@ -389,6 +389,10 @@ class XenHost:
             return ctypes.string_at(raw, length.value).decode()
         finally:
             self._fn(libs.LIBC, "free")(raw)
+
+    def has_device_model(self) -> bool:
+        """libxl's readiness key for the guest's device model (QEMU) exists."""
+        return self.xenstore_read(DEVICE_MODEL_STATE.format(domid=self.domid)) is not None
 
     def xenstore_remove(self, path: str) -> None:
         """Remove `path` and its children; a path that is already gone is not an error."""

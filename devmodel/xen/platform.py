@@ -9,7 +9,10 @@ library call or a small group of them (shared/reference/xen-ioreq.md); failures 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
+
+DEVICE_MODEL_STATE: Final = "/local/domain/0/device-model/{domid}/state"
+"""libxl's readiness key of the guest's own device model (QEMU writes `running` there)."""
 
 
 class XenError(OSError):
@@ -115,6 +118,11 @@ class XenPlatform(Protocol):
     def xenstore_read(self, path: str) -> str | None: ...
 
     def xenstore_remove(self, path: str) -> None: ...
+
+    def has_device_model(self) -> bool:
+        """Whether the guest has a device model of its own (QEMU for an HVM guest), which
+        answers what no other ioreq server claims. libxl writes DEVICE_MODEL_STATE for it
+        (the key exists once QEMU has started); a PVH guest has none."""
 
     def close(self) -> None:
         """Close every handle (after the transport has destroyed its server)."""

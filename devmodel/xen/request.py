@@ -9,7 +9,8 @@ DeviceCounters):
   all-ones policy...) returns all-ones, as a PCI master abort does; a refused write is dropped.
   The device counts `bad_accesses` (or the engine `failed_accesses`).
 - An MMIO address inside no BAR of ours, a PCI_CONFIG cycle for another function, port I/O
-  (nothing is claimed): all-ones or dropped, `bad_accesses` (Xen routed what we never claimed).
+  other than the PCI configuration ports when this server answers them (pci_ports.py):
+  all-ones or dropped, `bad_accesses` (Xen routed what we never claimed).
 - A malformed request (unknown type, count 0, a size that is not 1/2/4/8, a rep whose buffer
   is larger than `MAX_REP_BYTES` or wraps, a config cycle with count > 1): all-ones or
   dropped, `protocol_errors`.
@@ -27,6 +28,7 @@ from devmodel.pci.errors import AccessError
 from devmodel.pci.function import APERTURE_BAR
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.p2m import P2mMapper
+from devmodel.xen.pci_ports import PciConfigPorts
 from devmodel.xen.platform import GuestMapping, XenError, XenPlatform
 from devmodel_wire.xen import (
     PAGE_SIZE,
@@ -68,6 +70,8 @@ class IoreqHandler:
         self.sbdf = sbdf
         self.mapper = mapper
         self._log = log
+        self.ports: PciConfigPorts | None = None
+        """The PCI configuration ports and host bridge, when this server answers them."""
 
     async def serve(self, req: IoReq) -> int | None:
         """The value a read returns (None for a write and for requests without one)."""
@@ -81,8 +85,19 @@ class IoreqHandler:
         if kind == IoreqType.PCI_CONFIG:
             return self._config(req)
         if kind == IoreqType.PIO:
+            ports = self.ports
+            if (
+                ports is not None
+                and req.count == 1
+                and not req.data_is_ptr
+                and ports.owns_port(req.addr, req.size)
+            ):
+                if req.is_read:
+                    return ports.port_read(req.addr, req.size)
+                ports.port_write(req.addr, req.size, req.data)
+                return None
             self.counters.bad_accesses += 1
-            self._log.warning("port I/O at %#x was routed here; none is claimed", req.addr)
+            self._log.warning("port I/O at %#x was routed here; not ours", req.addr)
             return ones(req.size) if req.is_read and not req.data_is_ptr else None
         # INVALIDATE: drop cached guest mappings (none are kept: each data_is_ptr access maps
         # and unmaps its buffer). TIMEOFFSET: the guest set its RTC; nothing here keeps time.
@@ -215,17 +230,33 @@ class IoreqHandler:
             where = decode_pci_config_addr(req.addr)
         except XenAbiError as exc:
             return self._malformed(req, str(exc))
-        if (where.segment, where.bus, where.device, where.function) != self.sbdf:
+        sbdf = (where.segment, where.bus, where.device, where.function)
+        if sbdf != self.sbdf:
+            ports = self.ports
+            if ports is not None and ports.serves(sbdf):  # the host bridge
+                if req.is_read:
+                    return ports.config_read(sbdf, where.offset, size)
+                ports.config_write(sbdf, where.offset, size, req.data & ones(size))
+                return None
             self.counters.bad_accesses += 1
             self._log.warning("config cycle for %#x, not our function", req.addr)
             return ones(size) if req.is_read else None
-        try:
-            if req.is_read:
-                return int.from_bytes(self.backend.config_read(where.offset, size), "little")
-            self.backend.config_write(
-                where.offset, (req.data & ones(size)).to_bytes(size, "little")
-            )
-        except AccessError as exc:
-            self._log.warning("refused config access at %#x: %s", where.offset, exc)
-            return ones(size) if req.is_read else None
+        if req.is_read:
+            return self.function_config_read(where.offset, size)
+        self.function_config_write(where.offset, size, req.data)
         return None
+
+    def function_config_read(self, offset: int, size: int) -> int:
+        """A config read of our function; all-ones when refused."""
+        try:
+            return int.from_bytes(self.backend.config_read(offset, size), "little")
+        except AccessError as exc:
+            self._log.warning("refused config access at %#x: %s", offset, exc)
+            return ones(size)
+
+    def function_config_write(self, offset: int, size: int, value: int) -> None:
+        """A config write of our function; dropped when refused."""
+        try:
+            self.backend.config_write(offset, (value & ones(size)).to_bytes(size, "little"))
+        except AccessError as exc:
+            self._log.warning("refused config access at %#x: %s", offset, exc)

@@ -19,12 +19,15 @@ protocol/devmodel_wire/xen, which is checked against Xen's headers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+from typing import Final
 
 import trio
 
 from devmodel.backend.bus import MappedRange
 from devmodel.backend.device import DeviceBackend, backend_for
+from devmodel.config import PCI_CONFIG_PORTS
 from devmodel.control.toolstack import StartupError
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
@@ -32,6 +35,7 @@ from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.bar_claims import BarClaims
 from devmodel.xen.open_host import open_host
 from devmodel.xen.p2m import EmulateEverything, P2mMapper
+from devmodel.xen.pci_ports import PciConfigPorts
 from devmodel.xen.platform import XenError, XenPlatform
 from devmodel.xen.posted import PostedWrites
 from devmodel.xen.request import MAX_REP_BYTES, IoreqHandler
@@ -42,6 +46,7 @@ from devmodel_wire.xen import BufferedRing, XenAbiError
 __all__ = [
     "DEFAULT_SBDF",
     "MAX_REP_BYTES",
+    "PCI_CONFIG_PORTS",
     "STATE_KEY",
     "EmulateEverything",
     "P2mMapper",
@@ -50,6 +55,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("devmodel.xen")
+
+_GONE: Final = frozenset({errno.ENOENT, errno.ESRCH})
+"""What Xen answers for a server (ENOENT) or domain (ESRCH) that no longer exists."""
 
 
 async def serve_xen(
@@ -61,9 +69,14 @@ async def serve_xen(
     sbdf: tuple[int, int, int, int] = DEFAULT_SBDF,
     mapper: P2mMapper | None = None,
     state_key: str = STATE_KEY,
+    pci_config_ports: str = "auto",
     task_status: trio.TaskStatus[XenServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `device` (a PCI function or its backend) to guest `domid` until cancelled.
+
+    `pci_config_ports`: "on" to answer the PCI configuration ports 0xcf8-0xcff and present a
+    host bridge (pci_ports.py), "off" not to, "auto" (default) to do so when the guest has no
+    device model of its own (a PVH guest: no QEMU to answer them).
 
     Without `platform` the real host is opened; either way this function owns the platform
     and closes it on the way out (and the backend, if it made one). A failure before the
@@ -73,7 +86,10 @@ async def serve_xen(
     if platform is None:
         platform = open_host(domid)
     backend, owned = backend_for(device)
+    if pci_config_ports not in PCI_CONFIG_PORTS:
+        raise ValueError(f"pci_config_ports must be one of {PCI_CONFIG_PORTS}")
     server = XenServer(backend, counters, platform, sbdf, mapper or EmulateEverything())
+    server.pci_config_ports = pci_config_ports
     try:
         try:
             server.start(state_key.format(domid=domid))
@@ -112,6 +128,9 @@ class XenServer:
         self.workers: VcpuWorkers | None = None
         self._hook_installed = False
         self._stopped = False
+        self.pci_config_ports = "auto"
+        self.ports: PciConfigPorts | None = None
+        self._port_unclaims: list[Step] = []
 
     # --- what tests and the REPL look at --------------------------------------------------------
 
@@ -150,6 +169,12 @@ class XenServer:
             hooks.append(self.mapper.unmap)
             self._hook_installed = True
         self.posted.page = setup.bufioreq
+        self.claims = BarClaims(self.platform, sid, self.backend.bus, self.mapper)
+        self.claims.start()
+        if self._wants_config_ports():
+            self._claim_config_ports(sid)
+        # Enable, then bind: Xen writes the vCPUs' ports into the page only at enable.
+        setup.enable()
         self.workers = VcpuWorkers(
             self.platform,
             setup.ioreq,
@@ -159,9 +184,42 @@ class XenServer:
             self.handler.serve,
             self._log,
         )
-        self.claims = BarClaims(self.platform, sid, self.backend.bus, self.mapper)
-        self.claims.start()
         setup.announce(state_key)
+
+    def _wants_config_ports(self) -> bool:
+        mode = self.pci_config_ports
+        if mode != "auto":
+            return mode == "on"
+        other = self.platform.has_device_model()
+        log.info(
+            "PCI configuration ports: %s",
+            "left to the guest's device model"
+            if other
+            else "served here (the guest has no device model of its own)",
+        )
+        return not other
+
+    def _claim_config_ports(self, sid: int) -> None:
+        """Claim ports 0xcf8-0xcff and the host bridge's config cycles (pci_ports.py)."""
+        p = self.platform
+        handler = self.handler
+        ports = PciConfigPorts(
+            self.setup.sbdf, handler.function_config_read, handler.function_config_write
+        )
+        (first, last), bridge = ports.claims()
+        p.map_io_range(sid, False, first, last)
+        self._port_unclaims.append(
+            (
+                f"unclaim ports {first:#x}-{last:#x}",
+                lambda: p.unmap_io_range(sid, False, first, last),
+            )
+        )
+        p.map_pcidev(sid, *bridge)
+        self._port_unclaims.append(
+            ("unclaim the host bridge", lambda: p.unmap_pcidev(sid, *bridge))
+        )
+        self.ports = handler.ports = ports
+        log.info("serving PCI configuration ports %#x-%#x and host bridge 00:00.0", first, last)
 
     async def run(self, task_status: trio.TaskStatus[XenServer]) -> None:
         """Start a worker per vCPU, report started, then dispatch events until cancelled."""
@@ -182,15 +240,29 @@ class XenServer:
         if self.workers is not None:
             self.workers.stopped = True
         unclaims: list[Step] = self.claims.release_steps() if self.claims is not None else []
+        unclaims += self._port_unclaims
         steps = self.setup.teardown_steps(unclaims)
         if self._hook_installed:
             hooks = getattr(self.device.aperture, "unmap_hooks", [])
             with contextlib.suppress(ValueError):
                 hooks.remove(self.mapper.unmap)
+        gone = False
         for what, step in steps:
             try:
                 step()
             except (XenError, OSError) as exc:
+                if exc.errno in _GONE:
+                    # The domain was destroyed (`xl destroy`) and its ioreq server with it:
+                    # every later step on the server fails the same way. Said once, quietly.
+                    if not gone:
+                        log.info(
+                            "stopping: the ioreq server is already gone (domain destroyed?): "
+                            "cannot %s: %s",
+                            what,
+                            exc,
+                        )
+                    gone = True
+                    continue
                 log.warning("stopping: cannot %s: %s", what, exc)
         self.setup.closed()
         log.info("ioreq server stopped after %d requests", self.served)

@@ -1,10 +1,17 @@
 """The ioreq server's setup and teardown with Xen, and its readiness in xenstore.
 
 Setup runs in the order Xen and libxl need: restrict the handles to the guest, create the
-server, map its pages, bind one event channel per vCPU (and the buffered ring's), claim the PCI
-function; the caller then claims the BARs, and `announce` enables the server and writes the
-readiness key last. Teardown undoes whatever setup reached, in reverse, each step on its own,
-so one failing step never leaves the others undone.
+server, map its pages, claim the PCI function (`open`); the caller then claims the BARs (and the
+PCI configuration ports, if it serves them); `enable` enables the server and only then binds one
+event channel per vCPU (and the buffered ring's); `announce` writes the readiness key last.
+
+Enable, then bind: Xen clears the ioreq page when it allocates it and writes each vCPU's
+`vp_eport` into its slot only when the server is enabled (Xen 4.20 common/ioreq.c,
+`ioreq_server_enable` -> `ioreq_update_evtchn`); binding earlier reads port 0 and
+`xenevtchn_bind_interdomain` fails with EINVAL. QEMU (`xen_register_ioreq`) does the same.
+
+Teardown undoes whatever setup reached, in reverse (disable, then unbind), each step on its
+own, so one failing step never leaves the others undone.
 """
 
 from __future__ import annotations
@@ -83,21 +90,32 @@ class IoreqServerSetup:
                 f"{vcpus * IOREQ_SIZE}",
             )
         self.bufioreq = self.pages.bufioreq
-        for vcpu in range(vcpus):
-            self.vcpu_port.append(p.evtchn_bind(read_slot(self.ioreq, vcpu).vp_eport))
-        remote_buf = p.bufioreq_port(sid)
-        if remote_buf is not None and self.bufioreq is not None:
-            self.buf_port = p.evtchn_bind(remote_buf)
         p.map_pcidev(sid, *self.sbdf)
         self.pcidev_mapped = True
         return sid
 
-    def announce(self, state_key: str) -> None:
-        """Enable the server, then tell the toolstack it is ready (the key goes last)."""
+    def enable(self) -> None:
+        """Enable the server, then bind each vCPU's port, which Xen writes only at enable."""
         p = self.platform
         assert self.server_id is not None
         p.set_ioreq_server_state(self.server_id, True)
         self.enabled = True
+        for vcpu in range(self.vcpus):
+            remote = read_slot(self.ioreq, vcpu).vp_eport
+            if remote == 0:
+                raise XenError(
+                    errno.EINVAL,
+                    f"Xen wrote no event channel port into vCPU {vcpu}'s slot after enabling",
+                )
+            self.vcpu_port.append(p.evtchn_bind(remote))
+        remote_buf = p.bufioreq_port(self.server_id)
+        if remote_buf is not None and self.bufioreq is not None:
+            self.buf_port = p.evtchn_bind(remote_buf)
+
+    def announce(self, state_key: str) -> None:
+        """Tell the toolstack the server is ready (after `enable`: the key goes last)."""
+        p = self.platform
+        assert self.server_id is not None and self.enabled
         p.xenstore_write(state_key, "running")
         self.state_key = state_key
         seg, bus, dev, fn = self.sbdf
@@ -114,7 +132,8 @@ class IoreqServerSetup:
         )
 
     def teardown_steps(self, unclaims: list[Step]) -> list[Step]:
-        """Undo everything, in reverse; `unclaims` (the BARs') go after disabling."""
+        """Undo everything, in reverse: disable, unbind, then `unclaims` (the BARs' and the
+        ports'), the PCI function and the server."""
         p = self.platform
         steps: list[Step] = []
         if self.state_key is not None:
@@ -123,13 +142,13 @@ class IoreqServerSetup:
         sid = self.server_id
         if sid is not None and self.enabled:
             steps.append(("disable the server", lambda: p.set_ioreq_server_state(sid, False)))
+        for port in [*self.vcpu_port, *([self.buf_port] if self.buf_port is not None else [])]:
+            steps.append((f"unbind port {port}", partial(p.evtchn_unbind, port)))
         if sid is not None:
             steps.extend(unclaims)
             if self.pcidev_mapped:
                 steps.append(("unclaim the PCI function", lambda: p.unmap_pcidev(sid, *self.sbdf)))
             steps.append(("destroy the server", lambda: p.destroy_ioreq_server(sid)))
-        for port in [*self.vcpu_port, *([self.buf_port] if self.buf_port is not None else [])]:
-            steps.append((f"unbind port {port}", partial(p.evtchn_unbind, port)))
         if self.pages is not None:
             steps.append(("unmap the ioreq pages", self.pages.close))
         steps.append(("close the Xen handles", p.close))

@@ -13,10 +13,13 @@ from devmodel.xen.platform import XenError
 from devmodel_wire.xen import BufioreqMode, read_slot
 
 
-def test_slots_carry_each_vcpus_port_and_the_ring_its_own() -> None:
+def test_slots_carry_each_vcpus_port_only_once_enabled_and_the_ring_its_own() -> None:
+    """As Xen 4.20: the page is zero until enable, which writes each vCPU's vp_eport."""
     sim = SimHypervisor(vcpus=3)
     sid = sim.create_ioreq_server(BufioreqMode.LEGACY)
     s = sim.servers[sid]
+    assert [read_slot(s.ioreq, v).vp_eport for v in range(3)] == [0, 0, 0]
+    sim.set_ioreq_server_state(sid, True)
     assert [read_slot(s.ioreq, v).vp_eport for v in range(3)] == [40, 41, 42]
     assert read_slot(s.ioreq, 0).state == 0
     assert sim.bufioreq_port(sid) == REMOTE_BUF_PORT
@@ -42,8 +45,41 @@ def test_routing_reaches_only_claimed_ranges_of_an_enabled_server() -> None:
     sim.close()
 
 
+def test_binding_before_enable_fails_as_on_xen() -> None:
+    """The order devmodel used before it ran on real Xen (bind each vCPU's slot port, then
+    enable) reads port 0 and fails as xenevtchn_bind_interdomain does there, with EINVAL."""
+    sim = SimHypervisor()
+    sid = sim.create_ioreq_server(BufioreqMode.LEGACY)
+    pages = sim.map_ioreq_pages(sid, sim.vcpus)
+    with pytest.raises(XenError) as info:
+        sim.evtchn_bind(read_slot(pages.ioreq, 0).vp_eport)
+    assert info.value.errno == errno.EINVAL
+    sim.set_ioreq_server_state(sid, True)
+    assert sim.evtchn_bind(read_slot(pages.ioreq, 0).vp_eport) == 1
+    pages.close()
+    sim.close()
+
+
+def test_after_domain_destruction_server_calls_fail_with_enoent() -> None:
+    sim = SimHypervisor()
+    sid = sim.create_ioreq_server(BufioreqMode.LEGACY)
+    sim.set_ioreq_server_state(sid, True)
+    sim.destroy_domain()
+    with pytest.raises(XenError) as info:
+        sim.set_ioreq_server_state(sid, False)
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(XenError) as info:
+        sim.unmap_pcidev(sid, 0, 0, 0x1E, 0)
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(XenError) as info:
+        sim.destroy_ioreq_server(sid)
+    assert info.value.errno == errno.ENOENT
+    sim.close()
+
+
 def test_event_channel_masks_a_delivered_port_until_unmasked() -> None:
     sim = SimHypervisor()
+    sim.set_ioreq_server_state(sim.create_ioreq_server(BufioreqMode.LEGACY), True)
     fd = sim.evtchn_fd()
     local = sim.evtchn_bind(REMOTE_PORT_BASE)
     assert sim.evtchn_pending() is None

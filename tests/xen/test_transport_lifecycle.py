@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 
 import pytest
 import trio
@@ -30,11 +31,37 @@ async def test_setup_claims_the_function_and_announces_readiness() -> None:
         assert sim.xenstore == {KEY: "running"}
         assert len(server.vcpu_port) == 3
         assert sorted(sim.local_of) == [39, 40, 41, 42]  # three vCPUs and the buffered port
-        # Restricted first, enabled and announced last.
+        # Restricted first; enabled, then the ports bound (Xen writes them at enable), and
+        # announced last.
         assert sim.calls[0] == "restrict"
-        order = [c for c in sim.calls if c in ("set_ioreq_server_state", "xenstore_write")]
-        assert order == ["set_ioreq_server_state", "xenstore_write"]
+        order = [
+            c for c in sim.calls if c in ("set_ioreq_server_state", "evtchn_bind", "xenstore_write")
+        ]
+        assert order == ["set_ioreq_server_state", *["evtchn_bind"] * 4, "xenstore_write"]
     engine.close()
+
+
+async def test_the_first_request_is_an_invalidate_and_it_is_answered() -> None:
+    """As on Xen 4.20: before the guest's first access, an IOREQ_TYPE_INVALIDATE with count 0
+    (a map-cache flush broadcast); it is answered and counted as nothing wrong."""
+    async with builtin_rig(enable=False) as rig:
+        assert rig.sim.invalidate_pending
+        assert await rig.cpu.config_read(0, 4) == 0x10E5_1234
+        assert rig.sim.invalidates == 1 and not rig.sim.invalidate_pending
+        assert rig.server.served == 2
+        assert rig.counters.protocol_errors == 0 and rig.counters.bad_accesses == 0
+
+
+async def test_after_xl_destroy_stopping_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Xen destroys the server with the domain: the teardown steps on it fail with ENOENT,
+    which is logged once at INFO, not as one warning per step."""
+    caplog.set_level(logging.INFO, logger="devmodel.xen")
+    async with builtin_rig() as rig:
+        rig.sim.destroy_domain()
+    gone = [r for r in caplog.records if "already gone" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO, caplog.text
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == [], caplog.text
+    assert rig.sim.closed and rig.sim.local_of == {}
 
 
 async def test_clean_shutdown_undoes_everything() -> None:

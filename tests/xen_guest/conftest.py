@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ..qemu.testbed import Process, Reaper
-from .dom0run import Dom0Run
+from .bed import Dom0Run
 
 REPO = Path(__file__).resolve().parents[2]
 XEN_CONFIGS = REPO / "qemu-configs" / "xen"
@@ -129,7 +129,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"(run exit {run.returncode})")
         for name, status, seconds in STEP_LINE.findall(run.console):
             terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")
-        for name in ("pvh", "hvm"):
+        for name in ("pvh", "hvm", "hvm-devmodel", "pvh-devmodel", "pvh-pci-noacpi", "hvm-lender",
+                     "hvm-lender-stopped"):
             path = run.workdir / f"{name}.json"
             if path.exists():
                 record = json.loads(path.read_text())

@@ -7,10 +7,13 @@ the simulated one of tests/xen/.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
-from .dom0run import Dom0Run
+from devmodel.pci.registers import INTERFACE_VERSION, MAGIC, REGISTERS
+
+from .bed import Dom0Run
 
 pytestmark = pytest.mark.xen_guest
 
@@ -65,10 +68,142 @@ def test_devmodel_opens_xen_handles_in_dom0(dom0_suite: Dom0Run) -> None:
     assert "devmodel opened and closed its Xen handles" in output
 
 
+GIB = 1 << 30
+FUNCTION = "1234:10e5"
+
+
+def decode_regs(line: dict[str, Any]) -> dict[str, int]:
+    """BAR2's registers from bartest's regs line, with devmodel's own layout."""
+    raw = b"".join(int(d, 16).to_bytes(4, "little") for d in line["dwords"])
+    return {
+        r.name: int.from_bytes(raw[r.offset : r.offset + r.width], "little")
+        for r in REGISTERS
+        if r.offset + r.width <= len(raw)
+    }
+
+
+def check_served_guest(
+    dom0_suite: Dom0Run, name: str, guest_type: str, bar0_size: int = GIB
+) -> dict[str, Any]:
+    """What every guest devmodel served shows: the guest's Linux enumerated the function at
+    00:1e.0 (1234:10e5, class 0x050000) with a 64-bit prefetchable BAR0 of `bar0_size`."""
+    record = dom0_suite.guest(name)
+    report = record["report"]
+    assert report["guest_type"] == guest_type, record
+    assert f"1e.0 {FUNCTION}" in " ".join(report["pci"]), record
+    enumerate_ = dom0_suite.result(name, "enumerate")
+    assert enumerate_["ok"], enumerate_
+    assert (enumerate_["vendor"], enumerate_["device"]) == ("0x1234", "0x10e5"), enumerate_
+    assert enumerate_["class"] == "0x050000", enumerate_
+    bar0 = next(b for b in enumerate_["bars"] if b["index"] == 0)
+    assert bar0["size"] == bar0_size and bar0["mem"] and bar0["mem64"] and bar0["prefetch"], bar0
+    assert int(enumerate_["bar0_reg"], 16) & 0xF == 0xC, enumerate_
+    return enumerate_
+
+
+def check_devmodel_log(dom0_suite: Dom0Run, name: str) -> str:
+    """devmodel served the guest and, stopped after `xl destroy`, said once, quietly, that the
+    ioreq server was already gone (no warning per teardown step)."""
+    rc, output = dom0_suite.step(f"{name}-stop")
+    log = dom0_suite.devmodel_log(name)
+    assert rc == 0, output
+    assert re.search(r"ioreq server \d+ for domain \d+: 2 vCPU\(s\), PCI 0000:00:1e\.0", log), log
+    assert log.count("the ioreq server is already gone") == 1, log
+    assert "WARNING" not in log and "ERROR" not in log, log
+    return log
+
+
+def test_devmodel_serves_an_hvm_guest_beside_qemu(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: `devmodel run --transport xen --aperture-size 1G`, started
+    in dom0 while an HVM guest is paused (QEMU-xen its default device model), is the guest's
+    second ioreq server: hvmloader places the BARs, the guest's Linux enumerates the function,
+    bartest reads BAR2's identification registers and does BAR0 round trips with the built-in
+    lender."""
+    check_served_guest(dom0_suite, "hvm-devmodel", "HVM")
+    regs = decode_regs(dom0_suite.result("hvm-devmodel", "regs"))
+    assert regs["MAGIC"] == MAGIC and regs["VERSION"] == INTERFACE_VERSION, regs
+    assert regs["APERTURE_SIZE"] == GIB, regs
+    assert regs["BAD_ACCESSES"] == regs["PROTOCOL_ERRORS"] == 0, regs
+    boundary = dom0_suite.result("hvm-devmodel", "boundary")
+    assert boundary["ok"] and boundary["failures"] == 0, boundary
+    log = check_devmodel_log(dom0_suite, "hvm-devmodel")
+    assert "PCI configuration ports: left to the guest's device model" in log, log
+
+
+def test_devmodel_answers_a_pvh_guests_pci_configuration_ports(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: a PVH guest has no QEMU; devmodel (--pci-config-ports
+    auto) claims ports 0xcf8-0xcff and presents a host bridge, and the guest's Linux, with no
+    special kernel option, finds type 1 config access through them (before, it said `PCI:
+    Fatal: No config space access function found`)."""
+    record = dom0_suite.guest("pvh-devmodel")
+    assert record["report"]["guest_type"] == "PVH", record
+    console = dom0_suite.console_of("pvh-devmodel")
+    assert "PCI: Using configuration type 1 for base access" in console, console
+    assert "No config space access function found" not in console, console
+    log = check_devmodel_log(dom0_suite, "pvh-devmodel")
+    assert "PCI configuration ports: served here (the guest has no device model" in log, log
+    assert "serving PCI configuration ports 0xcf8-0xcff and host bridge 00:00.0" in log, log
+
+
+def test_a_pvh_guest_with_pci_noacpi_enumerates_the_function(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: libxl gives a PVH guest ACPI tables without a PCI host
+    bridge, so its Linux, which then takes PCI roots from ACPI only, scans no bus. With the
+    kernel option `pci=noacpi` it scans bus 0 itself through devmodel's configuration ports,
+    finds the host bridge and the function, and bartest does the same BAR0 and BAR2 accesses as
+    on the HVM guest."""
+    check_served_guest(dom0_suite, "pvh-pci-noacpi", "PVH")
+    record = dom0_suite.guest("pvh-pci-noacpi")
+    assert "00:00.0 1234:10e4" in record["report"]["pci"], record
+    regs = decode_regs(dom0_suite.result("pvh-pci-noacpi", "regs"))
+    assert regs["MAGIC"] == MAGIC and regs["APERTURE_SIZE"] == GIB, regs
+    boundary = dom0_suite.result("pvh-pci-noacpi", "boundary")
+    assert boundary["ok"] and boundary["failures"] == 0, boundary
+    check_devmodel_log(dom0_suite, "pvh-pci-noacpi")
+
+
+def test_leases_from_the_reference_lender_are_evicted_and_paged_back_in(
+    dom0_suite: Dom0Run,
+) -> None:
+    """Runs on the real hypervisor: devmodel (a 64 MiB BAR0) borrows its memory from the
+    reference lender in dom0, which has 4 MiB of VRAM; the guest writes into 8 windows of
+    2 MiB, so the lender evicts to make room, and reading everything back faults the evicted
+    windows in again with their contents intact."""
+    check_served_guest(dom0_suite, "hvm-lender", "HVM", 64 << 20)
+    evict = dom0_suite.result("hvm-lender", "evict")
+    assert evict["ok"] and evict["mismatches"] == 0 and evict["windows"] == 8, evict
+    counters = evict["counters"]
+    assert counters["revokes"] > 0 and counters["page_ins"] > 0, evict
+    assert counters["failed_accesses"] == 0, evict
+    check_devmodel_log(dom0_suite, "hvm-lender")
+
+
+def test_a_stopped_lender_is_declared_lost_and_reads_get_all_ones(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: while the guest idles after writing a value, the reference
+    lender evicts everything and is stopped (SIGSTOP). devmodel's liveness PING goes
+    unanswered for 2 s, so it declares the lender lost, and the guest's next read of the
+    evicted value gets the failure policy at once (all-ones, not a stall); the device still
+    answers on BAR2 afterwards."""
+    watch = dom0_suite.result("hvm-lender-stopped", "watch")
+    assert watch["ok"] and watch["saw_all_ones"] and watch["good_reads"] == 0, watch
+    assert watch["ms_to_all_ones"] < 1500, watch
+    assert int(watch["bar2_magic_after"], 16) == MAGIC, watch
+    rc, output = dom0_suite.step("hvm-lender-stopped-stop")
+    assert rc == 0, output
+    assert "evicted everything (SIGUSR1), then stopped (SIGSTOP)" in dom0_suite.console
+    log = dom0_suite.devmodel_log("hvm-lender-stopped")
+    assert "lender connection ended: the lender did not answer a PING within 2 s" in log, log
+    assert "read of 8 bytes at 0x2000 failed: the lender is gone" in log, log
+    assert re.search(r"'failed_accesses': 1,.*'lender_losses': 1", log), log
+    assert log.count("the ioreq server is already gone") == 1, log
+
+
 def test_run_returns_the_commands_status(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: `run` exits with the status of the command dom0 ran (the
     suite's: the number of steps that failed), after dom0 powered the machine off."""
-    steps = ["xl-info", "xl-list", "devmodel-handles", "pvh", "hvm"]
+    steps = ["xl-info", "xl-list", "devmodel-handles", "pvh", "hvm", "hvm-devmodel",
+             "hvm-devmodel-stop", "pvh-devmodel", "pvh-devmodel-stop", "pvh-pci-noacpi",
+             "pvh-pci-noacpi-stop", "hvm-lender", "hvm-lender-stop", "hvm-lender-stopped",
+             "hvm-lender-stopped-stop"]
     failed = sum(dom0_suite.step(name)[0] != 0 for name in steps)
     assert dom0_suite.returncode == failed, dom0_suite.report()
     assert f"XENBED-EXIT {failed}" in dom0_suite.console

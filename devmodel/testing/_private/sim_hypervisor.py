@@ -13,6 +13,11 @@ notifies the server's port, and waits (async, in the test's trio tasks) until th
 notifies back with IORESP_READY. A vCPU has one access in flight at a time, as a real one is
 blocked until its answer.
 
+As on Xen 4.20: the ioreq page is zero until the server is enabled (each slot's `vp_eport` is
+written at enable, so binding a port earlier fails with EINVAL), the first request after enable
+is an IOREQ_TYPE_INVALIDATE with count 0, and after `destroy_domain` (`xl destroy`) every call
+on the server fails with ENOENT.
+
 Fault injection: `vcpus` larger than a page's slots, raw slots (any IoReq, or any 32 bytes),
 posted writes of any kind, raw bytes in the buffered ring, failing platform calls (`fail`).
 """
@@ -106,8 +111,13 @@ class SimMapping:
 class SimHypervisor:
     """One HVM guest `domid` with `vcpus` vCPUs and `ram` bytes of RAM at address 0."""
 
-    def __init__(self, domid: int = 7, vcpus: int = 2, ram: int = 1 << 20) -> None:
+    def __init__(
+        self, domid: int = 7, vcpus: int = 2, ram: int = 1 << 20, *, device_model: bool = True
+    ) -> None:
+        """`device_model`: the guest has QEMU beside this server (an HVM guest); False for a
+        PVH guest, where nobody else answers port I/O or config cycles."""
         self.domid = domid
+        self.device_model = device_model
         self.vcpus = vcpus
         self.ram = bytearray(ram)
         self.servers: dict[int, SimServer] = {}
@@ -124,6 +134,11 @@ class SimHypervisor:
         # Accesses Xen sent to the default device model: (kind, address).
         self.default_accesses: list[tuple[str, int]] = []
         self.msis: list[tuple[int, int]] = []
+        # Xen's own latch of the guest's last 4-byte write to port 0xcf8.
+        self.pci_cf8 = 0
+        # Set when a server is enabled: the next access first broadcasts an INVALIDATE.
+        self.invalidate_pending = False
+        self.invalidates = 0
         # Event channels. remote port -> local port and back; local ports are per handle.
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.local_of: dict[int, int] = {}
@@ -169,21 +184,49 @@ class SimHypervisor:
             raise XenError(errno.EINVAL, f"bufioreq mode {handle_bufioreq}")
         sid = self.next_server
         self.next_server += 1
+        # Xen allocates each vCPU's channel (and the ring's) now, but the page is zeroed: the
+        # ports are written into the slots only when the server is enabled (below).
         ioreq = bytearray(PAGE_SIZE)
-        for v in range(min(self.vcpus, PAGE_SIZE // 32)):
-            # Xen allocates each vCPU's channel and records its port in the slot.
-            write_slot(ioreq, v, IoReq(0, 0, 0, 0, REMOTE_PORT_BASE + v, 0, False, 0, False, 0))
         buf = bytearray(PAGE_SIZE) if handle_bufioreq != BufioreqMode.OFF else None
         self.servers[sid] = SimServer(sid, handle_bufioreq, ioreq, buf)
         return sid
+
+    def _remote_ports(self) -> set[int]:
+        """The guest's ports a device model may bind: those of the live servers."""
+        ports: set[int] = set()
+        for s in self.servers.values():
+            if not s.destroyed:
+                ports.update(REMOTE_PORT_BASE + v for v in range(self._slots()))
+                if s.bufioreq is not None:
+                    ports.add(REMOTE_BUF_PORT)
+        return ports
+
+    def _slots(self) -> int:
+        return min(self.vcpus, PAGE_SIZE // 32)
 
     def destroy_ioreq_server(self, server: int) -> None:
         self._call("destroy_ioreq_server")
         self._get(server).destroyed = True
 
     def set_ioreq_server_state(self, server: int, enabled: bool) -> None:
+        """Enabling writes each vCPU's port into its slot, as Xen 4.20's ioreq_server_enable
+        (ioreq_update_evtchn) does, and leaves a map-cache invalidation pending: the first
+        request a server sees on a real guest is IOREQ_TYPE_INVALIDATE (count 0)."""
         self._call("set_ioreq_server_state")
-        self._get(server).enabled = enabled
+        s = self._get(server)
+        if enabled and not s.enabled:
+            for v in range(self._slots()):
+                slot = read_slot(s.ioreq, v)
+                write_slot(s.ioreq, v, replace(slot, vp_eport=REMOTE_PORT_BASE + v))
+            self.invalidate_pending = True
+        s.enabled = enabled
+
+    def destroy_domain(self) -> None:
+        """`xl destroy`: Xen destroys the guest's ioreq servers with it; calls on them then
+        fail with ENOENT."""
+        for s in self.servers.values():
+            s.destroyed = True
+            s.enabled = False
 
     def bufioreq_port(self, server: int) -> int | None:
         self._call("bufioreq_port")
@@ -253,6 +296,10 @@ class SimHypervisor:
 
     def evtchn_bind(self, remote_port: int) -> int:
         self._call("evtchn_bind")
+        if remote_port not in self._remote_ports():
+            # Xen's evtchn_bind_interdomain: the remote port must be an unbound port the
+            # guest's domain allocated for us (port 0 never is).
+            raise XenError(errno.EINVAL, f"xenevtchn_bind_interdomain: port {remote_port}")
         if remote_port in self.local_of:
             raise XenError(errno.EBUSY, f"port {remote_port} already bound")
         local = self.next_local
@@ -320,6 +367,10 @@ class SimHypervisor:
     def xenstore_remove(self, path: str) -> None:
         self._call("xenstore_remove")
         self.xenstore.pop(path, None)
+
+    def has_device_model(self) -> bool:
+        self._call("has_device_model")
+        return self.device_model
 
     def close(self) -> None:
         self._call("close")
@@ -442,6 +493,46 @@ class SimVcpu:
         )
         return await self.send(req)
 
+    # ---------------------------------------------------------------- port I/O
+
+    async def port_read(self, port: int, size: int) -> int:
+        """`in` at `port`, routed as Xen routes it (see `_port`)."""
+        req = self._port(port, size, IOREQ_READ, 0)
+        if req is None:
+            return ones(size)
+        return (await self.send(req)).data & ones(size)
+
+    async def port_write(self, port: int, size: int, value: int) -> None:
+        req = self._port(port, size, IOREQ_WRITE, value)
+        if req is not None:
+            await self.send(req)
+
+    def _port(self, port: int, size: int, direction: int, data: int) -> IoReq | None:
+        """Xen's routing of port I/O (x86 hvm/io.c and ioreq.c): a 4-byte write to 0xcf8 is
+        latched (and still goes on to a server); an access to 0xcfc-0xcff while the latch is
+        enabled becomes a PCI_CONFIG request for the server that claimed the function, or
+        reaches nobody; any other port goes to the server that claimed it. Nobody: the
+        default device model if the guest has one, else all-ones / dropped."""
+        sim = self.sim
+        if port == 0xCF8 and size == 4 and direction == IOREQ_WRITE:
+            sim.pci_cf8 = data & 0xFFFF_FFFF
+        cf8 = sim.pci_cf8
+        if port & ~3 == 0xCFC and cf8 & (1 << 31):
+            bus, devfn = (cf8 >> 16) & 0xFF, (cf8 >> 8) & 0xFF
+            sbdf = (0, bus, devfn >> 3, devfn & 7)
+            reg = (cf8 & 0xFC) | (port & 3)
+            if sim.config_server(sbdf) is None:
+                sim.default_accesses.append(("config-port", port))
+                return None
+            addr = encode_pci_config_addr(*sbdf, reg)
+            return _req(IoreqType.PCI_CONFIG, addr, size, direction, data)
+        for s in sim.servers.values():
+            claimed = any(a <= port and port + size - 1 <= b for a, b in s.pio)
+            if s.enabled and not s.destroyed and claimed:
+                return _req(IoreqType.PIO, port, size, direction, data)
+        sim.default_accesses.append(("port", port))
+        return None
+
     # ---------------------------------------------------------------- config space
 
     async def config_read(
@@ -475,6 +566,15 @@ class SimVcpu:
         """
         assert not self.busy, f"vCPU {self.index} already has an access in flight"
         sim = self.sim
+        if sim.invalidate_pending:
+            # Xen sends a pending map-cache invalidation before the vCPU's next access.
+            sim.invalidate_pending = False
+            sim.invalidates += 1
+            await self.send(
+                IoReq(
+                    0, 0, 0, 0, 0, IoreqState.READY, False, IOREQ_WRITE, False, IoreqType.INVALIDATE
+                )
+            )
         server = sim.server()
         page = server.ioreq
         remote = REMOTE_PORT_BASE + self.index
