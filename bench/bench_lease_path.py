@@ -77,15 +77,13 @@ def main() -> int:
     server, client = cpu_plan(args.pin)
     per_round = max(2, args.repeat // args.rounds)
     trees = {"baseline": args.baseline_src, "new": None}
-    samples = {t: {k: [] for k, _ in FIGURES} for t in trees}
+    samples: dict[str, dict[str, list[float]]] = {t: {k: [] for k, _ in FIGURES} for t in trees}
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-lease-path-"))
     setups: dict[str, bl.EndToEnd] = {}
     try:
         for tree, src in trees.items():
             (tmp / tree).mkdir()
-            setups[tree] = bl.EndToEnd(
-                tmp / tree, server_cpus=server, client_cpus=client, src=src
-            )
+            setups[tree] = bl.EndToEnd(tmp / tree, server_cpus=server, client_cpus=client, src=src)
         order = list(trees)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
@@ -100,9 +98,7 @@ def main() -> int:
     print(f"lease path, {args.rounds} interleaved rounds, {per_round * args.rounds} samples each")
     print(f"{'figure':48} {'baseline med/p99 us':>22} {'new med/p99 us':>20}")
     for key, label in FIGURES:
-        cells = [
-            f"{us(samples[t][key]):8.1f} /{us(samples[t][key], 0.99):8.1f}" for t in trees
-        ]
+        cells = [f"{us(samples[t][key]):8.1f} /{us(samples[t][key], 0.99):8.1f}" for t in trees]
         print(f"{label:48} {cells[0]:>22} {cells[1]:>20}")
     for tree in trees:
         s = samples[tree]
