@@ -37,7 +37,7 @@ import trio
 from devmodel.fairness import TimeSlice
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
-from devmodel.leases.grant_checks import check_grant_fd
+from devmodel.leases.grant_checks import check_grant_fd_key
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary
 from devmodel_wire.lease import (
@@ -178,11 +178,14 @@ class LenderLink:
         """One connection from connect to close; True if its handshake completed."""
         self.attempts += 1
         try:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # The stdlib socket stays at hand: the session writes to it without awaiting when
+            # nothing is queued (`_Session.send`); trio makes it non-blocking.
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
             self._note_failure(f"cannot create a socket: {exc.strerror}")
             return False
-        session = _Session(self, sock)
+        sock = trio.socket.from_stdlib_socket(raw)
+        session = _Session(self, sock, raw)
         # What a cancellation (the device model stopping) leaves in place: a polite BYE.
         ended = _Ended(
             "the device model is stopping", Bye(ByeReason.NORMAL, "stopping"), lost=False
@@ -234,10 +237,11 @@ class LenderLink:
 class _Session:
     """One connection to the lender; everything in it ends with it."""
 
-    def __init__(self, link: LenderLink, sock: trio.socket.SocketType) -> None:
+    def __init__(self, link: LenderLink, sock: trio.socket.SocketType, raw: socket.socket) -> None:
         self.link = link
         self.engine = link.engine
         self.sock = sock
+        self._raw = raw  # the same socket, for the writes `send` makes without awaiting
         self.conn = BorrowerConnection()
         self.connected = False
         self.opened = False
@@ -296,11 +300,30 @@ class _Session:
     # ------------------------------------------------------------------ output
 
     def send(self, event: Event) -> None:
-        """Queue `event` for the writer; the order of calls is the order on the wire."""
+        """Send `event` now if the socket takes it, else queue it for the writer; the order of
+        calls is the order on the wire.
+
+        When nothing is queued or being written, the bytes go out right here, from the caller's
+        context (the reader answering a PING or a REVOKE, a guest access asking for a page-in):
+        one non-blocking send, no hand-off to the writer task and no scheduler pass before the
+        lender sees them. Whatever the socket does not take (full buffer, error) is queued, and
+        the writer deals with it under its deadline, as before.
+        """
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
-        self._out.append(out.data)
-        self._out_bytes += len(out.data)
+        data = out.data
+        if not self._out and not self._inflight and self.connected:
+            try:
+                sent = self._raw.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the writer meets the error again and ends the session
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append(data)
+        self._out_bytes += len(data)
         self._wakeup.set()
 
     async def _writer(self) -> None:
@@ -446,8 +469,7 @@ class _Session:
         if isinstance(event, Grant):
             self._grant(event)
         elif isinstance(event, Revoke):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._guarded, self._revoke, event)
+            self._revoke_event(event)
         elif isinstance(event, PageInDone):
             self.engine.page_in_done(event.request_id, event.status)
         elif isinstance(event, Ping):
@@ -465,8 +487,11 @@ class _Session:
         # write, big enough). The engine then adds what needs its table (overlaps, limits).
         reason = self.conn.check_grant(g)
         what = "grant"
+        key = None
         if reason is None:
-            reason = check_grant_fd(g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot)
+            reason, key = check_grant_fd_key(
+                g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot
+            )
             what = "memory fd"
         if reason is not None:
             with contextlib.suppress(OSError):
@@ -479,7 +504,9 @@ class _Session:
             )
             return
         try:
-            self.engine.grant(g.lease_id, g.offset, g.length, g.fd_offset, g.prot, g.fd, g.flags)
+            self.engine.grant(
+                g.lease_id, g.offset, g.length, g.fd_offset, g.prot, g.fd, g.flags, fd_key=key
+            )
         except GrantRefused as refused:
             self._nack(g.lease_id, refused.reason, str(refused))
             return
@@ -491,6 +518,20 @@ class _Session:
             "refused lease %d: %s: %s", lease_id, code_name(NackReason, reason), text
         )
         self.send(GrantNack(lease_id, reason, clip(text)))
+
+    def _revoke_event(self, event: Revoke) -> None:
+        """A revoke with nothing to wait for (no transport mapping to remove) is done and
+        answered right here, in message order; one that must await unmap hooks gets a task."""
+        try:
+            done = self.engine.revoke_now(event.lease_id, event.mode)
+        except UnknownLease:
+            done = True  # see `_revoke`: nothing here can touch it
+        if done:
+            if self.usable:
+                self.send(Revoked(event.lease_id))
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, self._revoke, event)
 
     async def _revoke(self, event: Revoke) -> None:
         limit = self.engine.config.revoke_timeout + REVOKE_MARGIN
