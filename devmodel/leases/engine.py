@@ -385,10 +385,11 @@ class LeaseEngine:
         fd: int,
         flags: int = 0,
         fd_key: FdKey | None = None,
-    ) -> None:
+    ) -> int:
         """Accept a GRANT or raise GrantRefused (nothing changed). `fd` is consumed.
 
-        `fd_key`: the caller validated `fd` already (`FdStore.adopt` says how)."""
+        `fd_key`: the caller validated `fd` already (`FdStore.adopt` says how). Returns how
+        many waiting accesses the grant served (forward progress, below)."""
         try:
             pieces = self._check_grant(lease_id, offset, length, fd_offset, prot, flags)
         except GrantRefused:
@@ -424,6 +425,7 @@ class LeaseEngine:
                 p.error = exc
             p.served = True
             p.done.set()
+        return len(served)
 
     def _check_grant(
         self, lease_id: int, offset: int, length: int, fd_offset: int, prot: int, flags: int
