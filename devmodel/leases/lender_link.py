@@ -372,14 +372,24 @@ class _Session:
     async def _receive(self) -> None:
         while self._out_bytes > OUTBOUND_HIGH_WATER:
             await self._progress.wait()  # the writer's deadline bounds this wait
-        # The trio socket waits for readiness; devmodel.unixfds reads the fds out of what
-        # arrived, with the one rule every receiver here follows: a message that lost fds in
-        # transit (MSG_CTRUNC) cannot be read correctly, so the connection ends.
-        nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
-            [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-        )
-        # A trio socket operation always lets the other tasks run: a new slice starts.
-        self._slice.restart()
+        # Try the socket first and park in trio only when it is empty, as the vfio-user loop
+        # does: a trio socket call would also yield after every successful receive (a
+        # scheduler pass per lender message). What keeps this fair is the time slice: the
+        # reader yields once it has worked for a slice (`_reader`), and a real wait restarts
+        # it. devmodel.unixfds reads the fds out of what arrived, with the one rule every
+        # receiver here follows: a message that lost fds in transit (MSG_CTRUNC) cannot be
+        # read correctly, so the connection ends.
+        raw = self._raw
+        while True:
+            try:
+                nbytes, ancillary, flags, _ = raw.recvmsg_into(
+                    [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                self._slice.restart()  # others ran meanwhile: a new slice starts
+                continue
+            break
         try:
             fds = fds_from_ancillary(ancillary, flags)
         except FdsTruncated:
