@@ -10,10 +10,7 @@ alternating order, so that the machine's noise hits them alike:
     read (the vfio-user round trip);
   - PING -> PONG and REVOKE -> REVOKED of an idle window as the lender sees them;
   - REVOKE -> REVOKED and PING -> PONG while a client process reads (`reads`) or reads and
-    posts writes (`posted`) to other windows;
-  - PING -> PONG from a lender that is one blocking socket (no event loop of its own, like the
-    vfio-user client), alternated with resident reads: the device model's own share, which
-    the bench lender's trio loop, lock and tasks add to in the figures above.
+    posts writes (`posted`) to other windows.
 
 Prints the median and p99 of each figure per device model, and the targets.
 Usage: bench/bench_lease_path.py --baseline-src DIR [--rounds N] [--repeat N] [--pin ...].
@@ -22,22 +19,14 @@ Usage: bench/bench_lease_path.py --baseline-src DIR [--rounds N] [--repeat N] [-
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import bench_leases as bl
 from bench_run import PINNING, cpu_plan
-
-import devmodel_wire.lease as lp
-from devmodel.unixfds import rights
-from pyvfio_user.sansio import CLOSED, NEED_DATA
 
 FIGURES = (
     ("resident", "resident read (vfio-user RT)"),
@@ -48,8 +37,6 @@ FIGURES = (
     ("revoke_posted", "REVOKE -> REVOKED, load: reads + posted writes"),
     ("ping_reads", "PING -> PONG, load: reads"),
     ("ping_posted", "PING -> PONG, load: reads + posted writes"),
-    ("resident_blocking", "resident read, next to the blocking lender"),
-    ("ping_blocking", "PING -> PONG, blocking lender (devmodel's share)"),
 )
 
 
@@ -74,66 +61,6 @@ def measure(e2e: bl.EndToEnd, n: int, into: dict[str, list[float]]) -> None:
         into[f"ping_{load}"] += answer["pings"]
 
 
-class BlockingLender:
-    """The device model's share of PING -> PONG: a lender that is one blocking socket, with
-    no event loop, lock or task of its own (as the vfio-user client of `resident` is one),
-    next to its own devmodel process; alternated with resident reads on that devmodel."""
-
-    def __init__(self, tmp: Path, src: str | None, server: set[int] | None) -> None:
-        lender_sock, self.dm_sock = str(tmp / "blocking.sock"), str(tmp / "blocking-dm.sock")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(lender_sock)
-        self.listener.listen()
-        self.devmodel = subprocess.Popen(
-            bl.devmodel_command(self.dm_sock, lender_sock, src=src),
-            preexec_fn=bl.pinned(server),  # noqa: PLW1509
-        )
-        self.listener.settimeout(20)
-        self.sock, _ = self.listener.accept()
-        self.sock.settimeout(10)
-        self.conn = lp.LenderConnection()
-        self.buf = bytearray(64 << 10)
-        self.event()  # HELLO
-        self.sock.sendall(self.conn.send(self.conn.hello_reply("blocking")).data)
-        self.home = bl.sealed_memfd(bl.E2E_APERTURE)
-        bl.mark_windows(self.home, bl.E2E_APERTURE, bl.E2E_GRANULE)
-        out = self.conn.send(lp.Grant(1, 0, bl.E2E_GRANULE, 0, bl.RW, self.home))
-        self.sock.sendmsg([out.data], rights(out.fds))
-        if not isinstance(self.event(), lp.GrantAck):
-            raise bl.BenchFailed("the blocking lender's grant was refused")
-        bl.wait_for_path(self.dm_sock, self.devmodel)
-        self.client = bl.RawClient(self.dm_sock)
-        self.token = 0
-
-    def event(self) -> lp.Event:
-        while True:
-            e = self.conn.next_event()
-            if e is CLOSED:
-                raise bl.BenchFailed("devmodel closed the lease socket")
-            if e is not NEED_DATA:
-                assert not isinstance(e, type(NEED_DATA))
-                return e
-            n = self.sock.recv_into(self.buf)
-            self.conn.receive_data(memoryview(self.buf)[:n])
-
-    def measure(self, n: int, into: dict[str, list[float]]) -> None:
-        for _ in range(n):
-            self.token += 1
-            data = self.conn.send(lp.Ping(self.token)).data
-            t0 = time.perf_counter()
-            self.sock.sendall(data)
-            self.event()
-            into["ping_blocking"].append(time.perf_counter() - t0)
-            into["resident_blocking"].append(self.client.read(0)[0])
-
-    def close(self) -> None:
-        self.client.close()
-        bl.stop_process(self.devmodel)
-        self.sock.close()
-        self.listener.close()
-        os.close(self.home)
-
-
 def us(samples: list[float], q: float | None = None) -> float:
     if q is None:
         return statistics.median(samples) * 1e6
@@ -153,26 +80,19 @@ def main() -> int:
     samples: dict[str, dict[str, list[float]]] = {t: {k: [] for k, _ in FIGURES} for t in trees}
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-lease-path-"))
     setups: dict[str, bl.EndToEnd] = {}
-    blocking: dict[str, BlockingLender] = {}
-    if client:
-        os.sched_setaffinity(0, client)  # this process is the blocking lender and its client
     try:
         for tree, src in trees.items():
             (tmp / tree).mkdir()
             setups[tree] = bl.EndToEnd(tmp / tree, server_cpus=server, client_cpus=client, src=src)
-            blocking[tree] = BlockingLender(tmp / tree, src, server)
         order = list(trees)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
             for tree in order:
                 measure(setups[tree], per_round, samples[tree])
-                blocking[tree].measure(per_round, samples[tree])
             order.reverse()
     finally:
         for e2e in setups.values():
             e2e.close()
-        for b in blocking.values():
-            b.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"lease path, {args.rounds} interleaved rounds, {per_round * args.rounds} samples each")
@@ -184,14 +104,12 @@ def main() -> int:
         s = samples[tree]
         rt = us(s["ping"])
         res = us(s["resident"])
-        blocking_ratio = us(s["ping_blocking"]) / us(s["resident_blocking"])
         print(
             f"{tree}: ping/resident {rt / res:.2f} (target <= 1.30); "
             f"fault {us(s['fault']):.0f} vs resident + RT + 20 = {res + rt + 20:.0f} us; "
             f"idle revoke {us(s['revoke']):.0f} vs RT + 20 = {rt + 20:.0f} us; "
             f"revoke under load {us(s['revoke_reads']):.0f}/{us(s['revoke_posted']):.0f} "
-            f"vs 2 x (RT + 20) = {2 * (rt + 20):.0f} us; "
-            f"blocking lender: ping/resident {blocking_ratio:.2f}"
+            f"vs 2 x (RT + 20) = {2 * (rt + 20):.0f} us"
         )
     return 0
 
