@@ -8,10 +8,13 @@ lent ranges and nothing worse; a restarted lender simply grants again.
 
 One connection is one `_Session`: a reader (the main loop, which handles messages strictly in
 order, as the specification's ordering rules require), a writer draining an outbound queue,
-a keepalive, and one task per REVOKE in progress. The outbound queue exists because the engine
-asks for page-ins synchronously, from inside a guest access (`send_page_in` cannot await); it
-is bounded by pausing the reader while it is long, and the writer has a deadline, so a lender
-that stops reading cannot make the device model buffer without limit.
+a keepalive, and a task per REVOKE that must await a transport's unmap hook (a REVOKE with
+none is done by the reader itself, in order). Sending never awaits: `send` writes at once when
+nothing is queued (PONG, REVOKED and GRANT_ACK leave from the reader, PAGE_IN from the guest
+access that asked for it, with no hand-off between tasks), and queues for the writer what the
+socket does not take. The queue is bounded by pausing the reader while it is long, and the
+writer has a deadline, so a lender that stops reading cannot make the device model buffer
+without limit.
 
 Every wait has a deadline: connecting, the lender's HELLO, each write, each revoke, and the
 idle read, which the keepalive bounds by pinging a silent lender.
