@@ -1014,12 +1014,24 @@ def resident_reads(engine: LeaseEngine, n: int, granule: int, repeat: int) -> No
 # ---------------------------------------------------------------------------- main
 
 
-def devmodel_command(dm_sock: str, lender_sock: str, *extra: str) -> list[str]:
-    """`devmodel run` as the end-to-end measurements start it: the small aperture, one lender."""
+# `python -c` running the devmodel package of another checkout (`src`) instead of this one.
+RUN_FROM = (
+    "import runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    "sys.path[:0] = [{src!r}, {src!r} + '/protocol']; sys.argv[0] = 'devmodel'; "
+    "runpy.run_module('devmodel', run_name='__main__', alter_sys=True)"
+)
+
+
+def devmodel_command(
+    dm_sock: str, lender_sock: str, *extra: str, src: str | None = None
+) -> list[str]:
+    """`devmodel run` as the end-to-end measurements start it: the small aperture, one lender;
+    from the checkout at `src` if given (a baseline to compare with)."""
+    how = ["-m", "devmodel"] if src is None else ["-c", RUN_FROM.format(src=os.path.abspath(src))]
     return [
         sys.executable,
-        "-m",
-        "devmodel",
+        *how,
         "run",
         "--socket-path",
         dm_sock,
@@ -1049,6 +1061,7 @@ class EndToEnd:
         server_cpus: set[int] | None = None,
         client_cpus: set[int] | None = None,
         extra: Sequence[str] = (),
+        src: str | None = None,
     ) -> None:
         self.dm_sock = str(tmp / "dm.sock")
         self.client_cpus = client_cpus
@@ -1057,7 +1070,7 @@ class EndToEnd:
         self.client: RawClient | None = None
         try:
             self.devmodel = subprocess.Popen(
-                devmodel_command(self.dm_sock, lender_sock, *extra),
+                devmodel_command(self.dm_sock, lender_sock, *extra, src=src),
                 preexec_fn=pinned(server_cpus),  # noqa: PLW1509
             )
             wait_for_path(self.dm_sock, self.devmodel)

@@ -25,6 +25,10 @@ F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; the fcntl module does not export it
 PAGE = 4096
 
 
+FdKey = tuple[int, int, int]
+"""What makes two fds the same memory for the store: (st_dev, st_ino, access mode)."""
+
+
 class GrantRefused(Exception):
     def __init__(self, reason: NackReason, text: str) -> None:
         super().__init__(text)
@@ -47,19 +51,27 @@ class FdStore:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def adopt(self, fd: int, fd_offset: int, length: int, prot: int) -> int:
-        """Validate `fd` for a lease and return the fd to use; `fd` is consumed either way."""
-        try:
-            st = os.fstat(fd)
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError as exc:
-            _close(fd)
-            raise GrantRefused(NackReason.BAD_FD, f"fd is not usable: {exc.strerror}") from None
-        problem = _check(fd, st, mode, fd_offset, length, prot)
-        if problem is not None:
-            _close(fd)
-            raise problem
-        key = (st.st_dev, st.st_ino, mode)
+    def adopt(
+        self, fd: int, fd_offset: int, length: int, prot: int, key: FdKey | None = None
+    ) -> int:
+        """Validate `fd` for a lease and return the fd to use; `fd` is consumed either way.
+
+        `key` says that the caller has validated `fd` for this lease already, at least as
+        strictly as `_check` would (devmodel.leases.grant_checks.check_grant_fd_key, which the
+        lender link runs on every GRANT): the store then asks the kernel nothing again.
+        """
+        if key is None:
+            try:
+                st = os.fstat(fd)
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            except OSError as exc:
+                _close(fd)
+                raise GrantRefused(NackReason.BAD_FD, f"fd is not usable: {exc.strerror}") from None
+            problem = _check(fd, st, mode, fd_offset, length, prot)
+            if problem is not None:
+                _close(fd)
+                raise problem
+            key = (st.st_dev, st.st_ino, mode)
         kept = self._by_key.get(key)
         if kept is not None:
             _close(fd)

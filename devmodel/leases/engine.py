@@ -29,7 +29,7 @@ from typing import Protocol
 import trio
 
 from devmodel.counters import DeviceCounters
-from devmodel.leases.backing import FdStore, GrantRefused
+from devmodel.leases.backing import FdKey, FdStore, GrantRefused
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import LIVE, Trigger, WindowState, transition
 from devmodel.leases.table import WindowTable
@@ -414,14 +414,18 @@ class LeaseEngine:
         prot: int,
         fd: int,
         flags: int = 0,
-    ) -> None:
-        """Accept a GRANT or raise GrantRefused (nothing changed). `fd` is consumed."""
+        fd_key: FdKey | None = None,
+    ) -> int:
+        """Accept a GRANT or raise GrantRefused (nothing changed). `fd` is consumed.
+
+        `fd_key`: the caller validated `fd` already (`FdStore.adopt` says how). Returns how
+        many waiting accesses the grant served (forward progress, below)."""
         try:
             pieces = self._check_grant(lease_id, offset, length, fd_offset, prot, flags)
         except GrantRefused:
             os.close(fd)
             raise
-        kept = self._fds.adopt(fd, fd_offset, length, prot)
+        kept = self._fds.adopt(fd, fd_offset, length, prot, fd_key)
         end = offset + length
         served: list[Pending] = []
         for old in pieces:
@@ -451,6 +455,7 @@ class LeaseEngine:
                 p.error = exc
             p.served = True
             p.done.set()
+        return len(served)
 
     def _check_grant(
         self, lease_id: int, offset: int, length: int, fd_offset: int, prot: int, flags: int
@@ -494,6 +499,31 @@ class LeaseEngine:
             if self._timing is not None:
                 self._timing.revoke(_now() - start)
 
+    def revoke_now(self, lease_id: int, mode: RevokeMode) -> bool:
+        """`revoke` without awaiting, when nothing needs awaiting: True if the lease is taken
+        back (send REVOKED now), False if a transport must unmap it first (call `revoke`).
+
+        With no unmap hook registered (vfio-user, Xen without the p2m fast path) no mapping of
+        the window exists outside the engine and no access can be in flight (module
+        docstring), so the whole revoke is a few table updates: the lender link does it in
+        message order, without a task. Raises UnknownLease as `revoke` does.
+        """
+        w = self._live.get(lease_id)
+        if w is not None and self.unmap_hooks:
+            return False
+        start = _now()
+        try:
+            if w is None:
+                self._revoke_evicted(lease_id, mode)
+            else:
+                w.state = transition(w.state, Trigger.REVOKE)
+                self.counters.revokes += 1
+                self._revoked(lease_id, w, mode)
+        finally:
+            if self._timing is not None:
+                self._timing.revoke(_now() - start)
+        return True
+
     async def _revoke(self, lease_id: int, mode: RevokeMode) -> None:
         w = self._live.get(lease_id)
         if w is None:
@@ -506,6 +536,10 @@ class LeaseEngine:
         # 3. In-flight accesses: none can be, an access never awaits while it holds the fd.
         if w.state is not S.REVOKING:  # the lender vanished meanwhile; lender_lost cleaned up
             return
+        self._revoked(lease_id, w, mode)
+
+    def _revoked(self, lease_id: int, w: Window, mode: RevokeMode) -> None:
+        """The end of a revoke, once nothing outside the engine maps the window."""
         # 4. Drop our own access to the memory, then (by returning) acknowledge.
         self._fds.release(w.fd)
         w.fd = -1

@@ -10,12 +10,12 @@ import fcntl
 import os
 import stat
 
+from devmodel.leases.backing import FdKey
 from devmodel_wire.lease.checks import FdFacts, check_fd_facts
 from devmodel_wire.lease.constants import NackReason
 
 
-def fd_facts(fd: int) -> FdFacts | None:
-    """What `check_fd_facts` needs to know about `fd`; None if it is not an open fd."""
+def _facts_and_key(fd: int) -> tuple[FdFacts, FdKey] | None:
     try:
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -26,12 +26,36 @@ def fd_facts(fd: int) -> FdFacts | None:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         seals = None
-    return FdFacts(stat.S_ISREG(st.st_mode), flags & os.O_ACCMODE, seals, st.st_size)
+    mode = flags & os.O_ACCMODE
+    facts = FdFacts(stat.S_ISREG(st.st_mode), mode, seals, st.st_size)
+    return facts, (st.st_dev, st.st_ino, mode)
+
+
+def fd_facts(fd: int) -> FdFacts | None:
+    """What `check_fd_facts` needs to know about `fd`; None if it is not an open fd."""
+    got = _facts_and_key(fd)
+    return None if got is None else got[0]
 
 
 def check_grant_fd(fd: int, *, fd_offset: int, length: int, prot: int) -> NackReason | None:
     """The NACK reason for a grant's memory fd, or None if it is safe to map."""
-    facts = fd_facts(fd)
-    if facts is None:
-        return NackReason.BAD_FD
-    return check_fd_facts(facts, fd_offset=fd_offset, length=length, prot=prot)
+    return check_grant_fd_key(fd, fd_offset=fd_offset, length=length, prot=prot)[0]
+
+
+def check_grant_fd_key(
+    fd: int, *, fd_offset: int, length: int, prot: int
+) -> tuple[NackReason | None, FdKey | None]:
+    """`check_grant_fd`, and for an fd it accepts, the key `FdStore.adopt` files it under.
+
+    One fstat, one F_GETFL, one F_GET_SEALS per GRANT: handing the key to `LeaseEngine.grant`
+    spares the store asking the same again. `check_fd_facts` is at least as strict as the
+    store's own check (it requires the shrink seal, which the store lets a plain file go
+    without, and the page alignment of fd_offset follows from the granule's, which the
+    connection checked first).
+    """
+    got = _facts_and_key(fd)
+    if got is None:
+        return NackReason.BAD_FD, None
+    facts, key = got
+    reason = check_fd_facts(facts, fd_offset=fd_offset, length=length, prot=prot)
+    return reason, (key if reason is None else None)

@@ -8,10 +8,13 @@ lent ranges and nothing worse; a restarted lender simply grants again.
 
 One connection is one `_Session`: a reader (the main loop, which handles messages strictly in
 order, as the specification's ordering rules require), a writer draining an outbound queue,
-a keepalive, and one task per REVOKE in progress. The outbound queue exists because the engine
-asks for page-ins synchronously, from inside a guest access (`send_page_in` cannot await); it
-is bounded by pausing the reader while it is long, and the writer has a deadline, so a lender
-that stops reading cannot make the device model buffer without limit.
+a keepalive, and a task per REVOKE that must await a transport's unmap hook (a REVOKE with
+none is done by the reader itself, in order). Sending never awaits: `send` writes at once when
+nothing is queued (PONG, REVOKED and GRANT_ACK leave from the reader, PAGE_IN from the guest
+access that asked for it, with no hand-off between tasks), and queues for the writer what the
+socket does not take. The queue is bounded by pausing the reader while it is long, and the
+writer has a deadline, so a lender that stops reading cannot make the device model buffer
+without limit.
 
 Every wait has a deadline: connecting, the lender's HELLO, each write, each revoke, and the
 idle read, which the keepalive bounds by pinging a silent lender.
@@ -37,7 +40,7 @@ import trio
 from devmodel.fairness import TimeSlice
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
-from devmodel.leases.grant_checks import check_grant_fd
+from devmodel.leases.grant_checks import check_grant_fd_key
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary
 from devmodel_wire.lease import (
@@ -178,11 +181,14 @@ class LenderLink:
         """One connection from connect to close; True if its handshake completed."""
         self.attempts += 1
         try:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # The stdlib socket stays at hand: the session writes to it without awaiting when
+            # nothing is queued (`_Session.send`); trio makes it non-blocking.
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
             self._note_failure(f"cannot create a socket: {exc.strerror}")
             return False
-        session = _Session(self, sock)
+        sock = trio.socket.from_stdlib_socket(raw)
+        session = _Session(self, sock, raw)
         # What a cancellation (the device model stopping) leaves in place: a polite BYE.
         ended = _Ended(
             "the device model is stopping", Bye(ByeReason.NORMAL, "stopping"), lost=False
@@ -234,10 +240,11 @@ class LenderLink:
 class _Session:
     """One connection to the lender; everything in it ends with it."""
 
-    def __init__(self, link: LenderLink, sock: trio.socket.SocketType) -> None:
+    def __init__(self, link: LenderLink, sock: trio.socket.SocketType, raw: socket.socket) -> None:
         self.link = link
         self.engine = link.engine
         self.sock = sock
+        self._raw = raw  # the same socket, for the writes `send` makes without awaiting
         self.conn = BorrowerConnection()
         self.connected = False
         self.opened = False
@@ -255,6 +262,8 @@ class _Session:
         self._heard = trio.Event()
         self._next_token = 1
         self._slice = TimeSlice()
+        # GRANT_ACKs held back until the accesses their grant served have run.
+        self._after_served: list[Event] = []
 
     @property
     def usable(self) -> bool:
@@ -296,11 +305,30 @@ class _Session:
     # ------------------------------------------------------------------ output
 
     def send(self, event: Event) -> None:
-        """Queue `event` for the writer; the order of calls is the order on the wire."""
+        """Send `event` now if the socket takes it, else queue it for the writer; the order of
+        calls is the order on the wire.
+
+        When nothing is queued or being written, the bytes go out right here, from the caller's
+        context (the reader answering a PING or a REVOKE, a guest access asking for a page-in):
+        one non-blocking send, no hand-off to the writer task and no scheduler pass before the
+        lender sees them. Whatever the socket does not take (full buffer, error) is queued, and
+        the writer deals with it under its deadline, as before.
+        """
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
-        self._out.append(out.data)
-        self._out_bytes += len(out.data)
+        data = out.data
+        if not self._out and not self._inflight and self.connected:
+            try:
+                sent = self._raw.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the writer meets the error again and ends the session
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append(data)
+        self._out_bytes += len(data)
         self._wakeup.set()
 
     async def _writer(self) -> None:
@@ -347,14 +375,24 @@ class _Session:
     async def _receive(self) -> None:
         while self._out_bytes > OUTBOUND_HIGH_WATER:
             await self._progress.wait()  # the writer's deadline bounds this wait
-        # The trio socket waits for readiness; devmodel.unixfds reads the fds out of what
-        # arrived, with the one rule every receiver here follows: a message that lost fds in
-        # transit (MSG_CTRUNC) cannot be read correctly, so the connection ends.
-        nbytes, ancillary, flags, _ = await self.sock.recvmsg_into(
-            [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-        )
-        # A trio socket operation always lets the other tasks run: a new slice starts.
-        self._slice.restart()
+        # Try the socket first and park in trio only when it is empty, as the vfio-user loop
+        # does: a trio socket call would also yield after every successful receive (a
+        # scheduler pass per lender message). What keeps this fair is the time slice: the
+        # reader yields once it has worked for a slice (`_reader`), and a real wait restarts
+        # it. devmodel.unixfds reads the fds out of what arrived, with the one rule every
+        # receiver here follows: a message that lost fds in transit (MSG_CTRUNC) cannot be
+        # read correctly, so the connection ends.
+        raw = self._raw
+        while True:
+            try:
+                nbytes, ancillary, flags, _ = raw.recvmsg_into(
+                    [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
+                self._slice.restart()  # others ran meanwhile: a new slice starts
+                continue
+            break
         try:
             fds = fds_from_ancillary(ancillary, flags)
         except FdsTruncated:
@@ -440,14 +478,34 @@ class _Session:
             if event is None:
                 raise _Ended("the lender closed the connection")
             self._handle(event)
+            if self._after_served:
+                await self._acknowledge_after_served()
             await fair.maybe_yield()
+
+    async def _acknowledge_after_served(self) -> None:
+        """Send the GRANT_ACKs of grants that served waiting accesses, once those accesses
+        have had their turn to answer the guest.
+
+        A faulted access is woken by the grant (`LeaseEngine.grant` serves it in place), but
+        its task only runs at trio's next batch, in an order trio randomises; acknowledging
+        first would also wake the lender just when the guest's reply is due, and on a busy
+        machine the two compete for a CPU. Two checkpoints put the reader behind every task
+        the grant woke. The reader handles nothing else meanwhile, so no REVOKE or
+        PAGE_IN_DONE overtakes the acknowledgement, and the delay stays within the time
+        slices of the tasks that run (fairness.py): the lender sees GRANT_ACK slightly later,
+        the guest its data sooner (docs/performance.md, "The lease path").
+        """
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        acks, self._after_served = self._after_served, []
+        for ack in acks:
+            self.send(ack)
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Grant):
             self._grant(event)
         elif isinstance(event, Revoke):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._guarded, self._revoke, event)
+            self._revoke_event(event)
         elif isinstance(event, PageInDone):
             self.engine.page_in_done(event.request_id, event.status)
         elif isinstance(event, Ping):
@@ -465,8 +523,11 @@ class _Session:
         # write, big enough). The engine then adds what needs its table (overlaps, limits).
         reason = self.conn.check_grant(g)
         what = "grant"
+        key = None
         if reason is None:
-            reason = check_grant_fd(g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot)
+            reason, key = check_grant_fd_key(
+                g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot
+            )
             what = "memory fd"
         if reason is not None:
             with contextlib.suppress(OSError):
@@ -479,11 +540,16 @@ class _Session:
             )
             return
         try:
-            self.engine.grant(g.lease_id, g.offset, g.length, g.fd_offset, g.prot, g.fd, g.flags)
+            served = self.engine.grant(
+                g.lease_id, g.offset, g.length, g.fd_offset, g.prot, g.fd, g.flags, fd_key=key
+            )
         except GrantRefused as refused:
             self._nack(g.lease_id, refused.reason, str(refused))
             return
-        self.send(GrantAck(g.lease_id))
+        if served:
+            self._after_served.append(GrantAck(g.lease_id))
+        else:
+            self.send(GrantAck(g.lease_id))
 
     def _nack(self, lease_id: int, reason: NackReason, text: str) -> None:
         self.engine.counters.grant_nacks += 1
@@ -491,6 +557,20 @@ class _Session:
             "refused lease %d: %s: %s", lease_id, code_name(NackReason, reason), text
         )
         self.send(GrantNack(lease_id, reason, clip(text)))
+
+    def _revoke_event(self, event: Revoke) -> None:
+        """A revoke with nothing to wait for (no transport mapping to remove) is done and
+        answered right here, in message order; one that must await unmap hooks gets a task."""
+        try:
+            done = self.engine.revoke_now(event.lease_id, event.mode)
+        except UnknownLease:
+            done = True  # see `_revoke`: nothing here can touch it
+        if done:
+            if self.usable:
+                self.send(Revoked(event.lease_id))
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, self._revoke, event)
 
     async def _revoke(self, event: Revoke) -> None:
         limit = self.engine.config.revoke_timeout + REVOKE_MARGIN

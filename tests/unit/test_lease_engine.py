@@ -765,3 +765,46 @@ async def test_revoke_waits_for_every_unmap_hook_before_dropping_the_fd(rig: Rig
     await e.revoke(lease, EVICT)
     assert seen == [("xen", 2 * PAGE, 2 * PAGE, True), ("other", 2 * PAGE, 2 * PAGE, True)]
     assert engine_fds(rig, name) == []
+
+
+# ---------------------------------------------------------------------------- revoke_now
+
+
+async def test_revoke_now_takes_a_lease_back_at_once_when_no_hook_must_unmap_it(rig: Rig) -> None:
+    # What the lender link does with a REVOKE under vfio-user: no task, REVOKED right away.
+    e, lender = rig.engine, rig.lender
+    name = "revoke-now"
+    home = rig.fd(APERTURE, name)
+    lease = lender.grant(0, PAGE, home)
+    kept = lender.grant(PAGE, PAGE, home)
+    assert e.revoke_now(lease, EVICT) is True
+    assert rig.state(0) is S.EVICTED
+    assert e.counters.revokes == 1
+    assert ("LEASE_REVOKED", {"lease": lease, "mode": "EVICT"}) in rig.events
+    # The store still holds the memfd for the other lease, and only once.
+    assert len(engine_fds(rig, name)) == 1
+    assert e.revoke_now(kept, RELEASE) is True
+    assert e.window_at(PAGE) is None
+    assert engine_fds(rig, name) == []
+    # An evicted lease: RELEASE drops it, EVICT again is a no-op, as with `revoke`.
+    assert e.revoke_now(lease, EVICT) is True
+    assert e.revoke_now(lease, RELEASE) is True
+    assert e.window_at(0) is None
+    with pytest.raises(UnknownLease):
+        e.revoke_now(lease, EVICT)
+
+
+async def test_revoke_now_leaves_a_lease_with_unmap_hooks_to_revoke(rig: Rig) -> None:
+    e, lender = rig.engine, rig.lender
+    home = rig.fd(APERTURE)
+    lease = lender.grant(0, PAGE, home)
+    unmapped: list[int] = []
+
+    async def unmap(start: int, length: int) -> None:
+        unmapped.append(start)
+
+    e.unmap_hooks.append(unmap)
+    assert e.revoke_now(lease, EVICT) is False
+    assert rig.state(0) is S.RESIDENT and e.counters.revokes == 0  # nothing changed
+    await e.revoke(lease, EVICT)
+    assert unmapped == [0] and rig.state(0) is S.EVICTED

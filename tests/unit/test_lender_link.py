@@ -237,3 +237,28 @@ async def test_stopping_drops_every_lease_then_says_bye(tmp_path: Path) -> None:
         assert isinstance(bye, lp.Bye) and bye.reason == lp.ByeReason.NORMAL
         assert r.engine.kept_fds == 0  # dropped before the BYE went out
         assert await peer.event() is None
+
+
+async def test_a_grant_that_served_a_fault_is_acknowledged_after_the_access_returned(
+    tmp_path: Path,
+) -> None:
+    # The guest's answer first, the lender's GRANT_ACK after it (docs/performance.md, "The
+    # lease path"); the message order on the lease socket is unchanged.
+    async with lender_session(tmp_path, GRANULE) as (r, peer, fd):
+        os.pwrite(fd, b"faulted!", 0)
+        await peer.grant(1, 0, GRANULE, fd, 0)
+        await peer.revoke(1)
+        order: list[object] = []
+
+        async def guest_read() -> None:
+            order.append(await r.engine.read(0, 8))
+
+        r.nursery.start_soon(guest_read)
+        ask = await peer.event()
+        assert isinstance(ask, lp.PageIn)
+        await peer.send(lp.Grant(2, 0, GRANULE, 0, RW, fd))
+        order.append(await peer.event())
+        assert order == [b"faulted!", lp.GrantAck(2)]
+        await peer.send(lp.PageInDone(ask.request_id, lp.PageInStatus.OK))
+        await peer.revoke(2)  # the PAGE_IN_DONE was consumed, the session goes on
+        assert r.counters.page_ins == 1 and r.counters.failed_accesses == 0

@@ -1,0 +1,118 @@
+"""The lease path, this tree against an older checkout, interleaved in one run.
+
+The three figures issue 12 sets targets for, measured as `bench/run` measures them (a lender
+process, `devmodel run` borrowing from it, a vfio-user client process), for two device models
+side by side: this tree's and the one found in `--baseline-src DIR` (for example
+`git worktree add /tmp/leasebase <old-commit>`). Each round measures every figure for both, in
+alternating order, so that the machine's noise hits them alike:
+
+  - a fault (a read of a window the lender just evicted, served by a page-in) next to a resident
+    read (the vfio-user round trip);
+  - PING -> PONG and REVOKE -> REVOKED of an idle window as the lender sees them;
+  - REVOKE -> REVOKED and PING -> PONG while a client process reads (`reads`) or reads and
+    posts writes (`posted`) to other windows.
+
+Prints the median and p99 of each figure per device model, and the targets.
+Usage: bench/bench_lease_path.py --baseline-src DIR [--rounds N] [--repeat N] [--pin ...].
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import bench_leases as bl
+from bench_run import PINNING, cpu_plan
+
+FIGURES = (
+    ("resident", "resident read (vfio-user RT)"),
+    ("ping", "PING -> PONG, idle"),
+    ("fault", "fault (evicted read, instant lender)"),
+    ("revoke", "REVOKE -> REVOKED, idle window"),
+    ("revoke_reads", "REVOKE -> REVOKED, load: reads"),
+    ("revoke_posted", "REVOKE -> REVOKED, load: reads + posted writes"),
+    ("ping_reads", "PING -> PONG, load: reads"),
+    ("ping_posted", "PING -> PONG, load: reads + posted writes"),
+)
+
+
+def measure(e2e: bl.EndToEnd, n: int, into: dict[str, list[float]]) -> None:
+    if e2e.client is None:
+        e2e.client = bl.RawClient(e2e.dm_sock)
+    fault, resident = bl.measure_e2e_faults(e2e.client, e2e.lender, n)
+    into["fault"] += fault
+    into["resident"] += resident
+    e2e.client.close()
+    e2e.client = None  # the load clients take the device's socket
+    answer = e2e.lender.ask("revokes", 0, n)
+    into["revoke"] += answer["revokes"]
+    into["ping"] += answer["pings"]
+    for load in ("reads", "posted"):
+        hammer = e2e.hammer(load)
+        try:
+            answer = e2e.lender.ask("revokes", 0, n)
+        finally:
+            bl.stop_hammer(hammer)
+        into[f"revoke_{load}"] += answer["revokes"]
+        into[f"ping_{load}"] += answer["pings"]
+
+
+def us(samples: list[float], q: float | None = None) -> float:
+    if q is None:
+        return statistics.median(samples) * 1e6
+    return bl.pct(samples, q) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--baseline-src", required=True, help="the older checkout to compare")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=1000, help="samples per figure and tree")
+    parser.add_argument("--pin", choices=PINNING, default="split")
+    args = parser.parse_args()
+    server, client = cpu_plan(args.pin)
+    per_round = max(2, args.repeat // args.rounds)
+    trees = {"baseline": args.baseline_src, "new": None}
+    samples: dict[str, dict[str, list[float]]] = {t: {k: [] for k, _ in FIGURES} for t in trees}
+    tmp = Path(tempfile.mkdtemp(prefix="devmodel-lease-path-"))
+    setups: dict[str, bl.EndToEnd] = {}
+    try:
+        for tree, src in trees.items():
+            (tmp / tree).mkdir()
+            setups[tree] = bl.EndToEnd(tmp / tree, server_cpus=server, client_cpus=client, src=src)
+        order = list(trees)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+            for tree in order:
+                measure(setups[tree], per_round, samples[tree])
+            order.reverse()
+    finally:
+        for e2e in setups.values():
+            e2e.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"lease path, {args.rounds} interleaved rounds, {per_round * args.rounds} samples each")
+    print(f"{'figure':48} {'baseline med/p99 us':>22} {'new med/p99 us':>20}")
+    for key, label in FIGURES:
+        cells = [f"{us(samples[t][key]):8.1f} /{us(samples[t][key], 0.99):8.1f}" for t in trees]
+        print(f"{label:48} {cells[0]:>22} {cells[1]:>20}")
+    for tree in trees:
+        s = samples[tree]
+        rt = us(s["ping"])
+        res = us(s["resident"])
+        print(
+            f"{tree}: ping/resident {rt / res:.2f} (target <= 1.30); "
+            f"fault {us(s['fault']):.0f} vs resident + RT + 20 = {res + rt + 20:.0f} us; "
+            f"idle revoke {us(s['revoke']):.0f} vs RT + 20 = {rt + 20:.0f} us; "
+            f"revoke under load {us(s['revoke_reads']):.0f}/{us(s['revoke_posted']):.0f} "
+            f"vs 2 x (RT + 20) = {2 * (rt + 20):.0f} us"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
