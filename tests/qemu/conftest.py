@@ -8,10 +8,7 @@ serial console, QEMU's stderr and the device model's stderr.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable, Generator, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,8 @@ from .testbed import (
     Reaper,
     RunningGuest,
     boot_guest,
+    provision,
 )
-
-PROVISION_TIMEOUT = 900.0
 
 _boots: list[tuple[str, GuestRun]] = []
 # Guest runs a test booted through the `boot` fixture, for its failure report.
@@ -43,24 +39,7 @@ def testbed(pytestconfig: pytest.Config) -> Path:
 
     A cold provisioning takes about 20 s and is worth watching; a warm one prints nothing.
     """
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    output: list[str] = []
-    with capman.global_and_fixture_disabled() if capman else nullcontext():
-        proc = subprocess.Popen([str(QEMU_CONFIGS / "provision")], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            output.append(line)
-        try:
-            rc = proc.wait(PROVISION_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    if rc != 0:
-        pytest.fail(f"qemu-configs/provision failed with status {rc}:\n{''.join(output)}",
-                    pytrace=False)
+    provision(QEMU_CONFIGS / "provision", pytestconfig)
     return QEMU_CONFIGS
 
 

@@ -16,16 +16,46 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from devmodel.pci.registers import REGISTER_BY_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU_CONFIGS = REPO / "qemu-configs"
+
+
+PROVISION_TIMEOUT = 900.0
+
+
+def provision(script: Path, pytestconfig: pytest.Config) -> None:
+    """Run a test bed's provisioning script once, its progress shown live (pytest's capture
+    is suspended: a cold provisioning takes tens of seconds and is worth watching; a warm one
+    prints nothing); the test fails with the script's output if it fails."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    output: list[str] = []
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        proc = subprocess.Popen([str(script)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            output.append(line)
+        try:
+            rc = proc.wait(PROVISION_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    if rc != 0:
+        where = script.relative_to(REPO)
+        pytest.fail(f"{where} failed with status {rc}:\n{''.join(output)}", pytrace=False)
 DEVMODEL = REPO / ".venv" / "bin" / "devmodel"
 PYTHON = REPO / ".venv" / "bin" / "python"
 REFERENCE_LENDER = REPO / "examples" / "reference_lender.py"

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Generator, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
-from ..qemu.testbed import Process, Reaper
+from ..qemu.testbed import Process, Reaper, provision
 from .bed import Dom0Run
 
 REPO = Path(__file__).resolve().parents[2]
 XEN_CONFIGS = REPO / "qemu-configs" / "xen"
 SUITE = Path(__file__).resolve().parent / "dom0-suite"
-PROVISION_TIMEOUT = 900.0
 # The whole boot: Xen, dom0, the toolstack, both guests one after the other, power-off. It
 # took about 4 minutes on a loaded 2-core machine.
 BOOT_TIMEOUT = 1500.0
@@ -51,24 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def xenbed(pytestconfig: pytest.Config) -> Path:
     """Provision the Xen test bed (and the QEMU one under it), its progress shown live."""
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    output: list[str] = []
-    with capman.global_and_fixture_disabled() if capman else nullcontext():
-        proc = subprocess.Popen([str(XEN_CONFIGS / "provision")], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            output.append(line)
-        try:
-            rc = proc.wait(PROVISION_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    if rc != 0:
-        pytest.fail(f"qemu-configs/xen/provision failed with status {rc}:\n{''.join(output)}",
-                    pytrace=False)
+    provision(XEN_CONFIGS / "provision", pytestconfig)
     return XEN_CONFIGS
 
 
