@@ -31,12 +31,6 @@ def _facts_and_key(fd: int) -> tuple[FdFacts, FdKey] | None:
     return facts, (st.st_dev, st.st_ino, mode)
 
 
-def fd_facts(fd: int) -> FdFacts | None:
-    """What `check_fd_facts` needs to know about `fd`; None if it is not an open fd."""
-    got = _facts_and_key(fd)
-    return None if got is None else got[0]
-
-
 def check_grant_fd(fd: int, *, fd_offset: int, length: int, prot: int) -> NackReason | None:
     """The NACK reason for a grant's memory fd, or None if it is safe to map."""
     return check_grant_fd_key(fd, fd_offset=fd_offset, length=length, prot=prot)[0]
