@@ -291,6 +291,23 @@ def complete_slot(page: memoryview | bytearray, vcpu: int, data: int | None) -> 
     _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | _RESP_READY)
 
 
+FLAG_STATE: Final = 0x0F
+"""The flag byte's state bits (FLAGS_OFFSET; `IOREQ`'s seventh field)."""
+FLAG_DATA_IS_PTR: Final = 0x10
+FLAG_DIR_READ: Final = 0x20
+"""dir = IOREQ_READ."""
+
+
+def answer_slot(page: memoryview | bytearray, at: int, flags: int, data: int | None) -> None:
+    """`complete_slot` for a dispatcher that already read the slot at byte offset `at` with
+    `IOREQ` (so the offset is known to be inside the page) and holds its flag byte `flags`,
+    which Xen leaves alone while a request is in process. Same order: data, then the state.
+    `data` must fit 64 bits (a value read from a register of at most 8 bytes does)."""
+    if data is not None:
+        _U64.pack_into(page, at + DATA_OFFSET, data)
+    _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | _RESP_READY)
+
+
 def write_slot(page: memoryview | bytearray, vcpu: int, req: IoReq) -> None:
     """Fill a slot as Xen does (simulators): everything, then the state byte last."""
     at = _slot(page, vcpu)
