@@ -375,6 +375,11 @@ def ring_pointers(page: memoryview | bytearray) -> tuple[int, int]:
     return int(rd), int(wr)
 
 
+def _where(pointer: int) -> str:
+    """A ring entry named for an error (formatted only then: a drain is on the hot path)."""
+    return f"buffered slot {(pointer & _U32_MAX) % BUF_IOREQ_SLOTS}"
+
+
 def _ring_entry(page: memoryview | bytearray, pointer: int) -> tuple[int, int]:
     head, data = BUF_IOREQ.unpack_from(
         page, BUF_IOREQ_OFFSET + ((pointer & _U32_MAX) % BUF_IOREQ_SLOTS) * BUF_IOREQ_SIZE
@@ -417,13 +422,14 @@ class BufferedRing:
             head, data = _ring_entry(page, rd + i)
             type_ = head & 0xFF
             size = 1 << ((head >> 10) & 3)
-            where = f"buffered slot {((rd + i) & _U32_MAX) % BUF_IOREQ_SLOTS}"
             if (head >> 9) & 1 != IOREQ_WRITE:
+                where = _where(rd + i)
                 raise XenAbiError(f"corrupt buffered ring: {where} is a read, nobody can answer")
             if type_ not in _POSTED_TYPES:
-                raise XenAbiError(f"corrupt buffered ring: {where} has ioreq type {type_}")
+                raise XenAbiError(f"corrupt buffered ring: {_where(rd + i)} has ioreq type {type_}")
             if size == 8:
                 if i + 1 >= pending:
+                    where = _where(rd + i)
                     raise XenAbiError(
                         f"corrupt buffered ring: the 8-byte write in {where} is the last entry,"
                         " its second half (the high 32 bits) is missing"
