@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -55,15 +56,19 @@ from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
 from devmodel.testing import SimHypervisor
-from devmodel.xen.server import serve_xen
+from devmodel.xen.server import XenServer, serve_xen
 from devmodel_wire.xen import (
+    IOREQ,
     IOREQ_READ,
     IOREQ_WRITE,
     IoReq,
     IoreqState,
     IoreqType,
+    complete_slot,
     encode_ioreq,
     post_buffered_write,
+    read_slot,
+    set_slot_state,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -157,7 +162,7 @@ async def bed() -> AsyncIterator[Driver]:
     sim.evtchn_notify = stamped_notify  # type: ignore[method-assign]
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            xen: XenServer = await nursery.start(
                 lambda task_status: serve_xen(
                     device, counters, sim.domid, platform=sim, task_status=task_status
                 )
@@ -167,7 +172,7 @@ async def bed() -> AsyncIterator[Driver]:
             await cpu.config_write(0x14, 4, BAR0 >> 32)
             await cpu.config_write(0x18, 4, BAR2)
             await cpu.config_write(0x04, 2, 0x2)
-            yield Driver(sim)
+            yield Driver(sim, xen)
             nursery.cancel_scope.cancel()
     finally:
         engine.close()
@@ -177,8 +182,9 @@ async def bed() -> AsyncIterator[Driver]:
 class Driver:
     """The guest side, lean: vCPU 0's slot filled from pre-encoded bytes, the ring directly."""
 
-    def __init__(self, sim: SimHypervisor) -> None:
+    def __init__(self, sim: SimHypervisor, xen: XenServer) -> None:
         self.sim = sim
+        self.xen = xen
 
     async def run(self, kind: str, n: int) -> list[int]:
         sim = self.sim
@@ -234,6 +240,90 @@ class Driver:
         return out
 
 
+def steps() -> None:
+    """Each step of a request alone, on this tree (timeit, best of 5): where the time goes."""
+    # answer_slot is new with issue 12's dispatcher: --steps is for this tree only.
+    from devmodel_wire.xen import answer_slot  # noqa: PLC0415
+
+    async def main() -> None:
+        async with bed() as driver:
+            sim = driver.sim
+            server = sim.server()
+            page = server.ioreq
+            ring = server.bufioreq
+            assert ring is not None
+            raw = encode_ioreq(
+                IoReq(
+                    BAR0 + 0x100, 0, 1, 8, 40, IoreqState.READY, False, IOREQ_READ, False,
+                    IoreqType.COPY,
+                )
+            )
+            page[0:32] = raw
+            xen = driver.xen
+            handler = xen.handler
+            mmio_now = handler.mmio_now
+            local = xen.vcpu_port[0]
+            req = read_slot(page, 0)
+
+            def drive_serve() -> None:
+                coro = handler.serve(req)
+                try:
+                    coro.send(None)
+                except StopIteration:
+                    return
+                raise AssertionError("serve suspended")
+
+            def pending_unmask() -> None:
+                sim._deliver(local)
+                sim.evtchn_pending()
+                sim.evtchn_unmask(local)
+
+            def ring_one() -> None:
+                post_buffered_write(ring, BAR0 + 0x300, 4, 7)
+                xen.posted.drain()
+
+            def post_only() -> None:  # the sim's side of ring_one, to subtract
+                post_buffered_write(ring, BAR0 + 0x300, 4, 7)
+                xen.ring.drain(ring)
+
+            def drain_only() -> None:  # the protocol's ring parse of one entry
+                post_buffered_write(ring, BAR0 + 0x300, 4, 7)
+
+            def flags_answer() -> None:
+                answer_slot(page, 0, page[30], 5)
+                page[0:32] = raw
+
+            def full_answer() -> None:
+                complete_slot(page, 0, 5)
+                page[0:32] = raw
+
+            def notify() -> None:
+                sim.evtchn_notify(local)
+
+            cases = [
+                ("event channel: pending + unmask (sim: a pipe read)", pending_unmask),
+                ("slot: read_slot (decode to an IoReq)", lambda: read_slot(page, 0)),
+                ("slot: IOREQ.unpack_from (the new dispatcher)", lambda: IOREQ.unpack_from(page)),
+                ("slot: set_slot_state INPROCESS", lambda: set_slot_state(page, 0, 1)),
+                ("serve (async, driven), resident BAR0 read", drive_serve),
+                ("mmio_now, resident BAR0 read", lambda: mmio_now(BAR0 + 0x100, 8, True, 0)),
+                ("mmio_now, BAR2 MAGIC read", lambda: mmio_now(BAR2, 4, True, 0)),
+                ("mmio_now, resident BAR0 write", lambda: mmio_now(BAR0 + 0x200, 8, False, 1)),
+                ("ring: the sim posts one", drain_only),
+                ("ring: the sim posts one + BufferedRing.drain", post_only),
+                ("ring: the sim posts one + PostedWrites.drain (performed)", ring_one),
+                ("answer: complete_slot (+ slot refill)", full_answer),
+                ("answer: answer_slot (+ slot refill)", flags_answer),
+                ("notify (sim)", notify),
+            ]
+            for name, fn in cases:
+                best = min(timeit.repeat(fn, number=20000, repeat=5)) / 20000
+                print(f"{name:54} {best * 1e9:8.0f} ns")
+            sim.calls.clear()
+
+    trio.run(main)
+
+
 def child(requests: int, profile: bool) -> None:
     print(json.dumps(measure(requests, profile)))
 
@@ -262,6 +352,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline-src", help="the older tree to compare with")
     parser.add_argument("--profile", action="store_true", help="cProfile this tree, once")
+    parser.add_argument("--steps", action="store_true", help="time each step alone, this tree")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -269,6 +360,9 @@ def main() -> int:
         return 0
     if args.profile:
         measure(args.requests, profile=True)
+        return 0
+    if args.steps:
+        steps()
         return 0
     trees = {"new": str(TOP)}
     if args.baseline_src:
