@@ -58,7 +58,6 @@ from devmodel.pci.registers import Feature
 from devmodel.testing import SimHypervisor
 from devmodel.xen.server import XenServer, serve_xen
 from devmodel_wire.xen import (
-    IOREQ,
     IOREQ_READ,
     IOREQ_WRITE,
     IoReq,
@@ -70,6 +69,7 @@ from devmodel_wire.xen import (
     read_slot,
     set_slot_state,
 )
+from devmodel_wire.xen.ioreq import IOREQ  # exported by the package only since issue 12
 
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
