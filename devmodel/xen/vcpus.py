@@ -63,7 +63,6 @@ MmioNowFn = Callable[[int, int, bool, int], int | Later | None]
 # Plain ints for the hot path's tests (an IntEnum member read off its class costs more).
 _READY: Final = int(IoreqState.READY)
 _COPY: Final = int(IoreqType.COPY)
-_INPLACE_FLAGS: Final = FLAG_DATA_IS_PTR
 _VALUE_SIZES: Final = frozenset((1, 2, 4, 8))
 
 
@@ -160,7 +159,12 @@ class VcpuWorkers:
         if self.buf_port is not None:
             posted.drain()
         if posted.done == posted.queued:  # none of them is left waiting for `run`
-            if kind == _COPY and count == 1 and not flags & _INPLACE_FLAGS and size in _VALUE_SIZES:
+            if (
+                kind == _COPY
+                and count == 1
+                and not flags & FLAG_DATA_IS_PTR
+                and size in _VALUE_SIZES
+            ):  # the hot case, a single access with its data inline: no IoReq built
                 answer = self.mmio_now(addr, size, bool(flags & FLAG_DIR_READ), data)
             else:
                 answer = self.serve_now(decode_ioreq(page, at))
