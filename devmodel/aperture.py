@@ -38,6 +38,9 @@ class Aperture(Protocol):
 
     async def write(self, offset: int, data: bytes) -> None: ...
 
+    # Optional: `write_now(offset, data) -> bool`, the same write done synchronously (True), or
+    # False, having done nothing, when it would have to wait (then the caller awaits `write`).
+
     def reset(self) -> None:
         """Device reset: the guest-visible contents of the aperture may be discarded."""
 
@@ -89,6 +92,10 @@ class OwnedMemory:
 
     async def write(self, offset: int, data: bytes) -> None:
         self._view[offset : offset + len(data)] = data
+
+    def write_now(self, offset: int, data: bytes) -> bool:
+        self._view[offset : offset + len(data)] = data
+        return True
 
     def reset(self) -> None:
         # Dropping the pages returns them to the kernel and makes them read as zero again.

@@ -32,7 +32,9 @@ __all__ = [
     "Region",
     "RegionBus",
     "WriteFn",
+    "WriteNowFn",
     "never_now",
+    "never_now_write",
     "refusing_region",
 ]
 
@@ -43,10 +45,18 @@ WriteFn = Callable[[int, bytes], Coroutine[Any, Any, None]]
 ReadNowFn = Callable[[int, int], bytes | None]
 """(offset, size) -> the bytes, when the read needs no wait; None: await `read` instead (it
 may wait, or be refused). Never raises, never counts a read it did not do."""
+WriteNowFn = Callable[[int, bytes], bool]
+"""(offset, data) -> True once written, when the write needs no wait; False: await `write`
+instead (it may wait, or be refused). Never raises, never counts a write it did not do."""
 
 
 def never_now(offset: int, size: int) -> None:
     """The `read_now` of a region whose reads are always awaited."""
+
+
+def never_now_write(offset: int, data: bytes) -> bool:
+    """The `write_now` of a region whose writes are always awaited."""
+    return False
 
 
 @dataclass(slots=True, eq=False)
@@ -61,7 +71,9 @@ class Region:
     address: int | None = None
     """Where the guest decodes it now (BARs only); None while it decodes nowhere."""
     read_now: ReadNowFn = never_now
-    """`read` without a coroutine when it needs no wait (BAR0's resident windows)."""
+    """`read` without a coroutine when it needs no wait (BAR0's resident windows, BAR2)."""
+    write_now: WriteNowFn = never_now_write
+    """`write` without a coroutine when it needs no wait (the same regions)."""
 
 
 class MappedRange(NamedTuple):

@@ -60,8 +60,14 @@ class DeviceBackend:
             )
             region = Region(bar, f"BAR{bar}", function.region_size(bar), read, write)
             if bar == APERTURE_BAR:
-                # Reads of resident lent memory need no coroutine: transports try this first.
+                # Accesses to resident lent memory need no coroutine: transports try these
+                # first and await `read`/`write` only when they say None/False.
                 region.read_now = function.aperture_read_now
+                region.write_now = function.aperture_write_now
+            elif bar == REGISTER_BAR:
+                # Registers never wait.
+                region.read_now = function.register_read_now
+                region.write_now = function.register_write_now
             bus.register(region)
         bus.register(refusing_region(REGION_ROM, "expansion ROM"))
         bus.register(

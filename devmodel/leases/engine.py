@@ -204,6 +204,30 @@ class LeaseEngine:
             self._tracer(False, offset, data, ns)
         return data
 
+    def write_now(self, offset: int, data: bytes) -> bool:
+        """`write` when it needs no wait: True once `data` is in a RESIDENT writable window,
+        timed and traced as `write` does; False (nothing done, nothing counted) when the
+        access must wait or fail, and then the caller awaits `write`. The revoke guarantee is
+        `read_now`'s: only a RESIDENT window is written, with no await between the state test
+        and the `pwrite`."""
+        w = self._table.find(offset)
+        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
+            return False
+        observed = self._observed
+        start = _now() if observed else 0
+        try:
+            if os.pwrite(w.fd, data, w.fd_offset + offset - w.start) != len(data):
+                return False
+        except OSError:
+            return False  # a write seal, say: the awaited write answers with the policy
+        if observed:
+            ns = _now() - start
+            if self._timing is not None:
+                self._timing.access(ns)
+            if self._tracer is not None:
+                self._tracer(True, offset, data, ns)
+        return True
+
     async def read(self, offset: int, size: int) -> bytes:
         observed = self._observed
         start = _now() if observed else 0

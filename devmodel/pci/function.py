@@ -73,6 +73,11 @@ def _not_now(offset: int, size: int) -> None:
     """`read_now` of an aperture without one: every read is awaited."""
 
 
+def _not_now_write(offset: int, data: bytes) -> bool:
+    """`write_now` of an aperture without one: every write is awaited."""
+    return False
+
+
 class PciFunction:
     """One emulated function; BAR0 accesses are the hot path and are kept to a few int ops."""
 
@@ -80,6 +85,7 @@ class PciFunction:
         "_aperture_read",
         "_aperture_read_now",
         "_aperture_write",
+        "_aperture_write_now",
         "_bar0_size",
         "_bars",
         "aperture",
@@ -128,6 +134,9 @@ class PciFunction:
             aperture, "read_now", _not_now
         )
         self._aperture_write = aperture.write
+        self._aperture_write_now: Callable[[int, bytes], bool] = getattr(
+            aperture, "write_now", _not_now_write
+        )
 
     def _msix_pending(self) -> int:
         return self.irqs.pending_bits(IrqIndex.MSIX)
@@ -210,6 +219,21 @@ class PciFunction:
             return await self._aperture_read(offset, size)
         raise self._refused(APERTURE_BAR, offset, size)
 
+    def aperture_write_now(self, offset: int, data: bytes) -> bool:
+        """BAR0 `aperture_write` when it needs no wait (a resident writable window): True once
+        written, counted; False when it must be awaited (it may wait, or is refused): nothing
+        done, nothing counted, and the caller awaits `aperture_write`."""
+        size = len(data)
+        if (
+            size in VALID_SIZES
+            and not offset & (size - 1)
+            and 0 <= offset <= (self._bar0_size - size)
+            and self._aperture_write_now(offset, data)
+        ):
+            self.counters.trapped_writes += 1
+            return True
+        return False
+
     async def aperture_write(self, offset: int, data: bytes) -> None:
         """BAR0: `data` (1, 2, 4 or 8 bytes, naturally aligned) into lent memory at `offset`."""
         size = len(data)
@@ -238,6 +262,24 @@ class PciFunction:
         except AccessError:
             self.counters.bad_accesses += 1
             raise
+
+    def register_read_now(self, offset: int, size: int) -> bytes | None:
+        """BAR2 `register_read` without a coroutine (registers never wait); None when refused,
+        uncounted: the caller then awaits `register_read`, which counts and raises."""
+        try:
+            return self.registers.read(offset, size)
+        except AccessError:
+            return None
+
+    def register_write_now(self, offset: int, data: bytes) -> bool:
+        """BAR2 `register_write` without a coroutine; False when refused, uncounted (the
+        caller then awaits `register_write`). A refused write changes nothing (registers.py
+        checks the shape first)."""
+        try:
+            self.registers.write(offset, data)
+        except AccessError:
+            return False
+        return True
 
     def _refused(self, bar: int, offset: int, size: int) -> AccessError:
         """Count a refused BAR access and build its error (the slow path, off the hot one)."""

@@ -9,9 +9,9 @@ the replies back, with no socketpair.
 
 The hot path (REGION_READ/WRITE of a BAR) stays inline in `process`. A plain read is taken
 straight from the connection's buffer (`next_read`, no event) and tried synchronously on its
-region (`read_now`: a resident window of BAR0); its reply is packed at once. Only a read that
-must wait (a fault, a revoke in progress) or be refused takes the general way: its event, one
-bus lookup, one await.
+region (`read_now`: a resident window of BAR0, or a BAR2 register); its reply is packed at
+once. Only a read that must wait (a fault, a revoke in progress) or be refused takes the
+general way: its event, one bus lookup, one await.
 `process` also keeps the loop fair: a client that streams requests (posted writes need no
 reply, so nothing ever makes it wait) gets a time slice (devmodel/fairness.py), after which
 `process` yields to trio between two requests, so that the lender link, the control socket and

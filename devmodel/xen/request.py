@@ -17,10 +17,19 @@ DeviceCounters):
 - A rep access through a pointer (`data_is_ptr`) whose guest buffer lies in one of our BARs
   (lent memory, or registers: neither is guest RAM, and the seed forbids reaching lent memory
   through a foreign mapping): refused, the buffer and the BAR untouched, `bad_accesses`.
+
+Two ways to serve, one meaning. `serve` (async) serves anything, waiting for a page-in if it
+must; the vCPU's worker task awaits it. `serve_now` and `mmio_now` answer without waiting the
+requests that cannot block (config cycles, port I/O, INVALIDATE, TIMEOFFSET, malformed ones,
+BAR2 registers, BAR0 when its window is resident: the regions' `read_now`/`write_now`) and say
+`LATER`, having done and counted nothing, for the rest (an access that may fault, a rep); the
+dispatcher (vcpus.py) calls them in place and hands only a `LATER` to the worker, which then
+serves the same request with `serve`.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Final
 
 from devmodel.backend.device import DeviceBackend
@@ -39,13 +48,22 @@ from devmodel_wire.xen import (
     validate_ioreq,
 )
 
-__all__ = ["MAX_REP_BYTES", "IoreqHandler", "ones"]
+__all__ = ["LATER", "MAX_REP_BYTES", "IoreqHandler", "Later", "ones"]
 
 MAX_REP_BYTES: Final = 64 << 10
 """The largest rep access served (count * size). Xen keeps a data_is_ptr buffer inside one
 guest page; the bound only stops a corrupt slot from making one request loop 2**32 times."""
 
 _U64: Final = (1 << 64) - 1
+
+
+class Later(Enum):
+    """What `serve_now` says of a request that may have to wait: serve it with `serve`."""
+
+    LATER = "later"
+
+
+LATER: Final = Later.LATER
 
 
 def ones(size: int) -> int:
@@ -85,23 +103,74 @@ class IoreqHandler:
         if kind == IoreqType.PCI_CONFIG:
             return self._config(req)
         if kind == IoreqType.PIO:
-            ports = self.ports
-            if (
-                ports is not None
-                and req.count == 1
-                and not req.data_is_ptr
-                and ports.owns_port(req.addr, req.size)
-            ):
-                if req.is_read:
-                    return ports.port_read(req.addr, req.size)
-                ports.port_write(req.addr, req.size, req.data)
-                return None
-            self.counters.bad_accesses += 1
-            self._log.warning("port I/O at %#x was routed here; not ours", req.addr)
-            return ones(req.size) if req.is_read and not req.data_is_ptr else None
+            return self._pio(req)
         # INVALIDATE: drop cached guest mappings (none are kept: each data_is_ptr access maps
         # and unmaps its buffer). TIMEOFFSET: the guest set its RTC; nothing here keeps time.
         return None
+
+    def serve_now(self, req: IoReq) -> int | Later | None:
+        """`serve` if the request cannot block; LATER (nothing done) if it may: a single
+        access that must wait for its window, a rep (it may fault halfway)."""
+        try:
+            validate_ioreq(req)
+        except XenAbiError as exc:
+            return self._malformed(req, str(exc))
+        kind = req.type
+        if kind == IoreqType.COPY:
+            if req.count == 1 and not req.data_is_ptr:
+                return self.mmio_now(req.addr, req.size, req.is_read, req.data)
+            return LATER
+        if kind == IoreqType.PCI_CONFIG:
+            return self._config(req)
+        if kind == IoreqType.PIO:
+            return self._pio(req)
+        return None  # INVALIDATE, TIMEOFFSET: as in `serve`
+
+    def mmio_now(self, addr: int, size: int, is_read: bool, value: int) -> int | Later | None:
+        """One MMIO access (count 1, its data inline, `size` 1/2/4/8) without waiting: the
+        value read (None for a write), or LATER when the region cannot answer at once (a
+        window not resident, or a refusal: `serve` then refuses and counts it as ever)."""
+        where = self.backend.route(addr)
+        if where is None:
+            self.counters.bad_accesses += 1
+            self._log.warning(
+                "%s of %d bytes at %#x: no BAR of ours there", "read" if is_read else "write",
+                size, addr,
+            )
+            return ones(size) if is_read else None
+        region, offset = where
+        result: int | None = None
+        if is_read:
+            data = region.read_now(offset, size)
+            if data is None:
+                return LATER
+            result = int.from_bytes(data, "little")
+        elif not region.write_now(offset, (value & ones(size)).to_bytes(size, "little")):
+            return LATER
+        if region.index == APERTURE_BAR and self.mapper.map_on_trap:
+            self._trapped(region.address, offset)
+        return result
+
+    def write_now(self, addr: int, size: int, value: int) -> bool:
+        """A posted write without waiting: True once done (or dropped, when no BAR of ours is
+        there), False (nothing done) when it must be awaited with `write`."""
+        return self.mmio_now(addr, size, False, value) is not LATER
+
+    def _pio(self, req: IoReq) -> int | None:
+        ports = self.ports
+        if (
+            ports is not None
+            and req.count == 1
+            and not req.data_is_ptr
+            and ports.owns_port(req.addr, req.size)
+        ):
+            if req.is_read:
+                return ports.port_read(req.addr, req.size)
+            ports.port_write(req.addr, req.size, req.data)
+            return None
+        self.counters.bad_accesses += 1
+        self._log.warning("port I/O at %#x was routed here; not ours", req.addr)
+        return ones(req.size) if req.is_read and not req.data_is_ptr else None
 
     def _malformed(self, req: IoReq, why: str) -> int | None:
         self.counters.protocol_errors += 1

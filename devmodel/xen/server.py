@@ -124,7 +124,9 @@ class XenServer:
         self._log = RateLimitedLogger(log)
         self.handler = IoreqHandler(backend, platform, sbdf, mapper, self._log)
         self.claims: BarClaims | None = None
-        self.posted = PostedWrites(None, counters, self.handler.write, self._log)
+        self.posted = PostedWrites(
+            None, counters, self.handler.write, self._log, self.handler.write_now
+        )
         self.workers: VcpuWorkers | None = None
         self._hook_installed = False
         self._stopped = False
@@ -183,6 +185,8 @@ class XenServer:
             self.posted,
             self.handler.serve,
             self._log,
+            self.handler.serve_now,
+            self.handler.mmio_now,
         )
         setup.announce(state_key)
 

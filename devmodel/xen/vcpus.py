@@ -1,20 +1,35 @@
 """The dispatch loop and one worker per vCPU: Xen's concurrency rule for ioreqs.
 
 Each vCPU has its own slot in the shared ioreq page and its own event channel, and stays
-blocked until its slot is answered. The dispatcher reads which ports fired, claims each new
-request (READY -> INPROCESS) and wakes that vCPU's worker, which serves it and answers. So a
-vCPU whose access waits for a page-in never holds up another (shared/DESIGN.md, "Concurrency"),
-and every slot is always answered, all-ones on a forced stop, so no vCPU is left blocked.
+blocked until its slot is answered. The dispatcher reads which ports fired and looks at each
+vCPU's slot. A request that cannot block (a config cycle, port I/O, INVALIDATE, a BAR2
+register, BAR0 where its window is resident: `IoreqHandler.serve_now`) is answered there and
+then, without waking any task: the slot is read with one `unpack_from` and answered with two
+stores and the notification. Only a request that may have to wait (a fault, a page-in, a rep)
+is claimed (READY -> INPROCESS) and handed to that vCPU's worker, which serves it and answers.
+So a vCPU whose access waits for a page-in never holds up another (shared/DESIGN.md,
+"Concurrency"), and every slot is always answered, all-ones on a forced stop, so no vCPU is
+left blocked.
 
-The dispatcher reads ports until none is pending, and a busy guest (posted writes notify the
-buffered port again as soon as it is unmasked) could keep it reading forever, with the workers
-it wakes, the posted-write task, the lender link and every deadline starved. A time slice
-(devmodel/fairness.py) makes it yield at least every millisecond of continuous work.
+Posted writes Xen queued before a synchronous request are performed before it (as QEMU does):
+the dispatcher drains the ring first, and answers in place only when no earlier posted write
+is still waiting for the `run` task (posted.py); otherwise the request goes to the worker,
+which waits for them.
+
+The dispatcher reads ports until none is pending, and a busy guest (a vCPU on another CPU
+that issues its next access as soon as the last is answered, or posted writes, which notify
+the buffered port again as soon as it is unmasked) could keep it reading forever, with the
+workers, the posted-write task, the lender link and every deadline starved. A time slice
+(devmodel/fairness.py) makes it yield at least every millisecond of continuous work: one
+clock read per port.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
+from typing import Final
 
 import trio
 
@@ -22,19 +37,42 @@ from devmodel.fairness import TimeSlice
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.platform import XenError, XenPlatform
 from devmodel.xen.posted import PostedWrites
-from devmodel.xen.request import ones
+from devmodel.xen.request import LATER, Later, ones
 from devmodel_wire.xen import (
+    FLAG_DATA_IS_PTR,
+    FLAG_DIR_READ,
+    FLAG_STATE,
+    IOREQ,
+    IOREQ_SIZE,
     IoReq,
     IoreqState,
+    IoreqType,
     XenAbiError,
+    answer_slot,
     complete_slot,
-    read_slot,
+    decode_ioreq,
     set_slot_state,
 )
 
 __all__ = ["VcpuWorkers"]
 
 ServeFn = Callable[[IoReq], Awaitable[int | None]]
+ServeNowFn = Callable[[IoReq], int | Later | None]
+MmioNowFn = Callable[[int, int, bool, int], int | Later | None]
+
+# Plain ints for the hot path's tests (an IntEnum member read off its class costs more).
+_READY: Final = int(IoreqState.READY)
+_COPY: Final = int(IoreqType.COPY)
+_VALUE_SIZES: Final = frozenset((1, 2, 4, 8))
+
+
+def _later(req: IoReq) -> Later:
+    """The `serve_now` of a dispatcher built without one: every request goes to a worker."""
+    return LATER
+
+
+def _mmio_later(addr: int, size: int, is_read: bool, value: int) -> Later:
+    return LATER
 
 
 class VcpuWorkers:
@@ -49,6 +87,8 @@ class VcpuWorkers:
         posted: PostedWrites,
         serve: ServeFn,
         log: RateLimitedLogger,
+        serve_now: ServeNowFn = _later,
+        mmio_now: MmioNowFn = _mmio_later,
     ) -> None:
         self.platform = platform
         self.ioreq = ioreq
@@ -57,7 +97,11 @@ class VcpuWorkers:
         self.buf_port = buf_port
         self.posted = posted
         self.serve = serve
+        self.serve_now = serve_now
+        self.mmio_now = mmio_now
         self.served = 0
+        self.handed = 0
+        """Requests handed to a worker (the rest were answered in the dispatcher)."""
         self.stopped = False
         vcpus = len(vcpu_port)
         self.busy = [False] * vcpus
@@ -65,22 +109,25 @@ class VcpuWorkers:
         self._posted_before = [0] * vcpus  # per vCPU: posted writes to finish first
         self._lots = [trio.lowlevel.ParkingLot() for _ in range(vcpus)]
         self._log = log
+        self.slice = TimeSlice()
 
     def start_workers(self, nursery: trio.Nursery) -> None:
         for vcpu in range(len(self.vcpu_port)):
             nursery.start_soon(self._worker, vcpu)
 
     async def dispatch(self) -> None:
-        """Wait for event channel notifications and hand each to its vCPU or the ring."""
+        """Wait for event channel notifications and serve each vCPU's request or the ring."""
         p = self.platform
         fd = p.evtchn_fd()
         port_vcpu = self.port_vcpu
-        fair = TimeSlice()
+        fair = self.slice
+        clock = perf_counter_ns
         while True:
             await trio.lowlevel.wait_readable(fd)
             fair.restart()
             while True:
-                await fair.maybe_yield()
+                if clock() >= fair.deadline:
+                    await fair.yield_now()
                 port = p.evtchn_pending()
                 if port is None:
                     break
@@ -94,25 +141,50 @@ class VcpuWorkers:
                     self._log.warning("event on unknown port %d", port)
 
     def _take(self, vcpu: int) -> None:
-        """Claim vCPU `vcpu`'s slot if it holds a new request, and wake its worker."""
+        """Serve vCPU `vcpu`'s slot if it holds a new request: here if it cannot block, else
+        claim it and wake the vCPU's worker."""
         if self.busy[vcpu]:
             return  # its worker is still on the last request; Xen would not send another
         page = self.ioreq
+        at = vcpu * IOREQ_SIZE
         try:
-            req = read_slot(page, vcpu)
-        except XenAbiError as exc:
-            self._log.warning("vCPU %d: %s", vcpu, exc)
+            addr, data, count, size, _port, _pad, flags, kind = IOREQ.unpack_from(page, at)
+        except struct.error:
+            self._log.warning("vCPU %d: its slot is beyond the %d-byte page", vcpu, len(page))
             return
-        if req.state != IoreqState.READY:
+        if flags & FLAG_STATE != _READY:
             return  # a spurious or repeated notification
-        set_slot_state(page, vcpu, IoreqState.INPROCESS)
+        posted = self.posted
         # Posted writes Xen queued before this request are performed before it (as QEMU does).
         if self.buf_port is not None:
-            self.posted.drain()
-        self._requests[vcpu] = req
-        self._posted_before[vcpu] = self.posted.queued
+            posted.drain()
+        if posted.done == posted.queued:  # none of them is left waiting for `run`
+            if (
+                kind == _COPY
+                and count == 1
+                and not flags & FLAG_DATA_IS_PTR
+                and size in _VALUE_SIZES
+            ):  # the hot case, a single access with its data inline: no IoReq built
+                answer = self.mmio_now(addr, size, bool(flags & FLAG_DIR_READ), data)
+            else:
+                answer = self.serve_now(decode_ioreq(page, at))
+            if answer is not LATER:
+                self._answer_now(vcpu, at, flags, answer)
+                return
+        self._requests[vcpu] = decode_ioreq(page, at)  # as Xen wrote it: state READY
+        set_slot_state(page, vcpu, IoreqState.INPROCESS)
+        self._posted_before[vcpu] = posted.queued
         self.busy[vcpu] = True
+        self.handed += 1
         self._lots[vcpu].unpark()
+
+    def _answer_now(self, vcpu: int, at: int, flags: int, data: int | None) -> None:
+        try:
+            answer_slot(self.ioreq, at, flags, data)
+            self.platform.evtchn_notify(self.vcpu_port[vcpu])
+        except (XenAbiError, XenError, struct.error) as exc:
+            self._log.warning("vCPU %d: cannot answer: %s", vcpu, exc)
+        self.served += 1
 
     async def _worker(self, vcpu: int) -> None:
         lot = self._lots[vcpu]

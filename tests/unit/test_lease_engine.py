@@ -427,6 +427,7 @@ async def test_write_to_a_read_only_lease_gets_the_policy(policy: FailurePolicy)
                 await engine.write(8, b"\x99" * 8)
         else:
             await engine.write(8, b"\x99" * 8)
+        assert engine.write_now(8, b"\x99" * 8) is False  # never in place: awaited, refused
         assert os.pread(home, 8, 8) == b"\x42" * 8
         assert await engine.read(8, 8) == b"\x42" * 8  # reads work
         assert engine.counters.failed_accesses == 1

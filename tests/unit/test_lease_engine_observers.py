@@ -196,3 +196,29 @@ async def test_read_now_reads_only_resident_windows_and_is_observed_like_read() 
         await engine.revoke(5, RevokeMode.RELEASE)
         assert engine.read_now(8, 8) is None  # vacant: the awaited read gives the policy
         assert await engine.read(8, 8) == b"\xff" * 8
+
+
+async def test_write_now_writes_only_resident_writable_windows_and_is_observed_like_write() -> None:
+    rec = Recorder()
+    with lent_engine(rec) as (engine, _lender):
+        engine.tracer = rec
+        assert engine.write_now(8, b"abcdefgh") is True
+        assert [f for _, f in rec.accesses] == [False]
+        assert rec.traced == [(True, 8, b"abcdefgh")]
+        assert engine.read_now(8, 8) == b"abcdefgh"
+        rec.accesses.clear()
+        rec.traced.clear()
+        await engine.revoke(1, RevokeMode.EVICT)
+        # Evicted: nothing written, nothing observed; the awaited write pages in and does it.
+        assert engine.write_now(8, b"12345678") is False
+        assert rec.accesses == [] and rec.traced == []
+        assert engine.in_flight == 0
+        await engine.write(8, b"12345678")
+        assert rec.accesses[-1][1] is True
+        assert engine.write_now(8, b"ABCDEFGH") is True  # resident again
+        assert await engine.read(8, 8) == b"ABCDEFGH"
+        await engine.revoke(5, RevokeMode.RELEASE)
+        assert engine.write_now(8, b"zzzzzzzz") is False  # vacant: the awaited write fails
+        failed = engine.counters.failed_accesses
+        await engine.write(8, b"zzzzzzzz")
+        assert engine.counters.failed_accesses == failed + 1

@@ -291,6 +291,23 @@ def complete_slot(page: memoryview | bytearray, vcpu: int, data: int | None) -> 
     _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | _RESP_READY)
 
 
+FLAG_STATE: Final = 0x0F
+"""The flag byte's state bits (FLAGS_OFFSET; `IOREQ`'s seventh field)."""
+FLAG_DATA_IS_PTR: Final = 0x10
+FLAG_DIR_READ: Final = 0x20
+"""dir = IOREQ_READ."""
+
+
+def answer_slot(page: memoryview | bytearray, at: int, flags: int, data: int | None) -> None:
+    """`complete_slot` for a dispatcher that already read the slot at byte offset `at` with
+    `IOREQ` (so the offset is known to be inside the page) and holds its flag byte `flags`,
+    which Xen leaves alone while a request is in process. Same order: data, then the state.
+    `data` must fit 64 bits (a value read from a register of at most 8 bytes does)."""
+    if data is not None:
+        _U64.pack_into(page, at + DATA_OFFSET, data)
+    _U8.pack_into(page, at + FLAGS_OFFSET, (flags & 0xF0) | _RESP_READY)
+
+
 def write_slot(page: memoryview | bytearray, vcpu: int, req: IoReq) -> None:
     """Fill a slot as Xen does (simulators): everything, then the state byte last."""
     at = _slot(page, vcpu)
@@ -358,6 +375,11 @@ def ring_pointers(page: memoryview | bytearray) -> tuple[int, int]:
     return int(rd), int(wr)
 
 
+def _where(pointer: int) -> str:
+    """A ring entry named for an error (formatted only then: a drain is on the hot path)."""
+    return f"buffered slot {(pointer & _U32_MAX) % BUF_IOREQ_SLOTS}"
+
+
 def _ring_entry(page: memoryview | bytearray, pointer: int) -> tuple[int, int]:
     head, data = BUF_IOREQ.unpack_from(
         page, BUF_IOREQ_OFFSET + ((pointer & _U32_MAX) % BUF_IOREQ_SLOTS) * BUF_IOREQ_SIZE
@@ -400,13 +422,14 @@ class BufferedRing:
             head, data = _ring_entry(page, rd + i)
             type_ = head & 0xFF
             size = 1 << ((head >> 10) & 3)
-            where = f"buffered slot {((rd + i) & _U32_MAX) % BUF_IOREQ_SLOTS}"
             if (head >> 9) & 1 != IOREQ_WRITE:
+                where = _where(rd + i)
                 raise XenAbiError(f"corrupt buffered ring: {where} is a read, nobody can answer")
             if type_ not in _POSTED_TYPES:
-                raise XenAbiError(f"corrupt buffered ring: {where} has ioreq type {type_}")
+                raise XenAbiError(f"corrupt buffered ring: {_where(rd + i)} has ioreq type {type_}")
             if size == 8:
                 if i + 1 >= pending:
+                    where = _where(rd + i)
                     raise XenAbiError(
                         f"corrupt buffered ring: the 8-byte write in {where} is the last entry,"
                         " its second half (the high 32 bits) is missing"
