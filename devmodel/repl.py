@@ -9,6 +9,8 @@ A thin client of the control socket (it can do nothing a toolstack could not), m
 - tables for windows, leases and stats; `-v` echoes every JSON line sent and received;
 - events printed as they arrive, above the prompt; `watch stats` redraws a live view (rates per
   second, latency percentiles, the latest events) until Ctrl-C;
+- `map` draws the aperture (devmodel.mapview, from one `query-map`), `watch map` redraws it
+  in place (rich's Live display) until Ctrl-C; without colour it says the same in glyphs;
 - `python` enters the debug console (`py>`), when the instance allows it (--debug-console).
 
 `quit` stops the *device model* (after a confirmation when interactive); `exit` or Ctrl-D
@@ -30,9 +32,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from devmodel import mapview
 from devmodel.control.client import ConnectionLost, ControlClient, ControlError
 from devmodel.logs import clean
 from devmodel.sizes import format_size, parse_size
+from devmodel_wire.aperture_map import ApertureMap, parse_reply
 from devmodel_wire.control import ControlProtocolError, EventMessage, decode_json
 
 __all__ = [
@@ -65,8 +73,8 @@ SHORTCUTS: Final[dict[str, tuple[str, str | None]]] = {
     "trace": ("trace", "enable"),
     "query-windows": ("query-windows", "state"),
 }
-LOCAL_WORDS: Final = ("help", "exit", "watch", "events", "python", "verbose")
-WATCHABLE: Final = ("stats", "status", "windows", "leases")
+LOCAL_WORDS: Final = ("help", "exit", "watch", "events", "python", "verbose", "map")
+WATCHABLE: Final = ("stats", "status", "windows", "leases", "map")
 
 
 class Repl:
@@ -223,6 +231,10 @@ class Repl:
             self.say(f"events {'shown' if self.show_events else 'hidden'}")
         elif word == "watch":
             self.watch(rest)
+        elif word == "map":
+            if rest:
+                raise UsageError("map takes no arguments ('watch map [SECONDS]' redraws it)")
+            self.show_map()
         elif word == "python":
             if rest:
                 self._python(rest)
@@ -298,7 +310,8 @@ class Repl:
         lines += [
             "short forms: status, windows [STATE], leases, stats, config, metrics, "
             "policy POLICY, evict OFFSET|all, revoke LEASE, trace on|off",
-            "REPL: help [CMD], watch stats|status|windows|leases [SECONDS [COUNT]], "
+            "REPL: help [CMD], map (the aperture), "
+            "watch stats|status|windows|leases|map [SECONDS [COUNT]], "
             "events on|off, verbose on|off, python [CODE], {raw JSON}, exit",
         ]
         return "\n".join(lines)
@@ -316,6 +329,9 @@ class Repl:
         except ValueError:
             raise UsageError("watch WHAT [SECONDS [COUNT]]") from None
         interval = max(0.1, interval)
+        if what == "map":
+            self.watch_map(interval, count)
+            return
         name = SHORTCUTS[what][0]
         previous: tuple[float, dict[str, Any]] | None = None
         self.watching = True
@@ -344,6 +360,58 @@ class Repl:
                 if count and shown >= count:
                     break
                 time.sleep(interval)
+        except KeyboardInterrupt:
+            self.say("")
+        finally:
+            self.watching = False
+
+    # ------------------------------------------------------------------ the aperture map
+
+    def console(self) -> Console:
+        """rich's view of our output: its size (COLUMNS/LINES for a pipe), and whether colour
+        and cursor movement may be used (not with NO_COLOR, TERM=dumb or a pipe)."""
+        return Console(file=self.out, highlight=False, soft_wrap=False)
+
+    def map_frame(self, console: Console, previous: ApertureMap | None) -> tuple[ApertureMap, Text]:
+        """One `query-map` sized to the console, and the screen drawn from it."""
+        width, height = console.size
+        per_row, rows = mapview.grid_shape(width, height)
+        m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}, timeout=10))
+        events = [format_event(e) for e in list(self.recent_events)]
+        title = f"domain {self.status.get('domid')} BAR0"
+        return m, mapview.render(m, width, height, previous=previous, events=events, title=title)
+
+    def show_map(self) -> None:
+        console = self.console()
+        _, screen = self.map_frame(console, None)
+        with self.lock:
+            console.print(screen)
+
+    def watch_map(self, interval: float, count: int) -> None:
+        """Redraw the map in place until Ctrl-C (or COUNT frames). On a terminal that can move
+        its cursor, rich's Live display on the alternate screen; elsewhere (a dumb terminal, a
+        pipe) one frame after another, so a log of it still reads."""
+        console = self.console()
+        live: Live | None = None
+        if console.is_terminal and not console.is_dumb_terminal:
+            live = Live(console=console, screen=True, auto_refresh=False, transient=True)
+        previous: ApertureMap | None = None
+        shown = 0
+        self.watching = True
+        try:
+            with live if live is not None else contextlib.nullcontext():
+                while self.closed is None:
+                    previous, screen = self.map_frame(console, previous)
+                    with self.lock:
+                        if live is not None:
+                            live.update(screen, refresh=True)
+                        else:
+                            console.print(screen)
+                            console.print()
+                    shown += 1
+                    if count and shown >= count:
+                        break
+                    time.sleep(interval)
         except KeyboardInterrupt:
             self.say("")
         finally:
