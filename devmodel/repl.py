@@ -377,6 +377,9 @@ class Repl:
         width, height = console.size
         per_row, rows = mapview.grid_shape(width, height)
         m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}, timeout=10))
+        # Without the reader thread (-c), events wait in the client's queue: show them too.
+        while self.client.events:
+            self.recent_events.append(self.client.events.popleft())
         events = [format_event(e) for e in list(self.recent_events)]
         title = f"domain {self.status.get('domid')} BAR0"
         return m, mapview.render(m, width, height, previous=previous, events=events, title=title)
