@@ -33,7 +33,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from rich.console import Console
+from rich.control import Control
 from rich.live import Live
+from rich.segment import ControlType
 from rich.text import Text
 
 from devmodel import mapview
@@ -56,6 +58,10 @@ __all__ = [
 PROMPT: Final = "devmodel> "
 PY_PROMPT: Final = "py> "
 PY_MORE: Final = "... "
+# Back to the start of the line and erase it: room for an event above the prompt.
+CLEAR_LINE: Final = Control(
+    (ControlType.CARRIAGE_RETURN,), (ControlType.ERASE_IN_LINE, 2)
+).segment.text
 
 # Short names -> (command, the argument a first bare word fills, or None).
 SHORTCUTS: Final[dict[str, tuple[str, str | None]]] = {
@@ -123,7 +129,7 @@ class Repl:
         with self.lock:
             if self.in_input and self.interactive:
                 buf = _line_buffer()
-                self.out.write("\r\x1b[K" + text + "\n" + self.prompt + buf)
+                self.out.write(CLEAR_LINE + text + "\n" + self.prompt + buf)
             else:
                 self.out.write(text + "\n")
             self.out.flush()
@@ -330,40 +336,35 @@ class Repl:
             raise UsageError("watch WHAT [SECONDS [COUNT]]") from None
         interval = max(0.1, interval)
         if what == "map":
-            self.watch_map(interval, count)
+            previous_map: ApertureMap | None = None
+
+            def map_screen(console: Console) -> Text:
+                nonlocal previous_map
+                previous_map, screen = self.map_frame(console, previous_map)
+                return screen
+
+            self.redraw(map_screen, interval, count)
             return
         name = SHORTCUTS[what][0]
         previous: tuple[float, dict[str, Any]] | None = None
-        self.watching = True
-        shown = 0
-        try:
-            while self.closed is None:
-                value = self.client.execute(name, {}, timeout=10)
-                now = time.monotonic()
-                if what == "stats" and isinstance(value, dict):
-                    body = render_stats(value, previous, now)
-                    previous = (now, value)
-                else:
-                    body = RENDERERS[name](value)
-                header = (
-                    f"every {interval:g}s: {what} of domain {self.status.get('domid')} "
-                    f"({datetime.datetime.now():%H:%M:%S}); Ctrl-C stops"
-                )
-                events = "\n".join(format_event(e) for e in list(self.recent_events)[-5:])
-                screen = f"{header}\n\n{body}\n\nlatest events:\n{events or '  (none)'}"
-                with self.lock:
-                    if self.interactive:
-                        self.out.write("\x1b[H\x1b[2J")
-                    self.out.write(screen + "\n")
-                    self.out.flush()
-                shown += 1
-                if count and shown >= count:
-                    break
-                time.sleep(interval)
-        except KeyboardInterrupt:
-            self.say("")
-        finally:
-            self.watching = False
+
+        def screen(console: Console) -> Text:
+            nonlocal previous
+            value = self.client.execute(name, {}, timeout=10)
+            now = time.monotonic()
+            if what == "stats" and isinstance(value, dict):
+                body = render_stats(value, previous, now)
+                previous = (now, value)
+            else:
+                body = RENDERERS[name](value)
+            header = (
+                f"every {interval:g}s: {what} of domain {self.status.get('domid')} "
+                f"({datetime.datetime.now():%H:%M:%S}); Ctrl-C stops"
+            )
+            events = "\n".join(format_event(e) for e in list(self.recent_events)[-5:])
+            return Text(f"{header}\n\n{body}\n\nlatest events:\n{events or '  (none)'}")
+
+        self.redraw(screen, interval, count)
 
     # ------------------------------------------------------------------ the aperture map
 
@@ -390,21 +391,23 @@ class Repl:
         with self.lock:
             console.print(screen)
 
-    def watch_map(self, interval: float, count: int) -> None:
-        """Redraw the map in place until Ctrl-C (or COUNT frames). On a terminal that can move
-        its cursor, rich's Live display on the alternate screen; elsewhere (a dumb terminal, a
-        pipe) one frame after another, so a log of it still reads."""
+    # ------------------------------------------------------------------ live views
+
+    def redraw(self, frame: Callable[[Console], Text], interval: float, count: int) -> None:
+        """`watch`: draw `frame` every `interval` seconds until Ctrl-C (or COUNT frames). On a
+        terminal that can move its cursor, in place (rich's Live display, on the alternate
+        screen); elsewhere (a dumb terminal, a pipe) one frame after another, so that a log of
+        it still reads. Events are not printed meanwhile: the frames show the latest."""
         console = self.console()
         live: Live | None = None
         if console.is_terminal and not console.is_dumb_terminal:
             live = Live(console=console, screen=True, auto_refresh=False, transient=True)
-        previous: ApertureMap | None = None
         shown = 0
         self.watching = True
         try:
             with live if live is not None else contextlib.nullcontext():
                 while self.closed is None:
-                    previous, screen = self.map_frame(console, previous)
+                    screen = frame(console)
                     with self.lock:
                         if live is not None:
                             live.update(screen, refresh=True)
