@@ -83,11 +83,13 @@ def render(
     height: int,
     *,
     previous: ApertureMap | None = None,
-    events: Sequence[str] = (),
+    events: Sequence[str] | None = (),
     title: str = "BAR0",
     now: datetime.datetime | None = None,
 ) -> Text:
-    """The screen for `m`, at most `width` columns and `height` lines."""
+    """The screen for `m`, at most `width` columns and `height` lines. `events=None` leaves
+    the events out (a one-shot map above a prompt: the REPL prints events as they come, and
+    the line saved keeps the map's first line on a screen of `height` with the prompt)."""
     per_row, _ = grid_shape(width, height)
     per_row = min(per_row, len(m.cells))
     cover = f"{m.cell_windows} windows ({format_size(m.cell_bytes)})"
@@ -117,8 +119,9 @@ def render(
     lines.append(Text(f"windows: {counts}; accesses waiting {m.in_flight}"))
     lines.append(_counters(m, previous))
     lines.append(_page_ins(m))
-    shown = list(events)[-EVENT_LINES:]
-    lines += [Text(e) for e in shown] or [Text("events: (none yet)")]
+    if events is not None:
+        shown = list(events)[-EVENT_LINES:]
+        lines += [Text(e) for e in shown] or [Text("events: (none yet)")]
     out = Text("\n").join(line[: width - 1] if len(line) >= width else line for line in lines)
     out.no_wrap = True
     out.overflow = "crop"

@@ -373,7 +373,9 @@ class Repl:
         and cursor movement may be used (not with NO_COLOR, TERM=dumb or a pipe)."""
         return Console(file=self.out, highlight=False, soft_wrap=False)
 
-    def map_frame(self, console: Console, previous: ApertureMap | None) -> tuple[ApertureMap, Text]:
+    def map_frame(
+        self, console: Console, previous: ApertureMap | None, *, events: bool = True
+    ) -> tuple[ApertureMap, Text]:
         """One `query-map` sized to the console, and the screen drawn from it."""
         width, height = console.size
         per_row, rows = mapview.grid_shape(width, height)
@@ -381,13 +383,13 @@ class Repl:
         # Without the reader thread (-c), events wait in the client's queue: show them too.
         while self.client.events:
             self.recent_events.append(self.client.events.popleft())
-        events = [format_event(e) for e in list(self.recent_events)]
+        latest = [format_event(e) for e in list(self.recent_events)] if events else None
         title = f"domain {self.status.get('domid')} BAR0"
-        return m, mapview.render(m, width, height, previous=previous, events=events, title=title)
+        return m, mapview.render(m, width, height, previous=previous, events=latest, title=title)
 
     def show_map(self) -> None:
         console = self.console()
-        _, screen = self.map_frame(console, None)
+        _, screen = self.map_frame(console, None, events=False)
         with self.lock:
             console.print(screen)
 

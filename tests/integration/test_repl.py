@@ -376,3 +376,35 @@ def test_map_through_a_pipe_is_glyphs_with_a_legend(big: Launched) -> None:
     legend = next(x for x in lines if x.startswith("legend:"))
     for name in ("resident", "evicted", "revoking", "paging-in", "lost", "vacant"):
         assert name in legend
+
+
+@pytest.mark.parametrize(
+    ("term_name", "no_color"), [("xterm-256color", True), ("dumb", False)], ids=["NO_COLOR", "dumb"]
+)
+def test_map_on_a_terminal_without_colour_is_glyphs(
+    big: Launched, tmp_path: Path, term_name: str, no_color: bool
+) -> None:
+    """NO_COLOR keeps styles such as bold but no colour; a dumb terminal gets no escape at all.
+    Either way the glyphs alone carry the states."""
+    with ControlClient(big.control_path) as ctl:
+        ctl.execute("evict", {"offset": 0})
+    env = {**os.environ, "TERM": term_name, "HOME": str(tmp_path)}
+    for name in ("NO_COLOR", "COLUMNS", "LINES"):
+        env.pop(name, None)
+    if no_color:
+        env["NO_COLOR"] = "1"
+    argv = [sys.executable, "-m", "devmodel", "attach", big.control_path, "-c", "map"]
+    term = Terminal(argv, env, size=(24, 80))
+    try:
+        term.expect(r"paging in: none")
+        assert term.proc.wait(10) == 0
+        term.pump(0.2)
+    finally:
+        term.close()
+    colours = re.findall(rb"\x1b\[[0-9;]*m", term.seen)
+    assert not any(re.search(rb"[\[;](3[0-9]|9[0-7]|38)[;m]", c) for c in colours), colours
+    if term_name == "dumb":
+        assert b"\x1b" not in term.seen
+    text = ANSI.sub(b"", term.seen).decode().replace("\r", "")
+    rows = grid([*text.splitlines(), "paging in:"])
+    assert rows["0"] == "e" + "#" * 63 and len(rows) == 16
