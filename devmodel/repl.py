@@ -380,9 +380,6 @@ class Repl:
         width, height = console.size
         per_row, rows = mapview.grid_shape(width, height)
         m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}, timeout=10))
-        # Without the reader thread (-c), events wait in the client's queue: show them too.
-        while self.client.events:
-            self.recent_events.append(self.client.events.popleft())
         latest = [format_event(e) for e in list(self.recent_events)] if events else None
         title = f"domain {self.status.get('domid')} BAR0"
         return m, mapview.render(m, width, height, previous=previous, events=latest, title=title)
@@ -833,13 +830,15 @@ def main(args: argparse.Namespace) -> int:
         except (ControlError, ConnectionLost, OSError, TimeoutError) as exc:
             print(f"devmodel attach: {path}: {exc}", file=sys.stderr)
             return 1
+        # Events are read as they come, also for -c (where they are not printed): a live view
+        # must keep up with bursts, or the device model drops a client with 1024 unread.
+        client.start_reader(repl.on_event, repl.on_close)
         if scripted:
             for line in args.lines:
                 repl.handle(line)
                 if repl.closed:
                     break
             return 1 if repl.failures else 0
-        client.start_reader(repl.on_event, repl.on_close)
         try:
             if repl.interactive:
                 repl.say(repl.banner())

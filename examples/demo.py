@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -146,11 +147,18 @@ class ApertureView:
         self.display = display
         self.client: ControlClient | None = None
         self.previous: ApertureMap | None = None
-        self.events: list[str] = []
+        self.events: deque[str] = deque(maxlen=mapview.EVENT_LINES)
         self.asked = 0.0
 
     def connect(self) -> None:
+        """Connect, with a reader thread that takes every event as it comes: the device model
+        drops a client that leaves 1024 events unread, and the lender's first burst of grants
+        and evictions alone can be more than that between two maps."""
         self.client = ControlClient(str(self.path), timeout=5)
+        self.client.start_reader(self._event)
+
+    def _event(self, event: EventMessage) -> None:
+        self.events.append(format_event(event))  # a deque: appended to from the reader thread
 
     def screen(self) -> Text | None:
         """A fresh map, or None once the device model is gone (the demo goes on without)."""
@@ -158,20 +166,18 @@ class ApertureView:
             return None
         console = self.display.console
         width, height = console.size if self.display.tty else (80, 24)
-        rows = 1 if self.previous is None else -(-len(self.previous.cells) // 64)
-        # The panel below the table: the map's own lines, never more than the terminal holds.
-        height = min(height - 4, mapview.RESERVED_LINES + min(rows, 16))
+        # The panel below the table: at most 16 rows of cells (a small aperture has fewer:
+        # one cell per window), and room above it for the table's last rows.
+        height = min(height - 6, mapview.RESERVED_LINES + 16)
         per_row, rows = mapview.grid_shape(width, height)
         try:
             m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}))
-        except (ConnectionLost, ControlError, ControlProtocolError, OSError, TimeoutError):
+        except (ConnectionLost, ControlError, ControlProtocolError, OSError, TimeoutError) as exc:
             self.client.close()
             self.client = None
+            self.display.line(f"  (no more aperture map: {type(exc).__name__}: {exc})")
             return None
-        while self.client.events:
-            self.events.append(format_event(self.client.events.popleft()))
-        self.events = self.events[-mapview.EVENT_LINES :]
-        out = mapview.render(m, width, height, previous=self.previous, events=self.events)
+        out = mapview.render(m, width, height, previous=self.previous, events=list(self.events))
         self.previous = m
         return out
 
