@@ -93,7 +93,8 @@ def build_parser() -> _Parser:
         help="attach the debug REPL to a running instance's control socket",
         description="An interactive console on a running device model's control socket: line "
         "editing, history, completion of the commands the instance reports, tables, live "
-        "views (watch stats) and events as they arrive. With -c, run commands and exit.",
+        "views (watch stats; watch map, the aperture) and events as they arrive. With -c, run "
+        "commands and exit.",
     )
     attach_p.add_argument("control_socket", metavar="CONTROL_SOCKET")
     attach_p.add_argument(

@@ -9,6 +9,8 @@ A thin client of the control socket (it can do nothing a toolstack could not), m
 - tables for windows, leases and stats; `-v` echoes every JSON line sent and received;
 - events printed as they arrive, above the prompt; `watch stats` redraws a live view (rates per
   second, latency percentiles, the latest events) until Ctrl-C;
+- `map` draws the aperture (devmodel.mapview, from one `query-map`), `watch map` redraws it
+  in place (rich's Live display) until Ctrl-C; without colour it says the same in glyphs;
 - `python` enters the debug console (`py>`), when the instance allows it (--debug-console).
 
 `quit` stops the *device model* (after a confirmation when interactive); `exit` or Ctrl-D
@@ -30,9 +32,17 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+from rich.console import Console
+from rich.control import Control
+from rich.live import Live
+from rich.segment import ControlType
+from rich.text import Text
+
+from devmodel import mapview
 from devmodel.control.client import ConnectionLost, ControlClient, ControlError
 from devmodel.logs import clean
 from devmodel.sizes import format_size, parse_size
+from devmodel_wire.aperture_map import ApertureMap, parse_reply
 from devmodel_wire.control import ControlProtocolError, EventMessage, decode_json
 
 __all__ = [
@@ -48,6 +58,10 @@ __all__ = [
 PROMPT: Final = "devmodel> "
 PY_PROMPT: Final = "py> "
 PY_MORE: Final = "... "
+# Back to the start of the line and erase it: room for an event above the prompt.
+CLEAR_LINE: Final = Control(
+    (ControlType.CARRIAGE_RETURN,), (ControlType.ERASE_IN_LINE, 2)
+).segment.text
 
 # Short names -> (command, the argument a first bare word fills, or None).
 SHORTCUTS: Final[dict[str, tuple[str, str | None]]] = {
@@ -65,8 +79,8 @@ SHORTCUTS: Final[dict[str, tuple[str, str | None]]] = {
     "trace": ("trace", "enable"),
     "query-windows": ("query-windows", "state"),
 }
-LOCAL_WORDS: Final = ("help", "exit", "watch", "events", "python", "verbose")
-WATCHABLE: Final = ("stats", "status", "windows", "leases")
+LOCAL_WORDS: Final = ("help", "exit", "watch", "events", "python", "verbose", "map")
+WATCHABLE: Final = ("stats", "status", "windows", "leases", "map")
 
 
 class Repl:
@@ -115,7 +129,7 @@ class Repl:
         with self.lock:
             if self.in_input and self.interactive:
                 buf = _line_buffer()
-                self.out.write("\r\x1b[K" + text + "\n" + self.prompt + buf)
+                self.out.write(CLEAR_LINE + text + "\n" + self.prompt + buf)
             else:
                 self.out.write(text + "\n")
             self.out.flush()
@@ -223,6 +237,10 @@ class Repl:
             self.say(f"events {'shown' if self.show_events else 'hidden'}")
         elif word == "watch":
             self.watch(rest)
+        elif word == "map":
+            if rest:
+                raise UsageError("map takes no arguments ('watch map [SECONDS]' redraws it)")
+            self.show_map()
         elif word == "python":
             if rest:
                 self._python(rest)
@@ -298,7 +316,8 @@ class Repl:
         lines += [
             "short forms: status, windows [STATE], leases, stats, config, metrics, "
             "policy POLICY, evict OFFSET|all, revoke LEASE, trace on|off",
-            "REPL: help [CMD], watch stats|status|windows|leases [SECONDS [COUNT]], "
+            "REPL: help [CMD], map (the aperture), "
+            "watch stats|status|windows|leases|map [SECONDS [COUNT]], "
             "events on|off, verbose on|off, python [CODE], {raw JSON}, exit",
         ]
         return "\n".join(lines)
@@ -316,34 +335,88 @@ class Repl:
         except ValueError:
             raise UsageError("watch WHAT [SECONDS [COUNT]]") from None
         interval = max(0.1, interval)
+        if what == "map":
+            previous_map: ApertureMap | None = None
+
+            def map_screen(console: Console) -> Text:
+                nonlocal previous_map
+                previous_map, screen = self.map_frame(console, previous_map)
+                return screen
+
+            self.redraw(map_screen, interval, count)
+            return
         name = SHORTCUTS[what][0]
         previous: tuple[float, dict[str, Any]] | None = None
-        self.watching = True
+
+        def screen(console: Console) -> Text:
+            nonlocal previous
+            value = self.client.execute(name, {}, timeout=10)
+            now = time.monotonic()
+            if what == "stats" and isinstance(value, dict):
+                body = render_stats(value, previous, now)
+                previous = (now, value)
+            else:
+                body = RENDERERS[name](value)
+            header = (
+                f"every {interval:g}s: {what} of domain {self.status.get('domid')} "
+                f"({datetime.datetime.now():%H:%M:%S}); Ctrl-C stops"
+            )
+            events = "\n".join(format_event(e) for e in list(self.recent_events)[-5:])
+            return Text(f"{header}\n\n{body}\n\nlatest events:\n{events or '  (none)'}")
+
+        self.redraw(screen, interval, count)
+
+    # ------------------------------------------------------------------ the aperture map
+
+    def console(self) -> Console:
+        """rich's view of our output: its size (COLUMNS/LINES for a pipe), and whether colour
+        and cursor movement may be used (not with NO_COLOR, TERM=dumb or a pipe)."""
+        return Console(file=self.out, highlight=False, soft_wrap=False)
+
+    def map_frame(
+        self, console: Console, previous: ApertureMap | None, *, events: bool = True
+    ) -> tuple[ApertureMap, Text]:
+        """One `query-map` sized to the console, and the screen drawn from it."""
+        width, height = console.size
+        per_row, rows = mapview.grid_shape(width, height)
+        m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}, timeout=10))
+        latest = [format_event(e) for e in list(self.recent_events)] if events else None
+        title = f"domain {self.status.get('domid')} BAR0"
+        return m, mapview.render(m, width, height, previous=previous, events=latest, title=title)
+
+    def show_map(self) -> None:
+        console = self.console()
+        _, screen = self.map_frame(console, None, events=False)
+        with self.lock:
+            console.print(screen)
+
+    # ------------------------------------------------------------------ live views
+
+    def redraw(self, frame: Callable[[Console], Text], interval: float, count: int) -> None:
+        """`watch`: draw `frame` every `interval` seconds until Ctrl-C (or COUNT frames). On a
+        terminal that can move its cursor, in place (rich's Live display, on the alternate
+        screen); elsewhere (a dumb terminal, a pipe) one frame after another, so that a log of
+        it still reads. Events are not printed meanwhile: the frames show the latest."""
+        console = self.console()
+        live: Live | None = None
+        if console.is_terminal and not console.is_dumb_terminal:
+            live = Live(console=console, screen=True, auto_refresh=False, transient=True)
         shown = 0
+        self.watching = True
         try:
-            while self.closed is None:
-                value = self.client.execute(name, {}, timeout=10)
-                now = time.monotonic()
-                if what == "stats" and isinstance(value, dict):
-                    body = render_stats(value, previous, now)
-                    previous = (now, value)
-                else:
-                    body = RENDERERS[name](value)
-                header = (
-                    f"every {interval:g}s: {what} of domain {self.status.get('domid')} "
-                    f"({datetime.datetime.now():%H:%M:%S}); Ctrl-C stops"
-                )
-                events = "\n".join(format_event(e) for e in list(self.recent_events)[-5:])
-                screen = f"{header}\n\n{body}\n\nlatest events:\n{events or '  (none)'}"
-                with self.lock:
-                    if self.interactive:
-                        self.out.write("\x1b[H\x1b[2J")
-                    self.out.write(screen + "\n")
-                    self.out.flush()
-                shown += 1
-                if count and shown >= count:
-                    break
-                time.sleep(interval)
+            with live if live is not None else contextlib.nullcontext():
+                while self.closed is None:
+                    screen = frame(console)
+                    with self.lock:
+                        if live is not None:
+                            live.update(screen, refresh=True)
+                        else:
+                            console.print(screen)
+                            console.print()
+                    shown += 1
+                    if count and shown >= count:
+                        break
+                    time.sleep(interval)
         except KeyboardInterrupt:
             self.say("")
         finally:
@@ -757,13 +830,15 @@ def main(args: argparse.Namespace) -> int:
         except (ControlError, ConnectionLost, OSError, TimeoutError) as exc:
             print(f"devmodel attach: {path}: {exc}", file=sys.stderr)
             return 1
+        # Events are read as they come, also for -c (where they are not printed): a live view
+        # must keep up with bursts, or the device model drops a client with 1024 unread.
+        client.start_reader(repl.on_event, repl.on_close)
         if scripted:
             for line in args.lines:
                 repl.handle(line)
                 if repl.closed:
                     break
             return 1 if repl.failures else 0
-        client.start_reader(repl.on_event, repl.on_close)
         try:
             if repl.interactive:
                 repl.say(repl.banner())

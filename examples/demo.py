@@ -14,9 +14,14 @@ Three processes, wired the way a toolstack would wire them:
 
 Every round prints one table row: how much was verified, how many bytes came back wrong
 (always 0, or devmodel has a bug), the cost of a trapped access, and how many page-ins,
-faults and revokes the round caused. Ctrl-C (or --rounds N) stops QEMU, then the device model
-(SIGTERM, its final counters are shown), then the lender (its summary is shown). Every child
-dies with this program, also on errors and when this program is killed.
+faults and revokes the round caused. Below the table, redrawn a few times a second, the map of
+the aperture (`query-map` on the device model's control socket, drawn by devmodel.mapview):
+windows the lender evicted, windows paging back in as the guest faults on them, and the rates.
+Without a terminal (a pipe, a log) the map is printed after each round instead. From a second
+terminal, `devmodel attach CONTROL_SOCKET` then `watch map` shows the same (the demo prints
+the socket's path; --control-socket fixes it). Ctrl-C (or --rounds N) stops QEMU, then the
+device model (SIGTERM, its final counters are shown), then the lender (its summary is shown).
+Every child dies with this program, also on errors and when this program is killed.
 
     ./scripts/demo                      # provisions the test bed first, then runs this
     examples/demo.py --rounds 3 --smp 2 --revoke-rate 5
@@ -38,12 +43,22 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from devmodel import mapview
+from devmodel.control.client import ConnectionLost, ControlClient, ControlError
+from devmodel.logs import clean
 from devmodel.sizes import parse_size
+from devmodel_wire.aperture_map import ApertureMap, parse_reply
+from devmodel_wire.control import ControlProtocolError, EventMessage
 
 REPO = Path(__file__).resolve().parents[1]
 QEMU_CONFIGS = REPO / "qemu-configs"
@@ -69,35 +84,121 @@ def fmt_mib(n: int) -> str:
 
 
 class Display:
-    """One status line that redraws in place on a terminal, plain lines elsewhere (logs, CI)."""
+    """On a terminal, the table and messages scroll while a live panel below them (the status
+    line, and the aperture map once there is one) redraws in place: rich's Live display. Not
+    on a terminal (logs, CI, a pipe), plain lines, and the map only when `print_map` asks."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.console = Console(file=stream, highlight=False, soft_wrap=False)
+        self.tty = self.console.is_terminal and not self.console.is_dumb_terminal
         self._status = ""
         self._spin = 0
+        self._map: Text | None = None
+        self._live: Live | None = None
+        if self.tty:
+            self._live = Live(console=self.console, auto_refresh=False, transient=True)
+            self._live.start()
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _refresh(self) -> None:
+        if self._live is None:
+            return
+        width = self.console.size.width - 3
+        status = Text(f"{SPINNER[self._spin]} {self._status}"[:width])
+        parts = [status] if self._map is None else [Text(""), self._map, status]
+        self._live.update(Group(*parts), refresh=True)
 
     def status(self, text: str) -> None:
-        if not self.tty:
-            if text != self._status:
-                self._status = text
-            return
-        self._spin = (self._spin + 1) % 4
-        width = shutil.get_terminal_size((100, 20)).columns - 3
-        line = f"{SPINNER[self._spin]} {text}"[:width]
-        self.stream.write(f"\r\033[K{line}")
-        self.stream.flush()
         self._status = text
+        if self.tty:
+            self._spin = (self._spin + 1) % 4
+            self._refresh()
+
+    def map(self, screen: Text | None) -> None:
+        """The live panel's map (a terminal only; `print_map` is for the rest)."""
+        self._map = screen
+        self._refresh()
+
+    def print_map(self, screen: Text) -> None:
+        self.console.print(screen)
+        self.console.print()
 
     def line(self, text: str = "") -> None:
-        """A permanent line; the status line, if any, is redrawn below it later."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """A permanent line, above the live panel if there is one (never wrapped by us: a log
+        keeps its lines whole, a terminal wraps them as it always did)."""
+        self.console.print(Text(text), soft_wrap=True)
 
     def step(self, what: str, seconds: float) -> None:
         self.line(f"  {what:<44} {seconds:5.1f} s")
+
+
+class ApertureView:
+    """The aperture map of the running device model, through its control socket: asked for
+    at most a few times a second, drawn to fit the terminal (or 80x24 without one)."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, path: Path, display: Display) -> None:
+        self.path = path
+        self.display = display
+        self.client: ControlClient | None = None
+        self.previous: ApertureMap | None = None
+        self.events: deque[str] = deque(maxlen=mapview.EVENT_LINES)
+        self.asked = 0.0
+
+    def connect(self) -> None:
+        """Connect, with a reader thread that takes every event as it comes: the device model
+        drops a client that leaves 1024 events unread, and the lender's first burst of grants
+        and evictions alone can be more than that between two maps."""
+        self.client = ControlClient(str(self.path), timeout=5)
+        self.client.start_reader(self._event)
+
+    def _event(self, event: EventMessage) -> None:
+        self.events.append(format_event(event))  # a deque: appended to from the reader thread
+
+    def screen(self) -> Text | None:
+        """A fresh map, or None once the device model is gone (the demo goes on without)."""
+        if self.client is None:
+            return None
+        console = self.display.console
+        width, height = console.size if self.display.tty else (80, 24)
+        # The panel below the table: at most 16 rows of cells (a small aperture has fewer:
+        # one cell per window), and room above it for the table's last rows.
+        height = min(height - 6, mapview.RESERVED_LINES + 16)
+        per_row, rows = mapview.grid_shape(width, height)
+        try:
+            m = parse_reply(self.client.execute("query-map", {"cells": per_row * rows}))
+        except (ConnectionLost, ControlError, ControlProtocolError, OSError, TimeoutError) as exc:
+            self.client.close()
+            self.client = None
+            self.display.line(f"  (no more aperture map: {type(exc).__name__}: {exc})")
+            return None
+        out = mapview.render(m, width, height, previous=self.previous, events=list(self.events))
+        self.previous = m
+        return out
+
+    def tick(self) -> None:
+        """On a terminal, redraw the live panel's map if it is time."""
+        now = time.monotonic()
+        if self.display.tty and now - self.asked >= self.INTERVAL:
+            self.asked = now
+            self.display.map(self.screen())
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def format_event(e: EventMessage) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e.time))
+    data = " ".join(f"{k}={v:#x}" if k in ("offset", "length") and isinstance(v, int)
+                    else f"{k}={v}" for k, v in e.data.items())
+    return clean(f"[{when}] {e.name} {data}".rstrip())
 
 
 # ---------------------------------------------------------------------------- children
@@ -216,6 +317,11 @@ class Demo:
         self.devmodel_counters: dict[str, int] | None = None
         self.devmodel_last_line = ""
         self.lender_summary: dict[str, str] = {}
+        self.control = (Path(args.control_socket) if args.control_socket
+                        else workdir / "control" / "qmp.sock")
+        self.view = ApertureView(self.control, display)
+        # The table's header again before the next row, after a map came between rows.
+        self.header_due = False
 
     # -- starting
 
@@ -251,12 +357,19 @@ class Demo:
         t0 = time.monotonic()
         dev_sock = self.workdir / "devmodel.sock"
         argv = [sys.executable, "-m", "devmodel", "run", "--socket-path", str(dev_sock),
-                "--aperture-size", str(a.aperture)]
+                "--aperture-size", str(a.aperture), "--control-socket", str(self.control)]
         if not a.builtin_lender:
             argv += ["--lender-socket", str(lender_sock), "--domid", "1"]
         self.devmodel = self._spawn("devmodel", argv)
         wait_for_socket(self.devmodel, dev_sock, 20, d, "starting the device model")
+        wait_for_socket(self.devmodel, self.control, 20, d, "starting the device model")
         d.step("device model listening", time.monotonic() - t0)
+        try:
+            self.view.connect()
+        except (OSError, ConnectionLost, ControlError, ControlProtocolError) as exc:
+            d.line(f"  (no aperture map: {exc})")
+        d.line(f"  watch it from another terminal: {REPO / '.venv' / 'bin' / 'devmodel'} "
+               f"attach {self.control}, then: watch map")
         append = (f"devmodel.rounds={a.rounds or 0} devmodel.bytes={a.bytes} "
                   f"devmodel.piece={a.piece}")
         argv = [str(QEMU_CONFIGS / "run-qemu"), "--socket", str(dev_sock), "--smp",
@@ -311,12 +424,16 @@ class Demo:
                     self.end = result
                 elif result.get("ok") is False:
                     raise DemoError(f"the guest failed: {result}")
+            self.view.tick()
             now = time.monotonic()
             if started is None:
                 d.status(f"booting the guest {now - self.boot_t0:4.1f} s  {last_console[:60]}")
             elif self.end is None:
+                verified = sum(r["bytes"] for r in self.rounds) / MIB
+                wrong = sum(r["mismatches"] for r in self.rounds)
                 d.status(f"round {len(self.rounds) + 1}: filling and verifying "
-                         f"{now - round_t0:4.1f} s  (Ctrl-C stops)")
+                         f"{now - round_t0:4.1f} s; so far {verified:.2f} MiB verified, "
+                         f"{wrong} mismatching  (Ctrl-C stops)")
         console.close()
         rc = self.qemu.stop(grace=5)
         if self.end is None and not self.interrupted:
@@ -326,9 +443,10 @@ class Demo:
     def _round(self, r: dict[str, Any]) -> None:
         counters = r.get("counters", {})
         before = self.rounds[-1].get("counters", {}) if self.rounds else {}
-        if not self.rounds:
+        if not self.rounds or self.header_due:
             self.display.line()
             self.display.line(row(COLUMNS))
+            self.header_due = False
         self.rounds.append(r)
 
         def delta(key: str) -> int:
@@ -340,6 +458,12 @@ class Demo:
             delta("page_ins"), delta("faults"), delta("revokes"), f"{r['ms'] / 1000:.1f}")))
         if r["mismatches"]:
             self.display.line(f"  first mismatch: {r.get('first_mismatch')}")
+        if not self.display.tty:  # no live panel: the map after each round instead
+            screen = self.view.screen()
+            if screen is not None:
+                self.display.line()
+                self.display.print_map(screen)
+                self.header_due = True
 
     # -- stopping
 
@@ -347,6 +471,8 @@ class Demo:
         """QEMU first (so that the device model never vanishes under a guest access), then the
         device model (it says BYE to the lender), then the lender (it prints its summary)."""
         d = self.display
+        self.view.close()
+        d.map(None)
         for child in (self.qemu, self.devmodel, self.lender):
             if child is None:
                 continue
@@ -372,6 +498,7 @@ class Demo:
                     if key:
                         self.lender_summary[key] = value
         d.status("")
+        d.close()
 
     def report(self) -> None:
         d = self.display
@@ -413,8 +540,12 @@ class Demo:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0]
-                                if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="demo.py", description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="The live map of the aperture is drawn below the rounds table. To watch it from "
+        "a second terminal instead: `.venv/bin/devmodel attach CONTROL_SOCKET` (the demo prints "
+        "the path; --control-socket fixes it), then `watch map` (Ctrl-C ends the view, `exit` "
+        "the REPL; the demo goes on).")
     p.add_argument("--rounds", type=int, help="stop after N rounds (default: until Ctrl-C)")
     p.add_argument("--smp", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--aperture", type=size_arg, default=64 * MIB, metavar="SIZE",
@@ -435,6 +566,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--piece", type=size_arg, default=64 << 10, metavar="SIZE",
                    help="the round's bytes come in pieces of this size spread evenly over the "
                    "aperture, each in another lease window (default 64K)")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="the device model's control socket (default: in the working directory); "
+                   "its directory must be private (0700) or missing")
     p.add_argument("--console", action="store_true", help="echo the guest console")
     p.add_argument("--keep", action="store_true",
                    help="keep the working directory with every log (it is printed)")

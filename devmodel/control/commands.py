@@ -28,6 +28,7 @@ from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
 from devmodel.leases.window import Window
 from devmodel.metrics.trace import set_tracing
+from devmodel_wire.aperture_map import MAX_CELLS, aggregate, cell_windows, encode_cells
 from devmodel_wire.control import (
     CAPABILITIES_COMMAND,
     COMMAND_NOT_FOUND,
@@ -237,6 +238,85 @@ async def query_windows(inst: Instance, client: ControlClient, args: dict[str, o
             break
         found.append(_window(w))
     return {"windows": found, "next": next_cursor}
+
+
+DEFAULT_CELLS: Final = 1024
+# Page-ins listed by query-map: a screen has room for a line of them, not for thousands.
+MAP_PAGE_INS: Final = 8
+
+
+@command(
+    "query-map",
+    "the aperture as at most CELLS cells, each the most urgent state of the windows it covers "
+    "(run-length encoded), with counters and page-ins in flight: one small answer per frame "
+    "of a live map",
+    {
+        "cells": Arg(
+            "int",
+            minimum=1,
+            help=f"at most this many cells (default {DEFAULT_CELLS}, at most {MAX_CELLS})",
+        ),
+    },
+)
+async def query_map(inst: Instance, client: ControlClient, args: dict[str, object]) -> object:
+    """One walk over the window table, folded into cells here rather than in the client, so
+    that 32768 windows cost a reply of a few hundred bytes (devmodel_wire.aperture_map)."""
+    cells = int(args.get("cells", DEFAULT_CELLS))  # type: ignore[call-overload]
+    if cells > MAX_CELLS:
+        raise CommandFailed(f"Parameter 'cells' must be at most {MAX_CELLS}")
+    e = inst.engine
+    granule = e.granule
+    windows = -(-e.size // granule)
+    per = cell_windows(windows, cells)
+    page_ins: list[dict[str, object]] = []
+    # Neighbours in one state are one run: a steady aperture of 32768 windows is a handful of
+    # runs for aggregate(). States are compared by identity (an Enum's hash and .value are
+    # Python-level calls, too slow for a walk over every window).
+    runs: list[tuple[int, int, WindowState]] = []
+    run_start = run_end = 0
+    run_state: WindowState | None = None
+    paging_in = WindowState.PAGING_IN
+    for w in e.windows():
+        st = w.state
+        if st is paging_in and len(page_ins) < MAP_PAGE_INS:
+            page_ins.append(
+                {
+                    "request": w.request_id,
+                    "offset": w.start,
+                    "length": w.length,
+                    "waiters": len(w.waiters),
+                }
+            )
+        if st is run_state and w.start == run_end:
+            run_end += w.length
+            continue
+        if run_state is not None:
+            runs.append((run_start, run_end, run_state))
+        run_start, run_end, run_state = w.start, w.start + w.length, st
+    if run_state is not None:
+        runs.append((run_start, run_end, run_state))
+    granules = dict.fromkeys(STATES, 0)
+    named = [(start, end, state.value) for start, end, state in runs]
+    for start, end, name in named:
+        granules[name] += (end - start) // granule
+    states = {WindowState.VACANT.value: windows - sum(granules.values()), **granules}
+    c = inst.counters
+    return {
+        "size": e.size,
+        "granule": granule,
+        "cell_windows": per,
+        "map": encode_cells(aggregate(named, e.size, per * granule)),
+        "states": states,
+        "page_ins": page_ins,
+        "counters": {
+            "faults": c.faults,
+            "page_ins": c.page_ins,
+            "revokes": c.revokes,
+            "grants": c.grants,
+        },
+        "uptime": inst.uptime(),
+        "in_flight": e.in_flight,
+    }
 
 
 @command(

@@ -8,6 +8,7 @@ Small rounds (256 KiB in 16 pieces, each in its own lease window of a 64 MiB ape
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,11 @@ def test_demo_with_the_reference_lender_pages_in_and_loses_nothing(
     # The table and both summaries reach the user.
     assert "mismatches" in proc.stdout and "0 mismatching byte(s)" in proc.stdout
     assert "device model, final counters:" in proc.stdout and "lender summary:" in proc.stdout
+    # Without a terminal the aperture map follows each round, in glyphs: 32 windows of 2 MiB,
+    # most of them evicted by the lender (8 MiB of VRAM), with its legend.
+    maps = re.findall(r"^ +0 ([#+.EeRrPpXx]{32})$", proc.stdout, re.MULTILINE)
+    assert len(maps) == ROUNDS, proc.stdout
+    assert all(m.count("E") + m.count("P") >= 20 for m in maps), maps
+    assert "one cell = 1 window (2M)" in proc.stdout
+    assert "legend: # resident  E evicted  R revoking  P paging-in  X lost  . vacant" in proc.stdout
+    assert "watch map" in proc.stdout  # how to watch it from a second terminal
