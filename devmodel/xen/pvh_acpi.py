@@ -122,7 +122,8 @@ def _read(platform: XenPlatform, address: int, length: int) -> bytes:
 
 def _candidate_pages() -> list[int]:
     low = range(LOW_RSDP_AREA[1] // PAGE_SIZE - 1, LOW_RSDP_AREA[0] // PAGE_SIZE - 1, -1)
-    acpi = range(ACPI_INFO_ADDRESS // PAGE_SIZE + 1, ACPI_INFO_ADDRESS // PAGE_SIZE + 1 + 18)
+    first = ACPI_INFO_ADDRESS // PAGE_SIZE + 1
+    acpi = range(first, first + ACPI_TABLE_PAGES)
     return [*low, *acpi]
 
 

@@ -184,6 +184,8 @@ class XenServer:
             self._claim_config_ports(sid)
             if self.pvh_acpi_root != "off":
                 self._add_acpi_root(sid)
+        elif self.pvh_acpi_root == "on":
+            log.warning("PVH ACPI: no PCI root added: the PCI configuration ports are not served")
         # Enable, then bind: Xen writes the vCPUs' ports into the page only at enable.
         setup.enable()
         self.workers = VcpuWorkers(

@@ -62,6 +62,9 @@ async def test_the_rsdp_points_at_our_tables_which_add_the_pci_root(
         assert b"PCI0" in ssdt and struct.pack("<I", eisa_id("PNP0A03")) in ssdt
         assert struct.pack("<II", WINDOW_32.base, WINDOW_32.end) in ssdt
         assert struct.pack("<QQ", WINDOW_64.base, WINDOW_64.end) in ssdt
+        # `rep movsl` of the XSDT's header into guest RAM (a memcpy from the table).
+        await sim.cpus[1].rep(TABLES_BASE, 4, 9, read=True, buffer=0x8000)
+        assert bytes(sim.ram_at(0x8000, 36)) == xsdt[:36]
         # Read-only: a guest write changes nothing and is counted.
         await sim.cpus[1].write(TABLES_BASE, 4, 0)
         assert await sim.cpus[0].read(TABLES_BASE, 4) == int.from_bytes(b"XSDT", "little")
@@ -94,7 +97,7 @@ async def test_off_an_hvm_guest_or_no_ports_leave_the_tables(
     device, _, counters = build_device()
     async with serving(sim, device, counters, **kwargs):
         assert bytes(sim.ram_at(at["RSDP"], 36)) == before
-        assert sim.cpus[0] and await sim.cpus[0].read(TABLES_BASE, 4) == 0xFFFF_FFFF
+        assert await sim.cpus[0].read(TABLES_BASE, 4) == 0xFFFF_FFFF  # nobody claimed it
 
 
 async def test_on_still_never_touches_an_hvm_guest(caplog: pytest.LogCaptureFixture) -> None:
@@ -129,3 +132,13 @@ async def test_a_missing_or_corrupt_table_is_a_warning_and_startup_goes_on(
             assert bytes(sim.ram_at(at["RSDP"], 36)) == before
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("PVH ACPI: no PCI root added" in r.getMessage() for r in warnings), caplog.text
+
+
+async def test_on_without_the_ports_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    sim = pvh_sim()
+    at = sim.add_libxl_acpi()
+    before = bytes(sim.ram_at(at["RSDP"], 36))
+    device, _, counters = build_device()
+    async with serving(sim, device, counters, pci_config_ports="off", pvh_acpi_root="on"):
+        assert bytes(sim.ram_at(at["RSDP"], 36)) == before
+    assert "the PCI configuration ports are not served" in caplog.text
