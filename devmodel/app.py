@@ -286,7 +286,11 @@ def _transport(
             ) from None
 
         async def start_xen(nursery: trio.Nursery) -> None:
-            start = functools.partial(serve_xen, pci_config_ports=settings.pci_config_ports)
+            start = functools.partial(
+                serve_xen,
+                pci_config_ports=settings.pci_config_ports,
+                pvh_acpi_root=settings.pvh_acpi_root,
+            )
             if xen_platform is not None:
                 start = functools.partial(start, platform=xen_platform(settings.domid))
             await nursery.start(start, backend, counters, settings.domid)

@@ -38,6 +38,7 @@ MAX_DOMID: Final = 0x7FEF
 MAX_SOCKET_PATH: Final = 107
 TRANSPORTS: Final = ("vfio-user", "xen")
 PCI_CONFIG_PORTS: Final = ("auto", "on", "off")
+PVH_ACPI_ROOT: Final = ("auto", "on", "off")
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -257,6 +258,16 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "choice",
     ),
     Option(
+        "pvh-acpi-root",
+        _choice(*PVH_ACPI_ROOT),
+        "auto",
+        "xen: add a PCI root (PNP0A03 with its windows) to a PVH guest's ACPI tables while it "
+        "is paused, so that its Linux scans bus 0 without pci=noacpi: on, off, or auto "
+        "(default: on whenever the configuration ports are served)",
+        "{auto,on,off}",
+        "choice",
+    ),
+    Option(
         "socket-path",
         _socket_path,
         None,
@@ -435,6 +446,7 @@ class Settings:
     domid: int = 0
     transport: str = "vfio-user"
     pci_config_ports: str = "auto"
+    pvh_acpi_root: str = "auto"
     socket_path: str | None = None
     fd: int | None = None
     lender_socket: str | None = None
@@ -545,6 +557,8 @@ def check(s: Settings) -> None:
             raise ConfigError("--socket-path and --fd cannot both be given")
         if s.pci_config_ports != "auto":
             raise ConfigError("--pci-config-ports belongs to the xen transport")
+        if s.pvh_acpi_root != "auto":
+            raise ConfigError("--pvh-acpi-root belongs to the xen transport")
     else:
         if s.socket_path is not None or s.fd is not None:
             raise ConfigError("--socket-path and --fd belong to the vfio-user transport")

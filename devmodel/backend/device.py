@@ -16,6 +16,7 @@ function (EINVAL, counted in `bad_accesses`); one to a region that is not a BAR 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from devmodel.backend.bus import MappedRange, Region, RegionBus, refusing_region
@@ -82,7 +83,9 @@ class DeviceBackend:
         bus.register(refusing_region(REGION_VGA, "VGA"))
         # Bound once: transports call these per access.
         self.lookup = bus.lookup
-        self.route = bus.route
+        self.route: Callable[[int], tuple[Region, int] | None] = bus.route
+        """The region at a guest address; the Xen transport may put a page of its own in
+        front (devmodel/xen/pvh_acpi.py serves a PVH guest's ACPI tables that way)."""
         function.on_decode_change = self._decode_changed
         self._decode_changed()
 

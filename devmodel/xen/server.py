@@ -27,7 +27,7 @@ import trio
 
 from devmodel.backend.bus import MappedRange
 from devmodel.backend.device import DeviceBackend, backend_for
-from devmodel.config import PCI_CONFIG_PORTS
+from devmodel.config import PCI_CONFIG_PORTS, PVH_ACPI_ROOT
 from devmodel.control.toolstack import StartupError
 from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
@@ -38,6 +38,7 @@ from devmodel.xen.p2m import EmulateEverything, P2mMapper
 from devmodel.xen.pci_ports import PciConfigPorts
 from devmodel.xen.platform import XenError, XenPlatform
 from devmodel.xen.posted import PostedWrites
+from devmodel.xen.pvh_acpi import PvhAcpiRoot, install_pvh_acpi_root
 from devmodel.xen.request import MAX_REP_BYTES, IoreqHandler
 from devmodel.xen.setup import DEFAULT_SBDF, STATE_KEY, IoreqServerSetup, Step
 from devmodel.xen.vcpus import VcpuWorkers
@@ -70,6 +71,7 @@ async def serve_xen(
     mapper: P2mMapper | None = None,
     state_key: str = STATE_KEY,
     pci_config_ports: str = "auto",
+    pvh_acpi_root: str = "auto",
     task_status: trio.TaskStatus[XenServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `device` (a PCI function or its backend) to guest `domid` until cancelled.
@@ -77,6 +79,8 @@ async def serve_xen(
     `pci_config_ports`: "on" to answer the PCI configuration ports 0xcf8-0xcff and present a
     host bridge (pci_ports.py), "off" not to, "auto" (default) to do so when the guest has no
     device model of its own (a PVH guest: no QEMU to answer them).
+    `pvh_acpi_root`: "on"/"auto" (default) to add a PCI root to a PVH guest's ACPI tables
+    when the ports are served (pvh_acpi.py), "off" not to.
 
     Without `platform` the real host is opened; either way this function owns the platform
     and closes it on the way out (and the backend, if it made one). A failure before the
@@ -88,8 +92,11 @@ async def serve_xen(
     backend, owned = backend_for(device)
     if pci_config_ports not in PCI_CONFIG_PORTS:
         raise ValueError(f"pci_config_ports must be one of {PCI_CONFIG_PORTS}")
+    if pvh_acpi_root not in PVH_ACPI_ROOT:
+        raise ValueError(f"pvh_acpi_root must be one of {PVH_ACPI_ROOT}")
     server = XenServer(backend, counters, platform, sbdf, mapper or EmulateEverything())
     server.pci_config_ports = pci_config_ports
+    server.pvh_acpi_root = pvh_acpi_root
     try:
         try:
             server.start(state_key.format(domid=domid))
@@ -133,6 +140,8 @@ class XenServer:
         self.pci_config_ports = "auto"
         self.ports: PciConfigPorts | None = None
         self._port_unclaims: list[Step] = []
+        self.pvh_acpi_root = "auto"
+        self.acpi: PvhAcpiRoot | None = None
 
     # --- what tests and the REPL look at --------------------------------------------------------
 
@@ -175,6 +184,10 @@ class XenServer:
         self.claims.start()
         if self._wants_config_ports():
             self._claim_config_ports(sid)
+            if self.pvh_acpi_root != "off":
+                self._add_acpi_root(sid)
+        elif self.pvh_acpi_root == "on":
+            log.warning("PVH ACPI: no PCI root added: the PCI configuration ports are not served")
         # Enable, then bind: Xen writes the vCPUs' ports into the page only at enable.
         setup.enable()
         self.workers = VcpuWorkers(
@@ -224,6 +237,13 @@ class XenServer:
         )
         self.ports = handler.ports = ports
         log.info("serving PCI configuration ports %#x-%#x and host bridge 00:00.0", first, last)
+
+    def _add_acpi_root(self, sid: int) -> None:
+        """Describe the PCI root in a PVH guest's ACPI tables (pvh_acpi.py); a warning if not."""
+        added = install_pvh_acpi_root(self.platform, sid, self.backend)
+        if added is not None:
+            self.acpi, undo = added
+            self._port_unclaims.append(("unclaim the ACPI tables' page", undo))
 
     async def run(self, task_status: trio.TaskStatus[XenServer]) -> None:
         """Start a worker per vCPU, report started, then dispatch events until cancelled."""

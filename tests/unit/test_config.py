@@ -89,6 +89,8 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"transport": "xen"}, "needs --domid"),
         ({"transport": "xen", "domid": "3", "socket-path": "/a"}, "belong to the vfio-user"),
         ({"transport": "tcp", "socket-path": "/a"}, "vfio-user, xen"),
+        ({"socket-path": "/a", "pvh-acpi-root": "on"}, "belongs to the xen transport"),
+        ({"transport": "xen", "domid": "3", "pvh-acpi-root": "yes"}, "auto, on, off"),
         ({"socket-path": "/a", "poll-max-us": "-1"}, "from 0 (off) to 1000 microseconds"),
         ({"socket-path": "/a", "poll-max-us": "5000"}, "from 0 (off) to 1000 microseconds"),
         ({"socket-path": "/a", "poll-max-us": "fast"}, "a number of microseconds"),
@@ -100,6 +102,12 @@ def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> N
     message = str(err.value)
     assert words in message, message
     assert "\n" not in message
+
+
+def test_pvh_acpi_root_is_a_xen_choice() -> None:
+    assert build_settings({"transport": "xen", "domid": "3"}).pvh_acpi_root == "auto"
+    s = build_settings({"transport": "xen", "domid": "3", "pvh-acpi-root": "off"})
+    assert s.pvh_acpi_root == "off"
 
 
 def test_remote_metrics_need_the_explicit_flag() -> None:

@@ -18,6 +18,9 @@ written at enable, so binding a port earlier fails with EINVAL), the first reque
 is an IOREQ_TYPE_INVALIDATE with count 0, and after `destroy_domain` (`xl destroy`) every call
 on the server fails with ENOENT.
 
+A PVH guest's ACPI tables as libxl lays them out (`add_libxl_acpi`): RAM pages at 0xFC000000
+(the acpi_info page, then the tables) and an RSDP either after them or at 0xFFFC0.
+
 Fault injection: `vcpus` larger than a page's slots, raw slots (any IoReq, or any 32 bytes),
 posted writes of any kind, raw bytes in the buffered ring, failing platform calls (`fail`).
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from devmodel.xen.platform import XenError
+from devmodel_wire.acpi import encode_table
 from devmodel_wire.xen import (
     IOREQ_READ,
     IOREQ_WRITE,
@@ -120,6 +124,8 @@ class SimHypervisor:
         self.device_model = device_model
         self.vcpus = vcpus
         self.ram = bytearray(ram)
+        # Guest RAM by guest-physical base: low RAM at 0, and whatever `add_ram` adds.
+        self.ram_regions: dict[int, bytearray] = {0: self.ram}
         self.servers: dict[int, SimServer] = {}
         self.next_server = 1
         self.restricted = False
@@ -281,12 +287,82 @@ class SimHypervisor:
         if not frames or frames != list(range(frames[0], frames[0] + len(frames))):
             raise XenError(errno.EINVAL, f"frames {frames} are not contiguous")
         start, end = frames[0] * PAGE_SIZE, (frames[-1] + 1) * PAGE_SIZE
-        if end > len(self.ram):
+        for base, region in self.ram_regions.items():
+            if base <= start and end <= base + len(region):
+                break
+        else:
             # Not RAM: MMIO (BARs, lent memory) or nothing. Foreign maps of it fail.
             raise XenError(errno.EFAULT, f"frames {frames[0]:#x}.. are not guest RAM")
         self.mapped_frames.append(list(frames))
-        view = memoryview(self.ram)[start:end]
+        view = memoryview(region)[start - base : end - base]
         return SimMapping(self, view if writable else view.toreadonly())
+
+    def add_ram(self, base: int, size: int) -> bytearray:
+        """Populate [base, base + size) (page-aligned) with zeroed guest RAM; returns it."""
+        assert base % PAGE_SIZE == 0 and size % PAGE_SIZE == 0
+        region = self.ram_regions[base] = bytearray(size)
+        return region
+
+    def ram_at(self, address: int, length: int) -> memoryview:
+        """Guest RAM at `address` (live), as a test reads or corrupts it."""
+        for base, region in self.ram_regions.items():
+            if base <= address and address + length <= base + len(region):
+                return memoryview(region)[address - base : address - base + length]
+        raise ValueError(f"{address:#x} is not guest RAM")
+
+    def add_libxl_acpi(self, *, rsdp_low: bool = False, rsdt: bool = True) -> dict[str, int]:
+        """The tables libxl builds for a PVH guest (libxl_x86_acpi.c, libacpi): the acpi_info
+        page at 0xFC000000, then FACS, DSDT, FADT, MADT, RSDT and XSDT in the pages after it,
+        and a revision 2 RSDP at the start of the page after the tables, or at 0xFFFC0 (what
+        libxl does for Linux kernels that do not read `hvm_start_info.rsdp_paddr`).
+        Returns each one's address by signature ("RSDP", "XSDT", ...)."""
+        info = 0xFC000000
+        region = self.add_ram(info, 4 * PAGE_SIZE)
+        at = {"FACS": info + 0x1000, "DSDT": info + 0x1040}
+        tables = {
+            "FACS": b"FACS" + (64).to_bytes(4, "little") + bytes(56),
+            "DSDT": encode_table(b"DSDT", b"\x10\x06\\_SB_", revision=2, oem_id=b"Xen   "),
+        }
+        fadt_body = bytearray(276 - 36)
+        fadt_body[0:4] = at["FACS"].to_bytes(4, "little")
+        fadt_body[4:8] = at["DSDT"].to_bytes(4, "little")
+        at["FADT"] = info + 0x1100
+        tables["FADT"] = encode_table(b"FACP", bytes(fadt_body), revision=5, oem_id=b"Xen   ")
+        at["APIC"] = info + 0x1300
+        tables["APIC"] = encode_table(b"APIC", bytes(8), revision=2, oem_id=b"Xen   ")
+        listed = [at["FADT"], at["APIC"]]
+        at["XSDT"] = info + 0x1400
+        tables["XSDT"] = encode_table(
+            b"XSDT",
+            b"".join(a.to_bytes(8, "little") for a in listed),
+            revision=1,
+            oem_id=b"Xen   ",
+            oem_table_id=b"HVM     ",
+        )
+        if rsdt:
+            at["RSDT"] = info + 0x1480
+            tables["RSDT"] = encode_table(
+                b"RSDT",
+                b"".join(a.to_bytes(4, "little") for a in listed),
+                revision=1,
+                oem_id=b"Xen   ",
+                oem_table_id=b"HVM     ",
+            )
+        for name, data in tables.items():
+            off = at[name] - info
+            region[off : off + len(data)] = data
+        rsdp = bytearray(36)
+        rsdp[0:8] = b"RSD PTR "
+        rsdp[9:15] = b"Xen   "
+        rsdp[15] = 2
+        rsdp[16:20] = at.get("RSDT", 0).to_bytes(4, "little")
+        rsdp[20:24] = (36).to_bytes(4, "little")
+        rsdp[24:32] = at["XSDT"].to_bytes(8, "little")
+        rsdp[8] = -sum(rsdp[:20]) & 0xFF
+        rsdp[32] = -sum(rsdp) & 0xFF
+        at["RSDP"] = 0x100000 - 64 if rsdp_low else info + 0x2000
+        self.ram_at(at["RSDP"], 36)[:] = rsdp
+        return at
 
     # ------------------------------------------------------------------ evtchn
 
