@@ -1,4 +1,4 @@
-"""The control protocol: JSON lines in the style of QMP, sans-IO (docs in README, "Attach").
+"""The control protocol: QEMU's QMP, narrowed to a device model, sans-IO (docs in README, "Attach").
 
 A toolstack, a monitoring agent or the debug REPL talks to a running device model over its
 control socket. The format is QEMU's QMP, narrowed to what a device model needs, so a client
