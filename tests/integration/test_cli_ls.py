@@ -134,3 +134,15 @@ def test_ls_counts_faults_per_second(tmp_path: Path) -> None:
         [rate] = trio.run(ask_while_faulting)
         control.close()
     assert rate is not None and rate > 0
+
+
+def test_ls_without_instances(tmp_path: Path) -> None:
+    empty = run_briefly("ls", str(tmp_path))
+    assert (empty.returncode, empty.stdout.strip()) == (
+        0,
+        f"no devmodel control sockets under {tmp_path}",
+    )
+    missing = run_briefly("ls", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "no such file or directory" in missing.stderr
+    default = run_briefly("ls", env={**os.environ, "DEVMODEL_RUNDIR": str(tmp_path / "none")})
+    assert default.returncode == 0 and "does not exist" in default.stdout
