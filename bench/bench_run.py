@@ -15,7 +15,10 @@ and with servers pinned to one CPU and clients to another where the machine has 
 
 Prints one table (figure, median, p99, ratio to its peer, target, pass/MISS) and writes JSON
 (--json; default ~/.cache/devmodel/bench/run-<time>.json) that a later run compares itself
-with: `bench/run --compare OLD.json` adds the ratio new/old per row. Not a test: the machines
+with: `bench/run --compare OLD.json` adds the ratio new/old per row. Each latency row keeps
+its distribution (`cdf`, quantiles), from which bench_plots.py draws PNG plots next to the JSON
+(--plots DIR elsewhere, --no-plots none): the trapped read per server, the fault next to a
+resident read, the revokes next to PING. Not a test: the machines
 here are small and noisy; the smoke test is tests/integration/test_bench_run.py.
 """
 
@@ -78,6 +81,21 @@ class Row:
     target: str = ""
     passed: bool | None = None
     note: str = ""
+    # Latency rows: the distribution as [fraction, value] pairs at CDF_FRACTIONS, what
+    # bench_plots.py draws (enough for a CDF and its tail; the raw samples would be MBs).
+    cdf: list[list[float]] | None = None
+
+
+# 0 to 0.99 in steps of 0.005, then the tail, then the maximum.
+CDF_FRACTIONS = (*(i / 200 for i in range(199)), 0.995, 0.999, 0.9999, 1.0)
+
+
+def cdf_points(samples: Sequence[float], unit: float = US) -> list[list[float]]:
+    """[fraction, value in `unit`] at CDF_FRACTIONS: the sample at index fraction * n, as
+    bench_leases.pct picks p99 (1.0 is the maximum)."""
+    ordered = sorted(samples)
+    n = len(ordered)
+    return [[f, round(ordered[min(n - 1, int(n * f))] / unit, 3)] for f in CDF_FRACTIONS]
 
 
 @dataclass
@@ -93,9 +111,11 @@ class Results:
         kept = bl.trimmed(list(samples)) if len(samples) >= 10 else list(samples)
         if not kept:
             return self.add(Row(key, figure, "us", note="no samples"))
-        return self.add(
-            Row(key, figure, "us", statistics.median(kept) / US, bl.pct(kept, 0.99) / US, len(kept))
+        row = Row(
+            key, figure, "us", statistics.median(kept) / US, bl.pct(kept, 0.99) / US, len(kept)
         )
+        row.cdf = cdf_points(kept)
+        return self.add(row)
 
     def missing(self, key: str, figure: str, unit: str, note: str) -> Row:
         return self.add(Row(key, figure, unit, note=note))
@@ -603,13 +623,16 @@ def compare_cells(row: Row, was: dict[str, Any] | None) -> str:
     return f"{r(row.median, was.get('median')):>8} {r(row.p99, was.get('p99')):>8}"
 
 
-def to_json(res: Results, plan: Plan, cpus: list[int], elapsed: float) -> dict[str, Any]:
+def to_json(
+    res: Results, plan: Plan, cpus: list[int], elapsed: float, pin: str = "split"
+) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
         "python": platform.python_version(),
         "cpus": cpus,
+        "pin": pin,
         "plan": asdict(plan),
         "seconds": round(elapsed, 1),
         "rows": [asdict(row) for row in res.rows.values()],
@@ -618,9 +641,27 @@ def to_json(res: Results, plan: Plan, cpus: list[int], elapsed: float) -> dict[s
 
 def from_json(data: dict[str, Any]) -> Results:
     res = Results()
+    known = set(Row.__dataclass_fields__)
     for r in data["rows"]:
-        res.add(Row(**r))
+        # Older runs lack newer fields (cdf), which default.
+        res.add(Row(**{k: v for k, v in r.items() if k in known}))
     return res
+
+
+def plot(data: dict[str, Any], out_dir: Path, stem: str) -> None:
+    """The PNG plots of a result (bench_plots.py), or one line saying why there are none."""
+    try:
+        import bench_plots  # noqa: PLC0415 (matplotlib: only when plotting)
+    except ImportError as exc:
+        print(f"plots: none ({exc}; install the bench extra: pip install -e '.[bench]')")
+        return
+    try:
+        written = bench_plots.write_plots(data, out_dir, stem)
+    except ImportError as exc:
+        print(f"plots: none ({exc}; install the bench extra: pip install -e '.[bench]')")
+        return
+    for path in written:
+        print(f"plot: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -632,6 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not build libvfio-user's sample server (a cached build is still used)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write PNG plots (latency CDFs of each figure and its peers) here, named after "
+        "the JSON file (default: next to it; with --results, only when given)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no plots")
     parser.add_argument("--compare", metavar="OLD.json", help="print the ratio new/old per row")
     parser.add_argument(
         "--results", metavar="NEW.json", help="do not measure: show these results (with --compare)"
@@ -657,7 +705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if old.get("schema") != SCHEMA:
             parser.error(f"{args.compare}: not a bench/run result of schema {SCHEMA}")
     if args.results:
-        print_table(from_json(json.loads(Path(args.results).read_text())), old)
+        data = json.loads(Path(args.results).read_text())
+        print_table(from_json(data), old)
+        if args.plots and not args.no_plots:
+            plot(data, Path(args.plots), Path(args.results).stem)
         return 0
     quick = args.quick
     plan = Plan(
@@ -692,8 +743,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(res, old)
     path = Path(args.json) if args.json else BENCH_CACHE / time.strftime("run-%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(res, plan, cpus, elapsed), indent=1) + "\n")
+    data = to_json(res, plan, cpus, elapsed, args.pin)
+    path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"results: {path}")
+    if not args.no_plots:
+        plot(data, Path(args.plots) if args.plots else path.parent, path.stem)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The `devmodel` command line: `run` (what a toolstack launches per guest) and `attach`.
+"""The `devmodel` command line: `run` (what a toolstack launches per guest), `attach` (the
+REPL on one instance's control socket) and `ls` (every instance on the host, at a glance).
 
 Exit status: 0 after a clean stop, 1 when the service could not start, 2 for a usage error
 (a bad option or configuration value), each error in one line on stderr: the conventions
@@ -116,6 +117,18 @@ def build_parser() -> _Parser:
     attach_p.add_argument(
         "--no-events", action="store_true", help="do not show events as they arrive"
     )
+
+    ls_p = sub.add_parser(
+        "ls",
+        help="list the running instances found by their control sockets",
+        description="Ask every device model whose control socket is under DIR, all at once: "
+        "domain, pid, transport, client and lender, leases, windows per state, faults per "
+        "second. One that does not answer within --timeout is shown as not answering; a "
+        "socket nobody listens on as stale.",
+    )
+    from devmodel.control import listing  # noqa: PLC0415 (small, and only trio)
+
+    listing.add_arguments(ls_p)
     return parser
 
 
@@ -209,10 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         if args.print_capabilities:
             return _print_capabilities()
-        parser.error("a command is required: run or attach")
+        parser.error("a command is required: run, attach or ls")
     if args.command == "run":
         assert parser.run_parser is not None
         return _run(args, parser.run_parser)
+    if args.command == "ls":
+        from devmodel.control import listing  # noqa: PLC0415
+
+        return listing.main(args)
     from devmodel import repl  # noqa: PLC0415 (readline only for the REPL)
 
     return repl.main(args)

@@ -365,9 +365,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "control-socket",
         _socket_path,
         None,
-        "serve the control protocol (JSON lines, "
-        "QMP-style) on this unix socket; its directory is created 0700 if missing and must "
-        "not be accessible to others",
+        "serve the control protocol (QMP) on this unix socket; its directory is created 0700 "
+        "if missing and must not be accessible to others",
         "PATH",
         "path",
     ),

@@ -1,4 +1,4 @@
-"""The control socket: QMP-style JSON lines (devmodel_wire.control) for toolstacks and people.
+"""The control socket: QMP (devmodel_wire.control) for toolstacks and people.
 
 Nothing a control client does may stall the device, so:
 
@@ -7,9 +7,10 @@ Nothing a control client does may stall the device, so:
 - the send queue is bounded (`SEND_QUEUE` messages): events are pushed without waiting, and a
   client whose queue is full (it stopped reading) is dropped, as is one whose writes stay
   blocked longer than `SEND_STALL`;
-- a line longer than `MAX_COMMAND_LINE` ends the client (after an error reply), malformed JSON
-  only earns an error reply; each command is followed by a checkpoint, so a client pipelining
-  thousands of commands yields to the device between them;
+- commands are a JSON stream, as in QMP (devmodel_wire.control); one longer than
+  `MAX_COMMAND_LINE` ends the client (after an error reply), malformed JSON only earns an
+  error reply; each command is followed by a checkpoint, so a client pipelining thousands of
+  commands yields to the device between them;
 - at most `MAX_CLIENTS` at once; more are told so and closed.
 
 Who may connect: the socket file is 0600 inside a private directory, and every peer's

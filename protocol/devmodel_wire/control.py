@@ -1,4 +1,4 @@
-"""The control protocol: JSON lines in the style of QMP, sans-IO (docs in README, "Attach").
+"""The control protocol: QEMU's QMP, narrowed to a device model, sans-IO (docs in README, "Attach").
 
 A toolstack, a monitoring agent or the debug REPL talks to a running device model over its
 control socket. The format is QEMU's QMP, narrowed to what a device model needs, so a client
@@ -11,19 +11,26 @@ that already speaks QMP (libxl's readiness check is `query-status`) needs no new
     S: {"return": {...}, "id": 7}                                or {"error": {"class", "desc"}}
     S: {"event": "LEASE_REVOKED", "data": {...}, "timestamp": {"seconds": .., "microseconds": ..}}
 
-One JSON object per line (LF; a CR before it is ignored). Events reach a client only after it
+The server writes one JSON object per line (LF). It reads commands as QMP does, as a stream
+of JSON objects: a command ends where its object closes, with or without a newline after it,
+because stock QMP clients (QEMU's own qemu.qmp library, qmp-shell) send objects back to back
+without one; a command may span lines. Anything at the top level that is not an object ends at
+the next newline and is answered with an error, as is an object nested deeper than
+`MAX_NESTING` or holding a raw newline inside a string; the rest of that line is skipped, so a
+person typing into `socat` resynchronises at the next line. Events reach a client only after it
 has left negotiation mode, as in QMP, so a one-shot script never has to skip them before its
 first answer. Commands are answered in the order they arrive; `id` (any JSON value) is echoed.
 
-Malformed input never raises out of a connection except for a line over the length limit,
-which is fatal (`ControlProtocolError`, `fatal=True`): a peer that sends megabytes without a
-newline is not speaking this protocol, and buffering it would let it grow our memory.
+Malformed input never raises out of a connection except for a command over the length limit,
+which is fatal (`ControlProtocolError`, `fatal=True`): a peer that sends megabytes without
+ending a command is not speaking this protocol, and buffering it would let it grow our memory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -36,6 +43,9 @@ MAX_COMMAND_LINE: Final = 64 << 10
 # Answers can be long (a page of windows, the metrics text), events short; a client bounds them
 # too, so that a confused server cannot make a client buffer without limit.
 MAX_REPLY_LINE: Final = 16 << 20
+# QEMU's JSON parser refuses nesting deeper than this (json-streamer.c, MAX_NESTING); so do we,
+# before json.loads can recurse that far.
+MAX_NESTING: Final = 1024
 
 CAPABILITIES_COMMAND: Final = "qmp_capabilities"
 
@@ -222,6 +232,174 @@ class LineBuffer:
         return line.rstrip(b"\r")
 
 
+class FramingError:
+    """A command that cannot be JSON, known before it is parsed (the framer's verdict)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+# What is significant in each framer state (everything else is copied as it is).
+_IN_STRING: Final = re.compile(rb'["\\\n]')
+_IN_OBJECT: Final = re.compile(rb'["{}\[\]]')
+_NOT_SPACE: Final = re.compile(rb"[^ \t\r\n]")
+
+
+class JsonStream:
+    """Splits a client's byte stream into commands the way QMP does: one per top-level JSON
+    object, newline or not; a top-level run that does not start an object ends at a newline.
+
+    Only brackets, strings and escapes are tracked (json.loads still parses each command), so
+    this is a scan of each byte once, whatever the chunking. Never holds more than `max_line`
+    bytes of one command.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_depth",
+        "_done",
+        "_garbage",
+        "_scanned",
+        "_skip",
+        "_string",
+        "max_line",
+    )
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()  # bytes not yet scanned
+        # Commands framed and not yet taken; a ControlProtocolError ends the list for good.
+        self._done: list[bytes | FramingError | ControlProtocolError] = []
+        self._closed = False
+        self._depth = 0
+        self._string = False
+        self._garbage = False  # a top-level run that is not an object: up to the newline
+        self._skip = False  # after a framing error: drop the rest of the line
+        self._scanned = 0
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the peer (b"" at its end); never raises: a command over the limit is
+        reported, in its turn, by `next_message`."""
+        if self._fatal:
+            return
+        if not data:
+            self._closed = True
+        else:
+            self._buf += data
+        try:
+            self._scan()
+        except ControlProtocolError as exc:
+            self._done.append(exc)
+            self._buf.clear()
+
+    @property
+    def _fatal(self) -> bool:
+        return bool(self._done) and isinstance(self._done[-1], ControlProtocolError)
+
+    def _emit(self, end: int, error: str | None = None) -> None:
+        if end > self.max_line:
+            raise ControlProtocolError(f"command longer than {self.max_line} bytes")
+        message = bytes(self._buf[:end])
+        del self._buf[:end]
+        self._scanned = 0
+        self._depth = 0
+        self._string = self._garbage = False
+        if error is not None:
+            self._done.append(FramingError(error))
+            self._skip = True
+        else:
+            self._done.append(message.rstrip(b"\r"))
+
+    def _scan(self) -> None:
+        buf = self._buf
+        i = self._scanned
+        while True:
+            if self._skip:
+                at = buf.find(b"\n", i)
+                if at < 0:
+                    del buf[:]
+                    i = 0
+                    break
+                del buf[: at + 1]
+                i = 0
+                self._skip = False
+                continue
+            if self._garbage:
+                at = buf.find(b"\n", i)
+                if at < 0:
+                    i = len(buf)
+                    break
+                self._emit(at)
+                del buf[:1]
+                i = 0
+                continue
+            if self._depth == 0:
+                m = _NOT_SPACE.search(buf, i)
+                if m is None:
+                    del buf[:]
+                    i = 0
+                    break
+                del buf[: m.start()]
+                i = 1
+                if buf[0] in b"{[":
+                    self._depth = 1
+                else:
+                    self._garbage = True
+                continue
+            m = (_IN_STRING if self._string else _IN_OBJECT).search(buf, i)
+            if m is None:
+                i = len(buf)
+                break
+            c = buf[m.start()]
+            i = m.end()
+            if self._string:
+                if c == 0x5C:  # backslash: the next byte is escaped, whatever it is
+                    if i >= len(buf):
+                        i -= 1  # scan the backslash again once its escaped byte is here
+                        break
+                    i += 1
+                elif c == 0x22:
+                    self._string = False
+                else:  # a raw newline: no JSON string holds one; end the command there
+                    self._emit(m.start(), "JSON parse error: newline inside a string")
+                    i = 0
+            elif c == 0x22:
+                self._string = True
+            elif c in b"{[":
+                self._depth += 1
+                if self._depth > MAX_NESTING:
+                    self._emit(i, "JSON nested too deeply")
+                    i = 0
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._emit(i)
+                    i = 0
+        self._scanned = i
+        if len(buf) > self.max_line:
+            raise ControlProtocolError(f"command longer than {self.max_line} bytes")
+
+    def next_message(self) -> bytes | FramingError | Sentinel:
+        """The next command's bytes (or why it is not JSON), NEED_DATA, or CLOSED; raises
+        ControlProtocolError (fatal) when it comes to a command over the length limit."""
+        if self._done:
+            message = self._done[0]
+            if isinstance(message, ControlProtocolError):
+                raise message
+            del self._done[0]
+            return message
+        if self._closed:
+            if self._buf and not self._skip:
+                # What is left is a last command without its end: json.loads says what is wrong.
+                self._emit(len(self._buf))
+                return self.next_message()
+            return CLOSED
+        return NEED_DATA
+
+
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -295,7 +473,7 @@ class _LineConnection:
                 return line
 
 
-class ServerConnection(_LineConnection):
+class ServerConnection:
     """The device model's side of one control connection.
 
     Feed it bytes; `next_event()` gives Commands to execute, BadCommands to answer with their
@@ -305,13 +483,20 @@ class ServerConnection(_LineConnection):
     """
 
     def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
-        super().__init__(max_line)
+        self._stream = JsonStream(max_line)
         self.events_enabled = False
 
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client (b"" at its end). Raises ControlProtocolError (fatal) once
+        a command outgrows the length limit."""
+        self._stream.feed(data)
+
     def next_event(self) -> Command | BadCommand | Sentinel:
-        line = self._next_line()
+        line = self._stream.next_message()
         if isinstance(line, Sentinel):
             return line
+        if isinstance(line, FramingError):
+            return BadCommand(ErrorReply(GENERIC_ERROR, line.reason))
         parsed = parse_command(line)
         if isinstance(parsed, BadCommand):
             return parsed
@@ -476,6 +661,7 @@ __all__ = [
     "COMMAND_NOT_FOUND",
     "GENERIC_ERROR",
     "MAX_COMMAND_LINE",
+    "MAX_NESTING",
     "MAX_REPLY_LINE",
     "NEED_DATA",
     "NOT_SUPPORTED",
@@ -488,6 +674,7 @@ __all__ = [
     "ErrorReply",
     "EventMessage",
     "Greeting",
+    "JsonStream",
     "LineBuffer",
     "Return",
     "ServerConnection",

@@ -1,5 +1,6 @@
 """Smoke test of bench/run: a --quick run ends, prints one table, and writes JSON with every
-row, each either measured or saying why not; a later run compares itself with it.
+row, each either measured or saying why not, and PNG plots next to it; a later run compares
+itself with it.
 
 No timing is asserted (the machines are noisy). --no-build keeps a fresh machine from building
 libvfio-user here (a cached build is used when there is one; otherwise its row says so).
@@ -71,6 +72,12 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     for key in ("own_time", "fault", "revoke_idle", "revoke_reads", "ready", "idle_rss"):
         assert rows[key]["target"] and rows[key]["passed"] in (True, False), key
     assert f"results: {out}" in done.stdout
+    # Latency rows keep their distribution, drawn as PNG plots next to the JSON.
+    assert rows["fault"]["cdf"] and rows["trapped_floor"]["cdf"]
+    for name in ("trapped-read", "fault", "revoke"):
+        plot = tmp_path / f"run-{name}.png"
+        assert f"plot: {plot}" in done.stdout
+        assert plot.read_bytes()[:4] == b"\x89PNG"
 
     # The JSON shown again against itself: every ratio new/old is 1.
     shown = subprocess.run(

@@ -75,11 +75,41 @@ def test_commands_with_ids_arguments_and_crlf() -> None:
     conn = negotiated()
     conn.receive_data(b'{"execute":"a","arguments":{"x":1},"id":{"k":[1]}}\r\n\n  \n')
     conn.receive_data(b'{"execute":"b"}')
-    [a] = events(conn)
+    a, b = events(conn)
     assert isinstance(a, Command) and a.arguments == {"x": 1} and a.id == {"k": [1]}
-    conn.receive_data(b"\n")
-    [b] = events(conn)
+    # The object's end ends the command: no newline needed (stock QMP clients send none).
     assert isinstance(b, Command) and not b.has_id and b.arguments == {}
+    conn.receive_data(b"\n")
+    assert events(conn) == []
+
+
+def test_commands_are_a_json_stream_as_in_qmp() -> None:
+    """qemu.qmp sends objects back to back without newlines; a command may span lines."""
+    conn = negotiated()
+    conn.receive_data(b'{"execute":"a","id":"__qmp#00001"}{"execute":"b","arguments":{"s":"}{"}}')
+    conn.receive_data(b'  {"execute":\n "c",\r\n "arguments": {"s": "\\"\\n]"}}')
+    a, b, c = events(conn)
+    assert isinstance(a, Command) and a.id == "__qmp#00001"
+    assert isinstance(b, Command) and b.arguments == {"s": "}{"}
+    assert isinstance(c, Command) and c.name == "c" and c.arguments == {"s": '"\n]'}
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b'{"execute":"x","arguments":{"s":"unterminated\n', "newline inside a string"),
+        (b"[" * 2000 + b"]" * 2000 + b"\n", "nested too deeply"),
+        (b'}{"execute":"not-this"}\n', "JSON parse error"),
+        (b'"just a string" {"execute":"nor-this"}\n', "JSON parse error"),
+        (b'"just a string"\n', "must be a JSON object"),
+    ],
+)
+def test_bad_input_costs_the_rest_of_its_line(data: bytes, words: str) -> None:
+    conn = negotiated()
+    conn.receive_data(data + b'{"execute":"next"}')
+    bad, good = events(conn)
+    assert isinstance(bad, BadCommand) and words in bad.error.desc
+    assert isinstance(good, Command) and good.name == "next"
 
 
 @pytest.mark.parametrize(
