@@ -33,8 +33,9 @@ READY_LINE = "XENBED-READY"
 STEP_LINE = re.compile(r"^XENBED-STEP (\S+): exit (\d+) after ([\d.]+) s$", re.MULTILINE)
 MARKER = "xen_guest"
 # dom0/guest's line when a try of a guest died before /init and is retried.
-RETRY_LINE = re.compile(r"^guest (\S+): domain (\d+) triple-faulted before /init \(TCG\), retry",
-                        re.MULTILINE)
+RETRY_LINE = re.compile(
+    r"^guest (\S+): domain (\d+) (?:triple-faulted|crashed) before /init \(TCG\), retry",
+    re.MULTILINE)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
