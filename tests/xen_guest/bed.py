@@ -61,6 +61,46 @@ class Dom0Run:
         assert lines, f"guest {name} printed no {test} result: {self.results(name)}"
         return lines[-1]
 
+    def event(self, name: str, event: str) -> dict[str, Any]:
+        """bartest's `{"event": event, ...}` line in guest `name`; fails if there is none."""
+        lines = [r for r in self.results(name) if r.get("event") == event]
+        assert lines, f"guest {name} printed no {event} event: {self.results(name)}"
+        return lines[-1]
+
+    def devmodel_events(self, name: str) -> list[dict[str, Any]]:
+        """What `devmodel-bg start --events` recorded from guest `name`'s devmodel: its
+        control-socket events, in the order it sent them, between two bookkeeping lines."""
+        path = self.workdir / f"{name}.events"
+        assert path.exists(), f"no {path.name}: was devmodel started with --events?"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def devmodel_log(self, name: str) -> str:
         path = self.workdir / f"{name}.devmodel.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def most_page_ins_at_once(events: list[dict[str, Any]]) -> int:
+    """The most page-ins devmodel had outstanding at one moment, from its event stream.
+
+    A page-in is outstanding from its PAGE_IN_REQUESTED until a LEASE_GRANTED covering the
+    offset that was asked for (the grant answers it: the accesses waiting on the window are
+    served inside it) or its PAGE_IN_FAILED. devmodel starts a page-in only for an access
+    that found its window evicted, and on Xen a vCPU has one access outstanding at a time, so
+    two page-ins outstanding at once mean two vCPUs were waiting at once.
+    """
+    pending: dict[int, int] = {}  # request -> offset
+    most = 0
+    for line in events:
+        data = line.get("data", {})
+        match line.get("event"):
+            case "PAGE_IN_REQUESTED":
+                pending[data["request"]] = data["offset"]
+                most = max(most, len(pending))
+            case "LEASE_GRANTED":
+                start, end = data["offset"], data["offset"] + data["length"]
+                for request, offset in list(pending.items()):
+                    if start <= offset < end:
+                        del pending[request]
+            case "PAGE_IN_FAILED":
+                pending.pop(data["request"], None)
+    return most

@@ -13,7 +13,7 @@ import pytest
 
 from devmodel.pci.registers import INTERFACE_VERSION, MAGIC, REGISTERS
 
-from .bed import Dom0Run
+from .bed import Dom0Run, most_page_ins_at_once
 
 pytestmark = pytest.mark.xen_guest
 
@@ -197,13 +197,78 @@ def test_a_stopped_lender_is_declared_lost_and_reads_get_all_ones(dom0_suite: Do
     assert log.count("the ioreq server is already gone") == 1, log
 
 
+# dom0-suite's churn guests: bartest's churn over these windows and records per window and
+# thread (its churn_args), while the lender revokes at random.
+CHURN_WINDOWS = 8
+CHURN_SLOTS = 8
+
+
+def check_churn(dom0_suite: Dom0Run, name: str, guest_type: str) -> str:
+    """What a churn guest must show: two writer threads on two vCPUs, no record lost or torn,
+    windows revoked, faulted on and paged back in while they wrote, no access answered with
+    the failure policy, and a quiet devmodel log. Returns a one-line account for the report."""
+    check_served_guest(dom0_suite, name, guest_type, 16 << 20)
+    record = dom0_suite.guest(name)
+    assert record["report"].get("bartest") == 0, record
+    start = dom0_suite.event(name, "churning")
+    assert start["threads"] == 2 and start["cpus"] == 2, start
+    assert (start["windows"], start["slots"]) == (CHURN_WINDOWS, CHURN_SLOTS), start
+    lines = [r for r in dom0_suite.results(name) if r.get("test") == "churn"]
+    threads = sorted((r for r in lines if "thread" in r), key=lambda r: r["thread"])
+    summary = next(r for r in lines if r.get("summary"))
+    assert [t["thread"] for t in threads] == [0, 1], lines
+    assert sorted(t["cpu"] for t in threads) == [0, 1], f"each thread on its own vCPU: {lines}"
+    for t in threads:
+        assert (t["mismatches"], t["lost"], t["torn"], t["other"]) == (0, 0, 0, 0), t
+        assert t["passes"] >= 1 and t["reads"] == t["writes"] > 0, t
+        assert t["writes"] == t["passes"] * CHURN_WINDOWS * CHURN_SLOTS, t
+    final = summary["final"]
+    assert final["records"] == 2 * CHURN_WINDOWS * CHURN_SLOTS == final["reads"], summary
+    assert (final["mismatches"], final["lost"], final["torn"], final["other"]) == (
+        0, 0, 0, 0), final
+    assert summary["ok"] is True, summary
+    # The run proves something only if windows really went and came back under the writers.
+    churned = dom0_suite.event(name, "churned")
+    during = {k: churned["counters"][k] - start["counters"][k]
+              for k in ("revokes", "page_ins", "faults", "failed_accesses")}
+    assert during["revokes"] > 0 and during["page_ins"] > 0 and during["faults"] > 0, during
+    assert summary["counters"]["failed_accesses"] == 0, summary
+    log = check_devmodel_log(dom0_suite, name)
+    assert re.search(r"'failed_accesses': 0,", log), log
+    at_once = most_page_ins_at_once(dom0_suite.devmodel_events(name))
+    return (f"{name}: {threads[0]['passes']}+{threads[1]['passes']} passes in {churned['ms']} ms, "
+            f"revokes {during['revokes']}, page-ins {during['page_ins']}, faults "
+            f"{during['faults']}, at most {at_once} page-ins at once")
+
+
+def test_two_vcpus_write_through_random_revocation_on_hvm(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: an HVM guest with 2 vCPUs, devmodel serving a 16 MiB BAR0
+    from the reference lender in dom0, which revokes a resident window 10 times a second and
+    puts half its page-ins elsewhere in its VRAM. bartest's churn (a writer thread pinned to
+    each vCPU, 8-byte self-checking records in 8 windows, each read back) loses and tears no
+    record, no access falls back to the failure policy, windows were revoked, faulted on and
+    paged in while the threads wrote, and at some moment both vCPUs waited on page-ins of their
+    own (two page-ins outstanding at once in devmodel's events)."""
+    account = check_churn(dom0_suite, "hvm-churn", "HVM")
+    assert most_page_ins_at_once(dom0_suite.devmodel_events("hvm-churn")) >= 2, account
+    print(account)
+
+
+def test_two_vcpus_write_through_random_revocation_on_pvh(dom0_suite: Dom0Run) -> None:
+    """Runs on the real hypervisor: the same churn on a PVH guest with `pci=noacpi` (no QEMU:
+    devmodel serves the configuration ports too), the same lender revoking at random."""
+    account = check_churn(dom0_suite, "pvh-churn", "PVH")
+    print(account)
+
+
 def test_run_returns_the_commands_status(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: `run` exits with the status of the command dom0 ran (the
     suite's: the number of steps that failed), after dom0 powered the machine off."""
     steps = ["xl-info", "xl-list", "devmodel-handles", "pvh", "hvm", "hvm-devmodel",
              "hvm-devmodel-stop", "pvh-devmodel", "pvh-devmodel-stop", "pvh-pci-noacpi",
              "pvh-pci-noacpi-stop", "hvm-lender", "hvm-lender-stop", "hvm-lender-stopped",
-             "hvm-lender-stopped-stop"]
+             "hvm-lender-stopped-stop", "hvm-churn", "hvm-churn-stop", "pvh-churn",
+             "pvh-churn-stop"]
     failed = sum(dom0_suite.step(name)[0] != 0 for name in steps)
     assert dom0_suite.returncode == failed, dom0_suite.report()
     assert f"XENBED-EXIT {failed}" in dom0_suite.console
