@@ -42,6 +42,7 @@ from typing import Any
 import bench_leases as bl
 import bench_vfio_user as bv
 import trio
+import xen_table
 
 from devmodel.testing import VfioUserClient
 
@@ -623,6 +624,15 @@ def from_json(data: dict[str, Any]) -> Results:
     return res
 
 
+def print_xen(run_dir: str | None) -> None:
+    """The Xen figures (trapped reads through real event channels against a C ioreq server,
+    measured on the Xen test bed) after the table above: another transport and another
+    machine (TCG), so they get their own table and their own peer."""
+    if run_dir:
+        print()
+        print(xen_table.format_table(Path(run_dir)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
@@ -635,6 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", metavar="OLD.json", help="print the ratio new/old per row")
     parser.add_argument(
         "--results", metavar="NEW.json", help="do not measure: show these results (with --compare)"
+    )
+    parser.add_argument(
+        "--xen-results",
+        metavar="DIR",
+        help="also print the Xen figures of a saved xen-bench run (its run directory: "
+        "tests/xen_guest/dom0-bench, bench/xen_table.py)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
     parser.add_argument("--reads", type=int, help="trapped reads per server (default 20000)")
@@ -658,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.compare}: not a bench/run result of schema {SCHEMA}")
     if args.results:
         print_table(from_json(json.loads(Path(args.results).read_text())), old)
+        print_xen(args.xen_results)
         return 0
     quick = args.quick
     plan = Plan(
@@ -694,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(res, plan, cpus, elapsed), indent=1) + "\n")
     print(f"results: {path}")
+    print_xen(args.xen_results)
     return 0
 
 
