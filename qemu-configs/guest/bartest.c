@@ -35,8 +35,9 @@
  *   devmodel.peer=V:D     xbench, xfault: the peer's function (hex), a minimal C ioreq
  *                         server the figures are compared with (default: none)
  *   devmodel.per_round=N  xbench, xfault: timed reads per target and size in each round
- *                         (default 50; xfault: resident and peer reads after each fault)
- *                         xbench takes devmodel.rounds (default 20), xfault too (default 4)
+ *                         (default 50; xfault: resident and peer reads after each fault);
+ *                         xbench takes devmodel.rounds (0, the default, means 20)
+ *   devmodel.fault_rounds=N  xfault: rounds over the windows (default 4)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -76,7 +77,7 @@ struct options {
 	uint64_t rounds, piece, watch_ms, after_ms, pause_ms, window;
 	uint64_t windows, revokes, wait_ms, slots, run_ms;
 	unsigned peer_vendor, peer_device; /* 0: no peer */
-	uint64_t per_round;
+	uint64_t per_round, fault_rounds;
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -97,7 +98,7 @@ struct device {
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
 			     .iters = 20000, .scratch = -1, .piece = 256u << 10,
 			     .watch_ms = 30000, .window = 1, .windows = 8, .wait_ms = 30000,
-			     .slots = 32, .run_ms = 10000, .per_round = 50};
+			     .slots = 32, .run_ms = 10000, .per_round = 50, .fault_rounds = 4};
 static struct device dev, peer;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
@@ -247,6 +248,8 @@ static void parse_cmdline(void)
 			sscanf(tok + 14, "%x:%x", &opt.peer_vendor, &opt.peer_device);
 		else if (!strncmp(tok, "devmodel.per_round=", 19))
 			opt.per_round = parse_size(tok + 19);
+		else if (!strncmp(tok, "devmodel.fault_rounds=", 22))
+			opt.fault_rounds = parse_size(tok + 22);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -1805,7 +1808,8 @@ static int test_xbench(void)
  * and as many of the peer's BAR0. 8-byte reads. */
 static int test_xfault(void)
 {
-	uint64_t rounds = opt.rounds ? opt.rounds : 4, k = opt.per_round ? opt.per_round : 1;
+	uint64_t rounds = opt.fault_rounds ? opt.fault_rounds : 1;
+	uint64_t k = opt.per_round ? opt.per_round : 1;
 	uint64_t granule, nwin = opt.windows, r, w, i, f0, t0, dt, n_fault = 0, n_first_res = 0;
 	uint64_t n_res = 0, n_peer = 0, *fault, *first_res, *res, *peer_s;
 	long faults_off = counter_offset("faults");
