@@ -1,7 +1,8 @@
 """devmodel's figures through real Xen event channels, from a saved run of xen-bench.
 
 tests/xen_guest/dom0-bench (one boot of the Xen test bed) leaves in its run's directory the
-console of the guest bartest ran in, `hvm-bench.serial`: xbench (devmodel's BAR2 and BAR0 and
+console of the guest bartest ran in (`log/console/guest-xenbench.log`; an HVM guest's is
+`xenbench.serial`): xbench (devmodel's BAR2 and BAR0 and
 the C peer's BAR0, 4- and 8-byte reads timed one by one in interleaved rounds, on one vCPU and
 on two) and xfault (the first read of an evicted window next to resident reads and the
 peer's). This prints them as one table: median, p99, count and
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_LINE = re.compile(r"DEVMODEL-RESULT (\{.*\})")
-BENCH_GUEST = "hvm-bench"
+BENCH_GUEST = "xenbench"
 TARGETS = {
     "devmodel_bar2": "devmodel BAR2 (registers)",
     "devmodel_bar0": "devmodel BAR0 (lent memory, resident)",
@@ -46,12 +47,14 @@ class XenRow:
 
 
 def results(run_dir: Path, guest: str) -> list[dict[str, Any]]:
-    """bartest's result lines in a guest's console (HVM: NAME.serial in the run's directory)."""
-    path = run_dir / f"{guest}.serial"
-    if not path.exists():
-        return []
-    text = path.read_text(errors="replace")
-    return [json.loads(m) for m in RESULT_LINE.findall(text)]
+    """bartest's result lines in a guest's console: a PVH guest's as xenconsoled logs it, an
+    HVM guest's serial file."""
+    for path in (run_dir / "log" / "console" / f"guest-{guest}.log",
+                 run_dir / f"{guest}.serial"):
+        if path.exists():
+            text = path.read_text(errors="replace")
+            return [json.loads(m) for m in RESULT_LINE.findall(text)]
+    return []
 
 
 def xbench_rows(lines: list[dict[str, Any]]) -> list[XenRow]:
@@ -110,8 +113,8 @@ def fmt_ns(ns: float | None) -> str:
 def format_table(run_dir: Path) -> str:
     rows = table_rows(run_dir)
     if not rows:
-        return (f"no xen-bench results in {run_dir} (looked for bartest's lines in "
-                f"{BENCH_GUEST}.serial)")
+        return (f"no xen-bench results in {run_dir} (looked for bartest's lines in the "
+                f"{BENCH_GUEST} guest's console)")
     head = f"{'Xen figure (guest vCPU to dom0, real event channels)':<64} {'median':>9} " \
            f"{'p99':>9} {'count':>6}  ratio"
     out = [head, "-" * len(head)]

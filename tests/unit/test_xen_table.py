@@ -46,7 +46,9 @@ def run_dir(tmp_path: Path) -> Path:
     out.append(line({"test": "xfault", "ok": True, "fault": stats(200_000_000, 32),
                      "first_read_resident": stats(0, 0), "resident": stats(4_000_000),
                      "peer": stats(500_000)}))
-    (tmp_path / "hvm-bench.serial").write_text("".join(out))
+    console = tmp_path / "log" / "console"
+    console.mkdir(parents=True)
+    (console / "guest-xenbench.log").write_text("".join(out))
     return tmp_path
 
 
