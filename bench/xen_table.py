@@ -107,7 +107,9 @@ def fmt_ns(ns: float | None) -> str:
         return "-"
     if ns < 1e6:
         return f"{ns / 1e3:.1f} us"
-    return f"{ns / 1e6:.2f} ms"
+    if ns < 1e9:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e9:.2f} s"
 
 
 def format_table(run_dir: Path) -> str:

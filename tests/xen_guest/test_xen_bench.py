@@ -4,8 +4,9 @@ Runs on the real hypervisor: the step `xen-bench` of the shared boot (tests/xen_
 dom0-bench) serves a guest (PVH with pci=noacpi) at once by devmodel (borrowing from the
 reference lender) and by bench/xen_ioreq_peer.c, a minimal C alternate ioreq server, and
 bartest in the guest times reads of both. Not a timed test: under TCG the absolute numbers are
-TCG's and the host is shared, so no latency is asserted; these check that every figure was measured, is sane (ordered, counted, every value read back right)
-and came from the server it names, and print the table (bench/xen_table.py).
+TCG's and the host is shared, so no latency is asserted; these check that every figure was
+measured, is sane (ordered, counted, every value read back right) and came from the server it
+names, and print the table (bench/xen_table.py).
 
 With DEVMODEL_XEN_BENCH_DIR=DIR they check an earlier run's directory instead of booting
 (`qemu-configs/xen/run --workdir DIR -- tests/xen_guest/dom0-bench`).
@@ -59,8 +60,10 @@ def guest_record(run: Dom0Run, name: str) -> dict[str, Any]:
 
 
 def check_stats(stats: dict[str, Any], what: str) -> None:
-    assert stats["count"] > 0, (what, stats)
-    assert 0 < stats["min_ns"] <= stats["median_ns"] <= stats["p99_ns"] <= stats["max_ns"], (
+    """Counted and ordered. The fastest read may time 0 ns: on the test bed the guest's clock
+    did not always move across one trapped read (seen on a PVH guest under a loaded host)."""
+    assert stats["count"] > 0 and stats["median_ns"] > 0, (what, stats)
+    assert 0 <= stats["min_ns"] <= stats["median_ns"] <= stats["p99_ns"] <= stats["max_ns"], (
         what, stats)
 
 
