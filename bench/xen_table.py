@@ -117,12 +117,12 @@ def format_table(run_dir: Path) -> str:
     if not rows:
         return (f"no xen-bench results in {run_dir} (looked for bartest's lines in the "
                 f"{BENCH_GUEST} guest's console)")
-    head = f"{'Xen figure (guest vCPU to dom0, real event channels)':<64} {'median':>9} " \
+    head = f"{'Xen figure (guest vCPU to dom0, real event channels)':<68} {'median':>9} " \
            f"{'p99':>9} {'count':>6}  ratio"
     out = [head, "-" * len(head)]
     for row in rows:
         ratio = f"{row.ratio:.2f}x {row.peer}" if row.ratio is not None else ""
-        out.append(f"{row.figure:<64} {fmt_ns(row.median):>9} {fmt_ns(row.p99):>9} "
+        out.append(f"{row.figure:<68} {fmt_ns(row.median):>9} {fmt_ns(row.p99):>9} "
                    f"{row.count:>6}  {ratio}".rstrip())
     return "\n".join(out)
 
