@@ -45,6 +45,7 @@ from typing import Any
 import bench_leases as bl
 import bench_vfio_user as bv
 import trio
+import xen_table
 
 from devmodel.testing import VfioUserClient
 
@@ -664,6 +665,15 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> None:
         print(f"plot: {path}")
 
 
+def print_xen(run_dir: str | None) -> None:
+    """The Xen figures (trapped reads through real event channels against a C ioreq server,
+    measured on the Xen test bed) after the table above: another transport and another
+    machine (TCG), so they get their own table and their own peer."""
+    if run_dir:
+        print()
+        print(xen_table.format_table(Path(run_dir)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
@@ -683,6 +693,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", metavar="OLD.json", help="print the ratio new/old per row")
     parser.add_argument(
         "--results", metavar="NEW.json", help="do not measure: show these results (with --compare)"
+    )
+    parser.add_argument(
+        "--xen-results",
+        metavar="DIR",
+        help="also print the Xen figures of a saved xen-bench run (its run directory: "
+        "tests/xen_guest/dom0-bench, bench/xen_table.py)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
     parser.add_argument("--reads", type=int, help="trapped reads per server (default 20000)")
@@ -709,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table(from_json(data), old)
         if args.plots and not args.no_plots:
             plot(data, Path(args.plots), Path(args.results).stem)
+        print_xen(args.xen_results)
         return 0
     quick = args.quick
     plan = Plan(
@@ -748,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results: {path}")
     if not args.no_plots:
         plot(data, Path(args.plots) if args.plots else path.parent, path.stem)
+    print_xen(args.xen_results)
     return 0
 
 

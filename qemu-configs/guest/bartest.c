@@ -15,7 +15,7 @@
  *
  * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
  *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
- *                         watch stall demo bench evict churn
+ *                         watch stall demo bench evict churn xbench xfault
  *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
@@ -32,6 +32,12 @@
  *   devmodel.wait_ms=N    evict: give up waiting for those revokes after this long (default 30000)
  *   devmodel.slots=N      churn: records per window and thread (default 32)
  *   devmodel.run_ms=N     churn: how long the writer threads go on (default 10000)
+ *   devmodel.peer=V:D     xbench, xfault: the peer's function (hex), a minimal C ioreq
+ *                         server the figures are compared with (default: none)
+ *   devmodel.per_round=N  xbench, xfault: timed reads per target and size in each round
+ *                         (default 50; xfault: resident and peer reads after each fault);
+ *                         xbench takes devmodel.rounds (0, the default, means 20)
+ *   devmodel.fault_rounds=N  xfault: rounds over the windows (default 4)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -56,6 +62,8 @@
 #define TAIL_BYTES (64u << 10)
 #define REGS_BYTES 0x60u
 #define MAX_TESTS 16
+#define BAR2_MAGIC 0x4c444d44u /* "DMDL", devmodel's BAR2 offset 0 */
+#define PEER_MAGIC 0x52454550u /* "PEER", the peer's BAR0 offset 0 (bench/xen_ioreq_peer.c) */
 /* Linux's IORESOURCE_* bits as sysfs `resource` shows them. */
 #define IORESOURCE_IO 0x00000100ull
 #define IORESOURCE_MEM 0x00000200ull
@@ -68,6 +76,8 @@ struct options {
 	long scratch; /* BAR2 offset of a register free for tests; -1: none */
 	uint64_t rounds, piece, watch_ms, after_ms, pause_ms, window;
 	uint64_t windows, revokes, wait_ms, slots, run_ms;
+	unsigned peer_vendor, peer_device; /* 0: no peer */
+	uint64_t per_round, fault_rounds;
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -88,8 +98,8 @@ struct device {
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
 			     .iters = 20000, .scratch = -1, .piece = 256u << 10,
 			     .watch_ms = 30000, .window = 1, .windows = 8, .wait_ms = 30000,
-			     .slots = 32, .run_ms = 10000};
-static struct device dev;
+			     .slots = 32, .run_ms = 10000, .per_round = 50, .fault_rounds = 4};
+static struct device dev, peer;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
 
@@ -234,6 +244,12 @@ static void parse_cmdline(void)
 			opt.slots = parse_size(tok + 15);
 		else if (!strncmp(tok, "devmodel.run_ms=", 16))
 			opt.run_ms = parse_size(tok + 16);
+		else if (!strncmp(tok, "devmodel.peer=", 14))
+			sscanf(tok + 14, "%x:%x", &opt.peer_vendor, &opt.peer_device);
+		else if (!strncmp(tok, "devmodel.per_round=", 19))
+			opt.per_round = parse_size(tok + 19);
+		else if (!strncmp(tok, "devmodel.fault_rounds=", 22))
+			opt.fault_rounds = parse_size(tok + 22);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -268,13 +284,13 @@ static unsigned long read_hex(const char *dir, const char *name)
 	return strtoul(buf, NULL, 16);
 }
 
-static volatile uint8_t *map_bar(int index, uint64_t size)
+static volatile uint8_t *map_bar(const struct device *d, int index, uint64_t size)
 {
 	char path[400];
 	void *p;
 	int fd;
 
-	snprintf(path, sizeof(path), "%s/resource%d", dev.path, index);
+	snprintf(path, sizeof(path), "%s/resource%d", d->path, index);
 	fd = open(path, O_RDWR | O_SYNC);
 	if (fd < 0)
 		return NULL;
@@ -283,33 +299,34 @@ static volatile uint8_t *map_bar(int index, uint64_t size)
 	return p == MAP_FAILED ? NULL : p;
 }
 
-static void find_device(void)
+/* Finds the function vendor:device, enables it and maps its BAR0 and BAR2 into `d`. */
+static void find_device(struct device *d, unsigned vendor, unsigned device)
 {
 	struct dirent *e;
-	DIR *d = opendir(SYSFS_PCI);
+	DIR *dir = opendir(SYSFS_PCI);
 	char buf[1024], *p;
 	int i, fd;
 
-	if (!d)
+	if (!dir)
 		return;
-	while ((e = readdir(d))) {
+	while ((e = readdir(dir))) {
 		if (e->d_name[0] == '.')
 			continue;
-		snprintf(dev.path, sizeof(dev.path), SYSFS_PCI "/%s", e->d_name);
-		if (read_hex(dev.path, "vendor") == opt.vendor &&
-		    read_hex(dev.path, "device") == opt.device) {
-			snprintf(dev.name, sizeof(dev.name), "%s", e->d_name);
-			dev.found = 1;
+		snprintf(d->path, sizeof(d->path), SYSFS_PCI "/%s", e->d_name);
+		if (read_hex(d->path, "vendor") == vendor &&
+		    read_hex(d->path, "device") == device) {
+			snprintf(d->name, sizeof(d->name), "%s", e->d_name);
+			d->found = 1;
 			break;
 		}
 	}
-	closedir(d);
-	if (!dev.found)
+	closedir(dir);
+	if (!d->found)
 		return;
-	if (read_file(dev.path, "resource", buf, sizeof(buf)) > 0) {
+	if (read_file(d->path, "resource", buf, sizeof(buf)) > 0) {
 		p = buf;
 		for (i = 0; i < 6; i++) {
-			struct resource *r = &dev.res[i];
+			struct resource *r = &d->res[i];
 
 			if (sscanf(p, "%" SCNx64 " %" SCNx64 " %" SCNx64, &r->start, &r->end,
 				   &r->flags) != 3)
@@ -321,20 +338,20 @@ static void find_device(void)
 		}
 	}
 	/* Enabling turns on memory decoding; without it every access reads all-ones. */
-	snprintf(buf, sizeof(buf), "%s/enable", dev.path);
+	snprintf(buf, sizeof(buf), "%s/enable", d->path);
 	fd = open(buf, O_WRONLY);
 	if (fd >= 0) {
 		if (write(fd, "1", 1) != 1)
 			perror("bartest: enable");
 		close(fd);
 	}
-	if (dev.res[0].start) {
-		dev.bar0_size = dev.res[0].end - dev.res[0].start + 1;
-		dev.bar0 = map_bar(0, dev.bar0_size);
+	if (d->res[0].start) {
+		d->bar0_size = d->res[0].end - d->res[0].start + 1;
+		d->bar0 = map_bar(d, 0, d->bar0_size);
 	}
-	if (dev.res[2].start) {
-		dev.bar2_size = dev.res[2].end - dev.res[2].start + 1;
-		dev.bar2 = map_bar(2, dev.bar2_size);
+	if (d->res[2].start) {
+		d->bar2_size = d->res[2].end - d->res[2].start + 1;
+		d->bar2 = map_bar(d, 2, d->bar2_size);
 	}
 }
 
@@ -1553,6 +1570,321 @@ static int test_bench(void)
 	return 0;
 }
 
+/* ---- xbench, xfault: devmodel's trapped reads next to a minimal C ioreq server's (Xen) */
+
+/* What one series of timed reads came to; `v` is sorted in place. */
+struct xstats {
+	uint64_t count, min, median, p99, max, mean;
+};
+
+static void xstats_of(uint64_t *v, uint64_t n, struct xstats *st)
+{
+	uint64_t i, sum = 0;
+
+	memset(st, 0, sizeof(*st));
+	if (!n)
+		return;
+	qsort(v, n, sizeof(v[0]), cmp_u64);
+	for (i = 0; i < n; i++)
+		sum += v[i];
+	st->count = n;
+	st->min = v[0];
+	st->median = v[n / 2];
+	st->p99 = v[n * 99 / 100];
+	st->max = v[n - 1];
+	st->mean = sum / n;
+}
+
+static void add_xstats(struct line *l, const char *key, const struct xstats *st)
+{
+	add(l, ",\"%s\":{\"count\":%" PRIu64 ",\"median_ns\":%" PRIu64 ",\"p99_ns\":%" PRIu64
+	       ",\"min_ns\":%" PRIu64 ",\"max_ns\":%" PRIu64 ",\"mean_ns\":%" PRIu64 "}",
+	    key, st->count, st->median, st->p99, st->min, st->max, st->mean);
+}
+
+/* The peer's function, found (and enabled) on first use; 0 when there is none. */
+static int find_peer(void)
+{
+	if (!opt.peer_vendor)
+		return 0;
+	if (!peer.found)
+		find_device(&peer, opt.peer_vendor, opt.peer_device);
+	return peer.found && peer.bar0;
+}
+
+/* The targets: devmodel's register block (BAR2, trapped, answered from the device's registers),
+ * its lent memory (BAR0, trapped, a resident window of the lease engine) and the peer's BAR0. */
+enum { X_BAR2, X_BAR0, X_PEER, X_TARGETS };
+static const char *const xtarget_names[X_TARGETS] = {"devmodel_bar2", "devmodel_bar0",
+						     "peer_bar0"};
+#define X_SIZES 2
+#define X_SERIES (X_TARGETS * X_SIZES)
+
+struct xbench_thread {
+	pthread_t id;
+	int index, cpu, pin;
+	uint64_t rounds, per_round, n[X_SERIES], mismatches[X_SERIES];
+	uint64_t *samples[X_SERIES];
+	pthread_barrier_t *barrier;
+};
+
+static volatile uint8_t *xtarget_bar(int t)
+{
+	return t == X_BAR2 ? dev.bar2 : t == X_BAR0 ? dev.bar0 : peer.bar0;
+}
+
+/* Thread `index` reads its own page of devmodel's BAR0; BAR2 and the peer at offset 0. */
+static uint64_t xtarget_offset(int t, int index)
+{
+	return t == X_BAR0 ? 0x1000u * (unsigned)(index + 1) : 0;
+}
+
+/* Round r reads each target in turn, K times per size, all timed one by one; odd rounds go
+ * the other way round (targets and sizes), so that neither server always follows the other.
+ * Every value is checked against what the target held before the timing started. A warm-up
+ * round, untimed, comes first (first touches: page tables, the lease of devmodel's window). */
+static void *xbench_run(void *arg)
+{
+	struct xbench_thread *th = arg;
+	uint64_t want[X_SERIES], r, k, i, t0, dt, got;
+	int step, t, z, s, targets = peer.found && peer.bar0 ? X_TARGETS : X_PEER;
+	cpu_set_t set;
+
+	if (th->pin) {
+		CPU_ZERO(&set);
+		CPU_SET(th->index, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+	th->cpu = sched_getcpu();
+	wr(dev.bar0, xtarget_offset(X_BAR0, th->index), 8,
+	   0x5851000000000000ull | (uint64_t)th->index);
+	for (s = 0; s < X_SERIES; s++)
+		want[s] = rd(xtarget_bar(s / X_SIZES), xtarget_offset(s / X_SIZES, th->index),
+			     4u << (s % X_SIZES));
+	if (th->barrier)
+		pthread_barrier_wait(th->barrier);
+	for (r = 0; r <= th->rounds; r++) {
+		for (step = 0; step < targets * X_SIZES; step++) {
+			i = (r & 1) ? (uint64_t)(targets * X_SIZES - 1 - step) : (uint64_t)step;
+			t = (int)i / X_SIZES;
+			z = (int)i % X_SIZES;
+			s = t * X_SIZES + z;
+			for (k = 0; k < th->per_round; k++) {
+				t0 = now_ns();
+				got = rd(xtarget_bar(t), xtarget_offset(t, th->index), 4u << z);
+				dt = now_ns() - t0;
+				if (!r)
+					continue; /* the warm-up round */
+				th->samples[s][th->n[s]++] = dt;
+				th->mismatches[s] += got != want[s];
+			}
+		}
+	}
+	return NULL;
+}
+
+/* One variant: `nthreads` threads (one per vCPU) at once; one line per target and size with
+ * every thread's samples together, then a summary with devmodel's medians over the peer's. */
+static int xbench_variant(int nthreads, uint64_t rounds, uint64_t per_round)
+{
+	struct xbench_thread th[2];
+	pthread_barrier_t barrier;
+	uint64_t *all, total, mismatches = 0, peer_median[X_SIZES] = {0}, n;
+	struct xstats st[X_SERIES];
+	struct line l;
+	int i, s, started = 0, ok;
+
+	memset(th, 0, sizeof(th));
+	for (i = 0; i < nthreads; i++) {
+		th[i].index = i;
+		th[i].pin = 1;
+		th[i].rounds = rounds;
+		th[i].per_round = per_round;
+		th[i].barrier = nthreads > 1 ? &barrier : NULL;
+		for (s = 0; s < X_SERIES; s++) {
+			th[i].samples[s] = malloc(rounds * per_round * sizeof(uint64_t));
+			if (!th[i].samples[s])
+				return fail_line("xbench", "no memory for the samples");
+		}
+	}
+	if (nthreads > 1) {
+		pthread_barrier_init(&barrier, NULL, (unsigned)nthreads);
+		for (i = 0; i < nthreads; i++) {
+			if (pthread_create(&th[i].id, NULL, xbench_run, &th[i])) {
+				/* The barrier would never open. */
+				fail_line("xbench", "could not start %d threads", nthreads);
+				exit(1);
+			}
+			started++;
+		}
+		for (i = 0; i < started; i++)
+			pthread_join(th[i].id, NULL);
+		pthread_barrier_destroy(&barrier);
+	} else {
+		xbench_run(&th[0]);
+	}
+	all = malloc((size_t)nthreads * rounds * per_round * sizeof(uint64_t));
+	if (!all)
+		return fail_line("xbench", "no memory for the samples");
+	for (s = 0; s < X_SERIES; s++) {
+		uint64_t bad = 0;
+
+		for (total = 0, i = 0; i < nthreads; i++) {
+			memcpy(all + total, th[i].samples[s], th[i].n[s] * sizeof(uint64_t));
+			total += th[i].n[s];
+			bad += th[i].mismatches[s];
+		}
+		xstats_of(all, total, &st[s]);
+		if (!total)
+			continue;
+		mismatches += bad;
+		if (s / X_SIZES == X_PEER)
+			peer_median[s % X_SIZES] = st[s].median;
+		begin(&l, "xbench");
+		add(&l, ",\"ok\":%s,\"vcpus\":%d,\"target\":\"%s\",\"size\":%u,\"mismatches\":%" PRIu64,
+		    bad ? "false" : "true", nthreads, xtarget_names[s / X_SIZES],
+		    4u << (s % X_SIZES), bad);
+		add_xstats(&l, "reads", &st[s]);
+		emit(&l);
+	}
+	ok = !mismatches && st[0].count;
+	begin(&l, "xbench");
+	add(&l, ",\"ok\":%s,\"summary\":true,\"vcpus\":%d,\"rounds\":%" PRIu64
+		",\"per_round\":%" PRIu64 ",\"cpus\":[",
+	    ok ? "true" : "false", nthreads, rounds, per_round);
+	for (i = 0; i < nthreads; i++)
+		add(&l, "%s%d", i ? "," : "", th[i].cpu);
+	add(&l, "],\"devmodel\":\"%s\",\"peer\":\"%s\",\"mismatches\":%" PRIu64 ",\"ratio\":{",
+	    dev.name, peer.found ? peer.name : "", mismatches);
+	for (n = 0, s = 0; s < X_PEER * X_SIZES; s++) {
+		if (!peer_median[s % X_SIZES] || !st[s].count)
+			continue;
+		add(&l, "%s\"%s_read%u\":%.2f", n++ ? "," : "", xtarget_names[s / X_SIZES],
+		    4u << (s % X_SIZES), (double)st[s].median / (double)peer_median[s % X_SIZES]);
+	}
+	add(&l, "}");
+	emit(&l);
+	for (i = 0; i < nthreads; i++)
+		for (s = 0; s < X_SERIES; s++)
+			free(th[i].samples[s]);
+	free(all);
+	return !ok;
+}
+
+/* Trapped reads of 4 and 8 bytes, each timed on its own, of devmodel's BAR2 and BAR0 and of
+ * the peer's BAR0 (devmodel.peer), in interleaved rounds: one vCPU, then one thread per vCPU
+ * at once (devmodel answers each vCPU's slot in its own worker; the peer has one thread). */
+static int test_xbench(void)
+{
+	uint64_t rounds = opt.rounds ? opt.rounds : 20, per_round = opt.per_round;
+	int failed, ncpus = get_nprocs();
+
+	if (need_bar0("xbench"))
+		return 1;
+	if (!dev.bar2)
+		return fail_line("xbench", "cannot map BAR2 of %s", dev.name);
+	if (opt.peer_vendor && !find_peer())
+		return fail_line("xbench", "no peer function %04x:%04x (or its BAR0 does not map)",
+				 opt.peer_vendor, opt.peer_device);
+	if (peer.found && rd(peer.bar0, 0, 4) != PEER_MAGIC)
+		return fail_line("xbench", "the peer's BAR0 reads 0x%08" PRIx64
+				 ", not PEER (0x52454550)", rd(peer.bar0, 0, 4));
+	if (rd(dev.bar2, 0, 4) != BAR2_MAGIC)
+		return fail_line("xbench", "devmodel's BAR2 reads 0x%08" PRIx64
+				 ", not DMDL (0x4c444d44)", rd(dev.bar2, 0, 4));
+	if (!per_round)
+		per_round = 1;
+	failed = xbench_variant(1, rounds, per_round);
+	if (ncpus >= 2)
+		failed |= xbench_variant(2, rounds, per_round);
+	return failed;
+}
+
+/* The fault next to the resident read: the first read of each of devmodel.windows lease
+ * windows in turn, round after round, while the lender has room for fewer (the reference
+ * lender with little VRAM): each such read waits for a page-in, whose eviction of another
+ * window the lender does meanwhile. BAR2's FAULTS counter, read around each first read (not
+ * timed), says whether it waited; then devmodel.per_round resident reads of the same window
+ * and as many of the peer's BAR0. 8-byte reads. */
+static int test_xfault(void)
+{
+	uint64_t rounds = opt.fault_rounds ? opt.fault_rounds : 1;
+	uint64_t k = opt.per_round ? opt.per_round : 1;
+	uint64_t granule, nwin = opt.windows, r, w, i, f0, t0, dt, n_fault = 0, n_first_res = 0;
+	uint64_t n_res = 0, n_peer = 0, *fault, *first_res, *res, *peer_s;
+	long faults_off = counter_offset("faults");
+	struct xstats sf, sfr, sr, sp;
+	volatile uint64_t sink = 0;
+	struct line l;
+	int ok;
+
+	if (need_bar0("xfault"))
+		return 1;
+	if (!dev.bar2 || faults_off < 0)
+		return fail_line("xfault", "cannot map BAR2 of %s", dev.name);
+	if (opt.peer_vendor && !find_peer())
+		return fail_line("xfault", "no peer function %04x:%04x", opt.peer_vendor,
+				 opt.peer_device);
+	granule = rd(dev.bar2, GRANULE_REG, 4);
+	if (!granule || !nwin || nwin * granule > dev.bar0_size)
+		return fail_line("xfault", "bad geometry: granule %" PRIu64 ", %" PRIu64 " windows",
+				 granule, nwin);
+	fault = malloc(rounds * nwin * sizeof(uint64_t));
+	first_res = malloc(rounds * nwin * sizeof(uint64_t));
+	res = malloc(rounds * nwin * k * sizeof(uint64_t));
+	peer_s = malloc(rounds * nwin * k * sizeof(uint64_t));
+	if (!fault || !first_res || !res || !peer_s)
+		return fail_line("xfault", "no memory for the samples");
+	for (r = 0; r < rounds; r++) {
+		for (w = 0; w < nwin; w++) {
+			f0 = rd(dev.bar2, (uint64_t)faults_off, 8);
+			t0 = now_ns();
+			sink += rd(dev.bar0, w * granule + 0x100, 8);
+			dt = now_ns() - t0;
+			if (rd(dev.bar2, (uint64_t)faults_off, 8) != f0)
+				fault[n_fault++] = dt;
+			else
+				first_res[n_first_res++] = dt;
+			for (i = 0; i < k; i++) {
+				t0 = now_ns();
+				sink += rd(dev.bar0, w * granule + 0x100, 8);
+				res[n_res++] = now_ns() - t0;
+			}
+			for (i = 0; peer.found && i < k; i++) {
+				t0 = now_ns();
+				sink += rd(peer.bar0, 8, 8);
+				peer_s[n_peer++] = now_ns() - t0;
+			}
+		}
+	}
+	(void)sink;
+	xstats_of(fault, n_fault, &sf);
+	xstats_of(first_res, n_first_res, &sfr);
+	xstats_of(res, n_res, &sr);
+	xstats_of(peer_s, n_peer, &sp);
+	ok = n_fault > 0;
+	begin(&l, "xfault");
+	add(&l, ",\"ok\":%s,\"windows\":%" PRIu64 ",\"granule\":%" PRIu64 ",\"rounds\":%" PRIu64
+		",\"per_round\":%" PRIu64 ",\"size\":8,\"peer\":\"%s\"",
+	    ok ? "true" : "false", nwin, granule, rounds, k, peer.found ? peer.name : "");
+	add_xstats(&l, "fault", &sf);
+	add_xstats(&l, "first_read_resident", &sfr);
+	add_xstats(&l, "resident", &sr);
+	add_xstats(&l, "peer", &sp);
+	if (sr.median)
+		add(&l, ",\"fault_over_resident\":%.1f", (double)sf.median / (double)sr.median);
+	if (sp.median)
+		add(&l, ",\"resident_over_peer\":%.2f,\"fault_over_peer\":%.1f",
+		    (double)sr.median / (double)sp.median, (double)sf.median / (double)sp.median);
+	add_counters(&l);
+	emit(&l);
+	free(fault);
+	free(first_res);
+	free(res);
+	free(peer_s);
+	return !ok;
+}
+
 static const struct {
 	const char *name;
 	int (*run)(void);
@@ -1561,6 +1893,7 @@ static const struct {
 	{"regs", test_regs},           {"timing", test_timing},   {"smp", test_smp},
 	{"watch", test_watch},         {"stall", test_stall},     {"demo", test_demo},
 	{"bench", test_bench},         {"evict", test_evict},     {"churn", test_churn},
+	{"xbench", test_xbench},       {"xfault", test_xfault},
 };
 
 int main(int argc, char **argv)
@@ -1575,7 +1908,7 @@ int main(int argc, char **argv)
 		for (i = 1; i < argc && opt.ntests < MAX_TESTS; i++)
 			opt.tests[opt.ntests++] = argv[i];
 	}
-	find_device();
+	find_device(&dev, opt.vendor, opt.device);
 	begin_event(&l, "start");
 	add(&l, ",\"pciid\":\"%04x:%04x\",\"slot\":\"%s\",\"bytes\":%" PRIu64
 		",\"iters\":%" PRIu64 ",\"cpus\":%d",
