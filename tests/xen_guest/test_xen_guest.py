@@ -130,25 +130,34 @@ def test_devmodel_serves_an_hvm_guest_beside_qemu(dom0_suite: Dom0Run) -> None:
     assert "PCI configuration ports: left to the guest's device model" in log, log
 
 
-def test_devmodel_answers_a_pvh_guests_pci_configuration_ports(dom0_suite: Dom0Run) -> None:
+def test_a_pvh_guest_enumerates_the_function_with_no_kernel_option(dom0_suite: Dom0Run) -> None:
     """Runs on the real hypervisor: a PVH guest has no QEMU; devmodel (--pci-config-ports
-    auto) claims ports 0xcf8-0xcff and presents a host bridge, and the guest's Linux, with no
-    special kernel option, finds type 1 config access through them (before, it said `PCI:
-    Fatal: No config space access function found`)."""
+    auto) claims ports 0xcf8-0xcff, presents a host bridge, and (--pvh-acpi-root auto) adds a
+    PCI root to the guest's ACPI tables while it is paused, so the guest's Linux, with no
+    special kernel option, finds type 1 config access, takes bus 0 from ACPI, places both BARs
+    in the root's windows and enumerates the function; bartest's BAR0 and BAR2 accesses pass."""
+    check_served_guest(dom0_suite, "pvh-devmodel", "PVH")
     record = dom0_suite.guest("pvh-devmodel")
-    assert record["report"]["guest_type"] == "PVH", record
+    assert "00:00.0 1234:10e4" in record["report"]["pci"], record
     console = dom0_suite.console_of("pvh-devmodel")
     assert "PCI: Using configuration type 1 for base access" in console, console
     assert "No config space access function found" not in console, console
+    regs = decode_regs(dom0_suite.result("pvh-devmodel", "regs"))
+    assert regs["MAGIC"] == MAGIC and regs["APERTURE_SIZE"] == GIB, regs
+    boundary = dom0_suite.result("pvh-devmodel", "boundary")
+    assert boundary["ok"] and boundary["failures"] == 0, boundary
     log = check_devmodel_log(dom0_suite, "pvh-devmodel")
     assert "PCI configuration ports: served here (the guest has no device model" in log, log
     assert "serving PCI configuration ports 0xcf8-0xcff and host bridge 00:00.0" in log, log
+    assert re.search(r"PVH ACPI: PCI root PCI0 \(bus 0, windows 0xf0000000-0xfaffffff, "
+                     r"0x4000000000-0x7fffffffff\) added to the guest's XSDT", log), log
+    # Linux placed BAR0 in the 64-bit window and BAR2 in the 32-bit one (no firmware in PVH).
+    assert re.search(r"claimed MMIO: .*BAR0 0x40[0-9a-f]{8}-", log), log
 
 
 def test_a_pvh_guest_with_pci_noacpi_enumerates_the_function(dom0_suite: Dom0Run) -> None:
-    """Runs on the real hypervisor: libxl gives a PVH guest ACPI tables without a PCI host
-    bridge, so its Linux, which then takes PCI roots from ACPI only, scans no bus. With the
-    kernel option `pci=noacpi` it scans bus 0 itself through devmodel's configuration ports,
+    """Runs on the real hypervisor: with the kernel option `pci=noacpi` Linux ignores ACPI's
+    PCI roots (devmodel's included) and scans bus 0 itself through devmodel's configuration ports,
     finds the host bridge and the function, and bartest does the same BAR0 and BAR2 accesses as
     on the HVM guest."""
     check_served_guest(dom0_suite, "pvh-pci-noacpi", "PVH")
