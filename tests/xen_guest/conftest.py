@@ -64,7 +64,7 @@ def xenbed(pytestconfig: pytest.Config) -> Path:
         why = next((line.removeprefix("error: ") for line in reversed(lines)
                     if line.startswith("error: ")), lines[-1] if lines else "?")
         pytest.exit(f"the Xen test bed could not be provisioned: {why} "
-                    "(DEVMODEL_SKIP_XEN=1 makes scripts/check leave the Xen suite out)",
+                    "(scripts/check runs the Xen suite only with DEVMODEL_XEN=1)",
                     returncode=1)
     return XEN_CONFIGS
 
