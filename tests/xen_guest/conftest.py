@@ -12,6 +12,7 @@ scripts/check's, deselects them (see pytest_collection_modifyitems).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Generator, Iterator
@@ -86,6 +87,10 @@ def dom0_suite(xenbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFa
     workdir = tmp_path_factory.mktemp("xenbed")
     argv = [str(xenbed / "run"), "--workdir", str(workdir), "--script", str(SUITE),
             "--timeout", f"{BOOT_TIMEOUT:g}"]
+    # DEVMODEL_XEN_TCG_THREAD=single: every emulated CPU in one QEMU thread (run --tcg-thread),
+    # to see whether dom0's crashing programs come from a multi-threaded TCG race.
+    if tcg_thread := os.environ.get("DEVMODEL_XEN_TCG_THREAD"):
+        argv += ["--tcg-thread", tcg_thread]
     console = workdir.parent / f"{workdir.name}.console"
     t0 = time.monotonic()
     run = reaper.add(Process("xen-run", argv, workdir.parent / f"{workdir.name}.stderr",
