@@ -229,45 +229,20 @@ class LeaseEngine:
         return True
 
     async def read(self, offset: int, size: int) -> bytes:
-        observed = self._observed
-        start = _now() if observed else 0
-        w = self._table.find(offset)
-        if w is not None and w.state is _RESIDENT:
-            try:
-                data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
-            except OSError:
-                pass  # the slow path tries again and answers with the failure policy
-            else:
-                if len(data) == size:
-                    if observed:  # inline, not `_observe`: a call here costs 10% of a read
-                        ns = _now() - start
-                        if self._timing is not None:
-                            self._timing.access(ns)
-                        if self._tracer is not None:
-                            self._tracer(False, offset, data, ns)
-                    return data
-        return await self._slow(offset, size, None, start)
+        """A read that may wait: `read_now` when the window is resident, else the slow path
+        (page-in, deadline, failure policy)."""
+        data = self.read_now(offset, size)
+        if data is not None:
+            return data
+        return await self._slow(offset, size, None, _now() if self._observed else 0)
 
     async def write(self, offset: int, data: bytes) -> None:
-        observed = self._observed
-        start = _now() if observed else 0
-        w = self._table.find(offset)
-        if w is not None and w.state is _RESIDENT and w.prot & PROT_WRITE:
-            # A lender may write-seal its memfd after the grant (EPERM): the slow path tries
-            # again and answers with the failure policy instead of raising into the transport.
-            try:
-                done = os.pwrite(w.fd, data, w.fd_offset + offset - w.start) == len(data)
-            except OSError:
-                done = False
-            if done:
-                if observed:
-                    ns = _now() - start
-                    if self._timing is not None:
-                        self._timing.access(ns)
-                    if self._tracer is not None:
-                        self._tracer(True, offset, data, ns)
-                return
-        await self._slow(offset, len(data), data, start)
+        """A write that may wait: `write_now` when the window is resident and writable, else
+        the slow path. A lender may write-seal its memfd after the grant (EPERM): `write_now`
+        then declines and the slow path answers with the failure policy instead of raising
+        into the transport."""
+        if not self.write_now(offset, data):
+            await self._slow(offset, len(data), data, _now() if self._observed else 0)
 
     def _observe(self, write: bool, offset: int, data: bytes, ns: int, faulted: bool) -> None:
         timing = self._timing
