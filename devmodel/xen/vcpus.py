@@ -158,6 +158,7 @@ class VcpuWorkers:
         # Posted writes Xen queued before this request are performed before it (as QEMU does).
         if self.buf_port is not None:
             posted.drain()
+        req: IoReq | None = None
         if posted.done == posted.queued:  # none of them is left waiting for `run`
             if (
                 kind == _COPY
@@ -167,11 +168,13 @@ class VcpuWorkers:
             ):  # the hot case, a single access with its data inline: no IoReq built
                 answer = self.mmio_now(addr, size, bool(flags & FLAG_DIR_READ), data)
             else:
-                answer = self.serve_now(decode_ioreq(page, at))
+                req = decode_ioreq(page, at)
+                answer = self.serve_now(req)
             if answer is not LATER:
                 self._answer_now(vcpu, at, flags, answer)
                 return
-        self._requests[vcpu] = decode_ioreq(page, at)  # as Xen wrote it: state READY
+        # As Xen wrote it (state READY); decoded once, whichever way it came here.
+        self._requests[vcpu] = req if req is not None else decode_ioreq(page, at)
         set_slot_state(page, vcpu, IoreqState.INPROCESS)
         self._posted_before[vcpu] = posted.queued
         self.busy[vcpu] = True
