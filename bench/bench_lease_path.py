@@ -40,27 +40,6 @@ FIGURES = (
 )
 
 
-def measure(e2e: bl.EndToEnd, n: int, into: dict[str, list[float]]) -> None:
-    if e2e.client is None:
-        e2e.client = bl.RawClient(e2e.dm_sock)
-    fault, resident = bl.measure_e2e_faults(e2e.client, e2e.lender, n)
-    into["fault"] += fault
-    into["resident"] += resident
-    e2e.client.close()
-    e2e.client = None  # the load clients take the device's socket
-    answer = e2e.lender.ask("revokes", 0, n)
-    into["revoke"] += answer["revokes"]
-    into["ping"] += answer["pings"]
-    for load in ("reads", "posted"):
-        hammer = e2e.hammer(load)
-        try:
-            answer = e2e.lender.ask("revokes", 0, n)
-        finally:
-            bl.stop_hammer(hammer)
-        into[f"revoke_{load}"] += answer["revokes"]
-        into[f"ping_{load}"] += answer["pings"]
-
-
 def us(samples: list[float], q: float | None = None) -> float:
     if q is None:
         return statistics.median(samples) * 1e6
@@ -88,7 +67,7 @@ def main() -> int:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
             for tree in order:
-                measure(setups[tree], per_round, samples[tree])
+                bl.lease_round(setups[tree], per_round, samples[tree])
             order.reverse()
     finally:
         for e2e in setups.values():

@@ -1119,6 +1119,37 @@ def stop_hammer(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return load
 
 
+LEASE_LOADS = ("reads", "posted")
+"""The guest loads a revoke is measured under (hammer_process), after the idle one."""
+
+
+def lease_round(e2e: EndToEnd, n: int, into: dict[str, list[float]]) -> dict[str, float]:
+    """One round of the lease path's figures, `n` samples each, added to `into` under
+    fault, resident, revoke, ping, revoke_LOAD and ping_LOAD; returns each load client's
+    access rate (accesses/s), so a revoke under load says how hard the guest pushed."""
+    if e2e.client is None:
+        e2e.client = RawClient(e2e.dm_sock)
+    fault, resident = measure_e2e_faults(e2e.client, e2e.lender, n)
+    into["fault"] += fault
+    into["resident"] += resident
+    e2e.client.close()
+    e2e.client = None  # the load clients take the device's socket
+    answer = e2e.lender.ask("revokes", 0, n)
+    into["revoke"] += answer["revokes"]
+    into["ping"] += answer["pings"]
+    rates: dict[str, float] = {}
+    for load in LEASE_LOADS:
+        hammer = e2e.hammer(load)
+        try:
+            answer = e2e.lender.ask("revokes", 0, n)
+        finally:
+            counts = stop_hammer(hammer)
+        into[f"revoke_{load}"] += answer["revokes"]
+        into[f"ping_{load}"] += answer["pings"]
+        rates[load] = counts["accesses"] / counts["seconds"]
+    return rates
+
+
 def e2e(tmp: Path, repeat: int) -> dict[str, Any]:
     """Sections a) and b) through real processes; returns the lender's counters."""
     with EndToEnd(tmp) as setup:

@@ -25,6 +25,7 @@ here are small and noisy; the smoke test is tests/integration/test_bench_run.py.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -340,11 +341,8 @@ def run(
     lease_round = max(2, plan.repeat // plan.rounds)
     trapped: dict[str, list[float]] = {"floor": [], "lvu": [], "off": [], "on": []}
     own: list[float] = []
-    fault: list[float] = []
-    resident: list[float] = []
-    pings: dict[str, list[float]] = {"idle": [], "reads": [], "posted": []}
-    revokes: dict[str, list[float]] = {"idle": [], "reads": [], "posted": []}
-    loads: dict[str, list[float]] = {"reads": [], "posted": []}
+    lease: dict[str, list[float]] = collections.defaultdict(list)  # bl.lease_round's figures
+    loads: dict[str, list[float]] = {load: [] for load in bl.LEASE_LOADS}
     ready: list[float] = []
     try:
         with processes() as procs:
@@ -387,25 +385,9 @@ def run(
                     # 2. the device model's own time, in this process.
                     own += bv.device_model_own_times(max(1000, plan.own_reads // plan.rounds))
                     # 3. the lease path.
-                    if e2e.client is None:
-                        e2e.client = bl.RawClient(e2e.dm_sock)
-                    f, s = bl.measure_e2e_faults(e2e.client, e2e.lender, lease_round)
-                    fault += f
-                    resident += s
-                    e2e.client.close()
-                    e2e.client = None  # the load clients below take the device's socket
-                    answer = e2e.lender.ask("revokes", 0, lease_round)
-                    revokes["idle"] += answer["revokes"]
-                    pings["idle"] += answer["pings"]
-                    for load in ("reads", "posted"):
-                        hammer = e2e.hammer(load)
-                        try:
-                            answer = e2e.lender.ask("revokes", 0, lease_round)
-                        finally:
-                            load_counts = bl.stop_hammer(hammer)
-                        revokes[load] += answer["revokes"]
-                        pings[load] += answer["pings"]
-                        loads[load].append(load_counts["accesses"] / load_counts["seconds"])
+                    rates = bl.lease_round(e2e, lease_round, lease)
+                    for load, rate in rates.items():
+                        loads[load].append(rate)
                     # 4. start-up.
                     for i in range(plan.starts):
                         ready.append(time_to_ready(tmp, server_cpus, r * plan.starts + i))
@@ -444,31 +426,31 @@ def run(
     res.compare("own_time", "trapped_dm_off_vs_floor")
     check(own_row, "median <= 3 us", lambda m: m <= 3.0)
 
-    res.latency("resident", "lease: resident read, vfio-user round trip", resident)
-    ping = res.latency("ping", "lease: PING -> PONG, devmodel idle", pings["idle"])
+    res.latency("resident", "lease: resident read, vfio-user round trip", lease["resident"])
+    ping = res.latency("ping", "lease: PING -> PONG, devmodel idle", lease["ping"])
     res.compare("ping", "resident")
     ping.target = "<= 1.30x vfio-user RT"
     if ping.ratio is not None:
         ping.passed = ping.ratio <= 1.3
     rt = res.median("ping") or 0.0
     res_med = res.median("resident") or 0.0
-    fault_row = res.latency("fault", "lease: fault (evicted read, instant lender)", fault)
+    fault_row = res.latency("fault", "lease: fault (evicted read, instant lender)", lease["fault"])
     res.compare("fault", "resident")
     bound = res_med + rt + 20
     check(fault_row, f"<= resident + RT + 20 us = {bound:.0f} us", lambda m: m <= bound)
     idle_bound = rt + 20
-    row = res.latency("revoke_idle", "lease: REVOKE -> REVOKED, idle window", revokes["idle"])
+    row = res.latency("revoke_idle", "lease: REVOKE -> REVOKED, idle window", lease["revoke"])
     res.compare("revoke_idle", "ping")
     check(row, f"<= RT + 20 us = {idle_bound:.0f} us", lambda m: m <= idle_bound)
     for load, what in (("reads", "reads"), ("posted", "reads + posted writes")):
         rate = statistics.median(loads[load]) if loads[load] else 0.0
         row = res.latency(
-            f"revoke_{load}", f"lease: REVOKE -> REVOKED, load: {what}", revokes[load]
+            f"revoke_{load}", f"lease: REVOKE -> REVOKED, load: {what}", lease[f"revoke_{load}"]
         )
         row.note = f"{rate:,.0f} accesses/s"
         res.compare(f"revoke_{load}", "ping")
         check(row, f"<= 2 x (RT + 20 us) = {2 * idle_bound:.0f} us", lambda m: m <= 2 * idle_bound)
-        res.latency(f"ping_{load}", f"lease: PING -> PONG, load: {what}", pings[load])
+        res.latency(f"ping_{load}", f"lease: PING -> PONG, load: {what}", lease[f"ping_{load}"])
         res.compare(f"ping_{load}", "ping")
     counts = counts_engine + counts_link
     res.add(
