@@ -1417,14 +1417,15 @@ static int test_churn(void)
  * write whose read-back shows something else is unacknowledged: the record may then hold
  * either value, and the host checks that each such write is covered by a failed access.
  *
- * A read is classified as: ok; poison (a half is 0xdeadbeef, the lender's fill of freed
- * memory: devmodel read memory it no longer held); ones (all-ones, the failure policy);
+ * A read is classified as: ok; poison (a half holds the bytes de ad be ef, the lender's fill
+ * of freed memory: devmodel read memory it no longer held); ones (all-ones, the failure policy);
  * zero (the contents were lost); stale (an older record of this thread: a lost write); torn
  * (one half of the wanted record); other.
  */
 
 #define SOAK_THREADS 2
-#define SOAK_POISON 0xdeadbeefu
+/* The lender's poison, the bytes de ad be ef, read as a little-endian u32. */
+#define SOAK_POISON 0xefbeaddeu
 #define SOAK_SEQ_MAX 0x0fffffffu
 #define SOAK_PROGRESS_NS (30ull * 1000000000u)
 
@@ -1557,6 +1558,11 @@ static void add_soak_check(struct line *l, const char *key, const struct soak_ch
 
 static void soak_add(struct soak_check *sum, const struct soak_check *c)
 {
+	if (!soak_bad(sum) && !sum->ones && (soak_bad(c) || c->ones)) {
+		sum->first_off = c->first_off;
+		sum->first_want = c->first_want;
+		sum->first_got = c->first_got;
+	}
 	sum->reads += c->reads;
 	sum->ok += c->ok;
 	sum->poison += c->poison;
