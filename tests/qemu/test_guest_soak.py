@@ -129,13 +129,13 @@ class SoakStack:
             lambda s: s["leases"] == 0 and s["windows"].get("evicted", 0) == WINDOWS,
             "all revoked")
 
-    def settled_census(self, like: dict[str, int] | None) -> dict[str, int]:
-        """The census once it equals `like` (closing a departed client's fds may take the
-        device model a moment), or the last one seen after SETTLE_TIMEOUT."""
+    def settled_census(self, settled: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+        """The census once `settled` holds for it (closing a departed client's fds may take
+        the device model a moment), or the last one seen after SETTLE_TIMEOUT."""
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while True:
             found = census(self.pid)
-            if like is None or found == like or time.monotonic() > deadline:
+            if settled(found) or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)
 
@@ -186,7 +186,7 @@ def test_random_revoke_soak(stack: SoakStack, launch: Callable[..., RunningGuest
         stack.wait_stats(lambda s: sum(s["windows"].values()) == WINDOWS, "all lent",
                          STARTUP_TIMEOUT)
         stack.all_revoked()
-        before = stack.settled_census(None)
+        before = stack.settled_census(lambda c: c["memfd_fds"] == c["memfd_maps"] == 0)
         assert before["memfd_fds"] == 0 and before["memfd_maps"] == 0, before
         guest = launch(["soak"], server=stack.server, smp=2,
                        timeout=SOAK_SECONDS + GUEST_MARGIN,
@@ -207,7 +207,8 @@ def test_random_revoke_soak(stack: SoakStack, launch: Callable[..., RunningGuest
         assert sorted(t["cpu"] for t in threads) == [0, 1], "each thread on its own vCPU"
         for t in threads:
             assert _bad(t["sweeps"]) == NO_BAD and _bad(t["acks"]) == NO_BAD, t
-            assert t["passes"] >= 2 and t["writes"] == t["acked"] + t["unacked"], t
+            # The first pass (every record written, then swept) always runs to its end.
+            assert t["passes"] >= 1 and t["writes"] == t["acked"] + t["unacked"], t
             assert t["split_writes"] > 0 and t["sweeps"]["ok"] > 0, t
         for key in ("sweeps", "acks", "final"):
             assert _bad(summary[key]) == NO_BAD, (key, summary[key])
@@ -225,7 +226,7 @@ def test_random_revoke_soak(stack: SoakStack, launch: Callable[..., RunningGuest
 
         # The guest is gone: everything back to the lender, then the census again.
         stats = stack.all_revoked()
-        after = stack.settled_census(before)
+        after = stack.settled_census(lambda c: c == before)
         counters, lender = stack.stop()
         # The failure policy may answer an access if a page-in is late on a loaded host: that
         # is not a broken invariant, but every unacknowledged write and all-ones read must be
@@ -248,6 +249,7 @@ def test_random_revoke_soak(stack: SoakStack, launch: Callable[..., RunningGuest
         "split_writes": sum(t["split_writes"] for t in threads),
         "reads_verified": sum(summary[k]["reads"] for k in ("sweeps", "final")),
         "poison": sum(summary[k]["poison"] for k in ("sweeps", "acks", "final")),
+        "ones": {k: summary[k]["ones"] for k in ("sweeps", "acks", "final")},
         "stale_torn_zero_other": sum(sum(_bad(summary[k]).values()) - summary[k]["poison"]
                                      for k in ("sweeps", "acks", "final")),
         "during": during, "revoke_wait_ms": revoked["ms"],
