@@ -176,6 +176,8 @@ class LenderStats:
     moves: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    # Freed VRAM filled with POISON (--poison): shows a soak's poison check had poison to find.
+    bytes_poisoned: int = 0
     vram_used: int = 0
     vram_peak: int = 0
     vram_capacity: int = 0
@@ -572,6 +574,7 @@ class ReferenceLender:
     def _release(self, extents: list[Extent]) -> None:
         for extent in extents:
             scrub(self.heap_fds[extent.heap], extent.offset, extent.length, self.poison)
+            self._stats.bytes_poisoned += extent.length if self.poison else 0
             self.vram.release(extent)
         if extents:
             self._freed.set()
@@ -776,6 +779,7 @@ class ReferenceLender:
         assert extent is not None
         if scrub_it:
             scrub(self.heap_fds[extent.heap], extent.offset, extent.length, self.poison)
+            self._stats.bytes_poisoned += extent.length if self.poison else 0
         self.vram.release(extent)
         region.extent = None
         self._freed.set()
