@@ -30,6 +30,7 @@ import trio
 
 from devmodel.counters import DeviceCounters
 from devmodel.leases.backing import FdKey, FdStore, GrantRefused
+from devmodel.leases.dmabuf import DmabufMapping, DmabufSupport
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import LIVE, Trigger, WindowState, transition
 from devmodel.leases.table import WindowTable
@@ -37,10 +38,13 @@ from devmodel.leases.window import Pending, Window
 from devmodel.pci.errors import AccessError
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel_wire.lease.constants import (
+    FD_KIND_FEATURE,
+    GRANT_FD_KIND_MASK,
     GRANT_FLAGS_KNOWN,
     PROT_WRITE,
     VALID_PROTS,
     Access,
+    FdKind,
     NackReason,
     PageInStatus,
     RevokeMode,
@@ -166,6 +170,16 @@ class LeaseEngine:
         self._tracer = tracer
         self._observed = self._timing is not None or tracer is not None
 
+    @property
+    def dmabuf(self) -> DmabufSupport:
+        """How dma-buf leases reach the kernel (exporter allow-list, inspection, sync); tests
+        replace it to stand memfds in for dma-bufs."""
+        return self._fds.dmabuf
+
+    @dmabuf.setter
+    def dmabuf(self, support: DmabufSupport) -> None:
+        self._fds.dmabuf = support
+
     # ------------------------------------------------------------------ Aperture protocol
 
     @property
@@ -182,7 +196,8 @@ class LeaseEngine:
         and then the caller awaits `read`. Same rule as `read`: only a RESIDENT window is read,
         so nothing touches a page after its revoke."""
         w = self._table.find(offset)
-        if w is None or w.state is not _RESIDENT:
+        # A dma-buf lease (w.mem) takes the slow path's `_perform`, which brackets the access.
+        if w is None or w.state is not _RESIDENT or w.mem is not None:
             return None
         if not self._observed:
             try:
@@ -211,7 +226,7 @@ class LeaseEngine:
         `read_now`'s: only a RESIDENT window is written, with no await between the state test
         and the `pwrite`."""
         w = self._table.find(offset)
-        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
+        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE or w.mem is not None:
             return False
         observed = self._observed
         start = _now() if observed else 0
@@ -260,6 +275,7 @@ class LeaseEngine:
     def close(self) -> None:
         for w in list(self._table):
             self._fail_waiters(w.waiters, "device closing")
+            _unmap_own(w)
         self._fds.close_all()
         self._table = WindowTable()
         self._live.clear()
@@ -358,13 +374,17 @@ class LeaseEngine:
 
     def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
         at = w.fd_offset + offset - w.start
+        mem = w.mem  # a dma-buf lease: a mapping of the granted range, sync-bracketed
         try:
             if data is None:
-                got = os.pread(w.fd, size, at)
+                got = os.pread(w.fd, size, at) if mem is None else mem.read(offset - w.start, size)
                 if len(got) == size:
                     return got
             elif w.prot & PROT_WRITE:
-                if os.pwrite(w.fd, data, at) == len(data):
+                done = (
+                    os.pwrite(w.fd, data, at) if mem is None else mem.write(offset - w.start, data)
+                )
+                if done == len(data):
                     return b""
             else:
                 return self._fail(offset, size, data, "the lease is read-only")
@@ -424,7 +444,11 @@ class LeaseEngine:
         except GrantRefused:
             os.close(fd)
             raise
-        kept = self._fds.adopt(fd, fd_offset, length, prot, fd_key)
+        kind = flags & GRANT_FD_KIND_MASK
+        kept = self._fds.adopt(fd, fd_offset, length, prot, fd_key, kind)
+        mem: DmabufMapping | None = None
+        if kind == FdKind.DMABUF:
+            mem = self._map_dmabuf(kept, fd_offset, length, prot)
         end = offset + length
         served: list[Pending] = []
         for old in pieces:
@@ -441,7 +465,7 @@ class LeaseEngine:
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
-        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot)
+        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot, mem=mem)
         self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
@@ -456,6 +480,15 @@ class LeaseEngine:
             p.done.set()
         return len(served)
 
+    def _map_dmabuf(self, fd: int, fd_offset: int, length: int, prot: int) -> DmabufMapping:
+        """Map a dma-buf lease's range, or release `fd` and raise GrantRefused (BAD_FD: the
+        specification's "cannot be mapped"; an exporter may refuse mmap altogether)."""
+        try:
+            return self._fds.dmabuf.map(fd, fd_offset, length, prot)
+        except (OSError, ValueError, OverflowError) as exc:
+            self._fds.release(fd)
+            raise GrantRefused(NackReason.BAD_FD, f"dma-buf cannot be mapped: {exc}") from None
+
     def _check_grant(
         self, lease_id: int, offset: int, length: int, fd_offset: int, prot: int, flags: int
     ) -> list[Window]:
@@ -464,7 +497,7 @@ class LeaseEngine:
             raise GrantRefused(NackReason.DUPLICATE_LEASE_ID, f"lease {lease_id} already exists")
         if prot not in VALID_PROTS:
             raise GrantRefused(NackReason.BAD_PROTECTION, f"protection {prot:#x} is not R or RW")
-        if flags & ~GRANT_FLAGS_KNOWN:
+        if flags & ~GRANT_FLAGS_KNOWN or (flags & GRANT_FD_KIND_MASK) not in FD_KIND_FEATURE:
             raise GrantRefused(NackReason.UNSUPPORTED_FLAGS, f"grant flags {flags:#x} unknown")
         # docs/lease-protocol.md 9.2: a zero length and an fd_offset off the granule are
         # MISALIGNED too (a window must be mappable with pages of the granule's size).
@@ -539,7 +572,9 @@ class LeaseEngine:
 
     def _revoked(self, lease_id: int, w: Window, mode: RevokeMode) -> None:
         """The end of a revoke, once nothing outside the engine maps the window."""
-        # 4. Drop our own access to the memory, then (by returning) acknowledge.
+        # 4. Drop our own access to the memory (a dma-buf's mapping first), then (by
+        # returning) acknowledge.
+        _unmap_own(w)
         self._fds.release(w.fd)
         w.fd = -1
         del self._live[lease_id]
@@ -641,6 +676,7 @@ class LeaseEngine:
         same, but that is no lender failure to count or report.
         """
         for w in list(self._table):
+            _unmap_own(w)
             if w.fd >= 0:
                 self._fds.release(w.fd)
                 w.fd = -1
@@ -666,6 +702,14 @@ class LeaseEngine:
     def _emit(self, name: str, data: dict[str, object]) -> None:
         if self.on_event is not None:
             self.on_event(name, data)
+
+
+def _unmap_own(w: Window) -> None:
+    """Remove the engine's own mapping of a dma-buf lease (nothing for a memfd lease)."""
+    mem = w.mem
+    if mem is not None:
+        w.mem = None
+        mem.close()
 
 
 __all__ = [
