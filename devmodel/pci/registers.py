@@ -97,10 +97,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("POLL_MISSES", 0x90, 8, RO, "transport socket polls that ran out of budget"),
     Register("POLL_NS", 0x98, 8, RO, "CPU time spent polling the transport socket, in ns"),
     Register(
-        "MSIX_TABLE",
-        MSIX_TABLE_OFFSET,
-        MSIX_ENTRY_SIZE * MSIX_VECTORS,
-        RW,
+        "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "
         "vector control)",
     ),
