@@ -144,7 +144,8 @@ def udmabuf_create(memfd: int, offset: int, size: int, *, device: str = UDMABUF_
     dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         arg = bytearray(_UDMABUF_CREATE_ARG.pack(memfd, UDMABUF_FLAGS_CLOEXEC, offset, size))
-        return fcntl.ioctl(dev, UDMABUF_CREATE, arg, True)
+        fd: int = fcntl.ioctl(dev, UDMABUF_CREATE, arg, True)
+        return fd
     finally:
         os.close(dev)
 
