@@ -123,4 +123,4 @@ def mapped_heaps() -> int:
     them: /proc/self/maps names a udmabuf mapping after its dma-buf, "/dmabuf:") exist in
     this process: after every lease is revoked, none may."""
     with open("/proc/self/maps") as maps:
-        return sum(("/memfd:vram-heap" in line or "dmabuf:" in line) for line in maps)
+        return sum(("/memfd:vram-heap" in line or "/dmabuf:" in line) for line in maps)
