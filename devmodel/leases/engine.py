@@ -1,7 +1,8 @@
 """The lease engine: serves aperture accesses from lent memory, revokes, pages in.
 
-Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd, so an access
-never holds anything across an await; only waits (for a revoke to finish or a page-in to be
+Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd (for a
+dma-buf lease: sync ioctl, a copy from its mapping, sync ioctl; devmodel/leases/dmabuf.py), so
+an access never holds anything across an await; only waits (for a revoke to finish or a page-in to be
 answered) suspend, and each wait is per window with a deadline. Nothing global is held across a
 wait, so a vfio-user client (one access at a time) and Xen (one per vCPU) both fit.
 
@@ -196,18 +197,26 @@ class LeaseEngine:
         and then the caller awaits `read`. Same rule as `read`: only a RESIDENT window is read,
         so nothing touches a page after its revoke."""
         w = self._table.find(offset)
-        # A dma-buf lease (w.mem) takes the slow path's `_perform`, which brackets the access.
-        if w is None or w.state is not _RESIDENT or w.mem is not None:
+        if w is None or w.state is not _RESIDENT:
             return None
+        mem = w.mem  # a dma-buf lease: read through its mapping, sync-bracketed
         if not self._observed:
             try:
-                data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                data = (
+                    os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                    if mem is None
+                    else mem.read(offset - w.start, size)
+                )
             except OSError:
                 return None
             return data if len(data) == size else None
         start = _now()
         try:
-            data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+            data = (
+                os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                if mem is None
+                else mem.read(offset - w.start, size)
+            )
         except OSError:
             return None
         if len(data) != size:
@@ -226,12 +235,18 @@ class LeaseEngine:
         `read_now`'s: only a RESIDENT window is written, with no await between the state test
         and the `pwrite`."""
         w = self._table.find(offset)
-        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE or w.mem is not None:
+        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
             return False
+        mem = w.mem  # a dma-buf lease: written through its mapping, sync-bracketed
         observed = self._observed
         start = _now() if observed else 0
         try:
-            if os.pwrite(w.fd, data, w.fd_offset + offset - w.start) != len(data):
+            done = (
+                os.pwrite(w.fd, data, w.fd_offset + offset - w.start)
+                if mem is None
+                else mem.write(offset - w.start, data)
+            )
+            if done != len(data):
                 return False
         except OSError:
             return False  # a write seal, say: the awaited write answers with the policy

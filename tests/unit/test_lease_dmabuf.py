@@ -255,15 +255,20 @@ async def test_a_dmabuf_lease_maps_only_its_range_and_brackets_every_access(rig:
     assert w is not None and w.mem is not None
     assert _maps_of("dmabuf-range") == [(2 * PAGE, 4 * PAGE)]
     assert sync.calls == []  # a grant touches nothing
-    # The fast path declines a dma-buf lease (it would skip the bracket)...
-    assert e.read_now(16 * PAGE, 8) is None and not e.write_now(16 * PAGE, b"x" * 8)
-    # ...the awaited access brackets it, with the lease's own fd.
-    assert await e.read(17 * PAGE + 8, 8) == contents[5 * PAGE + 8 : 5 * PAGE + 16]
+    # Every access is bracketed, with the lease's own fd: the fast path...
+    assert e.read_now(17 * PAGE + 8, 8) == contents[5 * PAGE + 8 : 5 * PAGE + 16]
     assert sync.calls == [(w.fd, START_R), (w.fd, END_R)]
     sync.calls.clear()
-    await e.write(16 * PAGE, b"written!")
+    assert e.write_now(16 * PAGE, b"written!")
     assert sync.flags == [START_W, END_W]
     assert os.pread(buf, 8, 4 * PAGE) == b"written!"  # shared: the lender sees it
+    # ...and the awaited access alike.
+    sync.calls.clear()
+    assert await e.read(16 * PAGE, 8) == b"written!"
+    await e.write(17 * PAGE, b"again...")
+    assert sync.flags == [START_R, END_R, START_W, END_W]
+    # Past the granted range nothing is mapped: an access straddling the end fails.
+    assert e.read_now(18 * PAGE - 4, 8) is None
     assert e.counters.failed_accesses == 0
 
 
@@ -273,10 +278,12 @@ async def test_a_failing_sync_gives_the_failure_policy_not_an_exception(rig: Rig
     rig.lender.grant(0, PAGE, buf, 0, flags=DMABUF)
     sync.failing = {START_R}
     assert await e.read(0, 8) == b"\xff" * 8
-    assert sync.flags == [START_R]  # no copy, and no END for a START that failed
+    # The fast path tried, then the slow path; no copy and no END for a START that failed.
+    assert sync.flags == [START_R, START_R]
+    sync.calls.clear()
     sync.failing = {END_W}
     await e.write(0, b"abcdefgh")
-    assert sync.flags == [START_R, START_W, END_W]
+    assert sync.flags == [START_W, END_W, START_W, END_W]
     assert e.counters.failed_accesses == 2
 
 
