@@ -2,9 +2,10 @@
 
 Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd (for a
 dma-buf lease: sync ioctl, a copy from its mapping, sync ioctl; devmodel/leases/dmabuf.py), so
-an access never holds anything across an await; only waits (for a revoke to finish or a page-in to be
-answered) suspend, and each wait is per window with a deadline. Nothing global is held across a
-wait, so a vfio-user client (one access at a time) and Xen (one per vCPU) both fit.
+an access never holds anything across an await; only waits (for a revoke to finish or a
+page-in to be answered) suspend, and each wait is per window with a deadline. Nothing global
+is held across a wait, so a vfio-user client (one access at a time) and Xen (one per vCPU)
+both fit.
 
 Forward progress: when a grant makes a window resident, the accesses waiting on it are
 performed inside the grant itself, before any other message (such as an immediate REVOKE) can
