@@ -19,7 +19,7 @@ import trio
 
 from devmodel.leases.dmabuf import udmabuf_missing
 from tests.integration.dmabuf_world import STEP, churn, dmabuf_world, mapped_heaps
-from tests.integration.test_lender_processes import (
+from tests.integration.lender_processes import (
     FAILED_ACCESSES,
     OFFSETS,
     PAGE_INS,
