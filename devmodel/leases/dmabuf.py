@@ -25,7 +25,6 @@ udmabuf from a sealed memfd (UDMABUF_CREATE on /dev/udmabuf).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
@@ -165,14 +164,14 @@ class DmabufSupport:
     exporters: frozenset[str] = DMABUF_EXPORTERS
     inspect: InspectFn = dmabuf_facts
     sync: SyncFn = dma_buf_sync
-    mapped: list[DmabufMapping] = field(default_factory=list, compare=False)
+    mapped: set[DmabufMapping] = field(default_factory=set, compare=False)
     """Every mapping this support made and has not closed: what the poison checks look at."""
 
     def map(self, fd: int, fd_offset: int, length: int, prot: int) -> DmabufMapping:
         """Map a granted range; raises OSError if the exporter refuses mmap."""
         mapping = DmabufMapping(fd, fd_offset, length, prot, self.sync)
-        self.mapped.append(mapping)
-        mapping.on_close = self.mapped.remove
+        self.mapped.add(mapping)
+        mapping.on_close = self.mapped.discard
         return mapping
 
 
@@ -238,5 +237,4 @@ class DmabufMapping:
             return
         m.close()
         if self.on_close is not None:
-            with contextlib.suppress(ValueError):
-                self.on_close(self)
+            self.on_close(self)

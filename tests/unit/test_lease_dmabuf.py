@@ -311,7 +311,7 @@ async def test_revoke_unmaps_and_closes_before_revoked_and_poison_never_shows(ri
     assert memfd_is_mapped(name) and len(rig.support.mapped) == 1
 
     await e.revoke(lease, EVICT)
-    assert not memfd_is_mapped(name) and rig.support.mapped == []
+    assert not memfd_is_mapped(name) and not rig.support.mapped
     with pytest.raises(OSError) as info:
         os.fstat(kept)
     assert info.value.errno == errno.EBADF
@@ -332,7 +332,7 @@ async def test_revoke_unmaps_and_closes_before_revoked_and_poison_never_shows(ri
     for at in range(8 * PAGE, 12 * PAGE, 512):
         assert await e.read(at, 8) != b"\xde\xad" * 4
     await e.revoke(lender.granted[-1], RELEASE)
-    assert rig.support.mapped == [] and e.kept_fds == 0
+    assert not rig.support.mapped and e.kept_fds == 0
 
 
 async def test_revoke_waits_for_unmap_hooks_with_the_mapping_still_in_place(rig: Rig) -> None:
@@ -375,7 +375,7 @@ def test_refused_dmabufs_are_nacked_closed_and_change_nothing(rig: Rig) -> None:
         assert info.value.reason is reason, info.value
         with pytest.raises(OSError):
             os.fstat(fd)  # consumed
-        assert e.kept_fds == before and e.window_at(0) is None and rig.support.mapped == []
+        assert e.kept_fds == before and e.window_at(0) is None and not rig.support.mapped
 
     refused(NackReason.FD_TOO_SMALL, os.dup(buf), length=4 * PAGE)
     refused(NackReason.BAD_FD, os.open(f"/proc/self/fd/{buf}", os.O_RDONLY))
