@@ -9,7 +9,7 @@ read that ever returns poison is a read of a revoked page. What it does with a P
 fault under test (--on-page-in): answer it (the contents written back, then GRANT and
 PAGE_IN_DONE), ignore it forever, stop itself (SIGSTOP) or kill itself (SIGKILL) the moment
 it arrives, i.e. exactly mid page-in. --stop-after-revoke stops it right after its REVOKEs
-went out, i.e. mid revoke. --unsealed-window grants that window from a memfd without seals;
+went out, i.e. mid revoke (in its first session only). --unsealed-window grants that window from a memfd without seals;
 --seal-write-after-grant adds F_SEAL_WRITE once the grants are acknowledged; --try-truncate
 then tries to shrink its sealed memfd (and reports what the kernel said). It serves one
 borrower connection after another until killed, so a device model that reconnects is served
@@ -42,6 +42,7 @@ F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x0004)
 F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
 POISON = b"POISON!!"
 RW = 3
+STOPPED_ONCE: list[bool] = []  # --stop-after-revoke has stopped this process already
 
 
 def say(line: str) -> None:
@@ -118,7 +119,8 @@ class Session:
             lease = self.lease_of[w]
             self.revoking.add(lease)
             self.send(lp.Revoke(lease, lp.RevokeMode.EVICT))
-        if self.args.stop_after_revoke and self.args.evict:
+        if self.args.stop_after_revoke and self.args.evict and not STOPPED_ONCE:
+            STOPPED_ONCE.append(True)  # once per process: a later session lends normally
             say("stopping mid revoke")
             os.kill(os.getpid(), signal.SIGSTOP)
 
