@@ -9,11 +9,11 @@ read that ever returns poison is a read of a revoked page. What it does with a P
 fault under test (--on-page-in): answer it (the contents written back, then GRANT and
 PAGE_IN_DONE), ignore it forever, stop itself (SIGSTOP) or kill itself (SIGKILL) the moment
 it arrives, i.e. exactly mid page-in. --stop-after-revoke stops it right after its REVOKEs
-went out, i.e. mid revoke (in its first session only). --unsealed-window grants that window from a memfd without seals;
---seal-write-after-grant adds F_SEAL_WRITE once the grants are acknowledged; --try-truncate
-then tries to shrink its sealed memfd (and reports what the kernel said). It serves one
-borrower connection after another until killed, so a device model that reconnects is served
-again.
+went out, i.e. mid revoke (in its first session only). --unsealed-window grants that window
+from a memfd without seals; --seal-write-after-grant adds F_SEAL_WRITE once the grants are
+acknowledged; --try-truncate then tries to shrink its sealed memfd (and reports what the
+kernel said). It serves one borrower connection after another until killed, so a device
+model that reconnects is served again.
 
 Progress goes to stdout, one line each, flushed: `listening`, `session N`, `acked`,
 `evicted`, `page-in RID OFFSET`, `nack LEASE REASON`, `truncate RESULT`, `write-sealed`,
