@@ -318,7 +318,7 @@ def test_lender_stopped_mid_page_in(
         wait_for("the keepalive to give up", lambda: "did not answer a PING" in dm.stderr())
         assert guest.read(0)[0] == ONES
         lender.signal(signal.SIGCONT)
-        wait_for("a new session", lambda: len(lender.said("session")) == 2)
+        wait_for("a new session", lambda: bool(lender.said("session 2")))
         lender.wait_line("evicted")
         wait_for("the guest to be served again", lambda: guest.read(0)[0] == tag(0))
     assert len(lender.said("page-in")) == 1
