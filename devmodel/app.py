@@ -39,8 +39,9 @@ from typing import NamedTuple
 import trio
 
 from devmodel import __version__
+from devmodel.aperture import DEFAULT_GRANULE
 from devmodel.backend import DeviceBackend
-from devmodel.config import Settings
+from devmodel.config import GRANULE_PICKED, Settings
 from devmodel.control import commands
 from devmodel.control.instance import (
     BuiltinLenderView,
@@ -323,6 +324,14 @@ def _announce(settings: Settings, inst: Instance) -> None:
         else (f"fd {settings.fd}" if settings.fd is not None else f"xen domain {settings.domid}")
     )
     vendor, device_id = settings.pci_id
+    if settings.sources.get("granule") == GRANULE_PICKED:
+        log.info(
+            "no --granule given and the default %s does not fit BAR0: granule %s, the largest "
+            "that fits %s",
+            format_size(DEFAULT_GRANULE),
+            format_size(settings.granule),
+            format_size(settings.aperture_size),
+        )
     log.info(
         "serving %04x:%04x, BAR0 %s (granule %s) on %s%s%s",
         vendor,

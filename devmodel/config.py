@@ -310,7 +310,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "granule",
         _granule,
         DEFAULT_GRANULE,
-        "lease granule: 4K, 2M or 1G (default 2M)",
+        "lease granule: 4K, 2M or 1G (default 2M, or the largest that fits a smaller "
+        "aperture: 4K for 1M)",
         "SIZE",
         "size",
     ),
@@ -543,8 +544,25 @@ def build_settings(
             raise ConfigError(f"{label}: {exc}") from None
         setattr(settings, opt.attr, value)
         settings.sources[key] = where
+    if "granule" not in merged:
+        settings.granule = default_granule(settings.aperture_size)
+        if settings.granule != DEFAULT_GRANULE:
+            settings.sources["granule"] = GRANULE_PICKED
     check(settings)
     return settings
+
+
+# Where a granule came from when nobody gave one and the default did not fit (`sources`).
+GRANULE_PICKED: Final = "picked: the largest granule that fits the aperture"
+
+
+def default_granule(aperture_size: int) -> int:
+    """The granule when none is given: 2M, or the largest supported one a smaller aperture
+    can hold (4K for the 1M minimum), so that every documented aperture size starts with
+    default options. Never 1G by default, however large the aperture: a granule is also the
+    unit of a page-in, and a guest should not stall while a gigabyte is paged in."""
+    fitting = [g for g in GRANULES if g <= min(aperture_size, DEFAULT_GRANULE)]
+    return fitting[-1] if fitting else GRANULES[0]
 
 
 def check(s: Settings) -> None:

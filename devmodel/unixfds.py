@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from typing import Final
 import trio
 
 __all__ = [
+    "ACCEPT_BACKOFF",
+    "ACCEPT_SHORTAGES",
     "FD_SIZE",
     "MAX_FDS",
     "FdsTruncated",
@@ -45,6 +48,14 @@ __all__ = [
 FD_SIZE: Final = array.array("i").itemsize
 MAX_FDS: Final = 253
 """SCM_MAX_FD: the most fds Linux passes in one message."""
+
+
+# accept() failures that say the process or the system is short of fds or memory, not that the
+# listener is broken. The connection stays in the backlog, so a listener that retried at once
+# would spin at full speed on a socket that stays readable: it logs, waits ACCEPT_BACKOFF and
+# tries again (trio.serve_listeners, used for the metrics endpoint, does the same by itself).
+ACCEPT_SHORTAGES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF: Final = 0.1
 
 
 class FdsTruncated(OSError):

@@ -198,6 +198,11 @@ async def query_status(inst: Instance, client: ControlClient, args: dict[str, ob
         "client_connected": inst.transport_connected(),
         "lender": inst.lender.describe(),
         "leases": inst.engine.lease_count,
+        # The geometry, and whether the granule was given or picked to fit the aperture (no
+        # --granule and an aperture smaller than the 2M default: issue 14).
+        "aperture_size": s.aperture_size,
+        "granule": s.granule,
+        "granule_source": s.sources.get("granule", "default"),
         "policy": inst.engine.config.policy.value,
         "debug_console": s.debug_console,
         "metrics": f"http://{inst.metrics_address[0]}:{inst.metrics_address[1]}/metrics"

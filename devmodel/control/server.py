@@ -34,6 +34,8 @@ import trio
 
 from devmodel.control.toolstack import bind_unix, private_directory, unlink_quietly
 from devmodel.logs import clean
+from devmodel.ratelimit import RateLimitedLogger
+from devmodel.unixfds import ACCEPT_BACKOFF, ACCEPT_SHORTAGES
 from devmodel_wire.control import (
     GENERIC_ERROR,
     MAX_COMMAND_LINE,
@@ -117,6 +119,7 @@ class ControlServer:
         self._numbers = itertools.count(1)
         self._listener: socket.socket | None = None
         self._created_dir = False
+        self._accept_log = RateLimitedLogger(log)
         self.dropped_clients = 0
         self.refused_peers = 0
         # Called with a client when it leaves (the debug console logs the session's end).
@@ -145,7 +148,15 @@ class ControlServer:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                sock, _ = await listener.accept()
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_SHORTAGES:
+                        raise
+                    # Out of fds or memory: the client waits in the backlog (unixfds).
+                    self._accept_log.warning("cannot accept a control client yet: %s", exc.strerror)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
                 nursery.start_soon(self._client, sock)
 
     async def flush(self, timeout: float) -> None:

@@ -378,11 +378,13 @@ class LeaseEngine:
                     raise pending.error
                 return pending.result, True
             if not pending.done.is_set():
+                # Only this access gives up. The PAGE_IN stays outstanding and its window
+                # PAGING_IN (docs/lease-protocol.md 9.4, "Late answers"): later accesses wait
+                # on it, each to its own deadline, instead of asking again, so a silent lender
+                # sees one PAGE_IN per window, not one per access; its late answer ends it.
                 holder = self._table.find(offset)
                 if holder is not None and pending in holder.waiters:
                     holder.waiters.remove(pending)
-                if holder is not None and holder.state is S.PAGING_IN:
-                    self._page_in_failed(holder.request_id, "deadline passed")
                 return self._fail(offset, size, data, "page-in deadline passed"), True
             if pending.retry:
                 continue

@@ -26,7 +26,7 @@ class Trigger(enum.Enum):
     REVOKED_RELEASE = "revoked-release"  # the revoke finished; the lease is gone
     RELEASE = "release"  # REVOKE(RELEASE) of a lease that holds no memory any more
     FAULT = "fault"  # an access touched an evicted window: PAGE_IN sent
-    PAGE_IN_FAILED = "page-in-failed"  # PAGE_IN_DONE with an error, or the deadline passed
+    PAGE_IN_FAILED = "page-in-failed"  # PAGE_IN_DONE with an error (a deadline only fails accesses)
     LENDER_LOST = "lender-lost"  # the lender connection ended
 
 

@@ -39,7 +39,13 @@ from devmodel.pci.function import PciFunction
 from devmodel.polling import AdaptivePoll
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.transports.vfio_user_requests import VfioUserRequests
-from devmodel.unixfds import FdsTruncated, recv_nowait, send_all_async
+from devmodel.unixfds import (
+    ACCEPT_BACKOFF,
+    ACCEPT_SHORTAGES,
+    FdsTruncated,
+    recv_nowait,
+    send_all_async,
+)
 from pyvfio_user.connection import SERVER_DEFAULT_CAPS
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.version import Capabilities
@@ -97,6 +103,13 @@ class VfioUserServer:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if exc.errno not in ACCEPT_SHORTAGES:
+                    raise
+                # Out of fds (RLIMIT_NOFILE) or memory: the client waits in the backlog.
+                self._bad_log.warning("cannot accept a client yet: %s", exc.strerror)
+                await trio.sleep(ACCEPT_BACKOFF)
                 continue
             with sock:
                 sock.setblocking(False)

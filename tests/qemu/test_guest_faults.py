@@ -166,10 +166,11 @@ def test_unanswered_page_in_ends_in_all_ones_within_the_deadline(
     assert stall["ok"] is True
     counters = stall["counters"]
     assert counters["failed_accesses"] >= 3, "the read, the write and the second read failed"
-    assert counters["page_ins"] >= 3 and counters["revokes"] == 1
-    # Each access asked again (the previous request timed out); none was ever answered.
+    assert counters["page_ins"] == 1 and counters["revokes"] == 1
+    # One PAGE_IN, never answered: it stays outstanding after the first deadline and every
+    # later access waits on it (docs/lease-protocol.md 9.4; issue 14 found one per access).
     stalled_at = STALLED_WINDOW * DEFAULT_GRANULE
-    assert len(stalling_lender.page_ins) >= 3
+    assert len(stalling_lender.page_ins) == 1
     assert all(p.offset == stalled_at for _, p in stalling_lender.page_ins)
     assert not stalling_lender.errors and not stalling_lender.nacked
     for bad in ("unexpected reply", "timed out waiting for reply", "bad header size"):

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from devmodel.config import (
+    GRANULE_PICKED,
     OPTIONS,
     ConfigError,
     Settings,
     build_settings,
+    default_granule,
     describe_options,
     load_file,
 )
@@ -72,7 +74,10 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"socket-path": "/a", "aperture-size": "3M"}, "argument --aperture-size: aperture size"),
         ({"socket-path": "/a", "aperture-size": "lots"}, "is not a size"),
         ({"socket-path": "/a", "granule": "8K"}, "granule must be one of 4K, 2M, 1G"),
-        ({"socket-path": "/a", "aperture-size": "1M"}, "--granule must not be larger"),
+        (
+            {"socket-path": "/a", "aperture-size": "1M", "granule": "2M"},
+            "--granule must not be larger",
+        ),
         ({"socket-path": "/a", "pci-id": "12345"}, "--pci-id"),
         ({"socket-path": "/a", "page-in-timeout": "5"}, "below 4.5 s"),
         ({"socket-path": "/a", "page-in-timeout": "soon"}, "not a number of seconds"),
@@ -162,3 +167,41 @@ def test_polling_is_an_option_on_the_command_line_and_in_the_file(tmp_path: Path
     path = write(tmp_path, "poll-max-us = 20\n")
     s = build_settings({"socket-path": "/a"}, load_file(path), path)
     assert s.poll_max_us == 20 and s.as_dict()["poll-max-us"] == 20
+
+
+# ---------------------------------------------------------------------------- default granule
+
+
+@pytest.mark.parametrize("shift", range(21))  # every documented size, 1M to 1T
+def test_every_aperture_size_starts_without_a_granule(shift: int) -> None:
+    """Issue 14: `--aperture-size 1M` alone exited 2 because the default granule is 2M."""
+    size = (1 << 20) << shift
+    s = build_settings({"socket-path": "/a", "aperture-size": str(size)})
+    assert s.granule == default_granule(size) <= size
+    assert s.granule == (4096 if size < 2 << 20 else 2 << 20)
+    if s.granule == 2 << 20:
+        assert "granule" not in s.sources  # the plain default
+    else:
+        assert s.sources["granule"] == GRANULE_PICKED
+        assert s.as_dict()["granule"] == 4096
+
+
+def test_default_granule_is_the_largest_that_fits_up_to_2m() -> None:
+    assert [default_granule(1 << n) for n in (12, 20, 21, 22, 30, 36, 40)] == [
+        4096,
+        4096,
+        2 << 20,
+        2 << 20,
+        2 << 20,
+        2 << 20,
+        2 << 20,
+    ]
+
+
+def test_a_granule_from_the_file_is_not_replaced(tmp_path: Path) -> None:
+    path = write(tmp_path, 'granule = "4K"\n')
+    s = build_settings({"socket-path": "/a", "aperture-size": "64M"}, load_file(path), path)
+    assert s.granule == 4096 and s.sources["granule"] == path
+    path = write(tmp_path, 'aperture-size = "1M"\n')
+    s = build_settings({"socket-path": "/a"}, load_file(path), path)
+    assert (s.aperture_size, s.granule, s.sources["granule"]) == (1 << 20, 4096, GRANULE_PICKED)

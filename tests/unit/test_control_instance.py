@@ -78,6 +78,9 @@ async def test_status_reports_the_runtime_and_the_lender_view() -> None:
     assert isinstance(status, dict)
     assert status["status"] == "starting" and status["running"] is False
     assert status["lender"] == {"kind": "builtin", "connected": True}
+    s = inst.settings
+    assert (status["aperture_size"], status["granule"]) == (s.aperture_size, s.granule)
+    assert status["granule_source"] == s.sources.get("granule", "default")
     inst.runtime.status = "running"
     status = await commands.execute(inst, client, Command("query-status", {}))
     assert isinstance(status, dict) and status["running"] is True

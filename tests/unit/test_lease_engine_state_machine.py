@@ -1,8 +1,8 @@
 """A hypothesis state machine over the lease engine with real memfds.
 
 The machine plays both the lender and the guest against one `LeaseEngine` and keeps its own
-model of the aperture, one entry per granule (VACANT, RESIDENT, EVICTED or LOST, and the lease
-it belongs to), and of the memory contents the lender holds for every granule. Rules:
+model of the aperture, one entry per granule (VACANT, RESIDENT, EVICTED, PAGING_IN or LOST, and
+the lease it belongs to), and of the memory contents the lender holds for every granule. Rules:
 
 - grant: random granule ranges, sometimes overlapping live leases, sometimes broken on purpose
   (misaligned, outside, unsealed, too small, bad prot or flags, wrong kind of fd, duplicate id);
@@ -14,6 +14,9 @@ it belongs to), and of the memory contents the lender holds for every granule. R
   the shared pool or a fresh memfd), grant then evict at once, PAGE_IN_DONE with an error or OK
   without a grant, no answer (the deadline passes; sometimes a late answer follows), an
   unreachable lender, or the lender vanishing meanwhile;
+- a PAGE_IN left unanswered stays outstanding (docs/lease-protocol.md 9.4, "Late answers"): its
+  window stays PAGING_IN across steps, accesses to it wait to their deadline and send nothing,
+  and a later step answers it late (grant, error status, OK without a grant);
 - PAGE_IN_DONE with random (stale) request ids and statuses; now and then, lender loss.
 
 Half the examples run with a fake p2m (`FakeP2m`): the Xen fast path as a transport with the
@@ -36,7 +39,9 @@ engine's kept ones; every live lease's memory holds what the model says; the cou
 what the machine saw (PAGE_INs the fake port got, grants, revokes, failed accesses, waits);
 every /proc/self/maps line of a lent memfd is a p2m mapping of a window that is resident now.
 Within a step: concurrent faults on one window send exactly one PAGE_IN, and no access outlives
-its deadline.
+its deadline. At every PAGE_IN the engine sends: no granule it covers is still waiting on an
+earlier one (never two outstanding PAGE_INs for a granule, section 9.4; a grant of the granule,
+the request's PAGE_IN_DONE, a release of its lease or the lender's loss ends that wait).
 
 Settings: the profile `lease-sm` (300 examples of up to 30 steps, about 12 s) runs in the
 normal suite: with fewer, bugs that need three choices to meet (say the ERROR policy, a write
@@ -128,6 +133,7 @@ ANSWERS = [
     "status",
     "ok-no-grant",
     "none",
+    "none",  # twice: the window then waits on it across steps, which later steps explore
     "late",
     "unreachable",
     "lost",
@@ -275,6 +281,19 @@ def _memfd_fds() -> set[int]:
     return found
 
 
+class CheckingLender(FakeLender):
+    """The fake lender, telling the machine of every PAGE_IN as it is sent (the machine checks
+    that no granule it covers still waits on an earlier one)."""
+
+    def __init__(self, engine: LeaseEngine, on_page_in: Callable[[RecordedPageIn, bool], None]):
+        super().__init__(engine)
+        self.on_page_in = on_page_in
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
+        self.on_page_in(RecordedPageIn(request_id, offset, length, access), self.reachable)
+        return super().send_page_in(request_id, offset, length, access)
+
+
 class LeaseEngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -287,6 +306,10 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         self.next_lease = 1
         self.ever: list[int] = []  # every lease id handed out
         self.counter = 0
+        # PAGE_INs sent and never answered (their deadline passed): request id -> PAGE_IN.
+        self.outstanding: dict[int, RecordedPageIn] = {}
+        # granule -> the PAGE_IN it waits on (sent, and neither answered for it nor ended).
+        self.waiting_on: dict[int, int] = {}
         self.expect = {
             "grants": 0,
             "revokes": 0,
@@ -318,7 +341,8 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         self.engine = make_engine(
             APERTURE, G, policy=policy, page_in_timeout=TIMEOUT, max_leases=max_leases
         )
-        self.lender = FakeLender(self.engine)
+        self.lender = CheckingLender(self.engine, self._page_in_sent_now)
+        self._wrap_page_in_done()
         if p2m:
             self.p2m = FakeP2m(self.engine)
             self.engine.on_event = self._event
@@ -346,6 +370,32 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     self._end_lease(lease, RevokeMode.EVICT)
 
         run(populate)
+
+    def _page_in_sent_now(self, pi: RecordedPageIn, reachable: bool) -> None:
+        """The property of section 9.4: never two outstanding PAGE_INs covering a granule."""
+        for g in self._granules(pi.offset, pi.length):
+            assert g not in self.waiting_on, (
+                f"PAGE_IN {pi.request_id} covers granule {g}, which still waits on "
+                f"PAGE_IN {self.waiting_on[g]}"
+            )
+        if reachable:
+            for g in self._granules(pi.offset, pi.length):
+                self.waiting_on[g] = pi.request_id
+
+    def _wrap_page_in_done(self) -> None:
+        """Every PAGE_IN_DONE the machine (or its fake lender) gives the engine answers its
+        request: no granule waits on it any more."""
+        engine = self.e
+        page_in_done = engine.page_in_done
+
+        def answered(request_id: int, status: int) -> None:
+            page_in_done(request_id, status)
+            self.outstanding.pop(request_id, None)
+            for g, rid in list(self.waiting_on.items()):
+                if rid == request_id:
+                    del self.waiting_on[g]
+
+        engine.page_in_done = answered  # type: ignore[method-assign]
 
     def _event(self, name: str, data: dict[str, object]) -> None:
         # The transport's part of a lost lender: its leases end, so do the guest's mappings.
@@ -434,6 +484,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
     def _became_resident(self, lease: int, rec: Lease) -> None:
         for g in self._granules(rec.offset, rec.length):
             self.states[g] = (S.RESIDENT, lease)
+            self.waiting_on.pop(g, None)  # the grant answers the PAGE_IN for this granule
         self.leases[lease] = rec
         self.expect["grants"] += 1
 
@@ -459,6 +510,26 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             del self.leases[lease]
         self.states = [(S.LOST, lid) if s is not S.VACANT else (s, lid) for s, lid in self.states]
         self.expect["lender_losses"] += 1
+        # The connection ended: no answer can come to its PAGE_INs any more.
+        self.outstanding.clear()
+        self.waiting_on.clear()
+
+    def _left_outstanding(self, pi: RecordedPageIn) -> None:
+        """A PAGE_IN the lender did not answer in its step: it stays outstanding and the
+        granules it covers, evicted until then, wait on it (PAGING_IN)."""
+        self.outstanding[pi.request_id] = pi
+        for g in self._granules(pi.offset, pi.length):
+            state, lease = self.states[g]
+            if state is S.EVICTED and self.waiting_on.get(g) == pi.request_id:
+                self.states[g] = (S.PAGING_IN, lease)
+
+    def _release_evicted(self, lease: int) -> None:
+        """REVOKE(RELEASE) of an evicted lease: its granules become vacant; a PAGE_IN that
+        covered them stays outstanding, but nothing waits on it there any more."""
+        for g, (s, lid) in enumerate(self.states):
+            if lid == lease and s in (S.EVICTED, S.PAGING_IN):
+                self.states[g] = (S.VACANT, 0)
+                self.waiting_on.pop(g, None)
 
     def _grant_range(
         self, offset: int, length: int, prot: int, via_pool: bool, *, evict_at_once: bool = False
@@ -544,7 +615,9 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         elif bad == "write-sealed-rw":
             seals, via_pool, prot = SEALS | F_SEAL_WRITE, False, RW
         elif bad == "duplicate-id":
-            held = sorted({lid for s, lid in self.states if s in (S.RESIDENT, S.EVICTED)})
+            held = sorted(
+                {lid for s, lid in self.states if s in (S.RESIDENT, S.EVICTED, S.PAGING_IN)}
+            )
             if held:
                 lease = held[pick % len(held)]
         if bad in ("unsealed", "too-small", "write-sealed-rw"):
@@ -646,12 +719,12 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         via_pool: bool,
     ) -> None:
         # Mostly leases that hold something (live ones twice as often), sometimes any id.
-        evicted_ids = sorted({lid for s, lid in self.states if s is S.EVICTED})
+        evicted_ids = sorted({lid for s, lid in self.states if s in (S.EVICTED, S.PAGING_IN)})
         live_ids = list(self.leases)
         candidates = [*live_ids, *live_ids, *evicted_ids, *self.ever, 0, self.next_lease + 7]
         lease = candidates[pick % len(candidates)]
         live = lease in self.leases
-        evicted = any(s == (S.EVICTED, lease) for s in self.states)
+        evicted = any(lid == lease and s in (S.EVICTED, S.PAGING_IN) for s, lid in self.states)
         if not (live and slow):
             waiters = []
 
@@ -664,8 +737,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     return
                 await e.revoke(lease, mode)
                 if mode is RevokeMode.RELEASE:
-                    gone = (S.EVICTED, lease)
-                    self.states = [(S.VACANT, 0) if s == gone else s for s in self.states]
+                    self._release_evicted(lease)
                 return
             rec = self.leases[lease]
             if not slow:
@@ -684,6 +756,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     self._access_at(rec.offset + slot * 8, size, w) for slot, size, w in waiters
                 ]
                 page_ins_before = len(self.lender.page_ins)
+                unanswered: list[RecordedPageIn] = []
                 async with trio.open_nursery() as nursery:
                     revoking = spawn(nursery, self._revoke, lease, mode)
                     await trio.sleep(0.01)
@@ -701,6 +774,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                             await self._answer_grant(pi, RW, via_pool)
                         else:
                             self.lender.take(pi.request_id)  # never answered: the deadline
+                            unanswered.append(pi)
                 self.expect["faults"] += len(accesses)
                 self._within_deadline(boxes)
                 sent = len(self.lender.page_ins) - page_ins_before
@@ -709,6 +783,8 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                 if lease in self.leases:
                     self.expect["revokes"] += 1
                     self._end_lease(lease, mode)
+                for pi in unanswered:
+                    self._left_outstanding(pi)
                 served = mode is RevokeMode.EVICT and answer == "grant"
                 for a, b in zip(accesses, boxes, strict=True):
                     if served:
@@ -770,7 +846,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
 
     @rule(
         g=st.integers(0, NG - 1),
-        where=st.sampled_from(["anywhere", "held", "evicted", "evicted"]),
+        where=st.sampled_from(["anywhere", "held", "evicted", "evicted", "waiting"]),
         shape=st.lists(
             st.tuples(st.integers(0, G // 8 - 1), st.sampled_from([1, 2, 4, 8]), st.booleans()),
             min_size=1,
@@ -799,13 +875,24 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         # Most of the aperture is vacant: aim at granules that hold something, evicted ones
         # (the fault path) most of all, falling back to any granule.
         held = [i for i, (s, _) in enumerate(self.states) if s is not S.VACANT]
-        evicted = [i for i in held if self.states[i][0] is S.EVICTED]
-        among = {"anywhere": [], "held": held, "evicted": evicted or held}[where]
+        evicted = [i for i in held if self.states[i][0] in (S.EVICTED, S.PAGING_IN)]
+        waiting = [i for i in held if self.states[i][0] is S.PAGING_IN]
+        among = {
+            "anywhere": [],
+            "held": held,
+            "evicted": evicted or held,
+            "waiting": waiting or evicted or held,
+        }[where]
         if among:
             g = among[g % len(among)]
         accesses = [self._access_at(g * G + slot * 8, size, w) for slot, size, w in shape]
         state, lease = self.states[g]
         page_ins_before = len(self.lender.page_ins)
+
+        if state is S.PAGING_IN:
+            late = answer in ("grant", "grant-ro", "grant-larger", "late")
+            self._access_paging_in(g, accesses, late, via_pool)
+            return
 
         if state is not S.EVICTED:
 
@@ -828,7 +915,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         lo, hi = self._run(g)
         run_offset, run_length = lo * G, (hi - lo) * G
         kinds = {Access.READ if a.data is None else Access.WRITE for a in accesses}
-        outcome: dict[str, Any] = {"served": False, "ro": False}
+        outcome: dict[str, Any] = {"served": False, "ro": False, "left": None}
 
         async def faulting() -> list[Box]:
             self.lender.reachable = answer != "unreachable"
@@ -863,6 +950,89 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             lease = outcome["evict"]
             self.expect["revokes"] += 1
             self._end_lease(lease, RevokeMode.EVICT)
+        if outcome["left"] is not None:
+            self._left_outstanding(outcome["left"])
+
+    def _access_paging_in(
+        self, g: int, accesses: list[Access_], answer_late: bool, via_pool: bool
+    ) -> None:
+        """Accesses to a window whose PAGE_IN is still outstanding: they wait on it, send no
+        new PAGE_IN, and either its late grant serves them or each fails at its deadline."""
+        lo, hi = self._run(g)
+        rid = self.waiting_on[g]
+        waiting = [i for i, r in self.waiting_on.items() if r == rid]
+        page_ins_before = len(self.lender.page_ins)
+
+        async def wait_on_it() -> list[Box]:
+            async with trio.open_nursery() as nursery:
+                boxes = self._spawn_accesses(nursery, accesses)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not any(b.done for b in boxes)
+                if answer_late:
+                    await trio.sleep(TIMEOUT / 2)
+                    await self._make_room()
+                    self._grant_range(lo * G, (hi - lo) * G, RW, via_pool)
+                    self.e.page_in_done(rid, PageInStatus.OK)
+            return boxes
+
+        boxes: list[Box] = run(wait_on_it)  # type: ignore[assignment]
+        self._within_deadline(boxes)
+        assert len(self.lender.page_ins) == page_ins_before, "a second PAGE_IN for a window"
+        self.expect["faults"] += len(accesses)
+        for a, b in zip(accesses, boxes, strict=True):
+            if answer_late:
+                self._check_served(a, b)
+            else:
+                assert b.finished_at == self.started + TIMEOUT  # each to its own deadline
+                self._check_failed(a, b)
+        if answer_late:
+            self._late_done(waiting, PageInStatus.OK)
+
+    def _late_done(self, waiting: list[int], status: int) -> None:
+        """The model's side of a late PAGE_IN_DONE: the granules that waited on it and were
+        not granted meanwhile are evicted again (vacant for NOT_LENT), as after an answer in
+        time."""
+        for g in waiting:
+            state, lease = self.states[g]
+            if state is S.PAGING_IN:
+                vacant = status == PageInStatus.NOT_LENT
+                self.states[g] = (S.VACANT, 0) if vacant else (S.EVICTED, lease)
+
+    @rule(
+        pick=st.integers(0, 1 << 16),
+        how=st.sampled_from(["grant", "grant", "status", "ok-no-grant"]),
+        status=st.sampled_from(ERROR_STATUSES),
+        via_pool=st.booleans(),
+    )
+    def late_answer(self, pick: int, how: str, status: int, via_pool: bool) -> None:
+        """The lender answers, late, a PAGE_IN whose deadline passed in an earlier step."""
+        if not self.outstanding:
+            return
+        rid = sorted(self.outstanding)[pick % len(self.outstanding)]
+        waiting = [g for g, r in self.waiting_on.items() if r == rid]
+        for g in waiting:
+            assert self.states[g][0] is S.PAGING_IN
+
+        async def answer() -> None:
+            if how == "grant":
+                # Grant what still waits on the request (a real lender grants the range it was
+                # asked for; the parts granted since would be NACKed as overlapping).
+                runs: list[tuple[int, int]] = []
+                for g in sorted(waiting):
+                    if runs and runs[-1][1] == g and self.states[g] == self.states[g - 1]:
+                        runs[-1] = (runs[-1][0], g + 1)
+                    else:
+                        runs.append((g, g + 1))
+                for lo, hi in runs:
+                    await self._make_room()
+                    self._grant_range(lo * G, (hi - lo) * G, RW, via_pool)
+                self.e.page_in_done(rid, PageInStatus.OK)
+            else:
+                self.e.page_in_done(rid, status if how == "status" else PageInStatus.OK)
+
+        run(answer)
+        assert rid not in self.outstanding and rid not in self.waiting_on.values()
+        self._late_done(waiting, status if how == "status" else PageInStatus.OK)
 
     async def _lender_answers(
         self, pi: RecordedPageIn, answer: str, status: int, via_pool: bool, outcome: dict[str, Any]
@@ -902,7 +1072,8 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         elif answer == "ok-no-grant":
             self.lender.fail(self.lender.take(pi.request_id), PageInStatus.OK)
         elif answer == "none":
-            self.lender.take(pi.request_id)  # never answered; the deadline passes
+            self.lender.take(pi.request_id)  # not answered; the deadline passes
+            outcome["left"] = pi  # the PAGE_IN stays outstanding
         elif answer == "late":
             t0 = trio.current_time()
             await trio.sleep(TIMEOUT + 0.5)
@@ -930,8 +1101,11 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         """A stale PAGE_IN_DONE, or (rarely: it ends every lease) the lender's loss."""
         if not lost:
             # No PAGE_IN outlives a step: any PAGE_IN_DONE now is late or unknown, and consumed.
+            rid %= len(self.lender.page_ins) + 3
+            if rid in self.outstanding:
+                return  # a late answer: `late_answer` plays those
             before = self._snapshot()
-            self.e.page_in_done(rid % (len(self.lender.page_ins) + 3), status)
+            self.e.page_in_done(rid, status)
             assert self._snapshot() == before
             return
         self.e.lender_lost()
@@ -966,11 +1140,18 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             assert w.start >= end, "windows overlap or are out of order"
             assert w.length > 0 and w.start % G == 0 and w.length % G == 0
             assert w.end <= APERTURE
-            assert w.state in (S.RESIDENT, S.EVICTED, S.LOST), w  # nothing waits between steps
-            assert w.waiters == [] and w.request_id == 0
+            # No access waits between steps; only an unanswered PAGE_IN outlives one.
+            assert w.state in (S.RESIDENT, S.EVICTED, S.PAGING_IN, S.LOST), w
+            assert w.waiters == []
+            if w.state is S.PAGING_IN:
+                assert w.request_id in self.outstanding, w
+            else:
+                assert w.request_id == 0, w
             end = w.end
             for g in range(w.start // G, w.end // G):
                 seen[g] = (w.state, w.lease_id)
+                if w.state is S.PAGING_IN:
+                    assert self.waiting_on.get(g) == w.request_id, (g, w)
             assert e.window_at(w.start) is w and e.window_at(w.end - 1) is w
         assert seen == self.states
 
@@ -996,7 +1177,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                 assert got == bytes(self.contents[w.start : w.end])
             else:
                 assert w.fd == -1
-                if w.state is S.EVICTED:
+                if w.state in (S.EVICTED, S.PAGING_IN):
                     assert w in e._evicted[w.lease_id]
                 else:
                     assert all(w not in pieces for pieces in e._evicted.values())
@@ -1005,7 +1186,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         assert e.lease_count == len(self.leases)
         assert e.kept_fds == len(keys) == len(kept)
         for pieces in e._evicted.values():
-            assert pieces and all(p.state is S.EVICTED for p in pieces)
+            assert pieces and all(p.state in (S.EVICTED, S.PAGING_IN) for p in pieces)
         # Nothing else in this process holds a lent memfd: no leak, no stale fd.
         assert _memfd_fds() == self.owned | kept
 
