@@ -183,7 +183,7 @@ def libvfio_user_server(build: bool) -> tuple[Path | None, str]:
         return None, "not built: --no-build and no cached build"
     t0 = perf()
     done = subprocess.run(
-        [str(TOP / "scripts" / "build-libvfio-user")], capture_output=True, text=True, check=False
+        [str(TOP / "scripts" / "build-libvfio-user"), "--print-server"], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
