@@ -1,0 +1,309 @@
+"""The libvfio-user transport: the same device backend served through libvfio-user (ctypes).
+
+A second way to speak vfio-user, through the C library QEMU's and SPDK's servers are built on,
+for a site that trusts that library rather than devmodel's own server (vfio_user.py). It is
+one more thin loop over the device backend (devmodel/backend): the library decodes the wire,
+and its region callbacks call the same regions the native transport calls.
+
+Who runs what:
+- The trio loop stays in charge. It waits for `vfu_get_poll_fd()` to be readable, then lets
+  the library run non-blocking (LIBVFIO_USER_FLAG_ATTACH_NB: `vfu_attach_ctx` and
+  `vfu_run_ctx` return at once, EAGAIN / 0 when there is nothing to do).
+- `vfu_run_ctx` runs in a worker thread (trio.to_thread), because the library's region
+  callbacks are synchronous: a read of an evicted window must wait for the lender's PAGE_IN,
+  and that PAGE_IN arrives on the lender link, a trio task. The worker blocks in the callback;
+  the trio thread keeps running the lender link, the control socket and the REPL.
+- Every callback reaches the device through `trio.from_thread.run`, so the lease engine, the
+  region bus and the PCI function are only ever touched by the trio thread, as with every
+  other transport. In particular no thread but the trio thread reads or writes lent memory,
+  so the engine's revoke guarantee (no access touches a mapping after its REVOKED) holds here
+  unchanged: the worker only copies the bytes the trio side hands it.
+- The library is not thread-safe: the context is used by one thread at a time. The trio thread
+  calls it (attach, poll fd) only while no worker is in it; there is at most one worker.
+
+Every wait is bounded: the engine bounds a page-in by --page-in-timeout, and the transport
+gives up on an access (EIO to the client) `wait_limit` seconds after it started, whatever the
+engine does. On a stop the access being served is cancelled (EIO to the client).
+
+Config space stays devmodel's: the config region is registered with VFU_REGION_FLAG_ALWAYS_CB,
+so the library's own header emulation (32-bit BARs only in Debian's copy) never answers, and
+BAR0 stays the 64-bit prefetchable BAR the PCI function defines. What remains is the library's
+region size, a uint32_t: BAR0 (a power of two) can be at most 2 GiB here (see MAX_APERTURE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from devmodel.backend.device import BAR_INDEXES, DeviceBackend
+from devmodel.counters import DeviceCounters
+from devmodel.pci.errors import AccessError
+from devmodel.pci.function import REGION_CONFIG
+from devmodel.transports import libvfio_user_lib as lvu
+
+__all__ = ["MAX_APERTURE", "RUN_BATCH", "LibVfioUserError", "LibVfioUserServer"]
+
+log = logging.getLogger("devmodel.libvfio_user")
+
+MAX_APERTURE: Final = 2 << 30
+"""The largest BAR the library can describe: its region size is a uint32_t, a BAR a power of
+two. (Upstream libvfio-user grew 64-bit regions after the copy Debian bundles.)"""
+RUN_BATCH: Final = 64
+"""Requests one trip to the worker thread serves at most before the trio thread looks again."""
+
+_SYSLOG_LEVELS: Final = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
+"""syslog(3) priority -> logging level."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_errno_location = _libc.__errno_location
+_errno_location.restype = ctypes.POINTER(ctypes.c_int)
+_errno_location.argtypes = []
+
+
+def _fail(code: int) -> int:
+    """Return -1 from a callback with errno set in the calling (worker) thread, as C would."""
+    _errno_location()[0] = code
+    return -1
+
+
+class LibVfioUserError(Exception):
+    """The library refused to set the device up (the message says which call and why)."""
+
+
+class LibVfioUserServer:
+    """Serves a device backend to one vfio-user client at a time through libvfio-user."""
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        counters: DeviceCounters,
+        socket_path: str,
+        *,
+        on_client: Callable[[str], None] | None = None,
+        wait_limit: float = 10.0,
+        lib: lvu.LibVfioUser | None = None,
+    ) -> None:
+        self.backend = backend
+        self.counters = counters
+        self.socket_path = socket_path
+        self.wait_limit = wait_limit
+        self.lib = lib if lib is not None else lvu.load()
+        self.connected = False
+        self._on_client = on_client
+        self._ctx: int | None = None
+        # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
+        self._keep: list[Any] = []
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _check(self, what: str, rc: int) -> None:
+        if rc < 0:
+            code = ctypes.get_errno()
+            raise LibVfioUserError(f"libvfio-user {what}: {os.strerror(code)}")
+
+    def open(self) -> None:
+        """Create the context, describe the device, bind the socket (LibVfioUserError)."""
+        lib, backend = self.lib, self.backend
+        function = backend.function
+        size0 = backend.region_size(0) or 0
+        if size0 > MAX_APERTURE:
+            raise LibVfioUserError(
+                f"libvfio-user describes a region's size in 32 bits: BAR0 can be at most "
+                f"{MAX_APERTURE >> 30} GiB with this transport (use --transport vfio-user)"
+            )
+        ctx = lib.vfu_create_ctx(
+            lvu.VFU_TRANS_SOCK,
+            self.socket_path.encode(),
+            lvu.LIBVFIO_USER_FLAG_ATTACH_NB,
+            None,
+            lvu.VFU_DEV_TYPE_PCI,
+        )
+        if not ctx:
+            code = ctypes.get_errno()
+            raise LibVfioUserError(
+                f"libvfio-user cannot listen on {self.socket_path}: {os.strerror(code)}"
+            )
+        self._ctx = ctx
+        try:
+            log_cb = lvu.LogCallback(self._log)
+            self._keep.append(log_cb)
+            self._check("vfu_setup_log", lib.vfu_setup_log(ctx, log_cb, 4))  # LOG_WARNING
+            self._check(
+                "vfu_pci_init",
+                lib.vfu_pci_init(ctx, lvu.VFU_PCI_TYPE_CONVENTIONAL, lvu.PCI_HEADER_TYPE_NORMAL, 0),
+            )
+            identity = function.identity
+            lib.vfu_pci_set_id(
+                ctx,
+                identity.vendor_id,
+                identity.device_id,
+                identity.subsystem_vendor_id,
+                identity.subsystem_id,
+            )
+            for bar in BAR_INDEXES:
+                size = backend.region_size(bar) or 0
+                if size:
+                    self._region(bar, size, lvu.VFU_REGION_FLAG_RW | lvu.VFU_REGION_FLAG_MEM)
+            # Every config access goes to devmodel's config space, header included.
+            self._region(
+                REGION_CONFIG,
+                function.config_size,
+                lvu.VFU_REGION_FLAG_RW | lvu.VFU_REGION_FLAG_ALWAYS_CB,
+            )
+            reset_cb = lvu.ResetCallback(self._reset)
+            self._keep.append(reset_cb)
+            self._check("vfu_setup_device_reset_cb", lib.vfu_setup_device_reset_cb(ctx, reset_cb))
+            # DMA maps are accepted and kept by the library (devmodel's device does no DMA).
+            self._check("vfu_setup_device_dma", lib.vfu_setup_device_dma(ctx, None, None))
+            for index, spec in enumerate(backend.irqs.specs):
+                self._check(
+                    f"vfu_setup_device_nr_irqs({index})",
+                    lib.vfu_setup_device_nr_irqs(ctx, index, spec.count),
+                )
+            self._check("vfu_realize_ctx", lib.vfu_realize_ctx(ctx))
+        except BaseException:
+            self.close()
+            raise
+
+    def _region(self, index: int, size: int, flags: int) -> None:
+        cb = lvu.RegionAccessCallback(self._access_callback(index))
+        self._keep.append(cb)
+        assert self._ctx is not None
+        rc = self.lib.vfu_setup_region(self._ctx, index, size, cb, flags, None, 0, -1, 0)
+        self._check(f"vfu_setup_region({index})", rc)
+
+    def close(self) -> None:
+        """Destroy the context (its socket goes with it). Never while a worker is in it."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            self.lib.vfu_destroy_ctx(ctx)
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Attach clients one after another and serve each until it leaves (until cancelled)."""
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("LibVfioUserServer.open() was not called")
+        lib = self.lib
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_readable(lib.vfu_get_poll_fd(ctx))
+            # No worker is in the library now: the trio thread may call it.
+            if lib.vfu_attach_ctx(ctx) < 0:
+                code = ctypes.get_errno()
+                if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    log.warning("libvfio-user could not attach a client: %s", os.strerror(code))
+                continue
+            self.counters.client_connects += 1
+            self.connected = True
+            log.info("client connected")
+            if self._on_client:
+                self._on_client("connected")
+            try:
+                await self._serve_client(ctx)
+            finally:
+                self.connected = False
+                log.info("client gone")
+                if self._on_client:
+                    self._on_client("disconnected")
+
+    async def _serve_client(self, ctx: int) -> None:
+        lib = self.lib
+        while True:
+            await trio.lowlevel.wait_readable(lib.vfu_get_poll_fd(ctx))
+            # Not abandoned on cancel: the worker is inside the library, which must finish
+            # the request (a cancelled access answers EIO) before anyone else may touch it.
+            rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
+            if rc >= 0:
+                continue
+            if code == errno.ENOTCONN:
+                return
+            if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.EBUSY):
+                continue
+            # Anything else is the library dropping this client (bad framing and the like).
+            self.counters.protocol_errors += 1
+            log.error("libvfio-user dropped the client: %s", os.strerror(code))
+            return
+
+    def _run_some(self, ctx: int) -> tuple[int, int]:
+        """In the worker: serve what the socket holds (at most RUN_BATCH requests)."""
+        run = self.lib.vfu_run_ctx
+        done = 0
+        for _ in range(RUN_BATCH):
+            rc = run(ctx)
+            if rc < 0:
+                return rc, ctypes.get_errno()
+            if rc == 0:
+                break
+            done += rc
+        return done, 0
+
+    # --- callbacks (in the worker thread) -----------------------------------------------------
+
+    def _access_callback(self, index: int) -> Callable[[int, int, int, int, bool], int]:
+        from_trio = trio.from_thread.run
+        read, write = self._read, self._write
+
+        def access(ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
+            try:
+                if is_write:
+                    from_trio(write, index, offset, ctypes.string_at(buf, count))
+                    return count
+                data = from_trio(read, index, offset, count)
+            except AccessError as exc:
+                return _fail(exc.errno)
+            except BaseException:  # nothing may unwind into C; a stop (Cancelled) is EIO
+                return _fail(errno.EIO)
+            ctypes.memmove(buf, data, len(data))
+            return len(data)
+
+        return access
+
+    async def _read(self, index: int, offset: int, count: int) -> bytes:
+        if index == REGION_CONFIG:
+            return self.backend.config_read(offset, count)
+        region = self.backend.lookup(index)
+        data = region.read_now(offset, count)
+        if data is not None:
+            return data
+        with trio.move_on_after(self.wait_limit) as scope:
+            return await region.read(offset, count)
+        assert scope.cancelled_caught
+        raise AccessError(errno.EIO, f"region {index} read at {offset:#x}: no answer in time")
+
+    async def _write(self, index: int, offset: int, data: bytes) -> None:
+        if index == REGION_CONFIG:
+            self.backend.config_write(offset, data)
+            return
+        region = self.backend.lookup(index)
+        if region.write_now(offset, data):
+            return
+        with trio.move_on_after(self.wait_limit) as scope:
+            await region.write(offset, data)
+            return
+        assert scope.cancelled_caught
+        raise AccessError(errno.EIO, f"region {index} write at {offset:#x}: no answer in time")
+
+    def _reset(self, ctx: int, kind: int) -> int:
+        if kind in (lvu.VFU_RESET_DEVICE, lvu.VFU_RESET_PCI_FLR):
+            try:
+                trio.from_thread.run_sync(self.backend.reset)
+            except BaseException:  # nothing may unwind into C; a stop (Cancelled) is EIO
+                return _fail(errno.EIO)
+            log.info("device reset by the client")
+        return 0
+
+    def _log(self, ctx: int, level: int, msg: bytes | None) -> None:
+        text = msg.decode(errors="replace") if msg else ""
+        log.log(_SYSLOG_LEVELS.get(level, logging.INFO), "libvfio-user: %s", text)
