@@ -163,6 +163,9 @@ class _Transport(NamedTuple):
 
     start: Callable[[trio.Nursery], Awaitable[None]]
     connected: Callable[[], bool]
+    drain: Callable[[], Awaitable[None]] | None = None
+    """Run on a graceful stop before tasks are cancelled (libvfio-user: answer what the
+    client sent while the leases are still held); the native transport drains on cancel."""
 
 
 async def _serve(
@@ -263,6 +266,8 @@ async def _serve(
             _announce(settings, inst)
             await stopper.event.wait()
             await _graceful_stop(settings, inst, stopper.reason)
+            if transport.drain is not None:
+                await transport.drain()
             nursery.cancel_scope.cancel()
     log.info("stopped; counters: %s", counters.as_dict())
 
@@ -354,7 +359,7 @@ def _libvfio_user_transport(
     async def start(nursery: trio.Nursery) -> None:
         await nursery.start(server.serve)
 
-    return _Transport(start, lambda: server.connected)
+    return _Transport(start, lambda: server.connected, server.drain)
 
 
 def _announce(settings: Settings, inst: Instance) -> None:

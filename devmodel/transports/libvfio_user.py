@@ -38,6 +38,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,13 +50,21 @@ from devmodel.pci.errors import AccessError
 from devmodel.pci.function import REGION_CONFIG
 from devmodel.transports import libvfio_user_lib as lvu
 
-__all__ = ["MAX_APERTURE", "RUN_BATCH", "LibVfioUserError", "LibVfioUserServer"]
+__all__ = [
+    "MAX_APERTURE",
+    "RUN_BATCH",
+    "STOP_DRAIN_SECONDS",
+    "LibVfioUserError",
+    "LibVfioUserServer",
+]
 
 log = logging.getLogger("devmodel.libvfio_user")
 
 MAX_APERTURE: Final = 2 << 30
 """The largest BAR the library can describe: its region size is a uint32_t, a BAR a power of
 two. (Upstream libvfio-user grew 64-bit regions after the copy Debian bundles.)"""
+STOP_DRAIN_SECONDS: Final = 0.5
+"""How long a graceful stop may spend answering what the client already sent."""
 RUN_BATCH: Final = 64
 """Requests one trip to the worker thread serves at most before the trio thread looks again."""
 
@@ -99,6 +108,14 @@ class LibVfioUserServer:
         self.connected = False
         self._on_client = on_client
         self._ctx: int | None = None
+        # A worker is (or was abandoned) inside vfu_attach_ctx: the context is not ours to free.
+        self._attaching = False
+        # A worker is inside vfu_run_ctx.
+        self._busy = False
+        # A graceful stop began (`drain`): accesses that would wait are answered EIO at once.
+        self._stopping = False
+        # The wait of the access being served, cancelled by `drain`.
+        self._waiting: trio.CancelScope | None = None
         # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
         self._keep: list[Any] = []
 
@@ -183,7 +200,7 @@ class LibVfioUserServer:
     def close(self) -> None:
         """Destroy the context (its socket goes with it). Never while a worker is in it."""
         ctx, self._ctx = self._ctx, None
-        if ctx is not None:
+        if ctx is not None and not self._attaching:
             self.lib.vfu_destroy_ctx(ctx)
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
@@ -198,12 +215,18 @@ class LibVfioUserServer:
         lib = self.lib
         task_status.started()
         while True:
+            # No worker is in the library now: the trio thread may ask it for its fd.
             await trio.lowlevel.wait_readable(lib.vfu_get_poll_fd(ctx))
-            # No worker is in the library now: the trio thread may call it.
-            if lib.vfu_attach_ctx(ctx) < 0:
-                code = ctypes.get_errno()
+            # Attaching accepts the connection and then reads the client's VERSION with a
+            # blocking receive, so it runs in the worker too. A client that connects and never
+            # speaks holds it there: a stop abandons that thread, and `close` then leaves the
+            # context to the process's exit rather than destroy it under the thread.
+            self._attaching = True
+            rc, code = await trio.to_thread.run_sync(self._attach, ctx, abandon_on_cancel=True)
+            self._attaching = False
+            if rc < 0:
                 if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    log.warning("libvfio-user could not attach a client: %s", os.strerror(code))
+                    log.info("libvfio-user did not attach a client: %s", os.strerror(code))
                 continue
             self.counters.client_connects += 1
             self.connected = True
@@ -218,13 +241,61 @@ class LibVfioUserServer:
                 if self._on_client:
                     self._on_client("disconnected")
 
+    async def drain(self) -> None:
+        """A graceful stop, before any task is cancelled: answer what the client already sent.
+
+        Called while the lender link still holds its leases, so queued reads of resident
+        memory are answered with their data (once tasks are cancelled, the link's teardown
+        takes lent memory away). The access waiting on a page-in, and any later one that
+        would wait, is answered EIO at once. At most STOP_DRAIN_SECONDS.
+        """
+        self._stopping = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        with trio.move_on_after(STOP_DRAIN_SECONDS):
+            while self.connected and (self._busy or self._readable()):
+                await trio.sleep(0.002)
+
+    def _readable(self) -> bool:
+        """Whether the client's socket holds unread requests (no worker is in the library)."""
+        if self._ctx is None:
+            return False
+        poller = select.poll()
+        poller.register(self.lib.vfu_get_poll_fd(self._ctx), select.POLLIN)
+        return bool(poller.poll(0))
+
     async def _serve_client(self, ctx: int) -> None:
+        try:
+            await self._serve_requests(ctx)
+        except trio.Cancelled:
+            await self._drain_on_stop(ctx)
+            raise
+
+    async def _drain_on_stop(self, ctx: int) -> None:
+        """On a stop, answer what the client already sent before the socket closes.
+
+        As the native transport does (vfio_user.py, `_drain_on_stop`): QEMU aborts when its
+        socket is reset under it, which closing it with unread requests does. Within
+        STOP_DRAIN_SECONDS; an access that would wait longer is answered EIO.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + STOP_DRAIN_SECONDS
+            while True:
+                rc, _ = await trio.to_thread.run_sync(self._run_some, ctx)
+                if rc <= 0:
+                    return
+
+    async def _serve_requests(self, ctx: int) -> None:
         lib = self.lib
         while True:
             await trio.lowlevel.wait_readable(lib.vfu_get_poll_fd(ctx))
             # Not abandoned on cancel: the worker is inside the library, which must finish
             # the request (a cancelled access answers EIO) before anyone else may touch it.
-            rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
+            self._busy = True
+            try:
+                rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
+            finally:
+                self._busy = False
             if rc >= 0:
                 continue
             if code == errno.ENOTCONN:
@@ -235,6 +306,11 @@ class LibVfioUserServer:
             self.counters.protocol_errors += 1
             log.error("libvfio-user dropped the client: %s", os.strerror(code))
             return
+
+    def _attach(self, ctx: int) -> tuple[int, int]:
+        """In the worker: accept a client and negotiate its version."""
+        rc = self.lib.vfu_attach_ctx(ctx)
+        return rc, ctypes.get_errno() if rc < 0 else 0
 
     def _run_some(self, ctx: int) -> tuple[int, int]:
         """In the worker: serve what the socket holds (at most RUN_BATCH requests)."""
@@ -277,10 +353,23 @@ class LibVfioUserServer:
         data = region.read_now(offset, count)
         if data is not None:
             return data
-        with trio.move_on_after(self.wait_limit) as scope:
-            return await region.read(offset, count)
-        assert scope.cancelled_caught
-        raise AccessError(errno.EIO, f"region {index} read at {offset:#x}: no answer in time")
+        with self._bounded() as scope:
+            data = await region.read(offset, count)
+            self._waiting = None
+            return data
+        raise self._gave_up(scope, "read", index, offset)
+
+    def _bounded(self) -> trio.CancelScope:
+        """The scope an access waits in: `wait_limit`, cancelled by a stop."""
+        if self._stopping:
+            raise AccessError(errno.EIO, "the device model is stopping")
+        scope = self._waiting = trio.move_on_after(self.wait_limit)
+        return scope
+
+    def _gave_up(self, scope: trio.CancelScope, what: str, index: int, offset: int) -> AccessError:
+        self._waiting = None
+        why = "stopping" if self._stopping else "no answer in time"
+        return AccessError(errno.EIO, f"region {index} {what} at {offset:#x}: {why}")
 
     async def _write(self, index: int, offset: int, data: bytes) -> None:
         if index == REGION_CONFIG:
@@ -289,11 +378,11 @@ class LibVfioUserServer:
         region = self.backend.lookup(index)
         if region.write_now(offset, data):
             return
-        with trio.move_on_after(self.wait_limit) as scope:
+        with self._bounded() as scope:
             await region.write(offset, data)
+            self._waiting = None
             return
-        assert scope.cancelled_caught
-        raise AccessError(errno.EIO, f"region {index} write at {offset:#x}: no answer in time")
+        raise self._gave_up(scope, "write", index, offset)
 
     def _reset(self, ctx: int, kind: int) -> int:
         if kind in (lvu.VFU_RESET_DEVICE, lvu.VFU_RESET_PCI_FLR):
