@@ -39,6 +39,9 @@ import errno
 import logging
 import os
 import select
+import socket
+import struct
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -67,6 +70,16 @@ STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
 RUN_BATCH: Final = 64
 """Requests one trip to the worker thread serves at most before the trio thread looks again."""
+
+_HEADER: Final = struct.Struct("<HHIII")
+"""vfio-user's message header: msg_id, command, size, flags, error."""
+_ACCESS: Final = struct.Struct("<QII")
+"""REGION_READ/WRITE's access header: offset, region, count."""
+_ACCESS_END: Final = _HEADER.size + _ACCESS.size
+_REGION_READ: Final = 9
+_REGION_WRITE: Final = 10
+_PEEK: Final = 4096 + _ACCESS_END
+"""How much a peek looks at: a whole write of up to 4 KiB."""
 
 _SYSLOG_LEVELS: Final = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
 """syslog(3) priority -> logging level."""
@@ -116,6 +129,11 @@ class LibVfioUserServer:
         self._stopping = False
         # The wait of the access being served, cancelled by `drain`.
         self._waiting: trio.CancelScope | None = None
+        # The answer `_prepare` found for the request the trio thread lets the library serve.
+        self._prepared: tuple[int, int, int, bytes | None] | None = None
+        # A socket object over the library's connection fd, for peeking (never closed here).
+        self._peeker: socket.socket | None = None
+        self._trio_thread = threading.get_ident()
         # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
         self._keep: list[Any] = []
 
@@ -213,6 +231,7 @@ class LibVfioUserServer:
         if ctx is None:
             raise RuntimeError("LibVfioUserServer.open() was not called")
         lib = self.lib
+        self._trio_thread = threading.get_ident()
         task_status.started()
         while True:
             # No worker is in the library now: the trio thread may ask it for its fd.
@@ -288,14 +307,33 @@ class LibVfioUserServer:
     async def _serve_requests(self, ctx: int) -> None:
         lib = self.lib
         while True:
-            await trio.lowlevel.wait_readable(lib.vfu_get_poll_fd(ctx))
-            # Not abandoned on cancel: the worker is inside the library, which must finish
-            # the request (a cancelled access answers EIO) before anyone else may touch it.
-            self._busy = True
-            try:
-                rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
-            finally:
-                self._busy = False
+            fd = lib.vfu_get_poll_fd(ctx)
+            await trio.lowlevel.wait_readable(fd)
+            # Requests that need no wait are served right here, in the trio thread; the first
+            # one that may wait (or the end of the batch) hands over to the worker.
+            served = 0
+            while served < RUN_BATCH and self._prepare(fd):
+                rc = lib.vfu_run_ctx(ctx)
+                self._prepared = None
+                if rc < 0:
+                    code = ctypes.get_errno()
+                    break
+                served += 1
+            else:
+                if served == RUN_BATCH:
+                    # Fair to every other task: a client that streams never runs dry.
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if not self._pending(fd):
+                    continue
+                # Not abandoned on cancel: the worker is inside the library, which must
+                # finish the request (a cancelled access answers EIO) before anyone else
+                # may touch it.
+                self._busy = True
+                try:
+                    rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
+                finally:
+                    self._busy = False
             if rc >= 0:
                 continue
             if code == errno.ENOTCONN:
@@ -306,6 +344,70 @@ class LibVfioUserServer:
             self.counters.protocol_errors += 1
             log.error("libvfio-user dropped the client: %s", os.strerror(code))
             return
+
+    def _pending(self, fd: int) -> bool:
+        """Whether the socket holds anything (a request, or the end of the connection)."""
+        try:
+            self._peek_socket(fd).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass  # the worker sees the error the library reports
+        return True
+
+    def _peek_socket(self, fd: int) -> socket.socket:
+        sock = self._peeker
+        if sock is None or sock.fileno() != fd:
+            if sock is not None:
+                sock.detach()
+            sock = self._peeker = socket.socket(fileno=fd)
+        return sock
+
+    def _prepare(self, fd: int) -> bool:
+        """Whether the next request can be served in the trio thread without a wait.
+
+        The library decodes requests itself, so the decision is made on a peek at the
+        socket: a control request, a config access, or a BAR access that `read_now` /
+        `write_now` serves (resident memory, a register) is served inline, its answer kept
+        in `_prepared` for the callback. Anything that may wait, or is not whole in the
+        socket yet (the library would block reading the rest), goes to the worker.
+        """
+        sock = self._peek_socket(fd)
+        try:
+            head = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False  # the worker sees the error the library reports
+        if len(head) < _HEADER.size:
+            return False
+        command, size, flags = _HEADER.unpack_from(head)[1:4]
+        size = int(size)
+        if command not in (_REGION_READ, _REGION_WRITE) or flags & 0xF != 0:
+            # Not an access (or not a request): no region callback may wait. Only a whole
+            # message is served inline.
+            return len(head) >= size
+        if len(head) < _ACCESS_END:
+            return False
+        offset, index, count = _ACCESS.unpack_from(head, _HEADER.size)
+        if index == REGION_CONFIG:
+            return bool(command == _REGION_READ or len(head) >= size)
+        if not 0 <= index < len(BAR_INDEXES):
+            return True  # refused by the library itself
+        region = self.backend.lookup(index)
+        if command == _REGION_READ:
+            data = region.read_now(offset, count)
+            if data is None:
+                return False
+            self._prepared = (index, offset, count, data)
+            return True
+        if size != _ACCESS_END + count or len(head) < size:
+            return False
+        data = head[_ACCESS_END:size]
+        if not region.write_now(offset, data):
+            return False
+        self._prepared = (index, offset, count, None)
+        return True
 
     def _attach(self, ctx: int) -> tuple[int, int]:
         """In the worker: accept a client and negotiate its version."""
@@ -330,8 +432,11 @@ class LibVfioUserServer:
     def _access_callback(self, index: int) -> Callable[[int, int, int, int, bool], int]:
         from_trio = trio.from_thread.run
         read, write = self._read, self._write
+        trio_thread = self._trio_thread
 
         def access(ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
+            if threading.get_ident() == trio_thread:
+                return self._inline(index, buf, count, offset, is_write)
             try:
                 if is_write:
                     from_trio(write, index, offset, ctypes.string_at(buf, count))
@@ -345,6 +450,31 @@ class LibVfioUserServer:
             return len(data)
 
         return access
+
+    def _inline(self, index: int, buf: int, count: int, offset: int, is_write: bool) -> int:
+        """A callback in the trio thread: config space, or the access `_prepare` answered."""
+        try:
+            if index == REGION_CONFIG:
+                if is_write:
+                    self.backend.config_write(offset, ctypes.string_at(buf, count))
+                    return count
+                data = self.backend.config_read(offset, count)
+            else:
+                prepared, self._prepared = self._prepared, None
+                if prepared is None or prepared[:3] != (index, offset, count):
+                    # The library called back for something the peek did not see: never
+                    # wait in the trio thread; the client gets EIO and a log line.
+                    log.error("libvfio-user: unexpected access %d+%#x:%d", index, offset, count)
+                    return _fail(errno.EIO)
+                if is_write:
+                    return count
+                data = prepared[3] or b""
+        except AccessError as exc:
+            return _fail(exc.errno)
+        except BaseException:  # nothing may unwind into C
+            return _fail(errno.EIO)
+        ctypes.memmove(buf, data, len(data))
+        return len(data)
 
     async def _read(self, index: int, offset: int, count: int) -> bytes:
         if index == REGION_CONFIG:
@@ -387,7 +517,10 @@ class LibVfioUserServer:
     def _reset(self, ctx: int, kind: int) -> int:
         if kind in (lvu.VFU_RESET_DEVICE, lvu.VFU_RESET_PCI_FLR):
             try:
-                trio.from_thread.run_sync(self.backend.reset)
+                if threading.get_ident() == self._trio_thread:
+                    self.backend.reset()
+                else:
+                    trio.from_thread.run_sync(self.backend.reset)
             except BaseException:  # nothing may unwind into C; a stop (Cancelled) is EIO
                 return _fail(errno.EIO)
             log.info("device reset by the client")
