@@ -217,6 +217,7 @@ class LibVfioUserServer:
 
     def close(self) -> None:
         """Destroy the context (its socket goes with it). Never while a worker is in it."""
+        self._forget_peeker()
         ctx, self._ctx = self._ctx, None
         if ctx is not None and not self._attaching:
             self.lib.vfu_destroy_ctx(ctx)
@@ -289,6 +290,15 @@ class LibVfioUserServer:
         except trio.Cancelled:
             await self._drain_on_stop(ctx)
             raise
+        finally:
+            self._forget_peeker()
+
+    def _forget_peeker(self) -> None:
+        """The library owns the connection's fd: the peeking socket object must never close
+        it (garbage-collected, it would close whatever has that number by then)."""
+        sock, self._peeker = self._peeker, None
+        if sock is not None:
+            sock.detach()
 
     async def _drain_on_stop(self, ctx: int) -> None:
         """On a stop, answer what the client already sent before the socket closes.
@@ -312,7 +322,7 @@ class LibVfioUserServer:
             # Requests that need no wait are served right here, in the trio thread; the first
             # one that may wait (or the end of the batch) hands over to the worker.
             served = 0
-            while served < RUN_BATCH and self._prepare(fd):
+            while served < RUN_BATCH and (inline := self._prepare(fd)):
                 rc = lib.vfu_run_ctx(ctx)
                 self._prepared = None
                 if rc < 0:
@@ -324,8 +334,8 @@ class LibVfioUserServer:
                     # Fair to every other task: a client that streams never runs dry.
                     await trio.lowlevel.checkpoint()
                     continue
-                if not self._pending(fd):
-                    continue
+                if inline is None:
+                    continue  # the socket is empty
                 # Not abandoned on cancel: the worker is inside the library, which must
                 # finish the request (a cancelled access answers EIO) before anyone else
                 # may touch it.
@@ -345,16 +355,6 @@ class LibVfioUserServer:
             log.error("libvfio-user dropped the client: %s", os.strerror(code))
             return
 
-    def _pending(self, fd: int) -> bool:
-        """Whether the socket holds anything (a request, or the end of the connection)."""
-        try:
-            self._peek_socket(fd).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            pass  # the worker sees the error the library reports
-        return True
-
     def _peek_socket(self, fd: int) -> socket.socket:
         sock = self._peeker
         if sock is None or sock.fileno() != fd:
@@ -363,8 +363,9 @@ class LibVfioUserServer:
             sock = self._peeker = socket.socket(fileno=fd)
         return sock
 
-    def _prepare(self, fd: int) -> bool:
-        """Whether the next request can be served in the trio thread without a wait.
+    def _prepare(self, fd: int) -> bool | None:
+        """Whether the next request can be served in the trio thread without a wait (None:
+        the socket is empty; a closed connection is False: the worker hears it).
 
         The library decodes requests itself, so the decision is made on a peek at the
         socket: a control request, a config access, or a BAR access that `read_now` /
@@ -376,7 +377,7 @@ class LibVfioUserServer:
         try:
             head = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return False
+            return None
         except OSError:
             return False  # the worker sees the error the library reports
         if len(head) < _HEADER.size:
