@@ -374,3 +374,35 @@ def test_graceful_stop_answers_what_the_client_already_sent(
         assert dm.proc.wait(10) == 0
     finally:
         lender.close()
+
+
+def test_unanswered_page_in_gets_the_failure_policy_and_the_device_goes_on(
+    tmp_path: Path, transport: str
+) -> None:
+    """A fault the lender never answers ends at the page-in deadline in the failure policy's
+    answer (all-ones), and the device then serves as before. Under libvfio-user the read waits
+    in the worker thread while the trio thread runs the lender link and the deadline."""
+    lender = StallingLender(tmp_path / "lender.sock", evict=(1,))
+    try:
+        dm = start_devmodel(
+            tmp_path,
+            "--aperture-size",
+            "16M",
+            "--lender-socket",
+            str(tmp_path / "lender.sock"),
+            "--page-in-timeout",
+            "1",
+            transport=transport,
+        )
+        assert lender.evicted.wait(10)
+        with VfioUserClient(dm.socket_path) as client:
+            client.attach()
+            client.write(0, 0, b"resident")
+            assert client.read(0, 2 << 20, 8) == b"\xff" * 8  # window 1: never paged in
+            assert lender.page_ins
+            assert client.read(0, 0, 8) == b"resident"
+            # BAR2's failed-access counter (devmodel/pci/registers.py) saw it.
+            assert client.read_u64(2, 0x48) == 1
+        assert dm.stop() == 0
+    finally:
+        lender.close()
