@@ -433,10 +433,9 @@ class LibVfioUserServer:
     def _access_callback(self, index: int) -> Callable[[int, int, int, int, bool], int]:
         from_trio = trio.from_thread.run
         read, write = self._read, self._write
-        trio_thread = self._trio_thread
 
         def access(ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
-            if threading.get_ident() == trio_thread:
+            if threading.get_ident() == self._trio_thread:
                 return self._inline(index, buf, count, offset, is_write)
             try:
                 if is_write:
