@@ -9,14 +9,19 @@ Who runs what:
 - The trio loop stays in charge. It waits for `vfu_get_poll_fd()` to be readable, then lets
   the library run non-blocking (LIBVFIO_USER_FLAG_ATTACH_NB: `vfu_attach_ctx` and
   `vfu_run_ctx` return at once, EAGAIN / 0 when there is nothing to do).
-- `vfu_run_ctx` runs in a worker thread (trio.to_thread), because the library's region
+- Before the library reads a request, a peek at the socket (`_prepare`) decides who runs it.
+  A request no callback can wait in (a control request, a config access, a BAR access that
+  `read_now`/`write_now` answers: resident memory, a register) is run by `vfu_run_ctx` right
+  in the trio thread, its answer found before the call and handed to the callback.
+- Any other request (a fault on an evicted window, a refused access, one not whole in the
+  socket yet) is run in one worker thread (trio.to_thread), because the library's region
   callbacks are synchronous: a read of an evicted window must wait for the lender's PAGE_IN,
   and that PAGE_IN arrives on the lender link, a trio task. The worker blocks in the callback;
   the trio thread keeps running the lender link, the control socket and the REPL.
-- Every callback reaches the device through `trio.from_thread.run`, so the lease engine, the
-  region bus and the PCI function are only ever touched by the trio thread, as with every
-  other transport. In particular no thread but the trio thread reads or writes lent memory,
-  so the engine's revoke guarantee (no access touches a mapping after its REVOKED) holds here
+- A callback in the worker reaches the device through `trio.from_thread.run`, so the lease
+  engine, the region bus and the PCI function are only ever touched by the trio thread, as
+  with every other transport. No thread but the trio thread reads or writes lent memory, so
+  the engine's revoke guarantee (no access touches a mapping after its REVOKED) holds here
   unchanged: the worker only copies the bytes the trio side hands it.
 - The library is not thread-safe: the context is used by one thread at a time. The trio thread
   calls it (attach, poll fd) only while no worker is in it; there is at most one worker.
