@@ -183,7 +183,10 @@ def libvfio_user_server(build: bool) -> tuple[Path | None, str]:
         return None, "not built: --no-build and no cached build"
     t0 = perf()
     done = subprocess.run(
-        [str(TOP / "scripts" / "build-libvfio-user")], capture_output=True, text=True, check=False
+        [str(TOP / "scripts" / "build-libvfio-user"), "--print-server"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -193,6 +196,17 @@ def libvfio_user_server(build: bool) -> tuple[Path | None, str]:
     if took > 2:
         print(f"built libvfio-user's sample server in {took:.0f} s", file=sys.stderr)
     return Path(done.stdout.strip().splitlines()[-1]), ""
+
+
+def libvfio_user_transport_missing() -> str:
+    """'' when `devmodel run --transport libvfio-user` can run here, else why not."""
+    from devmodel.transports import libvfio_user_lib  # noqa: PLC0415
+
+    try:
+        libvfio_user_lib.load()
+    except libvfio_user_lib.LibVfioUserMissing:
+        return "not built: scripts/build-libvfio-user builds libvfio-user.so"
+    return ""
 
 
 def polling_available() -> bool:
@@ -339,7 +353,9 @@ def run(
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-bench-run-"))
     per_round = max(1, plan.reads // plan.rounds)
     lease_round = max(2, plan.repeat // plan.rounds)
-    trapped: dict[str, list[float]] = {"floor": [], "lvu": [], "off": [], "on": []}
+    trapped: dict[str, list[float]] = {"floor": [], "lvu": [], "off": [], "on": [], "dm_lvu": []}
+    # The libvfio-user transport of devmodel itself: (None, why) when its library is missing.
+    dm_lvu_note = libvfio_user_transport_missing()
     own: list[float] = []
     lease: dict[str, list[float]] = collections.defaultdict(list)  # bl.lease_round's figures
     loads: dict[str, list[float]] = {load: [] for load in bl.LEASE_LOADS}
@@ -350,13 +366,37 @@ def run(
             procs.append(spawn([str(echo), floor_sock], server_cpus, floor_sock))
             dm_off = spawn(devmodel_argv(off_sock), server_cpus, off_sock)
             procs.append(dm_off)
+            dm_lvu_sock = str(tmp / "dm-lvu")
+            if not dm_lvu_note:
+                procs.append(
+                    spawn(
+                        devmodel_argv(dm_lvu_sock, "--transport", "libvfio-user"),
+                        server_cpus,
+                        dm_lvu_sock,
+                    )
+                )
             dm_on = None
             if polling:
                 dm_on = spawn(
                     devmodel_argv(on_sock, POLL_OPTION, str(plan.poll_us)), server_cpus, on_sock
                 )
                 procs.append(dm_on)
-            with bl.EndToEnd(tmp, server_cpus=server_cpus, client_cpus=client_cpus) as e2e:
+            lvu_tmp = tmp / "lvu-e2e"
+            lvu_tmp.mkdir()
+            with (
+                bl.EndToEnd(tmp, server_cpus=server_cpus, client_cpus=client_cpus) as e2e,
+                contextlib.ExitStack() as lvu_stack,
+            ):
+                e2e_lvu = None
+                if not dm_lvu_note:
+                    e2e_lvu = lvu_stack.enter_context(
+                        bl.EndToEnd(
+                            lvu_tmp,
+                            server_cpus=server_cpus,
+                            client_cpus=client_cpus,
+                            extra=("--transport", "libvfio-user"),
+                        )
+                    )
                 for r in range(plan.rounds):
                     print(f"round {r + 1}/{plan.rounds}", file=sys.stderr)
                     # 1. trapped reads, the C client round-robin over every server there is.
@@ -375,6 +415,9 @@ def run(
                     if dm_on is not None:
                         names.append("on")
                         socks.append(on_sock)
+                    if not dm_lvu_note:
+                        names.append("dm_lvu")
+                        socks.append(dm_lvu_sock)
                     try:
                         got = c_client_round(client, client_cpus, per_round, plan.chunk, socks)
                     finally:
@@ -388,6 +431,15 @@ def run(
                     rates = bl.lease_round(e2e, lease_round, lease)
                     for load, rate in rates.items():
                         loads[load].append(rate)
+                    # ... and its fault and resident read over the libvfio-user transport.
+                    if e2e_lvu is not None:
+                        if e2e_lvu.client is None:
+                            e2e_lvu.client = bl.RawClient(e2e_lvu.dm_sock)
+                        fault, resident = bl.measure_e2e_faults(
+                            e2e_lvu.client, e2e_lvu.lender, lease_round
+                        )
+                        lease["lvu_fault"] += fault
+                        lease["lvu_resident"] += resident
                     # 4. start-up.
                     for i in range(plan.starts):
                         ready.append(time_to_ready(tmp, server_cpus, r * plan.starts + i))
@@ -422,6 +474,12 @@ def run(
             row.target = f"<= {bound:.2f}x {peer_name}"
             if row.ratio is not None:
                 row.passed = row.ratio <= bound
+    lvu_figure = "trapped read: devmodel, libvfio-user transport / devmodel"
+    if dm_lvu_note:
+        res.missing("trapped_dm_lvu", lvu_figure, "us", dm_lvu_note)
+    else:
+        res.latency("trapped_dm_lvu", lvu_figure, trapped["dm_lvu"])
+        res.compare("trapped_dm_lvu", "trapped_dm_off_vs_floor")
     own_row = res.latency("own_time", "device model's own time per read (means of 1000)", own)
     res.compare("own_time", "trapped_dm_off_vs_floor")
     check(own_row, "median <= 3 us", lambda m: m <= 3.0)
@@ -438,6 +496,15 @@ def run(
     res.compare("fault", "resident")
     bound = res_med + rt + 20
     check(fault_row, f"<= resident + RT + 20 us = {bound:.0f} us", lambda m: m <= bound)
+    for key, figure, peer in (
+        ("lvu_resident", "lease: resident read, libvfio-user transport / vfio-user", "resident"),
+        ("lvu_fault", "lease: fault, libvfio-user transport / vfio-user", "fault"),
+    ):
+        if dm_lvu_note:
+            res.missing(key, figure, "us", dm_lvu_note)
+        else:
+            res.latency(key, figure, lease[key])
+            res.compare(key, peer)
     idle_bound = rt + 20
     row = res.latency("revoke_idle", "lease: REVOKE -> REVOKED, idle window", lease["revoke"])
     res.compare("revoke_idle", "ping")

@@ -164,6 +164,9 @@ class _Transport(NamedTuple):
 
     start: Callable[[trio.Nursery], Awaitable[None]]
     connected: Callable[[], bool]
+    drain: Callable[[], Awaitable[None]] | None = None
+    """Run on a graceful stop before tasks are cancelled (libvfio-user: answer what the
+    client sent while the leases are still held); the native transport drains on cancel."""
 
 
 async def _serve(
@@ -264,6 +267,8 @@ async def _serve(
             _announce(settings, inst)
             await stopper.event.wait()
             await _graceful_stop(settings, inst, stopper.reason)
+            if transport.drain is not None:
+                await transport.drain()
             nursery.cancel_scope.cancel()
     log.info("stopped; counters: %s", counters.as_dict())
 
@@ -300,7 +305,10 @@ def _transport(
 
     def on_client(what: str) -> None:
         name = "CLIENT_CONNECTED" if what == "connected" else "CLIENT_DISCONNECTED"
-        on_event(name, {"transport": "vfio-user"})
+        on_event(name, {"transport": settings.transport})
+
+    if settings.transport == "libvfio-user":
+        return _libvfio_user_transport(settings, backend, counters, stack, on_client)
 
     server = VfioUserServer(
         backend, counters, on_client=on_client, poll_max_ns=settings.poll_max_us * 1000
@@ -314,6 +322,45 @@ def _transport(
         await nursery.start(server.serve, listener)
 
     return _Transport(start_vfio_user, lambda: server.connected)
+
+
+def _libvfio_user_transport(
+    settings: Settings,
+    backend: DeviceBackend,
+    counters: DeviceCounters,
+    stack: contextlib.AsyncExitStack,
+    on_client: Callable[[str], None],
+) -> _Transport:
+    """The same device through libvfio-user (loaded only when asked for: it is a C build)."""
+    from devmodel.transports import libvfio_user as lvu_transport  # noqa: PLC0415
+    from devmodel.transports import libvfio_user_lib  # noqa: PLC0415
+
+    path = settings.socket_path
+    assert path is not None
+    try:
+        lib = libvfio_user_lib.load()
+    except libvfio_user_lib.LibVfioUserMissing as exc:
+        raise StartupError(str(exc)) from None
+    remove_stale_socket(path)
+    # A page-in is bounded by the engine; this bounds the access itself, whatever happens.
+    server = lvu_transport.LibVfioUserServer(
+        backend,
+        counters,
+        path,
+        on_client=on_client,
+        wait_limit=settings.page_in_timeout + STOP_GRACE + 1.0,
+        lib=lib,
+    )
+    try:
+        server.open()
+    except lvu_transport.LibVfioUserError as exc:
+        raise StartupError(str(exc)) from None
+    stack.callback(server.close)
+
+    async def start(nursery: trio.Nursery) -> None:
+        await nursery.start(server.serve)
+
+    return _Transport(start, lambda: server.connected, server.drain)
 
 
 def _announce(settings: Settings, inst: Instance) -> None:

@@ -16,14 +16,23 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import trio
 
 from devmodel import __version__, logs
-from devmodel.config import OPTIONS, ConfigError, build_settings, describe_options, limits
+from devmodel.config import (
+    LIBVFIO_USER_MAX_APERTURE,
+    OPTIONS,
+    ConfigError,
+    build_settings,
+    describe_options,
+    limits,
+)
 from devmodel.config import load_file as load_config_file
 
 log = logging.getLogger("devmodel")
@@ -142,6 +151,11 @@ def capabilities() -> dict[str, object]:
         "version": __version__,
         "transports": {
             "vfio-user": {"available": True, "options": ["socket-path", "fd"]},
+            "libvfio-user": {
+                "available": _libvfio_user_available(),
+                "options": ["socket-path"],
+                "max_aperture_size": LIBVFIO_USER_MAX_APERTURE,
+            },
             "xen": {"available": xen, "options": ["domid"]},
         },
         "features": [
@@ -188,6 +202,17 @@ def lease_capabilities() -> dict[str, object]:
         "fd_kinds": ["memfd", "dma-buf"],
         "dmabuf_exporters": sorted(DMABUF_EXPORTERS),
     }
+
+
+def _libvfio_user_available() -> bool:
+    """Whether the libvfio-user transport's shared library is built here (not loaded)."""
+    from devmodel.transports.libvfio_user_lib import (  # noqa: PLC0415
+        LIBRARY_ENV,
+        default_library_path,
+    )
+
+    env = os.environ.get(LIBRARY_ENV)
+    return (Path(env) if env else default_library_path()).is_file()
 
 
 def _print_capabilities() -> int:

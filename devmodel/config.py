@@ -36,7 +36,9 @@ MAX_TIMEOUT: Final = 4.5
 MAX_DOMID: Final = 0x7FEF
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
-TRANSPORTS: Final = ("vfio-user", "xen")
+LIBVFIO_USER_MAX_APERTURE: Final = 2 << 30
+"""libvfio-user describes a region's size in a uint32_t, and a BAR is a power of two."""
+TRANSPORTS: Final = ("vfio-user", "libvfio-user", "xen")
 PCI_CONFIG_PORTS: Final = ("auto", "on", "off")
 PVH_ACPI_ROOT: Final = ("auto", "on", "off")
 LOG_FORMATS: Final = ("text", "json")
@@ -243,8 +245,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
         _choice(*TRANSPORTS),
         "vfio-user",
         "how guest accesses arrive: "
-        "vfio-user (default; QEMU's vfio-user-pci) or xen (an ioreq server)",
-        "{vfio-user,xen}",
+        "vfio-user (default; QEMU's vfio-user-pci, devmodel's own server), libvfio-user "
+        "(the same over the libvfio-user C library; BAR0 at most 2 GiB) or xen (an ioreq server)",
+        "{vfio-user,libvfio-user,xen}",
         "choice",
     ),
     Option(
@@ -567,7 +570,22 @@ def default_granule(aperture_size: int) -> int:
 
 def check(s: Settings) -> None:
     """Rules that involve more than one option."""
-    if s.transport == "vfio-user":
+    if s.transport == "libvfio-user":
+        # The library binds its socket itself, and describes a region's size in 32 bits.
+        if s.fd is not None:
+            raise ConfigError("--transport libvfio-user takes --socket-path, not --fd")
+        if s.socket_path is None:
+            raise ConfigError("--socket-path is required (libvfio-user transport)")
+        if s.aperture_size > LIBVFIO_USER_MAX_APERTURE:
+            raise ConfigError(
+                "--transport libvfio-user serves BAR0 up to 2G (libvfio-user's region size is "
+                "32-bit); use --transport vfio-user for a larger --aperture-size"
+            )
+        if s.pci_config_ports != "auto":
+            raise ConfigError("--pci-config-ports belongs to the xen transport")
+        if s.pvh_acpi_root != "auto":
+            raise ConfigError("--pvh-acpi-root belongs to the xen transport")
+    elif s.transport == "vfio-user":
         if s.socket_path is None and s.fd is None:
             raise ConfigError("one of --socket-path or --fd is required (vfio-user transport)")
         if s.socket_path is not None and s.fd is not None:
@@ -578,7 +596,7 @@ def check(s: Settings) -> None:
             raise ConfigError("--pvh-acpi-root belongs to the xen transport")
     else:
         if s.socket_path is not None or s.fd is not None:
-            raise ConfigError("--socket-path and --fd belong to the vfio-user transport")
+            raise ConfigError("--socket-path and --fd belong to the vfio-user transports")
         if s.domid == 0:
             raise ConfigError("--transport xen needs --domid of the guest (not 0)")
     if s.granule > s.aperture_size:

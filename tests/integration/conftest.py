@@ -1,6 +1,7 @@
 """Real processes: the device model started as a user would start it, over real sockets.
 
-The fixtures only; how processes are started is in launching.py."""
+The fixtures only; how processes are started is in launching.py. `devmodel` (and `transport`)
+run each test over both vfio-user transports: devmodel's own server and libvfio-user's."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ from pathlib import Path
 import pytest
 
 from tests.integration.launching import DevmodelProcess, start_devmodel
+from tests.libvfio_user import TRANSPORT_PARAMS
+
+
+@pytest.fixture(params=TRANSPORT_PARAMS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The vfio-user transport under test: "vfio-user" (native) or "libvfio-user"."""
+    return str(request.param)
 
 
 @pytest.fixture
-def devmodel(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevmodelProcess]:
+def devmodel(
+    tmp_path: Path, request: pytest.FixtureRequest, transport: str
+) -> Iterator[DevmodelProcess]:
     marker = request.node.get_closest_marker("devmodel_args")
     args: tuple[str, ...] = tuple(marker.args) if marker else ()
-    dm = start_devmodel(tmp_path, *args)
+    dm = start_devmodel(tmp_path, *args, transport=transport)
     try:
         yield dm
     finally:

@@ -74,8 +74,12 @@ def _accepts(path: str) -> bool:
     return True
 
 
-def start_devmodel(tmp_path: Path, *args: str, name: str = "dev.sock") -> DevmodelProcess:
+def start_devmodel(
+    tmp_path: Path, *args: str, name: str = "dev.sock", transport: str = "vfio-user"
+) -> DevmodelProcess:
     sock = str(tmp_path / name)
+    if transport != "vfio-user":
+        args = ("--transport", transport, *args)
     stderr_path = tmp_path / f"{name}.stderr"
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(

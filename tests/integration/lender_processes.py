@@ -122,7 +122,11 @@ class Guest:
 
 @contextlib.contextmanager
 def lent_guest(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], domid: int, *lender_args: str
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    domid: int,
+    *lender_args: str,
+    transport: str = "vfio-user",
 ) -> Iterator[tuple[LenderProcess, DevmodelProcess, Guest]]:
     """A lender with 16M of VRAM, a device model with a 64M aperture borrowing from it, and a
     guest attached once the whole aperture has been lent."""
@@ -136,6 +140,7 @@ def lent_guest(
         str(domid),
         "--aperture-size",
         "64M",
+        transport=transport,
     )
     processes.append(dm.proc)
     with VfioUserClient(dm.socket_path) as client:

@@ -23,10 +23,13 @@ ROWS = [
     "trapped_dm_off_vs_floor",
     "trapped_dm_on_vs_lvu",
     "trapped_dm_on_vs_floor",
+    "trapped_dm_lvu",
     "own_time",
     "resident",
     "ping",
     "fault",
+    "lvu_resident",
+    "lvu_fault",
     "revoke_idle",
     "revoke_reads",
     "ping_reads",
@@ -40,7 +43,11 @@ ROWS = [
 ]
 
 # Measured on every machine (the others depend on the build: libvfio-user, polling).
-ALWAYS = [r for r in ROWS if r not in ("trapped_lvu", "idle_cpu_on") and "_on_" not in r]
+ALWAYS = [
+    r
+    for r in ROWS
+    if r not in ("trapped_lvu", "idle_cpu_on") and "_on_" not in r and "lvu" not in r
+]
 
 
 @pytest.mark.slow

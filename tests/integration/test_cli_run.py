@@ -16,6 +16,7 @@ import pytest
 
 from devmodel.control.client import ControlClient
 from tests.integration.launching import devmodel_argv, launched, run_briefly
+from tests.libvfio_user import available as libvfio_user_available
 
 # ---------------------------------------------------------------------------- usage errors
 
@@ -74,6 +75,9 @@ def test_print_capabilities(where: list[str]) -> None:
     caps = json.loads(done.stdout)
     assert caps["transports"]["vfio-user"]["available"] is True
     assert "xen" in caps["transports"]
+    lvu = caps["transports"]["libvfio-user"]
+    assert lvu["available"] is (libvfio_user_available() == "")
+    assert lvu["options"] == ["socket-path"] and lvu["max_aperture_size"] == 2 << 30
     assert {"control-socket", "sd-notify", "ready-fd", "pidfile"} <= set(caps["features"])
     names = {o["name"] for o in caps["options"]}
     assert {"domid", "socket-path", "fd", "lender-socket", "control-socket", "pidfile"} <= names

@@ -1,5 +1,9 @@
 """Three real processes: the reference lender, `devmodel run --lender-socket`, a vfio-user client.
 
+Each test runs over both vfio-user transports (the `transport` fixture): the libvfio-user one
+serves faults from a worker thread, and the poisoning lender checks that it never reads memory
+that was revoked.
+
 The client plays QEMU; the guest-visible counters are read from BAR2 as a guest would. What
 is checked is what a guest relies on: contents survive eviction byte for byte (even when the
 lender moves them and poisons the memory it freed), a dead lender costs the guest all-ones
@@ -37,10 +41,18 @@ __all__ = ["processes"]  # a fixture, used by name
 
 
 def test_contents_survive_eviction_of_everything(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], transport: str
 ) -> None:
     with lent_guest(
-        tmp_path, processes, 5, "--move-probability", "0.5", "--poison", "--seed", "7"
+        tmp_path,
+        processes,
+        5,
+        "--move-probability",
+        "0.5",
+        "--poison",
+        "--seed",
+        "7",
+        transport=transport,
     ) as (lender, dm, guest):
         for w, k, offset in OFFSETS:
             guest.write(offset, pattern(w, k))
@@ -73,9 +85,9 @@ def test_contents_survive_eviction_of_everything(
 
 
 def test_lender_killed_then_restarted(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], transport: str
 ) -> None:
-    with lent_guest(tmp_path, processes, 6) as (lender, dm, guest):
+    with lent_guest(tmp_path, processes, 6, transport=transport) as (lender, dm, guest):
         guest.write(0, b"resident")
         guest.write(40 * MiB, b"evicted!")
         assert guest.read(0) == b"resident" and guest.read(40 * MiB) == b"evicted!"
@@ -109,10 +121,17 @@ def test_lender_killed_then_restarted(
 
 
 def test_random_revocations_under_a_running_guest(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], transport: str
 ) -> None:
     with lent_guest(
-        tmp_path, processes, 8, "--revoke-rate", "300", "--move-probability", "0.5"
+        tmp_path,
+        processes,
+        8,
+        "--revoke-rate",
+        "300",
+        "--move-probability",
+        "0.5",
+        transport=transport,
     ) as (lender, _dm, guest):
         revokes = guest.counter(REVOKES)
         model: dict[int, bytes] = {}

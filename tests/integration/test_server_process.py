@@ -19,11 +19,12 @@ from devmodel.testing import ErrorReplyReceived, StallingLender, VfioUserClient
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
 from tests.integration.launching import DevmodelProcess, start_devmodel
+from tests.libvfio_user import raw_exchange, read_raw_reply, recv_exactly
 
 APERTURE = 256 << 20
 
 
-def test_attach_sequence_describes_the_device(devmodel: DevmodelProcess) -> None:
+def test_attach_sequence_describes_the_device(devmodel: DevmodelProcess, transport: str) -> None:
     with VfioUserClient(devmodel.socket_path) as client:
         seen = client.attach()
     version = seen["version"]
@@ -31,7 +32,10 @@ def test_attach_sequence_describes_the_device(devmodel: DevmodelProcess) -> None
     assert version.capabilities.max_msg_fds <= 16
     info = seen["info"]
     assert info.flags == c.DEVICE_FLAGS_PCI | c.DEVICE_FLAGS_RESET
-    assert (info.num_regions, info.num_irqs) == (9, 5)
+    # Expected difference 1 (README, "Choosing a transport"): libvfio-user counts its
+    # migration region (index 9, size 0) among the device's regions.
+    regions = 10 if transport == "libvfio-user" else 9
+    assert (info.num_regions, info.num_irqs) == (regions, 5)
     bar0 = seen["regions"][0]
     assert bar0.size == APERTURE
     # Never MMAP: a vfio-user mapping cannot be revoked.
@@ -102,24 +106,47 @@ def test_every_access_size_at_natural_alignment(devmodel: DevmodelProcess) -> No
     ],
 )
 def test_bad_accesses_get_an_error_and_the_stream_survives(
-    devmodel: DevmodelProcess, offset: int, count: int, region: int
+    devmodel: DevmodelProcess, transport: str, offset: int, count: int, region: int
 ) -> None:
     with VfioUserClient(devmodel.socket_path) as client:
         client.attach()
         client.write(0, 0, b"\x11" * 8)
-        with pytest.raises(ErrorReplyReceived) as info:
-            client.read(region, offset, count)
-        assert info.value.reply.errno in (errno.EINVAL, errno.EFAULT)
-        with pytest.raises(ErrorReplyReceived):
-            client.write(region, offset, bytes(count))
+        if transport == "libvfio-user" and region == 0 and offset + count <= APERTURE:
+            # Expected difference 2: an access inside the region that devmodel refuses
+            # (unaligned, odd or oversized) is answered by libvfio-user with an error reply
+            # that still carries the access's header (offset, region, count) as its payload.
+            head = struct.pack("<QII", offset, region, count)
+            for msg_id, command, body in (
+                (900, c.Command.REGION_READ, head),
+                (901, c.Command.REGION_WRITE, head + bytes(count)),
+            ):
+                rid, flags, err, payload = raw_exchange(client.sock, msg_id, command, body)
+                assert (rid, flags, err) == (msg_id, 0x21, errno.EINVAL)  # reply + error bit
+                assert payload[:16] == head
+        else:
+            with pytest.raises(ErrorReplyReceived) as info:
+                client.read(region, offset, count)
+            assert info.value.reply.errno in (errno.EINVAL, errno.EFAULT)
+            with pytest.raises(ErrorReplyReceived):
+                client.write(region, offset, bytes(count))
         # A posted bad write gets no reply at all: the next reply must be for the next read.
         client.posted_write(region, offset, bytes(count))
         assert client.read(0, 0, 8) == b"\x11" * 8
 
 
-def test_count_zero_and_oversized_requests(devmodel: DevmodelProcess) -> None:
+def test_count_zero_and_oversized_requests(devmodel: DevmodelProcess, transport: str) -> None:
     with VfioUserClient(devmodel.socket_path) as client:
         client.attach()
+        if transport == "libvfio-user":
+            # Expected difference 3: libvfio-user answers a count-0 read with success and no
+            # payload at all, and an oversized one with EINVAL (not E2BIG).
+            assert raw_exchange(client.sock, 500, 9, struct.pack("<QII", 0, 0, 0)) == (
+                500, 0x1, 0, b"",
+            )  # fmt: skip
+            big = raw_exchange(client.sock, 501, 9, struct.pack("<QII", 0, 0, 8 << 20))
+            assert big == (501, 0x21, errno.EINVAL, b"")
+            assert client.read(0, 0, 4) == bytes(4)
+            return
         header = struct.pack("<HHIII", 500, 9, 32, 0, 0)
         client.send_raw(header + struct.pack("<QII", 0, 0, 0))
         reply = client.conn  # the raw reply must be an error for msg 500
@@ -145,10 +172,17 @@ def test_posted_writes_are_never_answered(devmodel: DevmodelProcess) -> None:
         assert struct.unpack("<Q", client.read(0, (1999 % 512) * 8, 8))[0] == 1999
 
 
-def test_write_multi_applies_every_entry(devmodel: DevmodelProcess) -> None:
+def test_write_multi_applies_every_entry(devmodel: DevmodelProcess, transport: str) -> None:
     with VfioUserClient(devmodel.socket_path) as client:
         client.attach()
         writes = tuple(ev.WriteEntry(i * 8, 0, struct.pack("<Q", i * 3)) for i in range(200))
+        if transport == "libvfio-user":
+            # Expected difference 4: Debian's libvfio-user has no REGION_WRITE_MULTI (EINVAL).
+            with pytest.raises(ErrorReplyReceived) as info:
+                client.request(ev.RegionWriteMulti(client.next_id(), writes))
+            assert info.value.reply.errno == errno.EINVAL
+            assert client.read(0, 0, 8) == bytes(8)
+            return
         reply = client.request(ev.RegionWriteMulti(client.next_id(), writes))
         assert isinstance(reply, ev.RegionWriteMultiReply) and reply.wr_cnt == 200
         client.send(ev.RegionWriteMulti(client.next_id(), writes[:3], no_reply=True))
@@ -157,7 +191,7 @@ def test_write_multi_applies_every_entry(devmodel: DevmodelProcess) -> None:
 
 
 def test_fds_are_kept_while_mapped_and_closed_on_unmap_and_disconnect(
-    devmodel: DevmodelProcess,
+    devmodel: DevmodelProcess, transport: str
 ) -> None:
     baseline = devmodel.settled_fds()
     with VfioUserClient(devmodel.socket_path) as client:
@@ -170,7 +204,10 @@ def test_fds_are_kept_while_mapped_and_closed_on_unmap_and_disconnect(
         assert devmodel.open_fds() == connected + 1
         with pytest.raises(ErrorReplyReceived) as info:
             client.request(ev.DmaMap(client.next_id(), 3, 0, 0x100000, 4096, None))
-        assert info.value.reply.errno == errno.EEXIST
+        # Expected difference 5: an overlapping DMA_MAP is EINVAL from libvfio-user.
+        assert info.value.reply.errno == (
+            errno.EINVAL if transport == "libvfio-user" else errno.EEXIST
+        )
         client.request(ev.DmaUnmap(client.next_id(), 0, 0x100000, 1 << 20))
         assert devmodel.open_fds() == connected
         efd = os.eventfd(0)
@@ -190,13 +227,23 @@ def test_fds_are_kept_while_mapped_and_closed_on_unmap_and_disconnect(
 
 
 def test_malformed_framing_drops_the_client_but_not_the_server(
-    devmodel: DevmodelProcess,
+    devmodel: DevmodelProcess, transport: str
 ) -> None:
     with VfioUserClient(devmodel.socket_path) as client:
         client.attach()
-        client.send_raw(struct.pack("<HHIII", 1, 9, 32, 0x7, 0) + bytes(16))  # type 7
-        with pytest.raises((ConnectionError, OSError)):
-            client.receive()
+        if transport == "libvfio-user":
+            # Expected difference 6: libvfio-user answers a header it cannot use with an
+            # error reply (EINVAL) and keeps the client; here the bad message (type 7) and
+            # then its 16 payload bytes read as a header of size 0: two error replies.
+            client.sock.sendall(struct.pack("<HHIII", 1, 9, 32, 0x7, 0) + bytes(16))
+            error = struct.pack("<HHIII", 1, 9, 16, 0x21, errno.EINVAL)
+            assert recv_exactly(client.sock, 32) == error + struct.pack(
+                "<HHIII", 0, 0, 16, 0x21, errno.EINVAL
+            )
+        else:
+            client.send_raw(struct.pack("<HHIII", 1, 9, 32, 0x7, 0) + bytes(16))  # type 7
+            with pytest.raises((ConnectionError, OSError)):
+                client.receive()
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.connect(devmodel.socket_path)
     raw.sendall(struct.pack("<HHIII", 1, 1, 8, 0, 0))  # size below the header
@@ -219,23 +266,26 @@ def test_memory_persists_across_clients(devmodel: DevmodelProcess) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_stop_signals_exit_zero_and_remove_the_socket(tmp_path: Path, sig: int) -> None:
-    dm = start_devmodel(tmp_path)
+def test_stop_signals_exit_zero_and_remove_the_socket(
+    tmp_path: Path, sig: int, transport: str
+) -> None:
+    dm = start_devmodel(tmp_path, transport=transport)
     with VfioUserClient(dm.socket_path) as client:
         client.attach()
         assert dm.stop(sig) == 0
     assert not os.path.exists(dm.socket_path)
 
 
-def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path, transport: str) -> None:
     stale = tmp_path / "dev.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()  # leaves the file, nobody listening
-    dm = start_devmodel(tmp_path)
+    dm = start_devmodel(tmp_path, transport=transport)
     try:
+        argv = [sys.executable, "-m", "devmodel", "run", "--socket-path", dm.socket_path]
         second = subprocess.run(
-            [sys.executable, "-m", "devmodel", "run", "--socket-path", dm.socket_path],
+            [*argv, "--transport", transport],
             capture_output=True,
             check=False,
             text=True,
@@ -271,7 +321,9 @@ def test_bad_options_exit_2_with_one_clear_line(tmp_path: Path, args: list[str])
     assert done.stderr.strip().splitlines()[-1].startswith("devmodel run: error:")
 
 
-def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> None:
+def test_graceful_stop_answers_what_the_client_already_sent(
+    tmp_path: Path, transport: str
+) -> None:
     """QEMU 11.1 aborts when the socket is reset under it (unread requests at close), and a
     vCPU whose request was taken but not answered waits out the whole reply timeout. So a stop
     that lands while a request waits (here: on a page-in the lender never answers) must answer
@@ -286,6 +338,7 @@ def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> N
             str(tmp_path / "lender.sock"),
             "--page-in-timeout",
             "4",
+            transport=transport,
         )
         assert lender.evicted.wait(10)
         with VfioUserClient(dm.socket_path) as client:
@@ -301,8 +354,13 @@ def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> N
                 time.sleep(0.01)
             os.kill(dm.proc.pid, signal.SIGTERM)
             started = time.monotonic()
-            first = client.receive()
-            assert isinstance(first, ev.ErrorReply) and first.msg_id == stuck
+            if transport == "libvfio-user":
+                # Expected difference 2 again: the error reply carries the read's header.
+                rid, flags, err, _ = read_raw_reply(client.sock)
+                assert (rid, flags, err) == (stuck, 0x21, errno.EIO)
+            else:
+                first = client.receive()
+                assert isinstance(first, ev.ErrorReply) and first.msg_id == stuck
             assert time.monotonic() - started < 2.0  # not the 4 s page-in deadline
             answered = []
             with pytest.raises(ConnectionError) as end:
@@ -314,5 +372,37 @@ def test_graceful_stop_answers_what_the_client_already_sent(tmp_path: Path) -> N
             assert not isinstance(end.value, ConnectionResetError)
             assert answered == queued, dm.stderr()
         assert dm.proc.wait(10) == 0
+    finally:
+        lender.close()
+
+
+def test_unanswered_page_in_gets_the_failure_policy_and_the_device_goes_on(
+    tmp_path: Path, transport: str
+) -> None:
+    """A fault the lender never answers ends at the page-in deadline in the failure policy's
+    answer (all-ones), and the device then serves as before. Under libvfio-user the read waits
+    in the worker thread while the trio thread runs the lender link and the deadline."""
+    lender = StallingLender(tmp_path / "lender.sock", evict=(1,))
+    try:
+        dm = start_devmodel(
+            tmp_path,
+            "--aperture-size",
+            "16M",
+            "--lender-socket",
+            str(tmp_path / "lender.sock"),
+            "--page-in-timeout",
+            "1",
+            transport=transport,
+        )
+        assert lender.evicted.wait(10)
+        with VfioUserClient(dm.socket_path) as client:
+            client.attach()
+            client.write(0, 0, b"resident")
+            assert client.read(0, 2 << 20, 8) == b"\xff" * 8  # window 1: never paged in
+            assert lender.page_ins
+            assert client.read(0, 0, 8) == b"resident"
+            # BAR2's failed-access counter (devmodel/pci/registers.py) saw it.
+            assert client.read_u64(2, 0x48) == 1
+        assert dm.stop() == 0
     finally:
         lender.close()

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.libvfio_user import TRANSPORT_PARAMS
+
 from .testbed import (
     BOOT_TIMEOUT,
     GUEST_APPEND,
@@ -51,7 +53,8 @@ def reaper() -> Iterator[Reaper]:
     r.reap()
 
 
-def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int) -> GuestRun:
+def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int,
+          transport: str = "vfio-user") -> GuestRun:
     """Start a fresh device model, boot a guest against it, then stop the device model.
 
     The device model is stopped (SIGTERM) as soon as the guest has powered off, so its exit
@@ -59,7 +62,7 @@ def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int) 
     """
     error = ""
     try:
-        server = DevmodelServer(reaper, workdir)
+        server = DevmodelServer(reaper, workdir, transport=transport)
     except RuntimeError as exc:
         error = str(exc)
     if error:
@@ -75,11 +78,23 @@ def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int) 
     return run
 
 
+@pytest.fixture(scope="session", params=TRANSPORT_PARAMS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The vfio-user transport a guest's device model serves it with: "vfio-user" (native)
+    or "libvfio-user". Every test of the shared single-vCPU guest runs over both (one more
+    boot); the smp guest and the per-test boots run on the native one, except the tests that
+    take this fixture themselves (a fault, a revoke: tests/qemu/test_guest_leases.py)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
-    """One single-vCPU guest that ran every single-threaded test."""
-    return _boot(reaper, tmp_path_factory.mktemp("guest"), "single-vCPU",
-                 ["enumerate", "pattern", "boundary", "regs", "timing"], smp=1)
+def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory,
+          transport: str) -> GuestRun:
+    """One single-vCPU guest that ran every single-threaded test (one per transport)."""
+    return _boot(reaper, tmp_path_factory.mktemp(f"guest-{transport}"),
+                 f"single-vCPU ({transport})",
+                 ["enumerate", "pattern", "boundary", "regs", "timing"], smp=1,
+                 transport=transport)
 
 
 @pytest.fixture(scope="session")

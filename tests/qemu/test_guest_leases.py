@@ -69,7 +69,8 @@ class Stack:
     """Lender, device model and a control client on the device model, started in that order."""
 
     def __init__(self, reaper: Reaper, tmp_path: Path,
-                 start_devmodel: Callable[..., DevmodelServer], *lender_args: str) -> None:
+                 start_devmodel: Callable[..., DevmodelServer], *lender_args: str,
+                 transport: str = "vfio-user") -> None:
         work = tmp_path / "lender"
         work.mkdir()
         self.lender = LenderProcess(reaper, work, "--vram", VRAM, *lender_args)
@@ -77,7 +78,7 @@ class Stack:
         self.server = start_devmodel(
             "--lender-socket", str(self.lender.socket_path), "--granule", str(GRANULE),
             "--control-socket", str(self.control_path), "--domid", "7",
-            aperture_size=APERTURE)
+            aperture_size=APERTURE, transport=transport)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not self.control_path.is_socket():
             assert time.monotonic() < deadline, "devmodel never opened its control socket"
@@ -117,8 +118,8 @@ def stacks(reaper: Reaper, tmp_path: Path, start_devmodel: Callable[..., Devmode
            ) -> Iterator[Callable[..., Stack]]:
     made: list[Stack] = []
 
-    def make(*lender_args: str) -> Stack:
-        made.append(Stack(reaper, tmp_path, start_devmodel, *lender_args))
+    def make(*lender_args: str, transport: str = "vfio-user") -> Stack:
+        made.append(Stack(reaper, tmp_path, start_devmodel, *lender_args, transport=transport))
         return made[-1]
 
     yield make
@@ -132,13 +133,14 @@ def _delta(after: dict[str, int], before: dict[str, int], key: str) -> int:
 
 
 def test_fill_evict_everything_verify(
-    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest]
+    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest], transport: str
 ) -> None:
     """The guest fills TOUCHED windows and waits; the lender evicts all WINDOWS leases; the
     guest reads everything back identical, and each touched window was paged in exactly once
-    (devmodel, BAR2 and the lender agree), the untouched ones never."""
+    (devmodel, BAR2 and the lender agree), the untouched ones never. Over both vfio-user
+    transports: under libvfio-user each page-in is a fault served from its worker thread."""
     t0 = time.monotonic()
-    stack = stacks("--seed", "1")
+    stack = stacks("--seed", "1", transport=transport)
     with _explained(stack.lender):
         stack.wait_windows(lambda w: w["resident"] == WINDOWS, "all resident")
         guest = launch(["evict"], server=stack.server,

@@ -180,12 +180,15 @@ class DevmodelServer:
 
     def __init__(self, reaper: Reaper, workdir: Path, *args: str,
                  aperture_size: str = "256M", pci_id: str = "1234:10e5",
-                 startup_timeout: float = 20.0, socket_path: Path | None = None) -> None:
+                 startup_timeout: float = 20.0, socket_path: Path | None = None,
+                 transport: str = "vfio-user") -> None:
         if not DEVMODEL.exists():
             raise RuntimeError(f"{DEVMODEL} is missing: run scripts/setup-env")
         # socket_path: another instance's socket, to restart a device model in its place.
         self.socket_path = socket_path or workdir / "devmodel.sock"
+        self.transport = transport
         argv = [str(DEVMODEL), "run", "--socket-path", str(self.socket_path),
+                "--transport", transport,
                 "--aperture-size", aperture_size, "--pci-id", pci_id, *args]
         self.process = reaper.add(Process("devmodel", argv, workdir / "devmodel.stderr"))
         deadline = time.monotonic() + startup_timeout

@@ -93,7 +93,13 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"socket-path": "/a", "control-socket": "/a"}, "name the same file"),
         ({"transport": "xen"}, "needs --domid"),
         ({"transport": "xen", "domid": "3", "socket-path": "/a"}, "belong to the vfio-user"),
-        ({"transport": "tcp", "socket-path": "/a"}, "vfio-user, xen"),
+        ({"transport": "tcp", "socket-path": "/a"}, "vfio-user, libvfio-user, xen"),
+        ({"transport": "libvfio-user", "fd": "3"}, "takes --socket-path, not --fd"),
+        ({"transport": "libvfio-user"}, "--socket-path is required"),
+        # The library's region size is 32-bit: a 64 GiB (or any > 2 GiB) BAR0 is refused.
+        ({"transport": "libvfio-user", "socket-path": "/a", "aperture-size": "64G"}, "up to 2G"),
+        ({"transport": "libvfio-user", "socket-path": "/a", "aperture-size": "4G"}, "up to 2G"),
+        ({"transport": "libvfio-user", "socket-path": "/a", "pvh-acpi-root": "on"}, "xen"),
         ({"socket-path": "/a", "pvh-acpi-root": "on"}, "belongs to the xen transport"),
         ({"transport": "xen", "domid": "3", "pvh-acpi-root": "yes"}, "auto, on, off"),
         ({"socket-path": "/a", "poll-max-us": "-1"}, "from 0 (off) to 1000 microseconds"),
@@ -205,3 +211,8 @@ def test_a_granule_from_the_file_is_not_replaced(tmp_path: Path) -> None:
     path = write(tmp_path, 'aperture-size = "1M"\n')
     s = build_settings({"socket-path": "/a"}, load_file(path), path)
     assert (s.aperture_size, s.granule, s.sources["granule"]) == (1 << 20, 4096, GRANULE_PICKED)
+
+
+def test_libvfio_user_takes_bar0_up_to_2g() -> None:
+    s = build_settings({"transport": "libvfio-user", "socket-path": "/a", "aperture-size": "2G"})
+    assert (s.transport, s.aperture_size) == ("libvfio-user", 2 << 30)
