@@ -73,9 +73,9 @@ def _check_slot(page: bytearray, vcpu: int) -> None:
     assert page[:at] == before[:at] and page[end:] == before[end:], "another slot changed"
 
 
-SYNC_SLOTS = 32
+SYNC_SLOTS = 8
 """Slots of a synchronous page looked at: every slot is decoded the same way, and a whole
-page (128) would cost speed for no coverage."""
+page (128 slots) would cost speed for no coverage."""
 
 
 def sync_page(body: bytes) -> None:
