@@ -74,8 +74,11 @@ def drive_server(conn: ctl.ServerConnection, chunks: list[bytes]) -> list[Any]:
 def _check_resync(conn: ctl.ServerConnection, outcomes: list[Any]) -> None:
     if outcomes and isinstance(outcomes[-1], str):
         return  # fatal: nothing more is read
-    if conn._stream._depth:
+    stream = conn._stream
+    if stream._depth:
         return  # inside an object, where a newline is only whitespace
+    if len(stream._buf) + len(SYNC) + 2 > stream.max_line:
+        return  # what is buffered and the command would outgrow the limit: fatal, rightly
     more = drive_server(conn, [b"\n" + SYNC + b"\n"])
     assert more, "the command after a newline was lost"
     last = more[-1]
