@@ -404,18 +404,28 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float, refused when it overflows to infinity (1e999): it would be
+    the id echoed in a reply, and no reply holding it can be encoded."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_clip(text, 24)} is out of range")
+    return value
+
+
 def decode_json(line: bytes) -> object:
     """Parse one line of JSON; ValueError with a short reason for anything else.
 
-    NaN and Infinity are refused (not JSON), and so is nesting deep enough to exhaust the
-    parser's recursion (RecursionError), and integers too long to convert (ValueError).
+    NaN and Infinity are refused (not JSON), and so are numbers too big for a float (1e999,
+    which Python would read as infinity), nesting deep enough to exhaust the parser's
+    recursion (RecursionError), and integers too long to convert (ValueError).
     """
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("input is not UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except json.JSONDecodeError as exc:

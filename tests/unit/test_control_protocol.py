@@ -136,6 +136,24 @@ def test_malformed_lines_become_errors_and_the_stream_goes_on(line: bytes, words
     assert isinstance(good, Command) and good.name == "next"
 
 
+@pytest.mark.parametrize("number", [b"1e999", b"-1E400", b"2e308"])
+def test_a_number_beyond_a_float_is_refused_so_every_reply_can_echo_the_id(number: bytes) -> None:
+    """Found by the control fuzz target's "every answer encodes" invariant: json.loads reads
+    1e999 as inf, and a reply echoing an id of inf cannot be encoded (allow_nan=False), so a
+    client's command made the server's reply raise instead of answering it."""
+    conn = negotiated()
+    conn.receive_data(b'{"execute":"x","id":' + number + b"}\n")
+    conn.receive_data(b'{"execute":"y","arguments":{"n":' + number + b'},"id":1.5e300}\n')
+    bad, also_bad = events(conn)
+    for refused in (bad, also_bad):
+        assert isinstance(refused, BadCommand) and "out of range" in refused.error.desc
+        assert json.loads(encode_error(refused.error))["error"]["class"] == GENERIC_ERROR
+    client = ClientConnection()
+    client.receive_data(b'{"return":' + number + b"}\n")
+    with pytest.raises(ControlProtocolError, match="out of range"):
+        client.next_event()
+
+
 def test_the_id_is_kept_when_it_can_be() -> None:
     conn = negotiated()
     conn.receive_data(b'{"execute":"x","bogus":1,"id":"me"}\n')

@@ -190,6 +190,19 @@ async def test_an_oversized_line_gets_an_error_then_the_door(tmp_path: Path) -> 
         assert await peer.line() is None
 
 
+async def test_an_id_beyond_a_float_is_answered_and_the_server_goes_on(tmp_path: Path) -> None:
+    """`"id":1e999` once parsed to inf: the reply echoing it raised ValueError out of the
+    client's task, which took the control server (and its nursery) down."""
+    async with serving(tmp_path) as server:
+        peer = await attach(server)
+        await peer.stream.send_all(b'{"execute":"query-status","id":1e999}\n')
+        error = await peer.line()
+        assert error is not None and "out of range" in str(error["error"])
+        assert "return" in await peer.call("ok")
+        other = await attach(server)
+        assert "return" in await other.call("ok")
+
+
 async def test_too_many_clients(tmp_path: Path) -> None:
     async with serving(tmp_path, max_clients=1) as server:
         first = await attach(server)
