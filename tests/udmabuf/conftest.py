@@ -17,8 +17,19 @@ import pytest
 from .vm import MARKER, RUN_KEY, WORKDIR_KEY, VmItem, runs_here, stand_in
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Before -m selects: a udmabuf test that will boot the VM is a `qemu` test too, so that
+    `-m "not qemu"` (no guest boots) leaves it out and `-m qemu` takes it in."""
+    if runs_here():
+        return
+    for item in items:
+        if item.get_closest_marker(MARKER):
+            item.add_marker("qemu")
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def swap_in_stand_ins(session: pytest.Session, items: list[pytest.Item]) -> None:
     """After every other selection (-m, -k, --deselect), swap in the stand-ins."""
     if runs_here():
         return

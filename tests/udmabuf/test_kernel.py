@@ -74,7 +74,8 @@ def create(dev: int, memfd: int, offset: int = 0, size: int = SIZE) -> int:
     """UDMABUF_CREATE: the new dma-buf's fd, the ioctl's return value (which fcntl.ioctl
     returns only for a mutable buffer; for bytes it returns the buffer)."""
     arg = bytearray(struct.pack(UDMABUF_CREATE_FMT, memfd, UDMABUF_FLAGS_CLOEXEC, offset, size))
-    return fcntl.ioctl(dev, UDMABUF_CREATE, arg, True)
+    fd: int = fcntl.ioctl(dev, UDMABUF_CREATE, arg, True)
+    return fd
 
 
 def sync(dmabuf: int, flags: int) -> None:

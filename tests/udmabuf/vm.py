@@ -28,6 +28,11 @@ VM_CONFIGS = REPO / "qemu-configs" / "udmabuf"
 MARKER = "udmabuf"
 # Set (to 1) by the VM's init for the command it runs: the tests run here, for real.
 IN_VM_ENV = "DEVMODEL_UDMABUF_VM"
+# Set (to 1) to send the tests to the VM even where this host has udmabuf.
+VIA_VM_ENV = "DEVMODEL_UDMABUF_VIA_VM"
+# A stand-in for qemu-configs/udmabuf/run (same arguments; no provisioning is done for it):
+# the plumbing's own tests use one that writes a JUnit report without booting anything.
+RUN_ENV = "DEVMODEL_UDMABUF_VM_RUN"
 UDMABUF = Path("/dev/udmabuf")
 # The run's directory as the VM sees it (qemu-configs/udmabuf/init).
 VM_OUT = "/run/out"
@@ -53,7 +58,9 @@ class Outcome:
 def runs_here() -> bool:
     """Whether the udmabuf tests run in this process as they are: in the VM, or on a host whose
     kernel has udmabuf. Anywhere else they go to the VM."""
-    return os.environ.get(IN_VM_ENV) == "1" or UDMABUF.exists()
+    if os.environ.get(IN_VM_ENV) == "1":
+        return True
+    return UDMABUF.exists() and os.environ.get(VIA_VM_ENV) != "1"
 
 
 def junit_key(nodeid: str) -> tuple[str, str]:
@@ -117,13 +124,23 @@ class VmRun:
     ready_s: float | None = None
     done_s: float | None = None
 
+    console_tail: str = ""
+
     def summary(self) -> str:
+        """What the run cost, and how it ended; for the terminal summary."""
         passed = sum(o.kind == "passed" for o in self.outcomes.values())
-        where = (f"command started {self.ready_s:g} s after the kernel, ended at {self.done_s:g} s"
-                 if self.ready_s is not None and self.done_s is not None else "")
-        return (f"one boot ran {len(self.outcomes)} test(s), {passed} passed, in "
-                f"{self.seconds:.1f} s in all ({where}; run exit {self.returncode})"
-                + (f"; {self.error.splitlines()[0]}" if self.error else ""))
+        times = [f"run exit {self.returncode}"]
+        if self.ready_s is not None:
+            times.insert(0, f"the tests' command started {self.ready_s:g} s after the kernel")
+        if self.done_s is not None:
+            times.insert(1, f"ended at {self.done_s:g} s")
+        text = (f"one boot ran {len(self.outcomes)} test(s), {passed} passed, in "
+                f"{self.seconds:.1f} s in all ({', '.join(times)})")
+        if self.error:
+            text += f"\n{self.error}"
+        if self.console_tail:
+            text += f"\nthe end of the VM's console:\n{self.console_tail}"
+        return text
 
 
 READY_LINE = re.compile(r"^UDMABUF-VM-READY after ([\d.]+) s", re.MULTILINE)
@@ -152,10 +169,12 @@ def _provision(config: pytest.Config) -> str:
 def run_in_vm(config: pytest.Config, nodeids: list[str], workdir: Path) -> VmRun:
     """Boot the udmabuf VM once and run `nodeids` there with pytest; their outcomes."""
     t0 = time.monotonic()
-    error = _provision(config)
-    if error:
-        return VmRun(error=error, seconds=time.monotonic() - t0)
-    argv = [str(VM_CONFIGS / "run"), "--no-provision", "--workdir", str(workdir),
+    run_script = os.environ.get(RUN_ENV)
+    if not run_script:
+        run_script = str(VM_CONFIGS / "run")
+        if error := _provision(config):
+            return VmRun(error=error, seconds=time.monotonic() - t0)
+    argv = [run_script, "--no-provision", "--workdir", str(workdir),
             "--timeout", f"{VM_TIMEOUT:g}", "--",
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", MARKER,
             f"--junitxml={VM_OUT}/{JUNIT}", *nodeids]
@@ -174,7 +193,7 @@ def run_in_vm(config: pytest.Config, nodeids: list[str], workdir: Path) -> VmRun
     if not junit.exists():
         run.error = (f"the udmabuf VM wrote no JUnit report (qemu-configs/udmabuf/run exit "
                      f"{proc.returncode} after {run.seconds:.0f} s; console: {console})")
-        run.error += f"\n{_tail(text)}"
+        run.console_tail = _tail(text)
         return run
     try:
         run.outcomes = outcomes_from_junit(junit.read_text(), nodeids)
@@ -193,6 +212,7 @@ class VmItem(pytest.Item):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._location = location
         self.add_marker(MARKER)
+        self.add_marker("qemu")
 
     def reportinfo(self) -> tuple[str | os.PathLike[str], int | None, str]:
         return self._location
@@ -200,10 +220,12 @@ class VmItem(pytest.Item):
     def runtest(self) -> None:
         run = vm_run(self.session)
         if run.error:
+            # One line; the end of the console is in the terminal summary, once.
             pytest.fail(run.error, pytrace=False)
         outcome = run.outcomes.get(self.nodeid) or Outcome("failed", "not run in the VM")
         if outcome.kind == "skipped":
-            pytest.skip(outcome.text)
+            # Reported at the test's own location (as a skip mark is), not this line.
+            raise pytest.skip.Exception(outcome.text, _use_item_location=True)
         elif outcome.kind == "xfailed":
             pytest.xfail(outcome.text)
         elif outcome.kind == "failed":
