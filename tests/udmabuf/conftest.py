@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -17,25 +18,25 @@ import pytest
 from .vm import MARKER, RUN_KEY, WORKDIR_KEY, VmItem, runs_here, stand_in
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Before -m selects: a udmabuf test that will boot the VM is a `qemu` test too, so that
-    `-m "not qemu"` (no guest boots) leaves it out and `-m qemu` takes it in."""
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(session: pytest.Session,
+                                  items: list[pytest.Item]) -> Generator[None, None, None]:
+    """Around every other selection (-m, -k, --deselect, the xen_guest deselection):
+
+    before it, a udmabuf test that will boot the VM becomes a `qemu` test too, so that
+    `-m "not qemu"` (no guest boots) leaves it out and `-m qemu` takes it in; after it, the
+    selected ones are swapped for their stand-ins.
+    """
     if runs_here():
-        return
+        return (yield)
     for item in items:
         if item.get_closest_marker(MARKER):
             item.add_marker("qemu")
-
-
-@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
-def swap_in_stand_ins(session: pytest.Session, items: list[pytest.Item]) -> None:
-    """After every other selection (-m, -k, --deselect), swap in the stand-ins."""
-    if runs_here():
-        return
+    result = yield
     items[:] = [stand_in(item) if item.get_closest_marker(MARKER) else item for item in items]
     if any(isinstance(item, VmItem) for item in items):
         session.config.stash[WORKDIR_KEY] = Path(tempfile.mkdtemp(prefix="udmabuf-vm."))
+    return result
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

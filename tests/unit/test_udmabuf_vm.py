@@ -156,3 +156,25 @@ def test_stand_ins_report_one_vm_runs_outcomes_under_the_test_ids(tmp_path: Path
         assert f"PASSED {nodeid}" in out
     assert f"1 failed, {len(ids) - 2} passed, 1 skipped" in out
     assert "one boot ran" in out
+
+
+def test_a_plain_run_sends_them_to_the_vm_and_not_qemu_leaves_them_out(tmp_path: Path) -> None:
+    """Without -m the udmabuf tests still go to the (fake) VM; `-m "not qemu"`, the run
+    without guest boots, selects none of them."""
+    fake = tmp_path / "fake-run"
+    fake.write_text(FAKE_RUN)
+    fake.chmod(0o755)
+    log = tmp_path / "runs.log"
+    env = {**os.environ, RUN_ENV: str(fake), VIA_VM_ENV: "1", "FAKE_RUN_LOG": str(log),
+           "TMPDIR": str(tmp_path)}
+    env.pop("DEVMODEL_UDMABUF_VM", None)
+    base = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "tests/udmabuf"]
+    plain = subprocess.run(base, cwd=REPO, env=env, check=False, capture_output=True, text=True)
+    assert len(log.read_text().splitlines()) == 1, plain.stdout
+    assert "1 failed" in plain.stdout and "1 skipped" in plain.stdout, plain.stdout
+    log.unlink()
+    no_qemu = subprocess.run([*base, "-m", "not qemu"], cwd=REPO, env=env, check=False,
+                             capture_output=True, text=True)
+    assert no_qemu.returncode == 5, no_qemu.stdout
+    assert "deselected" in no_qemu.stdout
+    assert not log.exists()
