@@ -10,15 +10,20 @@ compared; plots of different runs can not be, unless the runs used the same `--p
 
 matplotlib draws off screen (its object-oriented API on the Agg canvas: no display, no pyplot
 state); it is the `bench` extra, imported only here.
+
+The same CDFs are also drawn as text (plotext, also the `bench` extra): a PNG of one machine's
+run is a generated file and stays out of the repository, but a text plot can be pasted into
+docs/performance.md, read in a terminal, in a diff or over ssh, and compared line by line.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["PLOTS", "write_plots"]
+__all__ = ["PLOTS", "text_plots", "write_plots", "write_text_plots"]
 
 # (file suffix, title, [(row key, label)]): the rows of one plot, measured in the same run.
 PLOTS: Final[tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]] = (
@@ -115,3 +120,86 @@ def write_plots(result: Mapping[str, Any], out_dir: Path, stem: str) -> list[Pat
         fig.savefig(path, dpi=100)
         written.append(path)
     return written
+
+
+# One glyph per curve, so the text plots need no colour.
+_TEXT_MARKERS: Final = ("*", "o", "+", "x", "#", "%")
+
+
+def _decades(lo: float, hi: float) -> list[int]:
+    """The powers of ten (exponents) from below lo to above hi: ticks a reader can place on a
+    log axis."""
+    first = math.floor(math.log10(max(lo, 1e-3)))
+    last = max(first + 1, math.ceil(math.log10(max(hi, 1e-3))))
+    return list(range(first, last + 1))
+
+
+def _quantile(values: Sequence[float], fractions: Sequence[float], q: float) -> float:
+    """The smallest latency whose fraction reaches q (the maximum if none does)."""
+    for value, fraction in zip(values, fractions, strict=True):
+        if fraction >= q:
+            return value
+    return values[-1]
+
+
+def _us_label(us: float) -> str:
+    if us >= 1e6:
+        return f"{us / 1e6:g} s"
+    if us >= 1e3:
+        return f"{us / 1e3:g} ms"
+    return f"{us:g} us"
+
+
+def text_plots(result: Mapping[str, Any], width: int = 78, height: int = 20) -> str:
+    """Every plot of PLOTS that has a measured row, as text: the CDF on a log latency axis,
+    one glyph per curve (the tail panel of the PNG is left out: its 1/n floor is too coarse
+    to read in a few text rows)."""
+    import plotext  # type: ignore[import-untyped]  # noqa: PLC0415 (untyped; the bench extra)
+
+    rows = {r["key"]: r for r in result.get("rows", [])}
+    blocks: list[str] = []
+    for suffix, title, wanted in PLOTS:
+        curves = _curves(rows, wanted)
+        if not curves:
+            continue
+        fig = plotext.figure
+        fig.clear()
+        fig.plot_size(width, height)
+        fig.theme("colorless")
+        # The axis ends at the slowest curve's 99.9th percentile: the few samples beyond it
+        # would squeeze the body of every curve into a few columns (the PNG's tail panel
+        # shows them).
+        lo = min(min(values) for _, _, values, _ in curves)
+        hi = max(_quantile(values, fractions, 0.999) for _, _, values, fractions in curves)
+        # The log axis is drawn as log10 of the latency on a linear one, with ticks at the
+        # powers of ten: plotext's own log scale picks odd tick values.
+        for (_, _, values, fractions), marker in zip(curves, _TEXT_MARKERS, strict=False):
+            points = [(math.log10(max(v, 1e-3)), f) for v, f in zip(values, fractions, strict=True)
+                      if v <= hi]
+            fig.draw(fig.signal([x for x, _ in points], [f for _, f in points], marker=marker))
+        # The legend goes under the plot, not over the curves (plotext draws it inside).
+        legend = [
+            f"    {marker} {label}"
+            for (label, *_), marker in zip(curves, _TEXT_MARKERS, strict=False)
+        ]
+        exponents = _decades(lo, hi)
+        axis = fig.ruler("x")
+        axis.lim(exponents[0], exponents[-1])
+        axis.ticks(exponents, [_us_label(10.0**e) for e in exponents])
+        fig.ruler("y").lim(0, 1)
+        fig.title(f"{suffix}: {title}")
+        fig.label("latency (log scale, to the 99.9th percentile); y: fraction <= latency")
+        text = plotext.uncolorize(str(fig.build()))
+        blocks.append("\n".join([line.rstrip() for line in text.splitlines()] + legend))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def write_text_plots(result: Mapping[str, Any], out_dir: Path, stem: str) -> Path | None:
+    """`out_dir/STEM-plots.txt` with text_plots' drawing, or None when nothing was measured."""
+    text = text_plots(result)
+    if not text:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-plots.txt"
+    path.write_text(text)
+    return path

@@ -632,7 +632,8 @@ def from_json(data: dict[str, Any]) -> Results:
 
 
 def plot(data: dict[str, Any], out_dir: Path, stem: str) -> None:
-    """The PNG plots of a result (bench_plots.py), or one line saying why there are none."""
+    """The PNG plots of a result and the same CDFs as text (bench_plots.py), or one line saying
+    why there are none."""
     try:
         import bench_plots  # noqa: PLC0415 (matplotlib: only when plotting)
     except ImportError as exc:
@@ -645,6 +646,13 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> None:
         return
     for path in written:
         print(f"plot: {path}")
+    try:
+        text = bench_plots.write_text_plots(data, out_dir, stem)
+    except ImportError as exc:
+        print(f"text plots: none ({exc}; install the bench extra: pip install -e '.[bench]')")
+        return
+    if text is not None:
+        print(f"text plots: {text}")
 
 
 def print_xen(run_dir: str | None) -> None:

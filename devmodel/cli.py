@@ -158,6 +158,7 @@ def capabilities() -> dict[str, object]:
             "metrics-http",
             "debug-console",
         ],
+        "leases": lease_capabilities(),
         "options": describe_options(),
         "limits": limits(),
         "control": {
@@ -166,6 +167,26 @@ def capabilities() -> dict[str, object]:
         },
         "exit_status": {"0": "clean stop", "1": "could not start", "2": "usage error"},
         "stop_signals": ["SIGTERM", "SIGINT", "SIGHUP"],
+    }
+
+
+def lease_capabilities() -> dict[str, object]:
+    """The lease protocol as this borrower speaks it: which fd kinds a GRANT may carry, the
+    HELLO features that enable them, and the dma-buf exporters it accepts (docs/lease-protocol.md
+    section 5)."""
+    from devmodel_wire.lease.checks import DMABUF_EXPORTERS  # noqa: PLC0415 (only here)
+    from devmodel_wire.lease.constants import (  # noqa: PLC0415
+        FEATURE_NAMES,
+        FEATURES_KNOWN,
+        VERSION_MAJOR,
+        VERSION_MINOR,
+    )
+
+    return {
+        "protocol": f"{VERSION_MAJOR}.{VERSION_MINOR}",
+        "features": [name for bit, name in FEATURE_NAMES.items() if bit & FEATURES_KNOWN],
+        "fd_kinds": ["memfd", "dma-buf"],
+        "dmabuf_exporters": sorted(DMABUF_EXPORTERS),
     }
 
 

@@ -17,6 +17,14 @@ manager would use it, small enough to read in one sitting:
   (`--move-probability`), grants it, and only then answers PAGE_IN_DONE.
 - `--revoke-rate` evicts random resident buffers at that rate, as a stress knob; SIGUSR1
   evicts everything; SIGUSR2 logs the statistics; SIGINT/SIGTERM print a summary and exit 0.
+- `--fd-kind dmabuf` lends VRAM as dma-bufs, the fd type a real GPU driver hands out: each
+  heap memfd also becomes one udmabuf (/dev/udmabuf, at most the udmabuf module's
+  `size_limit_mb`, 64 MiB by default, per heap), and grants to a borrower that accepted the
+  `dmabuf-grants` feature carry that udmabuf; a borrower without the feature still gets the
+  memfd. The lender itself keeps reading and writing VRAM through the memfd (the same pages:
+  the udmabuf pins them), so freed VRAM is overwritten rather than hole-punched, which would
+  leave the udmabuf holding the old pages. The backing store stays a memfd (lent only to
+  stage evicted chunks). Without /dev/udmabuf it exits at once and says so.
 
 Run: `python examples/reference_lender.py --socket /run/lender.sock --vram 256M`, then
 `devmodel run --lender-socket /run/lender.sock --domid 7 ...` for each guest.
@@ -44,7 +52,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Final
 
@@ -52,9 +60,10 @@ import trio
 from lender_vram import Extent, Lru, Vram
 
 import devmodel_wire.lease as lp
+from devmodel.leases.dmabuf import udmabuf_create, udmabuf_missing
 from devmodel.sizes import format_size, parse_size
 from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary, rights
-from devmodel_wire.lease.constants import NackReason, code_name
+from devmodel_wire.lease.constants import FEATURE_DMABUF_GRANTS, FdKind, NackReason, code_name
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
@@ -114,14 +123,18 @@ def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int
         done += n
 
 
-def scrub(fd: int, offset: int, length: int, poison: bool) -> None:
-    """Free memory's contents: poison it (tests) or punch it out (zero, and pages freed)."""
+def scrub(fd: int, offset: int, length: int, poison: bool, *, punch: bool = True) -> None:
+    """Free memory's contents: poison it (tests) or punch it out (zero, and pages freed).
+
+    `punch=False` writes zeros instead: a udmabuf made from the memfd pins its pages, and a
+    punched hole would leave the udmabuf with the old contents and the memfd with new pages.
+    """
     if poison:
         pattern = POISON * (min(COPY_STEP, length) // len(POISON))
         for at in range(offset, offset + length, len(pattern)):
             os.pwrite(fd, pattern[: offset + length - at], at)
         return
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    if not punch or _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         zeros = bytes(min(COPY_STEP, length))
         for at in range(offset, offset + length, len(zeros)):
             os.pwrite(fd, zeros[: offset + length - at], at)
@@ -176,12 +189,15 @@ class LenderStats:
     moves: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    # Freed VRAM filled with POISON (--poison): shows a soak's poison check had poison to find.
+    bytes_poisoned: int = 0
     vram_used: int = 0
     vram_peak: int = 0
     vram_capacity: int = 0
     quarantined: int = 0
     protocol_errors: int = 0
     log_lines_suppressed: int = 0
+    dmabuf_grants: int = 0
 
 
 class RegionState(enum.Enum):
@@ -205,6 +221,33 @@ class Region:
     home: Extent | None = None  # where it lived last: a page-in goes back there if it can
     swapped: bool = False  # the backing store holds its contents
     settled: trio.Event = field(default_factory=trio.Event)
+
+
+class DmabufUnavailable(Exception):
+    """`--fd-kind dmabuf` where no udmabuf can be made (the message says why)."""
+
+
+MakeDmabuf = Callable[[int, int, int], int]
+"""(memfd, offset, size) -> a dma-buf fd of that range: udmabuf_create, or a test's stand-in."""
+
+
+def make_udmabuf(memfd: int, offset: int, size: int) -> int:
+    """A udmabuf of a heap, or DmabufUnavailable saying what is missing."""
+    missing = udmabuf_missing()
+    if missing is not None:
+        raise DmabufUnavailable(f"--fd-kind dmabuf needs udmabuf: {missing}")
+    try:
+        return udmabuf_create(memfd, offset, size)
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EINVAL:
+            hint = (
+                " (a heap may be at most the udmabuf module's size_limit_mb, 64 MiB by "
+                "default: use more --heaps or a smaller --vram)"
+            )
+        raise DmabufUnavailable(
+            f"cannot make a {format_size(size)} udmabuf: {exc.strerror}{hint}"
+        ) from None
 
 
 class NoMemory(Exception):
@@ -232,6 +275,9 @@ class GuestSession:
         self.by_lease: dict[int, Region] = {}
         self.revoked: dict[int, trio.Event] = {}
         self.swap_fd = -1
+        # The session agreed on dmabuf-grants and the lender lends dma-bufs: VRAM goes out as
+        # the heaps' udmabufs.
+        self.dmabuf = False
         self.populated = trio.Event()
         self.closed = False
         self.scope = trio.CancelScope()
@@ -262,14 +308,15 @@ class GuestSession:
         async with self._send_lock:
             await self._send_locked(event)
 
-    async def send_grant(self, region: Region, fd_offset: int, fd: int) -> int:
+    async def send_grant(self, region: Region, fd_offset: int, fd: int, flags: int = 0) -> int:
         """Send a GRANT for `region`; the lease id is taken under the lock so that ids go out
-        strictly increasing whatever order concurrent page-ins reach this point in."""
+        strictly increasing whatever order concurrent page-ins reach this point in. `flags`
+        carries the fd kind (FdKind.DMABUF for a udmabuf)."""
         async with self._send_lock:
             lease = self._next_lease
             self._next_lease += 1
             await self._send_locked(
-                lp.Grant(lease, region.offset, region.length, fd_offset, PROT_RW, fd)
+                lp.Grant(lease, region.offset, region.length, fd_offset, PROT_RW, fd, flags)
             )
             self.by_lease[lease] = region
             return lease
@@ -348,8 +395,13 @@ class ReferenceLender:
         revoke_timeout: float = 10.0,
         page_in_timeout: float = 1.5,
         write_timeout: float = 5.0,
+        fd_kind: str = "memfd",
+        make_dmabuf: MakeDmabuf = make_udmabuf,
     ) -> None:
+        if fd_kind not in ("memfd", "dmabuf"):
+            raise ValueError(f"fd kind {fd_kind!r} is not memfd or dmabuf")
         self.vram = Vram(vram, heaps, align=max(chunk or 4096, 4096))
+        self.fd_kind = fd_kind
         self.chunk = chunk
         self.move_probability = move_probability
         self.revoke_rate = revoke_rate
@@ -363,6 +415,15 @@ class ReferenceLender:
             make_memfd(f"vram-heap{i}", self.vram.heap_size, seal=True)
             for i in range(len(self.vram.heaps))
         ]
+        # --fd-kind dmabuf: one dma-buf per heap, of the same pages (see the module docstring).
+        self.heap_dmabufs: list[int] = []
+        if fd_kind == "dmabuf":
+            try:
+                for fd in self.heap_fds:
+                    self.heap_dmabufs.append(make_dmabuf(fd, 0, self.vram.heap_size))
+            except BaseException:
+                self.close()
+                raise
         self.sessions: list[GuestSession] = []
         self.lru: Lru[Region] = Lru()
         self._stats = LenderStats(vram_capacity=self.vram.capacity)
@@ -380,9 +441,16 @@ class ReferenceLender:
         return self._stats
 
     def close(self) -> None:
-        for fd in self.heap_fds:
+        for fd in self.heap_fds + self.heap_dmabufs:
             os.close(fd)
         self.heap_fds = []
+        self.heap_dmabufs = []
+
+    def _scrub(self, extent: Extent, poison: bool) -> None:
+        # Never punch holes under a udmabuf: it would keep serving the old pages.
+        punch = not self.heap_dmabufs
+        scrub(self.heap_fds[extent.heap], extent.offset, extent.length, poison, punch=punch)
+        self._stats.bytes_poisoned += extent.length if poison else 0
 
     # ------------------------------------------------------------------ serving
 
@@ -466,18 +534,23 @@ class ReferenceLender:
             # The backing store is lent too (_populate), so it is sealed like VRAM.
             swap_name = f"swap-guest{hello.guest_id}"
             session.swap_fd = make_memfd(swap_name, hello.aperture_size, seal=True)
+            offer = FEATURE_DMABUF_GRANTS if self.fd_kind == "dmabuf" else 0
             try:
-                await session.send(session.conn.hello_reply(self.name))
+                # hello_reply narrows the offer to what the borrower offered: a borrower that
+                # does not know dma-buf grants is lent memfds (6.3: never sent a dma-buf).
+                await session.send(session.conn.hello_reply(self.name, features=offer))
             except SessionGone:
                 return False
+            session.dmabuf = bool(session.conn.features & FEATURE_DMABUF_GRANTS)
             self.events.info(
-                "%s connected (pid %d, %s '%s', aperture %s, chunk %s)",
+                "%s connected (pid %d, %s '%s', aperture %s, chunk %s, lending %s)",
                 session,
                 pid,
                 f"v{hello.major}.{hello.minor}",
                 hello.name,
                 format_size(hello.aperture_size),
                 format_size(chunk),
+                "dma-bufs" if session.dmabuf else "memfds",
             )
             return True
         log.warning("session %d: no HELLO within 5 s", session.number)
@@ -571,7 +644,7 @@ class ReferenceLender:
 
     def _release(self, extents: list[Extent]) -> None:
         for extent in extents:
-            scrub(self.heap_fds[extent.heap], extent.offset, extent.length, self.poison)
+            self._scrub(extent, self.poison)
             self.vram.release(extent)
         if extents:
             self._freed.set()
@@ -671,8 +744,14 @@ class ReferenceLender:
             copy_range(session.swap_fd, region.offset, fd, extent.offset, region.length)
             self._stats.bytes_in += region.length
         else:
-            scrub(fd, extent.offset, extent.length, poison=False)
-        lease = await session.send_grant(region, extent.offset, fd)
+            self._scrub(extent, poison=False)
+        if session.dmabuf:
+            lease = await session.send_grant(
+                region, extent.offset, self.heap_dmabufs[extent.heap], FdKind.DMABUF
+            )
+            self._stats.dmabuf_grants += 1
+        else:
+            lease = await session.send_grant(region, extent.offset, fd)
         if region.home is not None and region.home != extent:
             self._stats.moves += 1
         region.home = extent
@@ -775,7 +854,7 @@ class ReferenceLender:
         extent = region.extent
         assert extent is not None
         if scrub_it:
-            scrub(self.heap_fds[extent.heap], extent.offset, extent.length, self.poison)
+            self._scrub(extent, self.poison)
         self.vram.release(extent)
         region.extent = None
         self._freed.set()
@@ -910,6 +989,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--revoke-rate", type=float, default=0.0, metavar="PER_SECOND")
     p.add_argument("--seed", type=int)
     p.add_argument("--poison", action="store_true", help="fill freed VRAM with 0xdeadbeef")
+    p.add_argument(
+        "--fd-kind",
+        choices=["memfd", "dmabuf"],
+        default="memfd",
+        help="lend VRAM as memfds (default) or as udmabufs made from them (needs /dev/udmabuf)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if not 0.0 <= args.move_probability <= 1.0:
@@ -928,6 +1013,7 @@ async def _main(args: argparse.Namespace) -> LenderStats:
         revoke_rate=args.revoke_rate,
         seed=args.seed,
         poison=args.poison,
+        fd_kind=args.fd_kind,
     )
     listener = await bind_listener(args.socket)
     stops = (signal.SIGINT, signal.SIGTERM)
@@ -966,7 +1052,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s lender[%(process)d] %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    stats = trio.run(_main, args)
+    try:
+        stats = trio.run(_main, args)
+    except DmabufUnavailable as exc:
+        print(f"reference-lender: {exc}", file=sys.stderr)
+        return 1
     print("summary:")
     for key, value in asdict(stats).items():
         print(f"  {key}: {value}")

@@ -1,5 +1,9 @@
 """The memory behind a lease: lender fds, validated, de-duplicated, read with pread/pwrite.
 
+(dma-buf leases are the exception: a dma-buf cannot be read with pread, so the engine maps
+each one; devmodel/leases/dmabuf.py says how it stays safe. The store keeps their fds all the
+same, and checks them by their own rules.)
+
 The engine never mmaps lender memory. A lender may shrink a memfd under us; an mmap would then
 raise SIGBUS on the next access and kill the device model, while pread simply comes back short
 (a lender bug we answer with the failure policy). No mapping also means that after REVOKED no
@@ -15,7 +19,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from devmodel_wire.lease.constants import PROT_WRITE, NackReason
+from devmodel.leases.dmabuf import DmabufSupport
+from devmodel_wire.lease.checks import check_dmabuf_facts
+from devmodel_wire.lease.constants import PROT_WRITE, FdKind, NackReason
 
 # Linux fcntl numbers; the stdlib exposes them from 3.8 on Linux but typeshed may not.
 F_GET_SEALS: int = getattr(fcntl, "F_GET_SEALS", 1034)
@@ -44,15 +50,22 @@ class _Kept:
 class FdStore:
     """Keeps one fd per (file, access mode) with a reference count per lease."""
 
-    def __init__(self) -> None:
+    def __init__(self, dmabuf: DmabufSupport | None = None) -> None:
         self._by_key: dict[tuple[int, int, int], _Kept] = {}
         self._key_of_fd: dict[int, tuple[int, int, int]] = {}
+        self.dmabuf = dmabuf or DmabufSupport()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def adopt(
-        self, fd: int, fd_offset: int, length: int, prot: int, key: FdKey | None = None
+        self,
+        fd: int,
+        fd_offset: int,
+        length: int,
+        prot: int,
+        key: FdKey | None = None,
+        kind: int = FdKind.MEMFD,
     ) -> int:
         """Validate `fd` for a lease and return the fd to use; `fd` is consumed either way.
 
@@ -67,7 +80,10 @@ class FdStore:
             except OSError as exc:
                 _close(fd)
                 raise GrantRefused(NackReason.BAD_FD, f"fd is not usable: {exc.strerror}") from None
-            problem = _check(fd, st, mode, fd_offset, length, prot)
+            if kind == FdKind.DMABUF:
+                problem = self._check_dmabuf(fd, fd_offset, length, prot)
+            else:
+                problem = _check(fd, st, mode, fd_offset, length, prot)
             if problem is not None:
                 _close(fd)
                 raise problem
@@ -80,6 +96,22 @@ class FdStore:
         self._by_key[key] = _Kept(fd, 1)
         self._key_of_fd[fd] = key
         return fd
+
+    def _check_dmabuf(self, fd: int, fd_offset: int, length: int, prot: int) -> GrantRefused | None:
+        facts = self.dmabuf.inspect(fd)
+        if facts is None:
+            return GrantRefused(NackReason.BAD_FD, "dma-buf fd cannot be inspected")
+        reason = check_dmabuf_facts(
+            facts, fd_offset=fd_offset, length=length, prot=prot, exporters=self.dmabuf.exporters
+        )
+        if reason is None:
+            return None
+        return GrantRefused(
+            reason,
+            f"dma-buf refused: exporter {facts.exporter!r}, size {facts.size}, "
+            f"access mode {facts.access_mode} (accepted exporters: "
+            f"{', '.join(sorted(self.dmabuf.exporters))})",
+        )
 
     def release(self, fd: int) -> None:
         """Drop one lease's reference; the fd is closed with the last one."""

@@ -1,9 +1,11 @@
 """The lease engine: serves aperture accesses from lent memory, revokes, pages in.
 
-Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd, so an access
-never holds anything across an await; only waits (for a revoke to finish or a page-in to be
-answered) suspend, and each wait is per window with a deadline. Nothing global is held across a
-wait, so a vfio-user client (one access at a time) and Xen (one per vCPU) both fit.
+Concurrency model: accesses are synchronous `pread`/`pwrite` on the lender's fd (for a
+dma-buf lease: sync ioctl, a copy from its mapping, sync ioctl; devmodel/leases/dmabuf.py), so
+an access never holds anything across an await; only waits (for a revoke to finish or a
+page-in to be answered) suspend, and each wait is per window with a deadline. Nothing global
+is held across a wait, so a vfio-user client (one access at a time) and Xen (one per vCPU)
+both fit.
 
 Forward progress: when a grant makes a window resident, the accesses waiting on it are
 performed inside the grant itself, before any other message (such as an immediate REVOKE) can
@@ -30,6 +32,7 @@ import trio
 
 from devmodel.counters import DeviceCounters
 from devmodel.leases.backing import FdKey, FdStore, GrantRefused
+from devmodel.leases.dmabuf import DmabufMapping, DmabufSupport
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import LIVE, Trigger, WindowState, transition
 from devmodel.leases.table import WindowTable
@@ -37,10 +40,13 @@ from devmodel.leases.window import Pending, Window
 from devmodel.pci.errors import AccessError
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel_wire.lease.constants import (
+    FD_KIND_FEATURE,
+    GRANT_FD_KIND_MASK,
     GRANT_FLAGS_KNOWN,
     PROT_WRITE,
     VALID_PROTS,
     Access,
+    FdKind,
     NackReason,
     PageInStatus,
     RevokeMode,
@@ -166,6 +172,16 @@ class LeaseEngine:
         self._tracer = tracer
         self._observed = self._timing is not None or tracer is not None
 
+    @property
+    def dmabuf(self) -> DmabufSupport:
+        """How dma-buf leases reach the kernel (exporter allow-list, inspection, sync); tests
+        replace it to stand memfds in for dma-bufs."""
+        return self._fds.dmabuf
+
+    @dmabuf.setter
+    def dmabuf(self, support: DmabufSupport) -> None:
+        self._fds.dmabuf = support
+
     # ------------------------------------------------------------------ Aperture protocol
 
     @property
@@ -184,15 +200,24 @@ class LeaseEngine:
         w = self._table.find(offset)
         if w is None or w.state is not _RESIDENT:
             return None
+        mem = w.mem  # a dma-buf lease: read through its mapping, sync-bracketed
         if not self._observed:
             try:
-                data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                data = (
+                    os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                    if mem is None
+                    else mem.read(offset - w.start, size)
+                )
             except OSError:
                 return None
             return data if len(data) == size else None
         start = _now()
         try:
-            data = os.pread(w.fd, size, w.fd_offset + offset - w.start)
+            data = (
+                os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                if mem is None
+                else mem.read(offset - w.start, size)
+            )
         except OSError:
             return None
         if len(data) != size:
@@ -213,10 +238,16 @@ class LeaseEngine:
         w = self._table.find(offset)
         if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
             return False
+        mem = w.mem  # a dma-buf lease: written through its mapping, sync-bracketed
         observed = self._observed
         start = _now() if observed else 0
         try:
-            if os.pwrite(w.fd, data, w.fd_offset + offset - w.start) != len(data):
+            done = (
+                os.pwrite(w.fd, data, w.fd_offset + offset - w.start)
+                if mem is None
+                else mem.write(offset - w.start, data)
+            )
+            if done != len(data):
                 return False
         except OSError:
             return False  # a write seal, say: the awaited write answers with the policy
@@ -260,6 +291,7 @@ class LeaseEngine:
     def close(self) -> None:
         for w in list(self._table):
             self._fail_waiters(w.waiters, "device closing")
+            _unmap_own(w)
         self._fds.close_all()
         self._table = WindowTable()
         self._live.clear()
@@ -358,13 +390,17 @@ class LeaseEngine:
 
     def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
         at = w.fd_offset + offset - w.start
+        mem = w.mem  # a dma-buf lease: a mapping of the granted range, sync-bracketed
         try:
             if data is None:
-                got = os.pread(w.fd, size, at)
+                got = os.pread(w.fd, size, at) if mem is None else mem.read(offset - w.start, size)
                 if len(got) == size:
                     return got
             elif w.prot & PROT_WRITE:
-                if os.pwrite(w.fd, data, at) == len(data):
+                done = (
+                    os.pwrite(w.fd, data, at) if mem is None else mem.write(offset - w.start, data)
+                )
+                if done == len(data):
                     return b""
             else:
                 return self._fail(offset, size, data, "the lease is read-only")
@@ -424,7 +460,11 @@ class LeaseEngine:
         except GrantRefused:
             os.close(fd)
             raise
-        kept = self._fds.adopt(fd, fd_offset, length, prot, fd_key)
+        kind = flags & GRANT_FD_KIND_MASK
+        kept = self._fds.adopt(fd, fd_offset, length, prot, fd_key, kind)
+        mem: DmabufMapping | None = None
+        if kind == FdKind.DMABUF:
+            mem = self._map_dmabuf(kept, fd_offset, length, prot)
         end = offset + length
         served: list[Pending] = []
         for old in pieces:
@@ -441,7 +481,7 @@ class LeaseEngine:
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
-        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot)
+        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot, mem=mem)
         self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
@@ -456,6 +496,15 @@ class LeaseEngine:
             p.done.set()
         return len(served)
 
+    def _map_dmabuf(self, fd: int, fd_offset: int, length: int, prot: int) -> DmabufMapping:
+        """Map a dma-buf lease's range, or release `fd` and raise GrantRefused (BAD_FD: the
+        specification's "cannot be mapped"; an exporter may refuse mmap altogether)."""
+        try:
+            return self._fds.dmabuf.map(fd, fd_offset, length, prot)
+        except (OSError, ValueError, OverflowError) as exc:
+            self._fds.release(fd)
+            raise GrantRefused(NackReason.BAD_FD, f"dma-buf cannot be mapped: {exc}") from None
+
     def _check_grant(
         self, lease_id: int, offset: int, length: int, fd_offset: int, prot: int, flags: int
     ) -> list[Window]:
@@ -464,7 +513,7 @@ class LeaseEngine:
             raise GrantRefused(NackReason.DUPLICATE_LEASE_ID, f"lease {lease_id} already exists")
         if prot not in VALID_PROTS:
             raise GrantRefused(NackReason.BAD_PROTECTION, f"protection {prot:#x} is not R or RW")
-        if flags & ~GRANT_FLAGS_KNOWN:
+        if flags & ~GRANT_FLAGS_KNOWN or (flags & GRANT_FD_KIND_MASK) not in FD_KIND_FEATURE:
             raise GrantRefused(NackReason.UNSUPPORTED_FLAGS, f"grant flags {flags:#x} unknown")
         # docs/lease-protocol.md 9.2: a zero length and an fd_offset off the granule are
         # MISALIGNED too (a window must be mappable with pages of the granule's size).
@@ -539,7 +588,9 @@ class LeaseEngine:
 
     def _revoked(self, lease_id: int, w: Window, mode: RevokeMode) -> None:
         """The end of a revoke, once nothing outside the engine maps the window."""
-        # 4. Drop our own access to the memory, then (by returning) acknowledge.
+        # 4. Drop our own access to the memory (a dma-buf's mapping first), then (by
+        # returning) acknowledge.
+        _unmap_own(w)
         self._fds.release(w.fd)
         w.fd = -1
         del self._live[lease_id]
@@ -641,6 +692,7 @@ class LeaseEngine:
         same, but that is no lender failure to count or report.
         """
         for w in list(self._table):
+            _unmap_own(w)
             if w.fd >= 0:
                 self._fds.release(w.fd)
                 w.fd = -1
@@ -666,6 +718,14 @@ class LeaseEngine:
     def _emit(self, name: str, data: dict[str, object]) -> None:
         if self.on_event is not None:
             self.on_event(name, data)
+
+
+def _unmap_own(w: Window) -> None:
+    """Remove the engine's own mapping of a dma-buf lease (nothing for a memfd lease)."""
+    mem = w.mem
+    if mem is not None:
+        w.mem = None
+        mem.close()
 
 
 __all__ = [

@@ -11,8 +11,9 @@ import os
 import stat
 
 from devmodel.leases.backing import FdKey
-from devmodel_wire.lease.checks import FdFacts, check_fd_facts
-from devmodel_wire.lease.constants import NackReason
+from devmodel.leases.dmabuf import DmabufSupport
+from devmodel_wire.lease.checks import FdFacts, check_dmabuf_facts, check_fd_facts
+from devmodel_wire.lease.constants import FdKind, NackReason
 
 
 def _facts_and_key(fd: int) -> tuple[FdFacts, FdKey] | None:
@@ -31,13 +32,29 @@ def _facts_and_key(fd: int) -> tuple[FdFacts, FdKey] | None:
     return facts, (st.st_dev, st.st_ino, mode)
 
 
-def check_grant_fd(fd: int, *, fd_offset: int, length: int, prot: int) -> NackReason | None:
+def check_grant_fd(
+    fd: int,
+    *,
+    fd_offset: int,
+    length: int,
+    prot: int,
+    kind: int = FdKind.MEMFD,
+    dmabuf: DmabufSupport | None = None,
+) -> NackReason | None:
     """The NACK reason for a grant's memory fd, or None if it is safe to map."""
-    return check_grant_fd_key(fd, fd_offset=fd_offset, length=length, prot=prot)[0]
+    return check_grant_fd_key(
+        fd, fd_offset=fd_offset, length=length, prot=prot, kind=kind, dmabuf=dmabuf
+    )[0]
 
 
 def check_grant_fd_key(
-    fd: int, *, fd_offset: int, length: int, prot: int
+    fd: int,
+    *,
+    fd_offset: int,
+    length: int,
+    prot: int,
+    kind: int = FdKind.MEMFD,
+    dmabuf: DmabufSupport | None = None,
 ) -> tuple[NackReason | None, FdKey | None]:
     """`check_grant_fd`, and for an fd it accepts, the key `FdStore.adopt` files it under.
 
@@ -47,9 +64,31 @@ def check_grant_fd_key(
     without, and the page alignment of fd_offset follows from the granule's, which the
     connection checked first).
     """
+    if kind == FdKind.DMABUF:
+        return _check_dmabuf_key(fd, fd_offset, length, prot, dmabuf or DmabufSupport())
     got = _facts_and_key(fd)
     if got is None:
         return NackReason.BAD_FD, None
     facts, key = got
     reason = check_fd_facts(facts, fd_offset=fd_offset, length=length, prot=prot)
     return reason, (key if reason is None else None)
+
+
+def _check_dmabuf_key(
+    fd: int, fd_offset: int, length: int, prot: int, dmabuf: DmabufSupport
+) -> tuple[NackReason | None, FdKey | None]:
+    """A dma-buf grant's fd: fstat (for the key), its exporter (fdinfo) and size (lseek), by
+    `dmabuf.inspect`; `check_dmabuf_facts` judges. Mapping it is the engine's last check."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return NackReason.BAD_FD, None
+    facts = dmabuf.inspect(fd)
+    if facts is None:
+        return NackReason.BAD_FD, None
+    reason = check_dmabuf_facts(
+        facts, fd_offset=fd_offset, length=length, prot=prot, exporters=dmabuf.exporters
+    )
+    if reason is not None:
+        return reason, None
+    return None, (st.st_dev, st.st_ino, facts.access_mode)

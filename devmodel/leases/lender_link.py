@@ -68,7 +68,7 @@ from devmodel_wire.lease import (
     State,
 )
 from devmodel_wire.lease.connection import clip
-from devmodel_wire.lease.constants import MAX_NAME_BYTES, code_name
+from devmodel_wire.lease.constants import FEATURES_KNOWN, MAX_NAME_BYTES, code_name
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 
@@ -122,6 +122,7 @@ class LenderLink:
         ping_interval: float = 5.0,
         ping_timeout: float = 2.0,
         bye_timeout: float = 0.2,
+        features: int = FEATURES_KNOWN,
     ) -> None:
         if not 0 < reconnect_min <= reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
@@ -137,6 +138,9 @@ class LenderLink:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.bye_timeout = bye_timeout
+        # Offered in HELLO: every feature this side implements (dma-buf grants included),
+        # unless a test plays a borrower without them.
+        self.features = features
         # Sessions whose handshake completed, and connections attempted: for logs and tests.
         self.sessions = 0
         self.attempts = 0
@@ -440,7 +444,7 @@ class _Session:
                 guest_id=link.guest_id,
                 aperture_size=engine.size,
                 granule=engine.granule,
-                features=0,
+                features=link.features,
                 max_leases=min(engine.config.max_leases, HELLO_MAX_LEASES),
                 name=link.name,
             )
@@ -526,7 +530,12 @@ class _Session:
         key = None
         if reason is None:
             reason, key = check_grant_fd_key(
-                g.fd, fd_offset=g.fd_offset, length=g.length, prot=g.prot
+                g.fd,
+                fd_offset=g.fd_offset,
+                length=g.length,
+                prot=g.prot,
+                kind=g.fd_kind,
+                dmabuf=self.engine.dmabuf,
             )
             what = "memory fd"
         if reason is not None:

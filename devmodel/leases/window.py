@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from devmodel.leases.dmabuf import DmabufMapping
 from devmodel.leases.states import WindowState
 
 
@@ -41,6 +42,8 @@ class Window:
     fd_offset: int = 0
     prot: int = 0
     request_id: int = 0  # the PAGE_IN this window waits on (PAGING_IN)
+    # A dma-buf lease's mapping (it cannot be read with pread); None for a memfd lease.
+    mem: DmabufMapping | None = None
     waiters: list[Pending] = field(default_factory=list)
 
     @property

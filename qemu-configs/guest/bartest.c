@@ -15,7 +15,7 @@
  *
  * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
  *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
- *                         watch stall demo bench evict churn xbench xfault
+ *                         watch stall demo bench evict churn xbench xfault soak
  *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
@@ -27,11 +27,13 @@
  *   devmodel.after_ms=N   watch: how long to go on reading after all-ones (default 0)
  *   devmodel.pause_ms=N   watch: idle this long between "watching" and the reads (default 0)
  *   devmodel.window=N     stall: the window (in granules) the host made unanswerable (default 1)
- *   devmodel.windows=N    evict, churn: how many lease windows (from window 0) to use (default 8)
+ *   devmodel.windows=N    evict, churn, soak: how many lease windows (from window 0) to use
+ *                         (default 8)
  *   devmodel.revokes=N    evict: after the fill, wait until BAR2's REVOKES grew by N (default 0)
- *   devmodel.wait_ms=N    evict: give up waiting for those revokes after this long (default 30000)
- *   devmodel.slots=N      churn: records per window and thread (default 32)
- *   devmodel.run_ms=N     churn: how long the writer threads go on (default 10000)
+ *   devmodel.wait_ms=N    evict, soak: give up waiting for those revokes after this long
+ *                         (default 30000)
+ *   devmodel.slots=N      churn, soak: records per window and thread (default 32)
+ *   devmodel.run_ms=N     churn, soak: how long the writer threads go on (default 10000)
  *   devmodel.peer=V:D     xbench, xfault: the peer's function (hex), a minimal C ioreq
  *                         server the figures are compared with (default: none)
  *   devmodel.per_round=N  xbench, xfault: timed reads per target and size in each round
@@ -1402,6 +1404,333 @@ static int test_churn(void)
 	return started != CHURN_THREADS || mismatches || final.mismatches;
 }
 
+/* ---- soak: sequence-numbered records across BAR0 while the lender revokes at random */
+
+/*
+ * Each thread owns devmodel.slots records in each of devmodel.windows windows (churn's
+ * layout) and keeps, per record, the sequence number of its last acknowledged write. A write
+ * is one 8-byte store, or two 4-byte stores (low half first), of record(thread, seq, offset)
+ * with a fresh seq; it is ACKNOWLEDGED when the same thread's 8-byte read of the record right
+ * after it returns exactly that value (a read is not posted and cannot pass the thread's
+ * earlier posted stores, so the device model had the write when it answered). From then on
+ * every read of the record must return it until the thread's next acknowledged write. A
+ * write whose read-back shows something else is unacknowledged: the record may then hold
+ * either value, and the host checks that each such write is covered by a failed access.
+ *
+ * A read is classified as: ok; poison (a half holds the bytes de ad be ef, the lender's fill
+ * of freed memory: devmodel read memory it no longer held); ones (all-ones, the failure policy);
+ * zero (the contents were lost); stale (an older record of this thread: a lost write); torn
+ * (one half of the wanted record); other.
+ */
+
+#define SOAK_THREADS 2
+/* The lender's poison, the bytes de ad be ef, read as a little-endian u32. */
+#define SOAK_POISON 0xefbeaddeu
+#define SOAK_SEQ_MAX 0x0fffffffu
+#define SOAK_PROGRESS_NS (30ull * 1000000000u)
+
+struct soak_slot {
+	uint32_t acked, pending; /* sequence numbers; 0: none */
+};
+
+struct soak_check {
+	uint64_t reads, ok, poison, ones, zero, stale, torn, other;
+	uint64_t first_off, first_want, first_got;
+};
+
+struct soak_thread {
+	pthread_t id;
+	unsigned index;
+	int ncpus, cpu;
+	uint64_t granule, stride, nwin, slots, end_ns, rng;
+	uint64_t seq, passes, writes, split_writes, acked, unacked;
+	struct soak_slot *slot;
+	struct soak_check ack; /* the read-backs of unacknowledged writes */
+	struct soak_check c;	/* the verification sweeps */
+};
+
+static inline uint64_t soak_record(unsigned t, uint32_t seq, uint64_t off)
+{
+	return seq ? churn_record(t, seq, off) : 0; /* 0: never written, the fresh aperture */
+}
+
+static inline uint64_t soak_bad(const struct soak_check *c)
+{
+	return c->poison + c->zero + c->stale + c->torn + c->other;
+}
+
+static void soak_compare(struct soak_check *c, unsigned t, uint64_t off,
+			 const struct soak_slot *sl, uint64_t got)
+{
+	uint64_t want = soak_record(t, sl->acked, off);
+	uint32_t hi = (uint32_t)(got >> 32), lo = (uint32_t)got;
+	uint32_t gs = hi & SOAK_SEQ_MAX;
+
+	c->reads++;
+	if (got == want || (sl->pending && got == soak_record(t, sl->pending, off))) {
+		c->ok++;
+		return;
+	}
+	if (!soak_bad(c) && !c->ones) {
+		c->first_off = off;
+		c->first_want = want;
+		c->first_got = got;
+	}
+	if (hi == SOAK_POISON || lo == SOAK_POISON)
+		c->poison++;
+	else if (got == ALL_ONES)
+		c->ones++;
+	else if (!got)
+		c->zero++;
+	else if (hi >> 28 == t && gs && gs < sl->acked && lo == churn_hash(t, gs, off))
+		c->stale++;
+	else if (hi == (uint32_t)(want >> 32) || lo == (uint32_t)want)
+		c->torn++;
+	else
+		c->other++;
+}
+
+static inline uint64_t soak_next(uint64_t *x)
+{
+	*x ^= *x << 13;
+	*x ^= *x >> 7;
+	*x ^= *x << 17;
+	return *x;
+}
+
+static void soak_write(struct soak_thread *th, uint64_t k)
+{
+	uint64_t w = k / th->slots, s = k % th->slots, rec, got;
+	uint64_t off = churn_offset(th->granule, th->stride, w, s, th->index);
+	struct soak_slot *sl = &th->slot[k], before = *sl;
+	uint32_t seq;
+
+	if (th->seq >= SOAK_SEQ_MAX)
+		return; /* out of sequence numbers: only verify from now on */
+	seq = (uint32_t)++th->seq;
+	rec = soak_record(th->index, seq, off);
+	if (soak_next(&th->rng) & 1) {
+		wr(dev.bar0, off, 4, (uint32_t)rec);
+		wr(dev.bar0, off + 4, 4, rec >> 32);
+		th->split_writes++;
+	} else {
+		wr(dev.bar0, off, 8, rec);
+	}
+	th->writes++;
+	got = rd(dev.bar0, off, 8);
+	if (got == rec) {
+		sl->acked = seq;
+		sl->pending = 0;
+		th->acked++;
+		return;
+	}
+	th->unacked++;
+	before.pending = 0;
+	soak_compare(&th->ack, th->index, off, &before, got);
+	sl->pending = seq;
+}
+
+static void soak_sweep(struct soak_thread *th, struct soak_check *c)
+{
+	uint64_t i, w, s, first = soak_next(&th->rng) % th->nwin, off;
+
+	for (i = 0; i < th->nwin; i++) {
+		w = (first + i) % th->nwin;
+		for (s = 0; s < th->slots; s++) {
+			off = churn_offset(th->granule, th->stride, w, s, th->index);
+			soak_compare(c, th->index, off, &th->slot[w * th->slots + s],
+				     rd(dev.bar0, off, 8));
+		}
+	}
+}
+
+static void add_soak_check(struct line *l, const char *key, const struct soak_check *c)
+{
+	add(l, ",\"%s\":{\"reads\":%" PRIu64 ",\"ok\":%" PRIu64 ",\"poison\":%" PRIu64
+	       ",\"ones\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"stale\":%" PRIu64 ",\"torn\":%" PRIu64
+	       ",\"other\":%" PRIu64, key, c->reads, c->ok, c->poison, c->ones, c->zero, c->stale,
+	    c->torn, c->other);
+	if (soak_bad(c) || c->ones)
+		add(l, ",\"first_bad\":{\"offset\":\"0x%" PRIx64 "\",\"want\":\"0x%" PRIx64
+		       "\",\"got\":\"0x%" PRIx64 "\"}", c->first_off, c->first_want, c->first_got);
+	add(l, "}");
+}
+
+static void soak_add(struct soak_check *sum, const struct soak_check *c)
+{
+	if (!soak_bad(sum) && !sum->ones && (soak_bad(c) || c->ones)) {
+		sum->first_off = c->first_off;
+		sum->first_want = c->first_want;
+		sum->first_got = c->first_got;
+	}
+	sum->reads += c->reads;
+	sum->ok += c->ok;
+	sum->poison += c->poison;
+	sum->ones += c->ones;
+	sum->zero += c->zero;
+	sum->stale += c->stale;
+	sum->torn += c->torn;
+	sum->other += c->other;
+}
+
+/* Until the deadline: a first pass writes every record in order, then each pass writes as
+ * many records as the thread owns, chosen at random (so a record may be written several times
+ * between two checks, or not at all), and sweeps all of them from a random window on. Thread
+ * 0 prints a progress event every 30 s, for long runs. */
+static void *soak_run(void *arg)
+{
+	struct soak_thread *th = arg;
+	uint64_t n = th->nwin * th->slots, k, next_progress = now_ns() + SOAK_PROGRESS_NS;
+	cpu_set_t set;
+	struct line l;
+
+	if ((int)th->index < th->ncpus) {
+		CPU_ZERO(&set);
+		CPU_SET(th->index, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+	th->cpu = sched_getcpu();
+	for (k = 0; k < n; k++)
+		soak_write(th, k);
+	soak_sweep(th, &th->c);
+	th->passes = 1;
+	while (now_ns() < th->end_ns) {
+		for (k = 0; k < n; k++)
+			soak_write(th, soak_next(&th->rng) % n);
+		soak_sweep(th, &th->c);
+		th->passes++;
+		if (th->index == 0 && now_ns() >= next_progress) {
+			next_progress += SOAK_PROGRESS_NS;
+			begin_event(&l, "soak-progress");
+			add(&l, ",\"thread\":0,\"passes\":%" PRIu64 ",\"writes\":%" PRIu64
+				",\"bad\":%" PRIu64, th->passes, th->writes,
+			    soak_bad(&th->c) + soak_bad(&th->ack));
+			add_counters(&l);
+			emit(&l);
+		}
+	}
+	return NULL;
+}
+
+/* Two soak threads, pinned to vCPU 0 and 1, for devmodel.run_ms over windows
+ * 0 .. devmodel.windows-1 (event "soaked" when they stop). Then the guest touches nothing but
+ * BAR2 until every lease granted so far has been revoked (GRANTS == REVOKES; the host has the
+ * lender evict everything; devmodel.wait_ms bounds the wait; event "revoked"), and one final
+ * sweep reads every record of both threads, paging the windows back in. One line per thread,
+ * then a summary. */
+static int test_soak(void)
+{
+	struct soak_thread th[SOAK_THREADS];
+	struct soak_check final, sweeps, acks;
+	uint64_t granule, stride, nwin = opt.windows, slots = opt.slots, t0, ms, wait_ms = 0;
+	uint64_t grants = 0, revokes = 0, writes = 0, acked = 0, unacked = 0, passes = 0, bad;
+	long grants_off = counter_offset("grants"), revokes_off = counter_offset("revokes");
+	int ncpus = get_nprocs(), started = 0, i, waited_out = 0;
+	struct line l;
+
+	if (need_bar0("soak"))
+		return 1;
+	if (!dev.bar2 || grants_off < 0 || revokes_off < 0)
+		return fail_line("soak", "cannot map BAR2 of %s", dev.name);
+	granule = rd(dev.bar2, GRANULE_REG, 4);
+	stride = slots ? (granule / slots) & ~15ull : 0;
+	if (!granule || !nwin || nwin * granule > dev.bar0_size || stride < 32)
+		return fail_line("soak", "bad geometry: granule %" PRIu64 ", %" PRIu64 " windows, "
+				 "%" PRIu64 " slots", granule, nwin, slots);
+	memset(th, 0, sizeof(th));
+	for (i = 0; i < SOAK_THREADS; i++) {
+		th[i].slot = calloc(nwin * slots, sizeof(*th[i].slot));
+		if (!th[i].slot) {
+			while (i--)
+				free(th[i].slot);
+			return fail_line("soak", "out of memory");
+		}
+	}
+	begin_event(&l, "soaking");
+	add(&l, ",\"threads\":%d,\"cpus\":%d,\"windows\":%" PRIu64 ",\"slots\":%" PRIu64
+		",\"run_ms\":%" PRIu64, SOAK_THREADS, ncpus, nwin, slots, opt.run_ms);
+	add_counters(&l);
+	emit(&l);
+	t0 = now_ns();
+	for (i = 0; i < SOAK_THREADS; i++) {
+		th[i].index = (unsigned)i;
+		th[i].ncpus = ncpus;
+		th[i].granule = granule;
+		th[i].stride = stride;
+		th[i].nwin = nwin;
+		th[i].slots = slots;
+		th[i].end_ns = t0 + opt.run_ms * 1000000;
+		th[i].rng = (t0 ^ (0x9e3779b97f4a7c15ull * (uint64_t)(i + 1))) | 1;
+		if (pthread_create(&th[i].id, NULL, soak_run, &th[i]))
+			break;
+		started++;
+	}
+	for (i = 0; i < started; i++)
+		pthread_join(th[i].id, NULL);
+	ms = (now_ns() - t0) / 1000000;
+	begin_event(&l, "soaked");
+	add(&l, ",\"ms\":%" PRIu64, ms);
+	add_counters(&l);
+	emit(&l);
+	t0 = now_ns();
+	for (;;) {
+		grants = rd(dev.bar2, (uint64_t)grants_off, 8);
+		revokes = rd(dev.bar2, (uint64_t)revokes_off, 8);
+		wait_ms = (now_ns() - t0) / 1000000;
+		if (grants == revokes)
+			break;
+		if (wait_ms > opt.wait_ms) {
+			waited_out = 1;
+			break;
+		}
+		usleep(2000);
+	}
+	begin_event(&l, "revoked");
+	add(&l, ",\"ms\":%" PRIu64 ",\"timed_out\":%s,\"grants\":%" PRIu64 ",\"revokes\":%" PRIu64,
+	    wait_ms, waited_out ? "true" : "false", grants, revokes);
+	add_counters(&l);
+	emit(&l);
+	memset(&final, 0, sizeof(final));
+	memset(&sweeps, 0, sizeof(sweeps));
+	memset(&acks, 0, sizeof(acks));
+	for (i = 0; i < started; i++)
+		soak_sweep(&th[i], &final);
+	for (i = 0; i < started; i++) {
+		begin(&l, "soak");
+		add(&l, ",\"ok\":%s,\"thread\":%d,\"cpu\":%d,\"passes\":%" PRIu64
+			",\"writes\":%" PRIu64 ",\"split_writes\":%" PRIu64 ",\"acked\":%" PRIu64
+			",\"unacked\":%" PRIu64,
+		    soak_bad(&th[i].c) || soak_bad(&th[i].ack) || !th[i].passes ? "false" : "true",
+		    i, th[i].cpu, th[i].passes, th[i].writes, th[i].split_writes, th[i].acked,
+		    th[i].unacked);
+		add_soak_check(&l, "sweeps", &th[i].c);
+		add_soak_check(&l, "acks", &th[i].ack);
+		emit(&l);
+		soak_add(&sweeps, &th[i].c);
+		soak_add(&acks, &th[i].ack);
+		writes += th[i].writes;
+		acked += th[i].acked;
+		unacked += th[i].unacked;
+		passes += th[i].passes;
+		free(th[i].slot);
+	}
+	bad = soak_bad(&sweeps) + soak_bad(&acks) + soak_bad(&final);
+	begin(&l, "soak");
+	add(&l, ",\"ok\":%s,\"summary\":true,\"threads\":%d,\"cpus\":%d,\"windows\":%" PRIu64
+		",\"slots\":%" PRIu64 ",\"ms\":%" PRIu64 ",\"records\":%" PRIu64
+		",\"passes\":%" PRIu64 ",\"writes\":%" PRIu64 ",\"acked\":%" PRIu64
+		",\"unacked\":%" PRIu64 ",\"bad\":%" PRIu64 ",\"revoke_wait_timed_out\":%s",
+	    started == SOAK_THREADS && !bad && !waited_out ? "true" : "false", started, ncpus,
+	    nwin, slots, ms, nwin * slots * (uint64_t)started, passes, writes, acked, unacked, bad,
+	    waited_out ? "true" : "false");
+	add_soak_check(&l, "sweeps", &sweeps);
+	add_soak_check(&l, "acks", &acks);
+	add_soak_check(&l, "final", &final);
+	add_counters(&l);
+	emit(&l);
+	return started != SOAK_THREADS || bad || waited_out;
+}
+
 /* ---- bench: trapped-access latency and throughput */
 
 static const struct bench_op {
@@ -1893,7 +2222,7 @@ static const struct {
 	{"regs", test_regs},           {"timing", test_timing},   {"smp", test_smp},
 	{"watch", test_watch},         {"stall", test_stall},     {"demo", test_demo},
 	{"bench", test_bench},         {"evict", test_evict},     {"churn", test_churn},
-	{"xbench", test_xbench},       {"xfault", test_xfault},
+	{"xbench", test_xbench},       {"xfault", test_xfault},     {"soak", test_soak},
 };
 
 int main(int argc, char **argv)

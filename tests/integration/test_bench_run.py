@@ -78,6 +78,9 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
         plot = tmp_path / f"run-{name}.png"
         assert f"plot: {plot}" in done.stdout
         assert plot.read_bytes()[:4] == b"\x89PNG"
+    text = tmp_path / "run-plots.txt"
+    assert f"text plots: {text}" in done.stdout
+    assert text.read_text().startswith("  ") and "trapped-read:" in text.read_text()
 
     # The JSON shown again against itself: every ratio new/old is 1.
     shown = subprocess.run(

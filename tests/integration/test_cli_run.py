@@ -80,6 +80,9 @@ def test_print_capabilities(where: list[str]) -> None:
     assert caps["limits"]["timeout_max_seconds"] == 4.5
     assert "query-status" in caps["control"]["commands"]
     assert "LEASE_GRANTED" in caps["control"]["events"]
+    leases = caps["leases"]
+    assert leases["fd_kinds"] == ["memfd", "dma-buf"] and "dmabuf-grants" in leases["features"]
+    assert leases["dmabuf_exporters"] == ["udmabuf"]
 
 
 # ---------------------------------------------------------------------------- start failures

@@ -84,3 +84,37 @@ def test_a_plot_with_no_measured_row_is_not_drawn(
     plots = load("bench_plots", monkeypatch)
     assert plots.write_plots({"rows": []}, tmp_path, "empty") == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_text_plots_draw_each_curve_where_its_samples_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench_run = load("bench_run", monkeypatch)
+    plots = load("bench_plots", monkeypatch)
+    path = plots.write_text_plots(synthetic_result(bench_run), tmp_path, "run-x")
+    assert path == tmp_path / "run-x-plots.txt"
+    text = path.read_text()
+    assert "\x1b" not in text  # no colour codes: it is pasted into docs
+    blocks = text.split("\n\n")
+    assert [b.split(":")[0].strip() for b in blocks] == ["trapped-read", "fault", "revoke"]
+    trapped = blocks[0].splitlines()
+    # The legend under the plot names each measured curve with its glyph and median; the row
+    # that was not measured (libvfio-user) has no curve.
+    legend = [line.strip() for line in trapped if line.startswith("    ") and ": median" in line]
+    assert [line[:2] for line in legend] == ["* ", "o ", "+ "]
+    assert "libvfio-user" not in blocks[0]
+    # Ticks at powers of ten, read as latencies.
+    assert any("1 us" in line and "10 us" in line and "100 us" in line for line in trapped)
+    # Where the median row crosses each curve: the floor (about 4 us) left of devmodel with
+    # polling off (about 30 us) on a log axis.
+    median_row = next(line for line in trapped if line.startswith("0.50"))
+    assert 0 < median_row.index("*") < median_row.index("o")
+    assert len(max(trapped, key=len)) <= 78
+
+
+def test_no_text_plot_without_a_measured_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plots = load("bench_plots", monkeypatch)
+    assert plots.write_text_plots({"rows": []}, tmp_path, "empty") is None
+    assert list(tmp_path.iterdir()) == []

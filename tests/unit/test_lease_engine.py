@@ -293,8 +293,15 @@ def test_grant_read_write_of_a_write_sealed_fd_is_bad_fd(rig: Rig, seal: int) ->
 
 def test_grant_unsupported_flags(rig: Rig) -> None:
     home = rig.fd(APERTURE)
-    for flags in (1, 2, 1 << 31):
+    # Bits outside the fd kind field, and fd kinds nobody defined.
+    for flags in (0x100, 2, 0xFF, 1 << 31):
         _refused(rig, NackReason.UNSUPPORTED_FLAGS, 1, 0, PAGE, 0, RW, os.dup(home), flags=flags)
+
+
+def test_grant_of_a_memfd_called_a_dma_buf_is_bad_fd(rig: Rig) -> None:
+    # fd kind 1 (dma-buf) is known, but a memfd has no exporter for fdinfo to name.
+    home = rig.fd(APERTURE)
+    _refused(rig, NackReason.BAD_FD, 1, 0, PAGE, 0, RW, os.dup(home), flags=1)
 
 
 def test_accepted_grant(rig: Rig) -> None:

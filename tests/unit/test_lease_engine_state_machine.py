@@ -89,6 +89,7 @@ from devmodel_wire.lease.constants import (
     PROT_WRITE,
     VALID_PROTS,
     Access,
+    FdKind,
     NackReason,
     PageInStatus,
     RevokeMode,
@@ -556,7 +557,10 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             reasons.add(NackReason.DUPLICATE_LEASE_ID)
         if prot not in VALID_PROTS:
             reasons.add(NackReason.BAD_PROTECTION)
-        if flags:
+        # flags 1 is fd kind dma-buf: known, but a memfd (or pipe) is no dma-buf (BAD_FD: no
+        # exporter names it); every other bit is an unknown kind or reserved.
+        dmabuf = flags == FdKind.DMABUF
+        if flags and not dmabuf:
             reasons.add(NackReason.UNSUPPORTED_FLAGS)
         if length <= 0 or offset % G or length % G or fd_offset % G:
             reasons.add(NackReason.MISALIGNED)
@@ -566,7 +570,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             reasons.add(NackReason.TOO_MANY_LEASES)
         if any(self.states[g][0] is S.RESIDENT for g in self._granules(offset, length)):
             reasons.add(NackReason.OVERLAPS_LIVE_LEASE)
-        if kind == "pipe":
+        if kind == "pipe" or dmabuf:
             reasons.add(NackReason.BAD_FD)
         else:
             if fd_offset + length > fd_size:

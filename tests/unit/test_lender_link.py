@@ -35,6 +35,7 @@ from devmodel.testing import (
     mapped,
     sealed_memfd,
 )
+from devmodel_wire.lease.constants import FEATURE_DMABUF_GRANTS
 
 ONES = b"\xff" * 8
 
@@ -44,7 +45,7 @@ async def test_handshake_offers_the_engine_geometry(tmp_path: Path) -> None:
         peer = await r.lender.accept()
         hello = await peer.handshake("gpu-7")
         assert (hello.guest_id, hello.aperture_size, hello.granule) == (GUEST, APERTURE, GRANULE)
-        assert (hello.major, hello.minor, hello.features) == (1, 0, 0)
+        assert (hello.major, hello.minor, hello.features) == (1, 0, FEATURE_DMABUF_GRANTS)
         assert hello.name == "devmodel"
         assert hello.max_leases > 0
         await r.connected()

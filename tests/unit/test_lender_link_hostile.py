@@ -328,7 +328,7 @@ async def test_lender_hello_that_does_not_echo_the_offer_is_fatal(
             "guest_id": offer.guest_id + 1,
             "aperture_size": offer.aperture_size * 2,
             "granule": 2 << 20,
-            "features": 1,
+            "features": 1 << 40,
         }
         fields = {
             "guest_id": offer.guest_id,

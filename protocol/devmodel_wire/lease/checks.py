@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from devmodel_wire.lease.constants import (
+    FD_KIND_FEATURE,
+    GRANT_FD_KIND_MASK,
     GRANT_FLAGS_KNOWN,
     GRANULES,
     MIN_APERTURE,
@@ -56,15 +58,32 @@ def range_problem(offset: int, length: int, *, aperture_size: int, granule: int)
     return None
 
 
-def check_grant(grant: Grant, *, aperture_size: int, granule: int) -> NackReason | None:
+def fd_kind_problem(flags: int, features: int) -> str | None:
+    """Why a GRANT's `flags` are not acceptable in a session that agreed on `features`
+    (unknown bits, an unknown fd kind, or a kind whose feature was not agreed), or None."""
+    if flags & ~GRANT_FLAGS_KNOWN:
+        return f"grant flags {flags:#x} have bits outside the fd kind"
+    kind = flags & GRANT_FD_KIND_MASK
+    needs = FD_KIND_FEATURE.get(kind)
+    if needs is None:
+        return f"fd kind {kind} is unknown"
+    if needs & ~features:
+        return f"fd kind {kind} needs feature {needs:#x}, which the session did not agree on"
+    return None
+
+
+def check_grant(
+    grant: Grant, *, aperture_size: int, granule: int, features: int = 0
+) -> NackReason | None:
     """The NACK reason for a GRANT's shape (fields only, not the fd), or None if it is sound.
 
+    `features` is what the session agreed on: a dma-buf grant needs `dmabuf-grants`.
     Protection and flags come first because they decide whether the rest is even meaningful;
     the specification allows any applicable reason when several apply.
     """
     if grant.prot not in VALID_PROTS:
         return NackReason.BAD_PROTECTION
-    if grant.flags & ~GRANT_FLAGS_KNOWN:
+    if fd_kind_problem(grant.flags, features) is not None:
         return NackReason.UNSUPPORTED_FLAGS
     if (
         grant.length == 0
@@ -106,6 +125,51 @@ def check_fd_facts(facts: FdFacts, *, fd_offset: int, length: int, prot: int) ->
     if facts.seals is None or not facts.seals & F_SEAL_SHRINK:
         return NackReason.FD_NOT_SEALED
     if prot & PROT_WRITE and facts.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        return NackReason.BAD_FD
+    if fd_offset + length > facts.size:
+        return NackReason.FD_TOO_SMALL
+    return None
+
+
+DMABUF_EXPORTERS: Final = frozenset({"udmabuf"})
+"""Exporters whose dma-bufs a borrower accepts by default (docs/lease-protocol.md 5.1): their
+pages cannot disappear under a mapping while the borrower holds the fd (udmabuf pins the
+memfd pages it was made from), so touching the mapping cannot raise SIGBUS."""
+
+
+@dataclass(frozen=True, slots=True)
+class DmabufFacts:
+    """What the kernel says about a dma-buf grant's fd: all `check_dmabuf_facts` needs."""
+
+    exporter: str | None
+    """The exporter's name (`exp_name:` in /proc/self/fdinfo); None when the kernel shows
+    none, which is also what a file that is no dma-buf looks like."""
+    access_mode: int
+    """The open file's access mode (flags & O_ACCMODE)."""
+    size: int | None
+    """The buffer's size (lseek SEEK_END); None if the fd cannot seek."""
+
+
+def check_dmabuf_facts(
+    facts: DmabufFacts,
+    *,
+    fd_offset: int,
+    length: int,
+    prot: int,
+    exporters: frozenset[str] = DMABUF_EXPORTERS,
+) -> NackReason | None:
+    """The NACK reason for a dma-buf grant's fd as `facts` describe it, or None.
+
+    The exporter decides whether mapping the buffer is safe at all: an exporter that may take
+    pages away under a mapping (a driver moving VRAM without a fault handler to follow it, a
+    device unplugged) makes the next access raise SIGBUS in the borrower. So only exporters in
+    `exporters` are accepted, and a buffer whose exporter cannot be named is refused.
+    """
+    if facts.exporter is None or facts.exporter not in exporters:
+        return NackReason.BAD_FD
+    if facts.access_mode == O_WRONLY or (prot & PROT_WRITE and facts.access_mode != O_RDWR):
+        return NackReason.BAD_FD
+    if facts.size is None:
         return NackReason.BAD_FD
     if fd_offset + length > facts.size:
         return NackReason.FD_TOO_SMALL

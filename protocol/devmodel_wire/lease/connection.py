@@ -22,7 +22,12 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, Final, TypeAlias
 
 from devmodel_wire.lease import events as ev
-from devmodel_wire.lease.checks import check_grant, geometry_problem, range_problem
+from devmodel_wire.lease.checks import (
+    check_grant,
+    fd_kind_problem,
+    geometry_problem,
+    range_problem,
+)
 from devmodel_wire.lease.constants import (
     HEADER_SIZE,
     MAX_IN_FLIGHT,
@@ -614,11 +619,17 @@ class BorrowerConnection(_Connection):
         return self._peer_hello
 
     def check_grant(self, grant: ev.Grant) -> NackReason | None:
-        """The NACK reason for the grant's shape under the session geometry, or None."""
+        """The NACK reason for the grant's shape under the session geometry and the agreed
+        features (its fd kind), or None."""
         hello = self._local_hello
         if hello is None:
             raise self._local("no HELLO has been sent, the geometry is unknown")
-        return check_grant(grant, aperture_size=hello.aperture_size, granule=hello.granule)
+        return check_grant(
+            grant,
+            aperture_size=hello.aperture_size,
+            granule=hello.granule,
+            features=self.features,
+        )
 
     def _send_hello(self, hello: ev.Hello) -> None:
         if (hello.major, hello.minor) != (VERSION_MAJOR, VERSION_MINOR):
@@ -727,5 +738,10 @@ class LenderConnection(_Connection):
             raise self._local(
                 f"lease id {event.lease_id} is not above the last one, {self._last_lease_id}"
             )
+        if isinstance(event, ev.Grant):
+            # A peer that did not accept a feature is never sent what depends on it (6.3).
+            problem = fd_kind_problem(event.flags, self.features)
+            if problem is not None:
+                raise self._local(f"GRANT {event.lease_id}: {problem}")
         if isinstance(event, ev.Revoke) and not 0 < event.lease_id <= self._last_lease_id:
             raise self._local(f"lease {event.lease_id} was never granted")

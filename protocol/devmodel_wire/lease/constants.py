@@ -33,10 +33,31 @@ MIN_APERTURE: Final = 1 << 20
 PROT_READ: Final = 1
 PROT_WRITE: Final = 2
 VALID_PROTS: Final = frozenset({PROT_READ, PROT_READ | PROT_WRITE})
-GRANT_FLAGS_KNOWN: Final = 0
-"""Grant flag bits version 1.0 defines: none."""
-FEATURES_KNOWN: Final = 0
-"""Feature bits version 1.0 defines: none (the mechanism exists for minor versions)."""
+FEATURE_DMABUF_GRANTS: Final = 1 << 0
+"""HELLO feature bit `dmabuf-grants`: GRANTs may carry a dma-buf instead of a memfd (the
+fd kind in the GRANT's flags). A peer that does not offer it is never sent a dma-buf."""
+FEATURES_KNOWN: Final = FEATURE_DMABUF_GRANTS
+"""Feature bits this implementation defines (docs/lease-protocol.md 6.3)."""
+FEATURE_NAMES: Final = {FEATURE_DMABUF_GRANTS: "dmabuf-grants"}
+
+GRANT_FD_KIND_MASK: Final = 0xFF
+"""GRANT `flags` bits 0-7: the kind of fd the grant carries (`FdKind`); 0 is a memfd, so a
+1.0 grant (flags 0) reads as a memfd grant."""
+GRANT_FLAGS_KNOWN: Final = GRANT_FD_KIND_MASK
+"""Grant flag bits this implementation defines: the fd kind field, no other bit."""
+
+
+class FdKind(enum.IntEnum):
+    """The fd kind field of a GRANT (`flags & GRANT_FD_KIND_MASK`); a closed family: an
+    unknown kind is NACKed UNSUPPORTED_FLAGS."""
+
+    MEMFD = 0
+    DMABUF = 1
+
+
+FD_KIND_FEATURE: Final[dict[int, int]] = {FdKind.MEMFD: 0, FdKind.DMABUF: FEATURE_DMABUF_GRANTS}
+"""The feature a session must have agreed on before a grant may carry each fd kind."""
+FD_KIND_NAMES: Final[dict[int, str]] = {FdKind.MEMFD: "memfd", FdKind.DMABUF: "dma-buf"}
 
 
 class MsgType(enum.IntEnum):

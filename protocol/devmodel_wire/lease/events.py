@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, get_args
 
 from devmodel_wire.lease.constants import (
+    GRANT_FD_KIND_MASK,
     VERSION_MAJOR,
     VERSION_MINOR,
     Access,
@@ -83,6 +84,9 @@ class Pong:
 class Grant:
     """Lends `[offset, offset + length)` of the aperture, backed by `fd` from `fd_offset`.
 
+    `flags` is the wire field as is: its low byte is the fd kind (`fd_kind`), e.g.
+    `flags=FdKind.DMABUF` for a dma-buf, which the session must have agreed on.
+
     A received Grant's `fd` belongs to the caller from the moment the event is handed out: the
     caller must close it whether it acknowledges the grant or not. A Grant given to `send()`
     stays the caller's too; the connection only puts the number in `Outgoing.fds`.
@@ -96,6 +100,12 @@ class Grant:
     prot: int
     fd: int
     flags: int = 0
+
+    @property
+    def fd_kind(self) -> int:
+        """The kind of `fd` (FdKind: memfd 0, dma-buf 1), the low byte of `flags`; an int,
+        since a lender may send a kind this side does not know (NACKed, not malformed)."""
+        return self.flags & GRANT_FD_KIND_MASK
 
 
 @dataclass(frozen=True, slots=True)
