@@ -40,6 +40,8 @@ JUNIT = "junit.xml"
 # The whole run: boot under TCG, Python and pytest starting over 9p, the tests. A boot to the
 # command took about 10 s on a loaded 2-core machine and pytest's start about 40 s more.
 VM_TIMEOUT = 900.0
+# How many of the slowest tests in the VM the summary names, with their times.
+SLOWEST = 5
 # What a failure report quotes of the VM's console.
 CONSOLE_TAIL = 6000
 
@@ -53,6 +55,8 @@ class Outcome:
 
     kind: Kind
     text: str = ""
+    # The VM's own figure for the test (setup, call and teardown), for the summary.
+    seconds: float = 0.0
 
 
 def runs_here() -> bool:
@@ -97,16 +101,18 @@ def outcomes_from_junit(xml_text: str, nodeids: Iterable[str]) -> dict[str, Outc
             result[nodeid] = Outcome("failed", "the udmabuf VM's JUnit report has no result "
                                      "for this test: it was not collected or not run there")
             continue
+        seconds = sum(float(case.get("time", "0") or 0) for case in found)
         children = [child for case in found for child in case]
         failures = [_element_text(c) for c in children if c.tag in ("failure", "error")]
         skips = [c for c in children if c.tag == "skipped"]
         if failures:
-            result[nodeid] = Outcome("failed", "\n\n".join(failures))
+            result[nodeid] = Outcome("failed", "\n\n".join(failures), seconds)
         elif skips:
             kind: Kind = "xfailed" if skips[0].get("type") == "pytest.xfail" else "skipped"
-            result[nodeid] = Outcome(kind, skips[0].get("message", "") or _element_text(skips[0]))
+            reason = skips[0].get("message", "") or _element_text(skips[0])
+            result[nodeid] = Outcome(kind, reason, seconds)
         else:
-            result[nodeid] = Outcome("passed")
+            result[nodeid] = Outcome("passed", "", seconds)
     return result
 
 
@@ -136,6 +142,9 @@ class VmRun:
             times.insert(1, f"ended at {self.done_s:g} s")
         text = (f"one boot ran {len(self.outcomes)} test(s), {passed} passed, in "
                 f"{self.seconds:.1f} s in all ({', '.join(times)})")
+        slowest = sorted(self.outcomes.items(), key=lambda kv: kv[1].seconds, reverse=True)
+        for nodeid, outcome in slowest[:SLOWEST]:
+            text += f"\n  {outcome.seconds:6.1f} s  {nodeid}"
         if self.error:
             text += f"\n{self.error}"
         if self.console_tail:
