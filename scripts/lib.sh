@@ -20,3 +20,36 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${pin[@]}" "$@" >/dev/null
 }
+
+# module_file DIR NAME: the module NAME's file under DIR (names treat - and _ alike).
+module_file() {
+    local pattern=${2//[-_]/[-_]}
+    find "$1" -regextype posix-extended -regex ".*/$pattern\.ko(\.xz|\.zst)?" | head -n1
+}
+
+# add_module TREE OUT NAME: uncompresses the module NAME of an unpacked kernel package's TREE
+# and, first, its dependencies into OUT and appends each to OUT/order once (depmod has not run
+# on an unpacked package, so .modinfo is read); a built-in one adds nothing. For the initramfs
+# images of the test beds that boot Debian's generic kernel (Xen's dom0, the udmabuf VM).
+add_module() {
+    local file name ko dep
+    name=$(echo "$3" | tr - _)
+    grep -qx "$name" "$2/order" 2>/dev/null && return 0
+    file=$(module_file "$1" "$3")
+    if [ -z "$file" ]; then
+        # Built into the kernel: nothing to load.
+        grep -qE "/${3//[-_]/[-_]}\.ko$" "$1/modules.builtin" ||
+            die "kernel module $3 is neither in the package nor built in"
+        return 0
+    fi
+    ko=$2/$name.ko
+    case $file in
+        *.xz) xz -dc "$file" >"$ko" ;;
+        *.zst) zstd -qdc "$file" >"$ko" ;;
+        *) cp "$file" "$ko" ;;
+    esac
+    for dep in $(tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | tr , ' '); do
+        add_module "$1" "$2" "$dep"
+    done
+    echo "$name" >>"$2/order"
+}
