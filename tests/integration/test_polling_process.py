@@ -1,8 +1,12 @@
 """`devmodel run --poll-max-us`: polling off and on serve the same answers (real processes).
 
-With polling on, a client that sends its next request right after each reply is caught by the
-spin (POLL_HITS in BAR2 grows) and the time spent is counted (POLL_NS); with it off, the loop
-parks every time and the counters stay at 0.
+With polling off, the loop parks every time and the counters in BAR2 stay at 0. With it on,
+whether the spin ever engages depends on the client's turnaround: the budget starts at 0 and
+grows only when a message comes within --poll-max-us of the loop finding the socket empty, and
+this Python client's turnaround is near 50 us, so on a slow or loaded machine it may never
+engage (seen once in CI). What this test asserts with polling on is that the answers are the
+same and the counters are consistent (a spin always costs time); that the budget grows, spins
+and shrinks as designed is tests/unit/test_polling.py's, on a fake clock.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def test_polling_off_and_on_serve_alike(tmp_path: Path, poll: int) -> None:
                 assert client.read(0, offset, 8) == struct.pack("<Q", ~i & (2**64 - 1))
             hits, misses, spent = (client.read_u64(2, r) for r in (POLL_HITS, POLL_MISSES, POLL_NS))
         if poll:
-            assert hits + misses > 0 and spent > 0
+            assert spent > 0 if hits + misses else spent == 0
         else:
             assert hits == misses == spent == 0
         assert dm.stop() == 0
