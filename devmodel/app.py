@@ -148,9 +148,11 @@ class _Stopper:
         if self.event.is_set():
             return
         self.reason = reason
-        log.info("%s: stopping", reason)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+        # Logged once a second signal would kill: a supervisor (or a test) that reads this
+        # line knows that the next stop signal ends the process at once.
+        log.info("%s: stopping", reason)
         self.event.set()
 
     async def watch(self, signals: AsyncIterator[int]) -> None:
