@@ -212,7 +212,9 @@ async def _serve(
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_close_engine, engine, builtin)
         stack.callback(backend.close)
-        transport = _transport(settings, backend, counters, stack, on_event, xen_platform)
+        transport = _transport(
+            settings, backend, counters, stack, on_event, stopper.request, xen_platform
+        )
         transport_connected = transport.connected
 
         metrics_listeners: list[trio.SocketListener] = []
@@ -281,6 +283,7 @@ def _transport(
     counters: DeviceCounters,
     stack: contextlib.AsyncExitStack,
     on_event: Callable[[str, dict[str, object]], None],
+    stop: Callable[[str], None],
     xen_platform: Callable[[int], XenPlatform] | None = None,
 ) -> _Transport:
     """Create the transport's resources now (StartupError here); return how to start it."""
@@ -298,6 +301,7 @@ def _transport(
                 serve_xen,
                 pci_config_ports=settings.pci_config_ports,
                 pvh_acpi_root=settings.pvh_acpi_root,
+                on_domain_end=stop,
             )
             if xen_platform is not None:
                 start = functools.partial(start, platform=xen_platform(settings.domid))
