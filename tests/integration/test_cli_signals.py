@@ -102,3 +102,34 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         sock.close()
     finally:
         dm.kill()
+
+
+def test_a_signal_during_a_stop_for_another_reason_joins_it(tmp_path: Path) -> None:
+    """A stop that no signal began (`quit`; under Xen, the guest's end) keeps the handlers: the
+    toolstack's SIGTERM that follows joins the stop in progress, which ends cleanly."""
+    dm = launch(tmp_path)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(dm.control_path)
+        sock.sendall(b'{"execute":"qmp_capabilities"}\n' + b'{"execute":"query-metrics"}\n' * 200)
+        deadline = time.monotonic() + 30  # guards against a hang, not measures
+        queued = [-1, -2, -3]
+        while queued[-1] <= 0 or len(set(queued[-3:])) > 1:
+            assert time.monotonic() < deadline, (queued[-3:], dm.stderr())
+            time.sleep(0.05)
+            queued.append(int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, bytes(4)), "little"))
+        with dm.control() as ctl:
+            assert ctl.execute("quit") == {}
+        while ": stopping" not in dm.stderr():
+            assert dm.proc.poll() is None, dm.stderr()
+            assert time.monotonic() < deadline, dm.stderr()
+            time.sleep(0.005)
+        dm.proc.send_signal(signal.SIGTERM)
+        assert dm.proc.wait(10) == 0, dm.stderr()
+        log = dm.stderr()
+        assert "SIGTERM: already stopping (quit from control" in log, log
+        assert "stopped; counters: {" in log.strip().splitlines()[-1]
+        sock.close()
+    finally:
+        dm.kill()
