@@ -30,6 +30,9 @@ from devmodel_wire.xen.ioreq import (
 )
 
 _RW: Final = libs.PROT_READ | libs.PROT_WRITE
+RELEASE_DOMAIN: Final = b"@releaseDomain"
+"""xenstore's special watch path: fired whenever a domain is released (gone for good)."""
+WATCH_TOKEN: Final = b"devmodel"
 
 
 def _view(address: int, size: int, *, writable: bool = True) -> memoryview:
@@ -417,6 +420,38 @@ class XenHost:
             return [bytes(names[i]).decode() for i in range(num.value)]
         finally:
             self._fn(libs.LIBC, "free")(ctypes.cast(names, ctypes.c_void_p))
+
+    def watch_domain_end(self) -> int:
+        """xs_watch on `@releaseDomain`; the fd is libxenstore's watch pipe (xs_fileno)."""
+        self._call(libs.XENSTORE, "xs_watch", RELEASE_DOMAIN, WATCH_TOKEN)
+        fd: int = self._call(libs.XENSTORE, "xs_fileno")
+        return fd
+
+    def domain_ended(self) -> bool:
+        """Drains the watch events (xs_check_watch until EAGAIN), then asks xenstored whether
+        the domain is still introduced: it stops being so when the domain is released, the
+        moment @releaseDomain fires for it.
+
+        xs_is_domain_introduced also says false when its request failed (errno set); then the
+        guest's xenstore directory, which libxl removes on destroy, decides, so that a failed
+        request alone never stops a guest's device model."""
+        check = self._fn(libs.XENSTORE, "xs_check_watch")
+        free = self._fn(libs.LIBC, "free")
+        while True:
+            ctypes.set_errno(0)
+            vec = self._call(libs.XENSTORE, "xs_check_watch")
+            if not vec:
+                err = ctypes.get_errno()
+                if err not in (0, errno.EAGAIN):
+                    raise XenError(err, f"{check.__name__}: {os.strerror(err)}")
+                break
+            free(ctypes.cast(vec, ctypes.c_void_p))
+        ctypes.set_errno(0)
+        if self._call(libs.XENSTORE, "xs_is_domain_introduced", self.domid):
+            return False
+        if ctypes.get_errno() == 0:
+            return True
+        return not self.xenstore_directory(f"/local/domain/{self.domid}")
 
     def __enter__(self) -> XenHost:
         return self

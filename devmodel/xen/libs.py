@@ -296,6 +296,12 @@ XENSTORE: Final = Library(
             NUL,
             frozenset({2}),
         ),
+        "xs_watch": Fn(c_bool, (XsP, c_char_p, c_char_p), FALSE, frozenset({1, 2})),
+        "xs_fileno": Fn(c_int, (XsP,), NEG),
+        # NULL with errno EAGAIN when no event is pending: the caller tells that from a failure.
+        "xs_check_watch": Fn(POINTER(c_char_p), (XsP,), NEVER),
+        # false both for "not introduced" and for a failed request (libxenstore says no more).
+        "xs_is_domain_introduced": Fn(c_bool, (XsP, c_uint), NEVER),
     },
 )
 

@@ -124,5 +124,12 @@ class XenPlatform(Protocol):
         answers what no other ioreq server claims. libxl writes DEVICE_MODEL_STATE for it
         (the key exists once QEMU has started); a PVH guest has none."""
 
+    def watch_domain_end(self) -> int:
+        """Start watching xenstore's `@releaseDomain` (fired whenever any domain is gone);
+        returns an fd that is readable when a watch event is pending."""
+
+    def domain_ended(self) -> bool:
+        """Consume the pending watch events; whether the guest `domid` is gone."""
+
     def close(self) -> None:
         """Close every handle (after the transport has destroyed its server)."""

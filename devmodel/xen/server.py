@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -72,6 +73,7 @@ async def serve_xen(
     state_key: str = STATE_KEY,
     pci_config_ports: str = "auto",
     pvh_acpi_root: str = "auto",
+    on_domain_end: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[XenServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `device` (a PCI function or its backend) to guest `domid` until cancelled.
@@ -81,6 +83,10 @@ async def serve_xen(
     device model of its own (a PVH guest: no QEMU to answer them).
     `pvh_acpi_root`: "on"/"auto" (default) to add a PCI root to a PVH guest's ACPI tables
     when the ports are served (pvh_acpi.py), "off" not to.
+
+    `on_domain_end(reason)` is called once if the guest goes away while served (`xl destroy`,
+    a crash the toolstack cleans up): xenstore's @releaseDomain watch says so. `devmodel run`
+    passes its stop, so an instance the toolstack forgets does not outlive its guest.
 
     Without `platform` the real host is opened; either way this function owns the platform
     and closes it on the way out (and the backend, if it made one). A failure before the
@@ -97,6 +103,7 @@ async def serve_xen(
     server = XenServer(backend, counters, platform, sbdf, mapper or EmulateEverything())
     server.pci_config_ports = pci_config_ports
     server.pvh_acpi_root = pvh_acpi_root
+    server.on_domain_end = on_domain_end
     try:
         try:
             server.start(state_key.format(domid=domid))
@@ -142,6 +149,7 @@ class XenServer:
         self._port_unclaims: list[Step] = []
         self.pvh_acpi_root = "auto"
         self.acpi: PvhAcpiRoot | None = None
+        self.on_domain_end: Callable[[str], None] | None = None
 
     # --- what tests and the REPL look at --------------------------------------------------------
 
@@ -253,8 +261,32 @@ class XenServer:
             workers.start_workers(nursery)
             if self.setup.buf_port is not None:
                 nursery.start_soon(self.posted.run)
+            if self.on_domain_end is not None:
+                nursery.start_soon(self._watch_domain_end, self.on_domain_end)
             task_status.started(self)
             await workers.dispatch()
+
+    async def _watch_domain_end(self, on_end: Callable[[str], None]) -> None:
+        """Wait for @releaseDomain events and tell `on_end` when one is the guest's.
+
+        Without the watch (xenstored refusing it) devmodel serves on and says so: stopping it
+        is then the toolstack's job alone, as it is for QEMU."""
+        platform = self.platform
+        domid = platform.domid
+        try:
+            fd = platform.watch_domain_end()
+            while not platform.domain_ended():
+                await trio.lowlevel.wait_readable(fd)
+        except XenError as exc:
+            log.warning(
+                "cannot watch for the end of domain %d (@releaseDomain): %s; "
+                "the toolstack must stop devmodel when the guest goes",
+                domid,
+                exc,
+            )
+            return
+        log.info("domain %d is gone (@releaseDomain)", domid)
+        on_end(f"domain {domid} ended")
 
     def stop(self) -> None:
         """Undo `start` in reverse, whatever state it reached; each step is tried alone."""

@@ -29,36 +29,15 @@ from devmodel_wire.lease.wire import encode
 from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import CLOSED, NEED_DATA
 from tests.fuzz.common import FdLedger, Plan, fds_for, parse_plan
-from tests.unit.lease_protocol_support import GRANULE, RW, borrower_hello, open_pair
+from tests.unit.lease_protocol_support import (
+    borrower_hello,
+    borrower_hello_sent,
+    borrower_open,
+    lender_open,
+)
 
 Conn = lp.BorrowerConnection | lp.LenderConnection
 SYNC_TOKEN = 0x5EED_5EED_5EED_5EED
-
-
-def borrower_hello_sent() -> Conn:
-    conn = lp.BorrowerConnection()
-    conn.send(borrower_hello())
-    return conn
-
-
-def borrower_open() -> Conn:
-    """OPEN with PAGE_IN and PING 1..3 outstanding."""
-    conn, _ = open_pair()
-    for i in (1, 2, 3):
-        conn.send(lp.PageIn(i, (i - 1) * GRANULE, GRANULE, lp.Access.WRITE))
-        conn.send(lp.Ping(i))
-    return conn
-
-
-def lender_open() -> Conn:
-    """OPEN with leases 1..3 granted (fd 0: only a number to a sans-IO connection), PING 1..3
-    and a REVOKE of lease 1 outstanding."""
-    _, conn = open_pair()
-    for i in (1, 2, 3):
-        conn.send(lp.Grant(i, (i - 1) * GRANULE, GRANULE, 0, RW, 0))
-        conn.send(lp.Ping(i))
-    conn.send(lp.Revoke(1, lp.RevokeMode.EVICT))
-    return conn
 
 
 VARIANTS: tuple[tuple[Callable[[], Conn], bytes], ...] = (

@@ -7,84 +7,19 @@ reaches a guest, and nothing of a revoked lease stays open in the device model.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import socket
-import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
-from devmodel.counters import DeviceCounters
-from devmodel.leases.engine import EngineConfig, LeaseEngine
-from devmodel.leases.lender_link import LenderLink
+from tests.integration.lender_world import APERTURE, GRANULE, KiB, churn, lender_world
 
-EXAMPLES = str(Path(__file__).resolve().parents[2] / "examples")
-if EXAMPLES not in sys.path:
-    sys.path.insert(0, EXAMPLES)
+from lender_vram import Extent, Heap, Lru, Vram  # isort: skip
+from reference_lender import POISON  # isort: skip
 
-from lender_vram import Extent, Heap, Lru, Vram  # noqa: E402
-from reference_lender import POISON, ReferenceLender  # noqa: E402
-
-KiB = 1 << 10
-MiB = 1 << 20
-GRANULE = 4 * KiB
-APERTURE = 1 * MiB
+# A guard against a hang, not a measure.
 STEP = 5.0
-
-
-@dataclass
-class Guest:
-    guest_id: int
-    engine: LeaseEngine
-    link: LenderLink
-    scope: trio.CancelScope
-
-    async def run(self) -> None:
-        """The link as `devmodel run` runs it; cancelling `scope` is the device model stopping."""
-        with self.scope:
-            await self.link.run()
-
-
-@dataclass
-class World:
-    lender: ReferenceLender
-    guests: list[Guest]
-    nursery: trio.Nursery
-
-
-@contextlib.asynccontextmanager
-async def world(
-    tmp_path: Path, guest_ids: tuple[int, ...] = (1, 2), **lender_options: object
-) -> AsyncIterator[World]:
-    path = str(tmp_path / "lender.sock")
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await listener.bind(path)
-    listener.listen(8)
-    lender = ReferenceLender(**{"vram": 64 * KiB, "seed": 1, **lender_options})  # type: ignore[arg-type]
-    guests = []
-    for guest_id in guest_ids:
-        engine = LeaseEngine(APERTURE, GRANULE, DeviceCounters(), EngineConfig())
-        link = LenderLink(engine, path, guest_id, name=f"devmodel-{guest_id}")
-        guests.append(Guest(guest_id, engine, link, trio.CancelScope()))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lender.serve, listener)
-            for g in guests:
-                nursery.start_soon(g.run)
-            with trio.fail_after(STEP):
-                while len([s for s in lender.sessions if s.populated.is_set()]) < len(guests):
-                    await trio.sleep(0.01)
-            yield World(lender, guests, nursery)
-            nursery.cancel_scope.cancel()
-    finally:
-        listener.close()
-        lender.close()
-        for g in guests:
-            g.engine.close()
 
 
 def test_heap_allocates_aligned_first_fit_and_coalesces() -> None:
@@ -146,24 +81,12 @@ def test_lru_orders_by_last_touch() -> None:
 
 
 async def test_two_guests_share_a_small_vram_and_keep_every_byte(tmp_path: Path) -> None:
-    async with world(tmp_path, move_probability=0.5, poison=True) as w:
+    async with lender_world(tmp_path, move_probability=0.5, poison=True) as w:
         lender = w.lender
         assert lender.stats.staged == 2 * (APERTURE // GRANULE) - 16
-        rng = random.Random(5)
-        model: dict[tuple[int, int], bytes] = {}
-        # 2 x 96 chunks written, 16 fit in VRAM: most writes evict someone.
-        for _ in range(600):
-            g = rng.choice(w.guests)
-            offset = rng.randrange(96) * GRANULE + rng.randrange(GRANULE // 8) * 8
-            data = rng.randbytes(8)
-            await g.engine.write(offset, data)
-            model[g.guest_id, offset] = data
-        for (guest_id, offset), data in model.items():
-            engine = w.guests[guest_id - 1].engine
-            assert await engine.read(offset, 8) == data, (guest_id, hex(offset))
-        # Nothing was ever written here: zeros, never the poison of freed VRAM.
-        for g in w.guests:
-            assert await g.engine.read(APERTURE - 8, 8) == bytes(8)
+        # 2 x 96 chunks written, 16 fit in VRAM: most writes evict someone. Nothing was ever
+        # written at the aperture's end: zeros there, never the poison of freed VRAM.
+        assert await churn(w, seed=5) == []
         stats = lender.stats
         assert stats.evictions > 100 and stats.moves > 20 and stats.page_in_failures == 0
         assert stats.vram_peak <= stats.vram_capacity == 64 * KiB
@@ -173,7 +96,7 @@ async def test_two_guests_share_a_small_vram_and_keep_every_byte(tmp_path: Path)
 
 
 async def test_evict_all_leaves_no_fd_and_contents_come_back(tmp_path: Path) -> None:
-    async with world(tmp_path, poison=True, move_probability=1.0) as w:
+    async with lender_world(tmp_path, poison=True, move_probability=1.0) as w:
         for g in w.guests:
             for i in range(8):
                 await g.engine.write(i * GRANULE, f"g{g.guest_id} w{i}".encode().ljust(8))
@@ -192,7 +115,7 @@ async def test_evict_all_leaves_no_fd_and_contents_come_back(tmp_path: Path) -> 
 
 
 async def test_evict_one_lease_by_guest_and_id(tmp_path: Path) -> None:
-    async with world(tmp_path, guest_ids=(9,)) as w:
+    async with lender_world(tmp_path, guest_ids=(9,)) as w:
         engine = w.guests[0].engine
         await engine.write(0, b"one leas")
         (guest, lease), *_ = [r for r in w.lender.resident() if r[1] == 1]
@@ -206,7 +129,7 @@ async def test_evict_one_lease_by_guest_and_id(tmp_path: Path) -> None:
 
 
 async def test_random_revocations_never_fail_an_access(tmp_path: Path) -> None:
-    async with world(tmp_path, revoke_rate=400.0, move_probability=0.3) as w:
+    async with lender_world(tmp_path, revoke_rate=400.0, move_probability=0.3) as w:
         rng = random.Random(9)
         model: dict[tuple[int, int], bytes] = {}
         with trio.fail_after(20):
@@ -227,7 +150,7 @@ async def test_random_revocations_never_fail_an_access(tmp_path: Path) -> None:
 
 
 async def test_a_guest_leaving_gives_its_vram_back(tmp_path: Path) -> None:
-    async with world(tmp_path) as w:
+    async with lender_world(tmp_path) as w:
         lender = w.lender
         assert lender.stats.vram_used == 64 * KiB
         leaving = w.guests[0]

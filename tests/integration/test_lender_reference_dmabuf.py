@@ -15,8 +15,7 @@ import pytest
 import trio
 
 from devmodel.leases.dmabuf import DMA_BUF_SYNC_END, udmabuf_missing
-from tests.integration.dmabuf_world import STEP, dmabuf_world, mapped_heaps
-from tests.integration.dmabuf_world import churn as churn_world
+from tests.integration.lender_world import STEP, churn, lender_world, mapped_heaps
 from tests.unit.dmabuf_support import SyncLog, fake_dmabuf_support
 
 from reference_lender import DmabufUnavailable, ReferenceLender  # isort: skip
@@ -30,15 +29,16 @@ def _dup(memfd: int, offset: int, size: int) -> int:
 
 async def test_dmabuf_lender_keeps_every_byte_under_eviction_and_moves(tmp_path: Path) -> None:
     log = SyncLog()
-    async with dmabuf_world(
+    async with lender_world(
         tmp_path,
         support=lambda: fake_dmabuf_support(log),
+        fd_kind="dmabuf",
         make_dmabuf=_dup,
         move_probability=0.5,
         poison=True,
     ) as w:
         assert all(s.dmabuf for s in w.lender.sessions)
-        assert await churn_world(w, seed=5) == 0
+        assert await churn(w, seed=5) == []
         stats = w.lender.stats
         assert stats.dmabuf_grants > 50 and stats.evictions > 100 and stats.moves > 20
         assert stats.page_in_failures == 0
@@ -60,11 +60,13 @@ async def test_dmabuf_lender_keeps_every_byte_under_eviction_and_moves(tmp_path:
 
 async def test_a_borrower_without_the_feature_is_lent_memfds(tmp_path: Path) -> None:
     log = SyncLog()
-    async with dmabuf_world(
+    async with lender_world(
         tmp_path,
+        guest_ids=(1,),
+        features=0,
         support=lambda: fake_dmabuf_support(log),
+        fd_kind="dmabuf",
         make_dmabuf=_dup,
-        guest_features=(0,),
     ) as w:
         assert [s.dmabuf for s in w.lender.sessions] == [False]
         engine = w.guests[0].engine

@@ -353,7 +353,6 @@ def test_graceful_stop_answers_what_the_client_already_sent(
             while not lender.page_ins:
                 time.sleep(0.01)
             os.kill(dm.proc.pid, signal.SIGTERM)
-            started = time.monotonic()
             if transport == "libvfio-user":
                 # Expected difference 2 again: the error reply carries the read's header.
                 rid, flags, err, _ = read_raw_reply(client.sock)
@@ -361,7 +360,8 @@ def test_graceful_stop_answers_what_the_client_already_sent(
             else:
                 first = client.receive()
                 assert isinstance(first, ev.ErrorReply) and first.msg_id == stuck
-            assert time.monotonic() - started < 2.0  # not the 4 s page-in deadline
+            # An error reply: the stop answered it. The page-in deadline would have given the
+            # failure policy's all-ones data instead (--failure-policy's default).
             answered = []
             with pytest.raises(ConnectionError) as end:
                 while True:

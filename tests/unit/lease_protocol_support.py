@@ -80,6 +80,33 @@ def open_pair() -> tuple[lp.BorrowerConnection, lp.LenderConnection]:
     return borrower, lender
 
 
+def borrower_hello_sent() -> lp.BorrowerConnection:
+    """A borrower that said HELLO and waits for the lender's."""
+    conn = lp.BorrowerConnection()
+    conn.send(borrower_hello())
+    return conn
+
+
+def borrower_open() -> lp.BorrowerConnection:
+    """OPEN with PAGE_IN and PING 1..3 outstanding, so that small ids match something."""
+    conn, _ = open_pair()
+    for i in (1, 2, 3):
+        conn.send(lp.PageIn(i, (i - 1) * GRANULE, GRANULE, lp.Access.WRITE))
+        conn.send(lp.Ping(i))
+    return conn
+
+
+def lender_open() -> lp.LenderConnection:
+    """OPEN with leases 1..3 granted (fd 0: only a number to a sans-IO connection), PING 1..3
+    and a REVOKE of lease 1 outstanding."""
+    _, conn = open_pair()
+    for i in (1, 2, 3):
+        conn.send(lp.Grant(i, (i - 1) * GRANULE, GRANULE, 0, RW, 0))
+        conn.send(lp.Ping(i))
+    conn.send(lp.Revoke(1, lp.RevokeMode.EVICT))
+    return conn
+
+
 def deliver(
     sender: lp.BorrowerConnection | lp.LenderConnection,
     receiver: lp.BorrowerConnection | lp.LenderConnection,

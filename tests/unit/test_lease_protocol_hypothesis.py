@@ -29,41 +29,19 @@ from tests.unit.lease_protocol_support import (
     Failure,
     Outcome,
     borrower_hello,
+    borrower_hello_sent,
+    borrower_open,
     drain,
     fd_pool,
     feed_all,
     lender_hello,
-    open_pair,
+    lender_open,
 )
 
 Conn = lp.BorrowerConnection | lp.LenderConnection
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- connections to attack --------------------------------------------------------------------
-
-
-def borrower_hello_sent() -> Conn:
-    conn = lp.BorrowerConnection()
-    conn.send(borrower_hello())
-    return conn
-
-
-def borrower_open() -> Conn:
-    """OPEN with requests 1..3 of each kind outstanding, so that small ids match something."""
-    conn, _ = open_pair()
-    for i in (1, 2, 3):
-        conn.send(lp.PageIn(i, (i - 1) * GRANULE, GRANULE, lp.Access.WRITE))
-        conn.send(lp.Ping(i))
-    return conn
-
-
-def lender_open() -> Conn:
-    _, conn = open_pair()
-    for i in (1, 2, 3):
-        conn.send(lp.Grant(i, (i - 1) * GRANULE, GRANULE, 0, RW, 0))  # fd 0: only a number here
-        conn.send(lp.Ping(i))
-    conn.send(lp.Revoke(1, lp.RevokeMode.EVICT))
-    return conn
 
 
 TARGETS: dict[str, Callable[[], Conn]] = {

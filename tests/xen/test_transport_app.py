@@ -83,3 +83,22 @@ async def test_the_whole_app_serves_a_simulated_guest_and_stops_cleanly() -> Non
     assert all(s.destroyed for s in sim.servers.values())
     assert sim.local_of == {}
     assert sim.closed
+
+
+async def test_the_app_stops_cleanly_when_its_guest_is_destroyed() -> None:
+    """`xl destroy` without the toolstack stopping devmodel: the @releaseDomain watch does,
+    with a clean stop (SHUTDOWN reason, server teardown that finds the server gone)."""
+    sim = SimHypervisor(domid=9, vcpus=2)
+    settings = build_settings(
+        {"transport": "xen", "domid": "9", "aperture-size": "1M", "granule": "4K"}
+    )
+    key = STATE_KEY.format(domid=9)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: app.run(settings, xen_platform=lambda domid: sim))
+            while sim.xenstore.get(key) != "running":
+                await trio.sleep(0.01)
+            sim.destroy_domain()
+        # app.run returned by itself: nothing cancelled it.
+    assert sim.closed and sim.local_of == {}
+    assert sim.calls.count("domain_ended") >= 2

@@ -181,3 +181,47 @@ async def test_bars_claimed_moved_and_released_with_decoding() -> None:
         await cpu.write(new + 8, 8, 0x1122334455667788)
         assert await cpu.read(new + 8, 8) == 0x1122334455667788
         assert await cpu.read(0xF100_0000, 4) == int.from_bytes(b"DMDL", "little")
+
+
+async def test_the_guests_end_is_reported_once_and_other_domains_ends_are_not() -> None:
+    """@releaseDomain fires for every domain that goes: devmodel asks whether it was its
+    guest each time, and reports the end of its own once."""
+    device, engine, counters = build_device()
+    sim = SimHypervisor()
+    ended: list[str] = []
+    async with serving(sim, device, counters, on_domain_end=ended.append):
+        with trio.fail_after(10):
+            while "domain_ended" not in sim.calls:  # the watch's first event, at once
+                await trio.sleep(0.01)
+        sim.fire_release_watch()  # another domain went
+        with trio.fail_after(10):
+            while sim.calls.count("domain_ended") < 2:
+                await trio.sleep(0.01)
+        assert ended == []
+        sim.destroy_domain()
+        with trio.fail_after(10):
+            while not ended:
+                await trio.sleep(0.01)
+        sim.fire_release_watch()
+        await trio.sleep(0.05)
+    assert ended == ["domain 7 ended"]
+    assert sim.calls.count("watch_domain_end") == 1
+    engine.close()
+
+
+async def test_without_the_watch_the_server_serves_on_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device, engine, counters = build_device()
+    sim = SimHypervisor()
+    sim.fail["watch_domain_end"] = errno.EACCES
+    ended: list[str] = []
+    async with serving(sim, device, counters, on_domain_end=ended.append):
+        with trio.fail_after(10):
+            while "cannot watch" not in caplog.text:
+                await trio.sleep(0.01)
+        sim.destroy_domain()
+        await trio.sleep(0.05)
+    assert ended == []
+    assert "the toolstack must stop devmodel" in caplog.text
+    engine.close()

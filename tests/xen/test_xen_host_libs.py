@@ -8,8 +8,10 @@ so the arguments XenHost passes (domid, frames, protections, modes) are checked 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import select
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +300,44 @@ def test_arguments_that_ctypes_would_truncate_are_refused(fake_so: Path, log: Pa
         host.evtchn_bind(-1)
     host.close()
     assert not any("ioreq_server" in line or "msi" in line for line in calls(log))
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_the_domain_end_watch(fake_so: Path, log: Path) -> None:
+    """xs_watch on @releaseDomain, its fd (xs_fileno), its events drained with xs_check_watch
+    until EAGAIN (and each vector freed), then xs_is_domain_introduced for the guest."""
+    host = fake_host(fake_so, domid=11)
+    calls(log)
+    fd = host.watch_domain_end()
+    assert calls(log) == ["xs_watch @releaseDomain devmodel", "xs_fileno"]
+    assert _readable(fd)  # xenstored fires a new watch at once
+    assert not host.domain_ended()
+    assert calls(log) == ["xs_check_watch", "xs_check_watch", "xs_is_domain_introduced 11"]
+    assert not _readable(fd)
+    ctypes.CDLL(str(fake_so)).fake_xen_release_domain(12)  # another domain
+    assert _readable(fd) and not host.domain_ended()
+    ctypes.CDLL(str(fake_so)).fake_xen_release_domain(11)
+    assert _readable(fd) and host.domain_ended()
+    host.close()
+
+
+def test_a_failed_introduced_query_alone_does_not_end_the_domain(
+    fake_so: Path, log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """xs_is_domain_introduced says false when its request fails: then the guest's xenstore
+    directory decides (libxl removes it when it destroys the domain)."""
+    host = fake_host(fake_so, domid=13)
+    host.xenstore_write("/local/domain/13/name", "guest")
+    host.watch_domain_end()
+    monkeypatch.setenv("FAKE_XEN_FAIL", "xs_is_domain_introduced")
+    monkeypatch.setenv("FAKE_XEN_ERRNO", str(errno.EIO))
+    assert not host.domain_ended()
+    host.xenstore_remove("/local/domain/13")
+    assert host.domain_ended()
+    monkeypatch.setenv("FAKE_XEN_FAIL", "xs_check_watch")
+    with pytest.raises(XenError, match="xs_check_watch"):
+        host.domain_ended()
+    host.close()

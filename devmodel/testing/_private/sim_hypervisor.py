@@ -27,6 +27,7 @@ posted writes of any kind, raw bytes in the buffered ring, failing platform call
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections import deque
@@ -154,6 +155,9 @@ class SimHypervisor:
         self._masked: set[int] = set()  # delivered and not unmasked yet
         self._pending_masked: set[int] = set()  # fired while masked
         self.notified: dict[int, trio.Event] = {}  # remote port -> the vCPU waiting on it
+        # xenstore's @releaseDomain watch: a pipe written once per event, as libxenstore's.
+        self.released = False
+        self._watch: tuple[int, int] | None = None
         self.cpus = [SimVcpu(self, v) for v in range(vcpus)]
 
     # ------------------------------------------------------------------ helpers
@@ -229,10 +233,17 @@ class SimHypervisor:
 
     def destroy_domain(self) -> None:
         """`xl destroy`: Xen destroys the guest's ioreq servers with it; calls on them then
-        fail with ENOENT."""
+        fail with ENOENT. xenstored then releases the domain: @releaseDomain fires."""
         for s in self.servers.values():
             s.destroyed = True
             s.enabled = False
+        self.released = True
+        self.fire_release_watch()
+
+    def fire_release_watch(self) -> None:
+        """One @releaseDomain event (another domain's end fires it too)."""
+        if self._watch is not None:
+            os.write(self._watch[1], b"\0")
 
     def bufioreq_port(self, server: int) -> int | None:
         self._call("bufioreq_port")
@@ -448,11 +459,31 @@ class SimHypervisor:
         self._call("has_device_model")
         return self.device_model
 
+    def watch_domain_end(self) -> int:
+        """Like xenstored, which fires a new watch once at once."""
+        self._call("watch_domain_end")
+        if self._watch is None:
+            self._watch = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fire_release_watch()
+        return self._watch[0]
+
+    def domain_ended(self) -> bool:
+        self._call("domain_ended")
+        if self._watch is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._watch[0], 64):
+                    pass
+        return self.released
+
     def close(self) -> None:
         self._call("close")
         self.closed = True
         os.close(self._rfd)
         os.close(self._wfd)
+        if self._watch is not None:
+            for fd in self._watch:
+                os.close(fd)
+            self._watch = None
 
     # ------------------------------------------------------------------ Xen's routing
 

@@ -10,8 +10,10 @@
  * Foreign memory is anonymous memory: each resource page starts with its frame number plus
  * 0xa0 in its first byte, each mapped guest page with its gfn (8 bytes); gfn 0xbad fails
  * with EFAULT in err[]. Event channels loop back: notify(port) makes port pending.
- * Xenstore is a small in-memory table.
+ * Xenstore is a small in-memory table; a watch's events go through a pipe, as libxenstore's
+ * do, and fake_xen_release_domain(domid) releases a domain (@releaseDomain fires).
  */
+#define _GNU_SOURCE
 #define __XEN_TOOLS__ 1
 #include <errno.h>
 #include <fcntl.h>
@@ -34,7 +36,7 @@ struct xendevicemodel_handle { int unused; };
 struct xenforeignmemory_handle { int unused; };
 struct xenforeignmemory_resource_handle { void *addr; size_t size; };
 struct xenevtchn_handle { int pipe[2]; };
-struct xs_handle { int unused; };
+struct xs_handle { int watch[2]; };
 
 static void record(const char *fmt, ...)
 {
@@ -375,17 +377,101 @@ static int xs_find(const char *path)
     return -1;
 }
 
+/* The handle watching @releaseDomain (one per process here), and the released domains. */
+static struct xs_handle *xs_watcher;
+static unsigned int xs_released[XS_MAX], xs_nreleased;
+
 struct xs_handle *xs_open(unsigned long flags)
 {
     record("xs_open %lu", flags);
     FAIL_PTR("xs_open");
-    return calloc(1, sizeof(struct xs_handle));
+    struct xs_handle *h = calloc(1, sizeof(struct xs_handle));
+    h->watch[0] = h->watch[1] = -1;
+    return h;
 }
 
 void xs_close(struct xs_handle *h)
 {
     record("xs_close");
+    if (h->watch[0] >= 0) {
+        close(h->watch[0]);
+        close(h->watch[1]);
+    }
+    if (xs_watcher == h)
+        xs_watcher = NULL;
     free(h);
+}
+
+static void xs_fire(struct xs_handle *h)
+{
+    char c = 0;
+    if (h && h->watch[1] >= 0 && write(h->watch[1], &c, 1) != 1)
+        abort();
+}
+
+bool xs_watch(struct xs_handle *h, const char *path, const char *token)
+{
+    record("xs_watch %s %s", path, token);
+    if (fails("xs_watch"))
+        return false;
+    if (strcmp(path, "@releaseDomain") != 0) {
+        errno = ENOSYS; /* the only watch this fake knows */
+        return false;
+    }
+    if (h->watch[0] < 0 && pipe2(h->watch, O_NONBLOCK | O_CLOEXEC) < 0)
+        return false;
+    xs_watcher = h;
+    xs_fire(h); /* xenstored fires a new watch once at once */
+    return true;
+}
+
+int xs_fileno(struct xs_handle *h)
+{
+    record("xs_fileno");
+    FAIL_INT("xs_fileno");
+    if (h->watch[0] < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    return h->watch[0];
+}
+
+char **xs_check_watch(struct xs_handle *h)
+{
+    record("xs_check_watch");
+    FAIL_PTR("xs_check_watch");
+    char c;
+    if (h->watch[0] < 0 || read(h->watch[0], &c, 1) != 1) {
+        errno = EAGAIN;
+        return NULL;
+    }
+    /* One block, as libxenstore returns it: XS_WATCH_PATH, XS_WATCH_TOKEN, then the strings. */
+    static const char path[] = "@releaseDomain", token[] = "devmodel";
+    char **vec = malloc(2 * sizeof(char *) + sizeof(path) + sizeof(token));
+    vec[XS_WATCH_PATH] = memcpy((char *)(vec + 2), path, sizeof(path));
+    vec[XS_WATCH_TOKEN] = memcpy(vec[XS_WATCH_PATH] + sizeof(path), token, sizeof(token));
+    return vec;
+}
+
+bool xs_is_domain_introduced(struct xs_handle *h, unsigned int domid)
+{
+    (void)h;
+    record("xs_is_domain_introduced %u", domid);
+    if (fails("xs_is_domain_introduced"))
+        return false;
+    for (unsigned int i = 0; i < xs_nreleased; i++)
+        if (xs_released[i] == domid)
+            return false;
+    return true;
+}
+
+/* Not libxenstore's: the tests' way to end a domain. */
+void fake_xen_release_domain(unsigned int domid);
+void fake_xen_release_domain(unsigned int domid)
+{
+    if (xs_nreleased < XS_MAX)
+        xs_released[xs_nreleased++] = domid;
+    xs_fire(xs_watcher);
 }
 
 bool xs_write(struct xs_handle *h, xs_transaction_t t, const char *path, const void *data,

@@ -1,8 +1,11 @@
-"""The reference lender lending dma-bufs to in-process device models (no tests here).
+"""The reference lender (examples/) serving in-process device models (no tests here).
 
-Shared by tests/integration/test_lender_reference_dmabuf.py (memfds standing in for
-udmabufs, runs anywhere) and tests/udmabuf/test_dmabuf_lender.py (real udmabufs, marker
-`udmabuf`), so that both drive exactly the same workload.
+One harness for every test that puts real LenderLinks and LeaseEngines in front of the
+reference lender: tests/integration/test_lender_reference.py (memfd leases),
+tests/integration/test_lender_reference_dmabuf.py (memfds standing in for udmabufs, runs
+anywhere) and tests/udmabuf/test_dmabuf_lender.py (real udmabufs, marker `udmabuf`). The lender's
+fd kind is one more lender option, so that memfd and dma-buf leases are driven by exactly the
+same workload.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Guest:
     scope: trio.CancelScope
 
     async def run(self) -> None:
+        """The link as `devmodel run` runs it; cancelling `scope` is the device model stopping."""
         with self.scope:
             await self.link.run()
 
@@ -54,33 +58,33 @@ class Guest:
 class World:
     lender: ReferenceLender
     guests: list[Guest]
+    nursery: trio.Nursery
 
 
 @contextlib.asynccontextmanager
-async def dmabuf_world(
+async def lender_world(
     tmp_path: Path,
     *,
+    guest_ids: tuple[int, ...] = (1, 2),
+    features: int = FEATURES_KNOWN,
     support: Callable[[], DmabufSupport] | None = None,
-    guest_features: tuple[int, ...] = (FEATURES_KNOWN, FEATURES_KNOWN),
     **lender_options: object,
 ) -> AsyncIterator[World]:
-    """A reference lender with `fd_kind="dmabuf"` and one device model per entry of
-    `guest_features` (the features its link offers); `support` makes each engine's
-    DmabufSupport (default: the real kernel's)."""
+    """A reference lender (64 KiB of VRAM unless `vram` says otherwise) and one device model
+    per guest id, each link offering `features`; `support` makes each engine's DmabufSupport
+    (default: the real kernel's). Yields once every guest's session is populated."""
     path = str(tmp_path / "lender.sock")
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(path)
     listener.listen(8)
-    options: dict[str, object] = {"vram": 64 * KiB, "seed": 1, "fd_kind": "dmabuf"}
-    options.update(lender_options)
-    lender = ReferenceLender(**options)  # type: ignore[arg-type]
+    lender = ReferenceLender(**{"vram": 64 * KiB, "seed": 1, **lender_options})  # type: ignore[arg-type]
     guests = []
-    for number, features in enumerate(guest_features, 1):
+    for guest_id in guest_ids:
         engine = LeaseEngine(APERTURE, GRANULE, DeviceCounters(), EngineConfig())
         if support is not None:
             engine.dmabuf = support()
-        link = LenderLink(engine, path, number, name=f"devmodel-{number}", features=features)
-        guests.append(Guest(number, engine, link, trio.CancelScope()))
+        link = LenderLink(engine, path, guest_id, name=f"devmodel-{guest_id}", features=features)
+        guests.append(Guest(guest_id, engine, link, trio.CancelScope()))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lender.serve, listener)
@@ -89,7 +93,7 @@ async def dmabuf_world(
             with trio.fail_after(STEP):
                 while len([s for s in lender.sessions if s.populated.is_set()]) < len(guests):
                     await trio.sleep(0.01)
-            yield World(lender, guests)
+            yield World(lender, guests, nursery)
             nursery.cancel_scope.cancel()
     finally:
         listener.close()
@@ -98,11 +102,13 @@ async def dmabuf_world(
             g.engine.close()
 
 
-async def churn(w: World, seed: int, rounds: int = 600) -> int:
-    """Random 8-byte writes over 96 chunks per guest (16 fit in VRAM: most writes evict), then
-    every byte read back; returns the number of mismatches (the caller wants 0). Reads of
-    never-written memory must be zeros, never the poison of freed VRAM."""
+async def churn(w: World, seed: int, rounds: int = 600) -> list[tuple[int, int]]:
+    """Random 8-byte writes over 96 chunks per guest (16 fit in 64 KiB of VRAM: most writes
+    evict), then every byte read back; returns the (guest id, offset) of each mismatch (the
+    caller wants none). Reads of never-written memory must be zeros, never the poison of freed
+    VRAM."""
     rng = random.Random(seed)
+    by_id = {g.guest_id: g for g in w.guests}
     model: dict[tuple[int, int], bytes] = {}
     for _ in range(rounds):
         g = rng.choice(w.guests)
@@ -110,13 +116,14 @@ async def churn(w: World, seed: int, rounds: int = 600) -> int:
         data = rng.randbytes(8)
         await g.engine.write(offset, data)
         model[g.guest_id, offset] = data
-    mismatches = 0
+    mismatches = []
     for (guest_id, offset), data in model.items():
-        got = await w.guests[guest_id - 1].engine.read(offset, 8)
-        mismatches += got != data
+        if await by_id[guest_id].engine.read(offset, 8) != data:
+            mismatches.append((guest_id, offset))
     for g in w.guests:
         got = await g.engine.read(APERTURE - 8, 8)
-        mismatches += got != bytes(8) or POISON in got
+        if got != bytes(8) or POISON in got:
+            mismatches.append((g.guest_id, APERTURE - 8))
     return mismatches
 
 
