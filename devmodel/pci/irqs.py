@@ -228,6 +228,14 @@ class IrqTable:
         self._vector(index, vector)
         self._pending[index][vector] = True
 
+    def redeliver(self, index: int) -> None:
+        """Try again every pending, unmasked vector of an index: for a transport that cannot
+        see eventfds being attached (libvfio-user keeps them) and tries after each SET_IRQS."""
+        self._spec(index)
+        for vector, pending in enumerate(self._pending[index]):
+            if pending and not self._masked[index][vector]:
+                self._fire(index, vector)
+
     def clear_pending(self, index: int, vector: int = 0) -> None:
         """The device withdraws an interrupt that was not delivered yet (INTx deasserted)."""
         self._vector(index, vector)
