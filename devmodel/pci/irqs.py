@@ -223,8 +223,8 @@ class IrqTable:
         return self._asserted[index][vector]
 
     def mark_pending(self, index: int, vector: int = 0) -> None:
-        """A signal the transport could not deliver after all: deliver it on the next chance
-        (an unmask, an eventfd attached)."""
+        """Leave a vector pending: deliver it on the next chance (an unmask, an eventfd
+        attached, `redeliver`)."""
         self._vector(index, vector)
         self._pending[index][vector] = True
 

@@ -35,11 +35,11 @@ last index the client set up) and offers `vfu_irq_trigger(vector)`. The function
 keeps masks, INTx's level and pending bits as with the native transport and signals through
 `_signal`, which calls `vfu_irq_trigger` only while no worker is inside the library, or while
 the worker is parked in one of devmodel's callbacks (blocked on the trio thread, so the library
-is not running), and otherwise defers the signal until the worker is back. The client's INTx
-mask and unmask reach the table through the library's IRQ state callback (QEMU unmasks after
-the guest's EOI; a still asserted line fires again). The library does not report eventfds
-being attached, so a signal that found none (ENOENT) stays pending and is tried again after
-every SET_IRQS the transport sees go by.
+is not running); otherwise the vector is left pending and signalled when the worker is back.
+The client's INTx mask and unmask reach the table through the library's IRQ state callback
+(QEMU unmasks after the guest's EOI; a still asserted line fires again). The library does not
+report eventfds being attached, so a signal that found none (ENOENT) stays pending and is tried
+again after every SET_IRQS the transport sees go by.
 
 Config space stays devmodel's: the config region is registered with VFU_REGION_FLAG_ALWAYS_CB,
 so the library's own header emulation (32-bit BARs only in Debian's copy) never answers, and
@@ -155,8 +155,8 @@ class LibVfioUserServer:
         # The worker is blocked in one of devmodel's callbacks, waiting on the trio thread:
         # the library is not running, so the trio thread may trigger an interrupt.
         self._parked = False
-        # Interrupt signals raised while the worker was in the library: (index, vector).
-        self._deferred: list[tuple[int, int]] = []
+        # An interrupt was left pending because the worker was in the library.
+        self._retry = False
         # The command of the request `_prepare` last let the trio thread serve.
         self._peeked_command = 0
         # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
@@ -278,7 +278,6 @@ class LibVfioUserServer:
             self._attaching = True
             rc, code = await trio.to_thread.run_sync(self._attach, ctx, abandon_on_cancel=True)
             self._attaching = False
-            self._deferred.clear()  # no client had eventfds to signal
             if rc < 0:
                 if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                     log.info("libvfio-user did not attach a client: %s", os.strerror(code))
@@ -350,7 +349,6 @@ class LibVfioUserServer:
                     rc, _ = await trio.to_thread.run_sync(self._run_some, ctx)
                 finally:
                     self._busy = False
-                    self._deferred.clear()  # stopping: the client is about to go
                 if rc <= 0:
                     return
 
@@ -386,7 +384,9 @@ class LibVfioUserServer:
                     rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
                 finally:
                     self._busy = False
-                    self._flush_interrupts()
+                    if self._retry:  # raised while the worker was in the library
+                        self._retry = False
+                        self._redeliver()
             if rc >= 0:
                 continue
             if code == errno.ENOTCONN:
@@ -576,18 +576,16 @@ class LibVfioUserServer:
     # --- interrupts -----------------------------------------------------------------------------
 
     def _signal(self, index: int, vector: int) -> bool:
-        """The IrqTable's signaller (trio thread): True if the interrupt went (or will go) out,
-        False to leave it pending (no client, or no eventfd for it)."""
+        """The IrqTable's signaller (trio thread): True if the interrupt went out, False to
+        leave it pending (no client, no eventfd for it, or the worker in the library)."""
         ctx = self._ctx
         if ctx is None or not self.connected:
             return False
         if (self._busy and not self._parked) or self._attaching:
-            # The worker is inside the library, which is not thread-safe: signal once it is out.
-            self._deferred.append((index, vector))
-            return True
-        return self._trigger(ctx, index, vector)
-
-    def _trigger(self, ctx: int, index: int, vector: int) -> bool:
+            # The worker is inside the library, which is not thread-safe: left pending, and
+            # signalled once the worker is back (`_redeliver`).
+            self._retry = True
+            return False
         if self.lib.vfu_irq_trigger(ctx, vector) == 0:
             return True
         code = ctypes.get_errno()
@@ -595,17 +593,9 @@ class LibVfioUserServer:
             log.warning("libvfio-user: interrupt %s/%d: %s", index, vector, os.strerror(code))
         return False
 
-    def _flush_interrupts(self) -> None:
-        """Signal what was deferred while the worker was in the library; what cannot go out
-        now stays pending in the IrqTable."""
-        deferred, self._deferred = self._deferred, []
-        ctx = self._ctx
-        for index, vector in deferred:
-            if ctx is None or not self.connected or not self._trigger(ctx, index, vector):
-                self.backend.irqs.mark_pending(index, vector)
-        self._redeliver()
-
     def _redeliver(self) -> None:
+        """Try every pending, unmasked vector again: after the worker leaves the library, and
+        after a SET_IRQS (which may have attached the eventfd a vector was waiting for)."""
         irqs = self.backend.irqs
         for index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
             irqs.redeliver(index)
