@@ -135,3 +135,18 @@ def test_msix_vector_without_eventfd_is_delivered_once_attached(client: VfioUser
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_irq_info_flags(client: VfioUserClient, transport: str) -> None:
+    """Expected difference 7 (README, "Choosing a transport"): libvfio-user reports EVENTFD
+    alone; devmodel's own server reports what Linux vfio-pci does."""
+    infos = [client.request(ev.DeviceGetIrqInfo(client.next_id(), i)) for i in range(5)]
+    counts = [info.count for info in infos]
+    assert counts == [1, 1, 4, 0, 1]
+    flags = [info.flags for info in infos]
+    eventfd = c.IRQ_INFO_EVENTFD
+    if transport == "libvfio-user":
+        assert flags == [eventfd] * 5
+    else:
+        intx = eventfd | c.IRQ_INFO_MASKABLE | c.IRQ_INFO_AUTOMASKED
+        assert flags == [intx] + [eventfd | c.IRQ_INFO_NORESIZE] * 4
