@@ -152,7 +152,8 @@ class IrqTable:
         # Signals instead of the eventfds when set (see the module docstring).
         self.external: Callable[[int, int], bool] | None = None
         # ACTION_UNMASK|DATA_EVENTFD (vfio's resample fd): the client signals it to unmask.
-        # The table only keeps it; a transport polls it and calls `unmask`.
+        # The table only keeps it; the transport waits on it and calls `unmask`
+        # (devmodel/transports/intx_unmask.py).
         self._unmask_fds = [-1] * len(self.specs)
         # Eventfd writes that failed other than with EAGAIN (a client passed something odd).
         self.signal_errors = 0

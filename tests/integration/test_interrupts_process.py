@@ -150,3 +150,30 @@ def test_irq_info_flags(client: VfioUserClient, transport: str) -> None:
     else:
         intx = eventfd | c.IRQ_INFO_MASKABLE | c.IRQ_INFO_AUTOMASKED
         assert flags == [intx] + [eventfd | c.IRQ_INFO_NORESIZE] * 4
+
+
+def test_intx_unmask_eventfd(client: VfioUserClient, transport: str) -> None:
+    """QEMU under KVM hands INTx an unmask eventfd (KVM's resample fd) and signals it at the
+    guest's EOI instead of sending UNMASK. Devmodel's own server waits on it; libvfio-user
+    closes it (expected difference 8): there only UNMASK messages unmask INTx."""
+    cl = client
+    trigger, unmask = eventfds(2)
+    try:
+        set_irqs(cl, TRIGGER_FDS, c.PciIrq.INTX, 0, 1, (trigger,))
+        set_irqs(cl, c.IRQ_SET_DATA_EVENTFD | c.IRQ_SET_ACTION_UNMASK, c.PciIrq.INTX, 0, 1,
+                 (unmask,))  # fmt: skip
+        ring(cl, 0)
+        assert signalled(trigger) == 1
+        os.eventfd_write(unmask, 1)  # the EOI, the line still asserted
+        if transport == "libvfio-user":
+            assert cl.read_u32(BAR2, IRQ_STATUS) == 1  # a round trip: nothing came
+            assert drain(trigger) == 0
+            return
+        assert signalled(trigger) == 1, "unmasked through the eventfd: fires again"
+        cl.write(BAR2, IRQ_STATUS, struct.pack("<I", 1))
+        os.eventfd_write(unmask, 1)
+        ring(cl, 0)  # signalled once the watcher has unmasked (now, or when it catches up)
+        assert signalled(trigger) == 1
+    finally:
+        os.close(trigger)
+        os.close(unmask)
