@@ -586,6 +586,17 @@ class LibVfioUserServer:
             # signalled once the worker is back (`_redeliver`).
             self._retry = True
             return False
+        config = self.backend.function.config
+        if index != (
+            IrqIndex.MSIX
+            if config.msix_enabled
+            else IrqIndex.MSI
+            if config.msi_enabled
+            else IrqIndex.INTX
+        ):
+            # The library's one eventfd array belongs to the mechanism the guest enabled:
+            # a vector left pending under another one must not fire through it.
+            return False
         if self.lib.vfu_irq_trigger(ctx, vector) == 0:
             return True
         code = ctypes.get_errno()

@@ -123,3 +123,22 @@ def test_client_unmask_refires_a_line_still_asserted(
     backend.function.register_write_now(0xAC, b"\x01\0\0\0")  # IRQ_STATUS: acknowledged
     server._irq_state(1, 0, 1, False)
     assert lib.triggered == [0, 0]
+
+
+def test_a_vector_pending_under_another_mechanism_stays_pending(
+    backend: DeviceBackend, server: LibVfioUserServer, lib: FakeLib
+) -> None:
+    """The library keeps one eventfd array for INTx, MSI and MSI-X: after the guest switched
+    to MSI-X, an INTx left pending must not fire through MSI-X vector 0's eventfd."""
+    server.connected = True
+    lib.attached = False
+    backend.function.raise_interrupt()  # INTx, no eventfd yet: pending
+    fn = backend.function
+    fn.config_write(0x04, (0x6).to_bytes(2, "little"))  # memory, bus master
+    fn.config_write(0x52, (0x8000).to_bytes(2, "little"))  # MSI-X enable: INTx line drops
+    backend.irqs.mark_pending(IrqIndex.INTX, 0)  # even if something left it pending
+    lib.attached = True
+    server._redeliver()
+    assert lib.triggered == []
+    fn.raise_interrupt(1)
+    assert lib.triggered == [1]
