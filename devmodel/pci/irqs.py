@@ -230,11 +230,13 @@ class IrqTable:
         self._pending[index][vector] = True
 
     def redeliver(self, index: int) -> None:
-        """Try again every pending, unmasked vector of an index: for a transport that cannot
-        see eventfds being attached (libvfio-user keeps them) and tries after each SET_IRQS."""
+        """Try again every pending (or asserted: a level) unmasked vector of an index: for a
+        transport that cannot see eventfds being attached (libvfio-user keeps them) and tries
+        after each SET_IRQS. An asserted unmasked level was never signalled (a signal masks
+        it), so this is the attach-time signal the native transport gives."""
         self._spec(index)
         for vector, pending in enumerate(self._pending[index]):
-            if pending and not self._masked[index][vector]:
+            if (pending or self._asserted[index][vector]) and not self._masked[index][vector]:
                 self._fire(index, vector)
 
     def clear_pending(self, index: int, vector: int = 0) -> None:

@@ -291,6 +291,9 @@ class LibVfioUserServer:
                 await self._serve_client(ctx)
             finally:
                 self.connected = False
+                # The library closed the client's eventfds; its masks go too (a new client
+                # starts unmasked, as with the native server). INTx's level stays.
+                self.backend.irqs.close()
                 log.info("client gone")
                 if self._on_client:
                     self._on_client("disconnected")

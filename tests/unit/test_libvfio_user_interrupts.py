@@ -142,3 +142,24 @@ def test_a_vector_pending_under_another_mechanism_stays_pending(
     assert lib.triggered == []
     fn.raise_interrupt(1)
     assert lib.triggered == [1]
+
+
+def test_a_new_client_starts_unmasked(
+    backend: DeviceBackend, server: LibVfioUserServer, lib: FakeLib
+) -> None:
+    """INTx is automasked after a signal; if that client leaves before it unmasks, the next
+    one must not inherit the mask (it would never hear INTx). As `serve` does on a departure:
+    the table forgets the client's state, the device keeps its level, and the next client
+    hears the line still up once it has set up its eventfds."""
+    server.connected = True
+    backend.function.raise_interrupt()
+    assert lib.triggered == [0] and backend.irqs.masked(IrqIndex.INTX, 0)
+    server.connected = False
+    backend.irqs.close()
+    assert not backend.irqs.masked(IrqIndex.INTX, 0)
+    assert backend.irqs.asserted(IrqIndex.INTX, 0)
+    server.connected = True
+    server._redeliver()  # after the new client's SET_IRQS: the line still up is signalled
+    assert lib.triggered == [0, 0]
+    server._redeliver()
+    assert lib.triggered == [0, 0], "then automasked until the client unmasks"
