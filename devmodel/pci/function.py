@@ -20,6 +20,11 @@ Errors: every refused access raises `AccessError` and bumps `counters.bad_access
 EINVAL for a bad size (not 1/2/4/8), a misaligned access, or a region that does not exist;
 EFAULT for a well-formed access outside its region (and any config access beyond 256 bytes).
 
+Interrupts: a BAR2 DOORBELL write calls `raise_interrupt`, which uses the mechanism config
+space enables (MSI-X, MSI, else INTx as a level acknowledged in IRQ_STATUS). Over vfio-user it
+signals a vector through `irqs` and the client emulates MSI and MSI-X; a transport that must
+emulate them itself (Xen) sets `msi_output` and `intx_output` and gets messages and line levels.
+
 The memory-space enable bit is deliberately not checked on BAR accesses: a client only sends
 accesses for BARs it decodes, and checking would cost the hot path while risking a wedged
 device if a client's view of the command register ever differed. Address-routed transports
