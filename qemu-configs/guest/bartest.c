@@ -2278,7 +2278,8 @@ static int set_intx_disable(int fd, int disable)
  * Disable bit), then per round: unmask the pin, ring BAR2's DOORBELL, wait for /dev/uioN to
  * count the interrupt, check what the handler saw and did, acknowledge in IRQ_STATUS. Reports
  * uio's count after each round (1, 2, ...: an interrupt storm or a lost one shows) and
- * BAR2's INTERRUPTS before and after. */
+ * BAR2's INTERRUPTS before and after. Then one more doorbell while the pin is masked: held
+ * (the device asserts it: status set) until the pin is unmasked, then delivered once. */
 static int test_irq(void)
 {
 	char buf[400], uio[300] = "";
@@ -2288,7 +2289,7 @@ static int test_irq(void)
 	struct dirent *e;
 	struct line l;
 	DIR *dir;
-	int err, fd, cfg, uiofd, ok, st, hi;
+	int err, fd, cfg, uiofd, ok, st, hi, masked_held, masked_late;
 
 	if (!dev.found)
 		return fail_line("irq", "no PCI function %04x:%04x", opt.vendor, opt.device);
@@ -2350,14 +2351,32 @@ static int test_irq(void)
 		if (st >= 0 && !(st & STATUS_LO_INTERRUPT) && rd(dev.bar2, IRQ_STATUS_REG, 4) == 0)
 			cleared++;
 	}
+	add(&l, "]");
+	/* Rung while the pin is masked: the device asserts it (IRQ_STATUS, Interrupt Status) but
+	 * the line stays down; unmasking the pin must then deliver it. */
+	masked_held = masked_late = 0;
+	if (received == opt.irqs && !set_intx_disable(cfg, 1)) {
+		wr(dev.bar2, DOORBELL_REG, 4, 0);
+		st = cfg_byte(cfg, CFG_STATUS_LO);
+		masked_held = st >= 0 && (st & STATUS_LO_INTERRUPT) &&
+			      rd(dev.bar2, IRQ_STATUS_REG, 4) == 1;
+		set_intx_disable(cfg, 0);
+		pfd.fd = uiofd;
+		pfd.events = POLLIN;
+		if (poll(&pfd, 1, IRQ_WAIT_MS) == 1 && read(uiofd, &icount, 4) == 4) {
+			masked_late = icount == opt.irqs + 1;
+			wr(dev.bar2, IRQ_STATUS_REG, 4, 1);
+		}
+	}
 	set_intx_disable(cfg, 0);
 	after = rd(dev.bar2, INTERRUPTS_REG, 8);
 	ok = received == opt.irqs && flagged == opt.irqs && cleared == opt.irqs &&
-	     after - before == opt.irqs;
-	add(&l, "],\"rounds\":%" PRIu64 ",\"received\":%" PRIu64 ",\"flagged\":%" PRIu64
-		",\"cleared\":%" PRIu64 ",\"interrupts_before\":%" PRIu64
-		",\"interrupts_after\":%" PRIu64 ",\"ok\":%s",
-	    opt.irqs, received, flagged, cleared, before, after, ok ? "true" : "false");
+	     masked_held && masked_late && after - before == opt.irqs + 1;
+	add(&l, ",\"rounds\":%" PRIu64 ",\"received\":%" PRIu64 ",\"flagged\":%" PRIu64
+		",\"cleared\":%" PRIu64 ",\"masked_held\":%s,\"masked_delivered\":%s"
+		",\"interrupts_before\":%" PRIu64 ",\"interrupts_after\":%" PRIu64 ",\"ok\":%s",
+	    opt.irqs, received, flagged, cleared, masked_held ? "true" : "false",
+	    masked_late ? "true" : "false", before, after, ok ? "true" : "false");
 	emit(&l);
 	close(cfg);
 	close(uiofd);
