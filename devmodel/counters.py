@@ -34,6 +34,9 @@ class DeviceCounters:
     poll_hits: int = 0
     poll_misses: int = 0
     poll_ns: int = 0
+    # Interrupts the device raised (the BAR2 doorbell): MSI/MSI-X messages signalled or left
+    # pending, INTx assertions.
+    interrupts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

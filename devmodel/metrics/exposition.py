@@ -54,6 +54,7 @@ COUNTER_HELP: Final = {
     "poll_hits": "transport socket polls that caught a message without parking",
     "poll_misses": "transport socket polls that ran out of budget (then parked)",
     "poll_ns": "CPU time spent polling the transport socket, in nanoseconds",
+    "interrupts": "interrupts the device raised (MSI/MSI-X messages, INTx assertions)",
 }
 
 HISTOGRAM_HELP: Final = {

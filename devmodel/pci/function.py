@@ -20,6 +20,11 @@ Errors: every refused access raises `AccessError` and bumps `counters.bad_access
 EINVAL for a bad size (not 1/2/4/8), a misaligned access, or a region that does not exist;
 EFAULT for a well-formed access outside its region (and any config access beyond 256 bytes).
 
+Interrupts: a BAR2 DOORBELL write calls `raise_interrupt`, which uses the mechanism config
+space enables (MSI-X, MSI, else INTx as a level acknowledged in IRQ_STATUS). Over vfio-user it
+signals a vector through `irqs` and the client emulates MSI and MSI-X; a transport that must
+emulate them itself (Xen) sets `msi_output` and `intx_output` and gets messages and line levels.
+
 The memory-space enable bit is deliberately not checked on BAR accesses: a client only sends
 accesses for BARs it decodes, and checking would cost the hot path while risking a wedged
 device if a client's view of the command register ever differed. Address-routed transports
@@ -33,11 +38,18 @@ from collections.abc import Callable
 
 from devmodel.aperture import Aperture
 from devmodel.counters import DeviceCounters
-from devmodel.pci.config_space import CONFIG_SPACE_SIZE, BarSpec, ConfigSpace, MsixLayout
+from devmodel.pci.config_space import (
+    CONFIG_SPACE_SIZE,
+    STS_INTERRUPT,
+    BarSpec,
+    ConfigSpace,
+    MsixLayout,
+)
 from devmodel.pci.errors import AccessError
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.irqs import IrqIndex, IrqTable
 from devmodel.pci.registers import (
+    IRQ_STATUS_INTX,
     MSIX_PBA_OFFSET,
     MSIX_TABLE_OFFSET,
     MSIX_VECTORS,
@@ -88,11 +100,15 @@ class PciFunction:
         "_aperture_write_now",
         "_bar0_size",
         "_bars",
+        "_intx_asserted",
+        "_intx_line",
         "aperture",
         "config",
         "counters",
         "identity",
+        "intx_output",
         "irqs",
+        "msi_output",
         "on_decode_change",
         "registers",
     )
@@ -123,7 +139,23 @@ class PciFunction:
             features | Feature.MSI | Feature.MSIX,
             counters,
             self._msix_pending,
+            doorbell=self.raise_interrupt,
+            irq_status=self._irq_status,
+            irq_ack=self._irq_ack,
         )
+        # INTA# as the device drives it (the doorbell raises it, IRQ_STATUS clears it), and
+        # the line as the guest's interrupt controller sees it (masked by the command register
+        # and while MSI or MSI-X is on).
+        self._intx_asserted = False
+        self._intx_line = False
+        # How interrupts leave the function. Unset (vfio-user): by vector, through `irqs`
+        # (the client emulates the MSI and MSI-X capabilities and masks by detaching
+        # eventfds). Set (Xen): the function is the guest's only MSI/MSI-X emulator, so it
+        # composes each message from its capability or table entry, honours the masks and
+        # keeps the PBA, and hands out (address, data); `intx_output` gets each change of
+        # the INTx line.
+        self.msi_output: Callable[[int, int], None] | None = None
+        self.intx_output: Callable[[bool], None] | None = None
         # Called after a config write or reset that changed where a BAR decodes (an address,
         # or memory-space enable): address-routed transports (Xen) re-register their ranges.
         self.on_decode_change: Callable[[], None] | None = None
@@ -262,6 +294,8 @@ class PciFunction:
         except AccessError:
             self.counters.bad_accesses += 1
             raise
+        if offset >= MSIX_TABLE_OFFSET and self.msi_output is not None:
+            self._deliver_pending_msix()
 
     def register_read_now(self, offset: int, size: int) -> bytes | None:
         """BAR2 `register_read` without a coroutine (registers never wait); None when refused,
@@ -279,6 +313,8 @@ class PciFunction:
             self.registers.write(offset, data)
         except AccessError:
             return False
+        if offset >= MSIX_TABLE_OFFSET and self.msi_output is not None:
+            self._deliver_pending_msix()
         return True
 
     def _refused(self, bar: int, offset: int, size: int) -> AccessError:
@@ -308,6 +344,11 @@ class PciFunction:
             self.counters.bad_accesses += 1
             raise
         self._notify_if_changed(before)
+        # The command register (INTx disable, bus mastering) or an MSI/MSI-X enable or mask
+        # may have changed what an interrupt does now.
+        self._update_intx()
+        if self.msi_output is not None:
+            self._deliver_pending_msix()
 
     def _decode_state(self) -> tuple[int | None, ...]:
         return tuple(self.config.bar_address(bar) for bar in self._bars)
@@ -322,31 +363,109 @@ class PciFunction:
         """DEVICE_RESET / FLR: power-on config and registers, aperture contents discarded.
 
         Counts in `counters.resets` (transports should not count it again). IRQ eventfds
-        survive, masks and pending interrupts do not (see irqs.py).
+        survive, masks and pending interrupts do not (see irqs.py); INTx is deasserted.
         """
         before = self._decode_state()
         self.config.reset()
         self.registers.reset()
         self.irqs.reset()
+        self._intx_asserted = False
+        self._update_intx()
         self.aperture.reset()
         self.counters.resets += 1
         self._notify_if_changed(before)
 
     def raise_interrupt(self, vector: int = 0) -> bool:
-        """Signal the guest with whatever mechanism its driver enabled; True if signalled.
+        """Signal the guest with whatever its driver enabled; True if it went out at once.
 
-        MSI-X if enabled (vector selects the entry), else MSI (one vector), else INTx unless
-        the command register disables it. MSI and MSI-X need bus mastering, as on real
-        hardware. Masking beyond that is the client's: QEMU masks by detaching eventfds.
+        MSI-X if enabled (vector selects the entry), else MSI (vector 0), else INTx (vector
+        0): a level, asserted until software acknowledges it in IRQ_STATUS, masked (not
+        forgotten) while the command register disables INTx; True while the line is driven.
+        MSI and MSI-X need bus mastering, as on real hardware. A vector the mechanism lacks,
+        or a message without bus mastering, raises nothing and is not counted. Masking beyond
+        that is the client's over vfio-user (QEMU detaches eventfds), the function's own when
+        `msi_output` is set (a masked vector is left pending in the PBA).
         """
         config = self.config
         if config.msix_enabled:
-            return config.bus_master_enabled and self.irqs.trigger(IrqIndex.MSIX, vector)
+            if not (0 <= vector < MSIX_VECTORS and config.bus_master_enabled):
+                return False
+            self.counters.interrupts += 1
+            if self.msi_output is None:
+                return self.irqs.trigger(IrqIndex.MSIX, vector)
+            self.irqs.mark_pending(IrqIndex.MSIX, vector)
+            return self._deliver_msix(vector)
+        if vector != 0:
+            return False
         if config.msi_enabled:
-            return config.bus_master_enabled and self.irqs.trigger(IrqIndex.MSI, 0)
-        if not config.intx_disabled:
-            return self.irqs.trigger(IrqIndex.INTX, 0)
-        return False
+            if not config.bus_master_enabled:
+                return False
+            self.counters.interrupts += 1
+            if self.msi_output is None:
+                return self.irqs.trigger(IrqIndex.MSI, 0)
+            self.msi_output(*config.msi_message())
+            return True
+        self.counters.interrupts += 1
+        self._intx_asserted = True
+        config.set_status(STS_INTERRUPT)
+        self._update_intx()
+        return self._intx_line
+
+    @property
+    def intx_asserted(self) -> bool:
+        """Whether the device holds INTA# up (IRQ_STATUS bit 0)."""
+        return self._intx_asserted
+
+    def _irq_status(self) -> int:
+        return IRQ_STATUS_INTX if self._intx_asserted else 0
+
+    def _irq_ack(self, bits: int) -> None:
+        """IRQ_STATUS written: a 1 in bit 0 deasserts INTx."""
+        if bits & IRQ_STATUS_INTX and self._intx_asserted:
+            self._intx_asserted = False
+            self.config.clear_status(STS_INTERRUPT)
+            self._update_intx()
+
+    def _update_intx(self) -> None:
+        """Drive the INTx line from the device's level and what config space allows."""
+        config = self.config
+        line = (
+            self._intx_asserted
+            and not config.intx_disabled
+            and not config.msi_enabled
+            and not config.msix_enabled
+        )
+        if line == self._intx_line:
+            return
+        self._intx_line = line
+        if self.intx_output is not None:
+            self.intx_output(line)
+        else:
+            self.irqs.set_level(IrqIndex.INTX, 0, line)
+
+    def _deliver_msix(self, vector: int) -> bool:
+        """Message model: send a pending MSI-X vector unless a mask holds it (then it stays
+        pending, visible in the PBA, and goes out when unmasked)."""
+        config = self.config
+        address, data, masked = self.registers.msix_entry(vector)
+        if masked or config.msix_function_masked or not config.bus_master_enabled:
+            return False
+        assert self.msi_output is not None
+        self.irqs.clear_pending(IrqIndex.MSIX, vector)
+        self.msi_output(address, data)
+        return True
+
+    def _deliver_pending_msix(self) -> None:
+        """Message model: a table entry, the function mask or bus mastering changed."""
+        if not self.config.msix_enabled:
+            return
+        pending = self.irqs.pending_bits(IrqIndex.MSIX)
+        vector = 0
+        while pending:
+            if pending & 1:
+                self._deliver_msix(vector)
+            pending >>= 1
+            vector += 1
 
     def close(self) -> None:
         """Release the IRQ eventfds. The aperture belongs to whoever created it."""

@@ -28,6 +28,15 @@ Deliberate choices:
   enabling another, and the device picks the mechanism from config space when it raises one.
 - `reset` (DEVICE_RESET) clears masks and pending state but keeps eventfds: QEMU tears
   interrupts down before a reset and sets them up again after, so either way is consistent.
+- INTx is a level (`set_level`), as a PCI interrupt pin is, signalled the way Linux vfio-pci
+  signals it: the eventfd fires when the line rises, the vector is then masked (AUTOMASKED)
+  until the client unmasks it (QEMU does after the guest's EOI, which it infers from the
+  guest's next BAR access), and an unmask while the line is still asserted fires again. A
+  line that falls before the unmask fires nothing more. The client never learns of a falling
+  edge: it deasserts its own copy at EOI, and the re-fire tells it the line is still up.
+- A transport whose library keeps the eventfds itself (libvfio-user) sets `external`: the
+  table then keeps masks, levels and pending bits as ever but signals through that call, which
+  says whether the interrupt went out (False: left pending, as with no eventfd attached).
 """
 
 from __future__ import annotations
@@ -122,15 +131,29 @@ _Operation = Callable[["IrqTable", int, int, int, bytes | None, Sequence[int]], 
 class IrqTable:
     """Per-vector eventfd, mask and pending state for every interrupt index."""
 
-    __slots__ = ("_fds", "_masked", "_pending", "_unmask_fds", "signal_errors", "specs")
+    __slots__ = (
+        "_asserted",
+        "_fds",
+        "_masked",
+        "_pending",
+        "_unmask_fds",
+        "external",
+        "signal_errors",
+        "specs",
+    )
 
     def __init__(self, msi_vectors: int = 1, msix_vectors: int = 4) -> None:
         self.specs = irq_specs(msi_vectors, msix_vectors)
         self._fds = [[-1] * spec.count for spec in self.specs]
         self._masked = [[False] * spec.count for spec in self.specs]
         self._pending = [[False] * spec.count for spec in self.specs]
+        # Level-triggered vectors (INTx) whose line the device holds up (see `set_level`).
+        self._asserted = [[False] * spec.count for spec in self.specs]
+        # Signals instead of the eventfds when set (see the module docstring).
+        self.external: Callable[[int, int], bool] | None = None
         # ACTION_UNMASK|DATA_EVENTFD (vfio's resample fd): the client signals it to unmask.
-        # The table only keeps it; a transport polls it and calls `unmask`.
+        # The table only keeps it; the transport waits on it and calls `unmask`
+        # (devmodel/transports/intx_unmask.py).
         self._unmask_fds = [-1] * len(self.specs)
         # Eventfd writes that failed other than with EAGAIN (a client passed something odd).
         self.signal_errors = 0
@@ -187,6 +210,35 @@ class IrqTable:
         self._vector(index, vector)
         return self._fire(index, vector)
 
+    def set_level(self, index: int, vector: int, level: bool) -> None:
+        """A level-triggered line (INTx) rises or falls; rising signals it (see module doc)."""
+        self._vector(index, vector)
+        was, self._asserted[index][vector] = self._asserted[index][vector], level
+        if level and not was:
+            self._fire(index, vector)
+        elif not level:
+            self._pending[index][vector] = False
+
+    def asserted(self, index: int, vector: int = 0) -> bool:
+        self._vector(index, vector)
+        return self._asserted[index][vector]
+
+    def mark_pending(self, index: int, vector: int = 0) -> None:
+        """Leave a vector pending: deliver it on the next chance (an unmask, an eventfd
+        attached, `redeliver`)."""
+        self._vector(index, vector)
+        self._pending[index][vector] = True
+
+    def redeliver(self, index: int) -> None:
+        """Try again every pending (or asserted: a level) unmasked vector of an index: for a
+        transport that cannot see eventfds being attached (libvfio-user keeps them) and tries
+        after each SET_IRQS. An asserted unmasked level was never signalled (a signal masks
+        it), so this is the attach-time signal the native transport gives."""
+        self._spec(index)
+        for vector, pending in enumerate(self._pending[index]):
+            if (pending or self._asserted[index][vector]) and not self._masked[index][vector]:
+                self._fire(index, vector)
+
     def clear_pending(self, index: int, vector: int = 0) -> None:
         """The device withdraws an interrupt that was not delivered yet (INTx deasserted)."""
         self._vector(index, vector)
@@ -204,12 +256,24 @@ class IrqTable:
         if not spec.maskable:
             raise _einval(f"IRQ index {spec.index.name} is not maskable")
         self._masked[index][vector] = False
-        if self._pending[index][vector]:
+        if self._pending[index][vector] or self._asserted[index][vector]:
             self._fire(index, vector)
 
     def _fire(self, index: int, vector: int) -> bool:
+        if self._masked[index][vector]:
+            self._pending[index][vector] = True
+            return False
+        external = self.external
+        if external is not None:
+            if not external(index, vector):
+                self._pending[index][vector] = True
+                return False
+            self._pending[index][vector] = False
+            if self.specs[index].automasked:
+                self._masked[index][vector] = True
+            return True
         fd = self._fds[index][vector]
-        if self._masked[index][vector] or fd < 0:
+        if fd < 0:
             self._pending[index][vector] = True
             return False
         self._pending[index][vector] = False
@@ -312,7 +376,7 @@ class IrqTable:
                 vectors[vector] = new
                 if old >= 0:
                     os.close(old)
-            if new >= 0 and self._pending[index][vector]:
+            if new >= 0 and (self._pending[index][vector] or self._asserted[index][vector]):
                 self._fire(index, vector)
 
     def _op_set_unmask(
@@ -346,6 +410,7 @@ class IrqTable:
             count = self.specs[index].count
             self._masked[index] = [False] * count
             self._pending[index] = [False] * count
+            self._asserted[index] = [False] * count
 
     def close(self) -> None:
         """Close every descriptor the table owns; it stays usable, with nothing attached."""

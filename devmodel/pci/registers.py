@@ -13,6 +13,11 @@ the two cannot drift. Rules for the whole BAR (4 KiB, 32-bit, non-prefetchable):
 - Counters are the live `DeviceCounters` values, wrapped to 64 bits. Reading a 64-bit counter
   as two 4-byte halves is not atomic against a concurrent increment; read it with one 8-byte
   access, or read high-low-high.
+- Interrupts: writing a vector number to DOORBELL raises that interrupt through whatever the
+  guest's driver enabled (PciFunction.raise_interrupt: MSI-X, else MSI, else INTx); INTERRUPTS
+  counts them. INTx is level: the doorbell asserts INTA# (IRQ_STATUS bit 0, and the Interrupt
+  Status bit of the config status register) and it stays asserted until software writes 1 to
+  IRQ_STATUS bit 0. MSI and MSI-X are messages and need no acknowledgement.
 - The MSI-X table and PBA live here too. The table is plain storage with the spec's masks
   (entries power on masked); the PBA reflects the pending bits of the MSI-X IRQ index, which is
   what QEMU's vfio-user client reads from the server.
@@ -60,6 +65,8 @@ class Feature(IntFlag):
 class RegAccess(StrEnum):
     RO = "RO"
     RW = "RW"
+    WO = "WO"  # a command: writing acts, reading returns 0
+    RW1C = "RW1C"  # status bits: writing 1 clears a bit, writing 0 leaves it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +78,9 @@ class Register:
     description: str
 
 
-RO, RW = RegAccess.RO, RegAccess.RW
+RO, RW, WO, RW1C = RegAccess.RO, RegAccess.RW, RegAccess.WO, RegAccess.RW1C
+IRQ_STATUS_INTX = 1 << 0
+"""IRQ_STATUS bit 0: the device asserts INTA#."""
 
 REGISTERS: tuple[Register, ...] = (
     Register("MAGIC", 0x00, 4, RO, 'ASCII "DMDL" as a little-endian u32 (0x4c444d44)'),
@@ -96,6 +105,19 @@ REGISTERS: tuple[Register, ...] = (
     Register("POLL_HITS", 0x88, 8, RO, "transport socket polls that caught a message"),
     Register("POLL_MISSES", 0x90, 8, RO, "transport socket polls that ran out of budget"),
     Register("POLL_NS", 0x98, 8, RO, "CPU time spent polling the transport socket, in ns"),
+    Register(
+        "INTERRUPTS", 0xA0, 8, RO,
+        "interrupts raised: MSI/MSI-X messages signalled or left pending, INTx assertions",
+    ),
+    Register(
+        "DOORBELL", 0xA8, 4, WO,
+        "write a vector: raise it (MSI-X vector 0-3 if MSI-X is on, else MSI or INTx, "
+        "vector 0); other vectors are ignored",
+    ),
+    Register(
+        "IRQ_STATUS", 0xAC, 4, RW1C,
+        "bit 0: INTx asserted (by the doorbell); write 1 to deassert it",
+    ),
     Register(
         "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "
@@ -147,7 +169,15 @@ def shape_error(offset: int, size: int, region_size: int, what: str) -> AccessEr
 class RegisterBlock:
     """The live contents of BAR2."""
 
-    __slots__ = ("_blocks", "_getters", "_msix_table", "_pending_msix", "_rw", "_rw_mask")
+    __slots__ = (
+        "_actions",
+        "_blocks",
+        "_getters",
+        "_msix_table",
+        "_pending_msix",
+        "_rw",
+        "_rw_mask",
+    )
 
     def __init__(
         self,
@@ -156,6 +186,10 @@ class RegisterBlock:
         features: Feature,
         counters: DeviceCounters,
         pending_msix: Callable[[], int],
+        *,
+        doorbell: Callable[[int], object] = lambda vector: None,
+        irq_status: Callable[[], int] = lambda: 0,
+        irq_ack: Callable[[int], object] = lambda bits: None,
     ) -> None:
         constants: dict[str, int] = {
             "MAGIC": MAGIC,
@@ -174,8 +208,12 @@ class RegisterBlock:
                 self._getters.append((reg, _constant(constants[reg.name])))
             elif reg.name in COUNTER_REGISTERS:
                 self._getters.append((reg, _counter_getter(counters, COUNTER_REGISTERS[reg.name])))
+            elif reg.name == "IRQ_STATUS":
+                self._getters.append((reg, irq_status))
             elif reg.access is RW:
                 self._rw_mask[reg.offset : reg.offset + reg.width] = b"\xff" * reg.width
+            elif reg.access is WO:
+                pass  # reads 0: the bytes of `_rw` under it are never written
             else:
                 raise AssertionError(f"register {reg.name} has no value source")
         # Per 8-byte block of the scalar registers, the value sources inside it: a read (at
@@ -194,6 +232,13 @@ class RegisterBlock:
             )
         self._blocks = tuple(tuple(block) for block in blocks)
         self._pending_msix = pending_msix
+        # Registers whose writes act, (offset, width, action(value written)); a write covering
+        # part of one acts with the bytes it wrote and zeros for the rest.
+        actions = {"DOORBELL": doorbell, "IRQ_STATUS": irq_ack}
+        self._actions = tuple(
+            (REGISTER_BY_NAME[name].offset, REGISTER_BY_NAME[name].width, action)
+            for name, action in actions.items()
+        )
         self._msix_table = bytearray(_MSIX_ENTRY_RESET * MSIX_VECTORS)
 
     @property
@@ -225,6 +270,13 @@ class RegisterBlock:
             raise error
         if offset < _SCALAR_END:
             _masked_store(self._rw, self._rw_mask, offset, data)
+            end = offset + len(data)
+            for at, width, action in self._actions:
+                if at < end and offset < at + width:
+                    value = bytearray(width)
+                    lo, hi = max(at, offset), min(at + width, end)
+                    value[lo - at : hi - at] = data[lo - offset : hi - offset]
+                    action(int.from_bytes(value, "little"))
             return
         rel = offset - MSIX_TABLE_OFFSET
         if 0 <= rel < len(self._msix_table):

@@ -30,6 +30,17 @@ Every wait is bounded: the engine bounds a page-in by --page-in-timeout, and the
 gives up on an access (EIO to the client) `wait_limit` seconds after it started, whatever the
 engine does. On a stop the access being served is cancelled (EIO to the client).
 
+Interrupts: the library keeps the client's eventfds (one array for INTx, MSI and MSI-X, the
+last index the client set up) and offers `vfu_irq_trigger(vector)`. The function's IrqTable
+keeps masks, INTx's level and pending bits as with the native transport and signals through
+`_signal`, which calls `vfu_irq_trigger` only while no worker is inside the library, or while
+the worker is parked in one of devmodel's callbacks (blocked on the trio thread, so the library
+is not running); otherwise the vector is left pending and signalled when the worker is back.
+The client's INTx mask and unmask reach the table through the library's IRQ state callback
+(QEMU unmasks after the guest's EOI; a still asserted line fires again). The library does not
+report eventfds being attached, so a signal that found none (ENOENT) stays pending and is tried
+again after every SET_IRQS the transport sees go by.
+
 Config space stays devmodel's: the config region is registered with VFU_REGION_FLAG_ALWAYS_CB,
 so the library's own header emulation (32-bit BARs only in Debian's copy) never answers, and
 BAR0 stays the 64-bit prefetchable BAR the PCI function defines. What remains is the library's
@@ -56,6 +67,7 @@ from devmodel.backend.device import BAR_INDEXES, DeviceBackend
 from devmodel.counters import DeviceCounters
 from devmodel.pci.errors import AccessError
 from devmodel.pci.function import REGION_CONFIG
+from devmodel.pci.irqs import IrqIndex
 from devmodel.transports import libvfio_user_lib as lvu
 
 __all__ = [
@@ -81,6 +93,7 @@ _HEADER: Final = struct.Struct("<HHIII")
 _ACCESS: Final = struct.Struct("<QII")
 """REGION_READ/WRITE's access header: offset, region, count."""
 _ACCESS_END: Final = _HEADER.size + _ACCESS.size
+_SET_IRQS: Final = 8
 _REGION_READ: Final = 9
 _REGION_WRITE: Final = 10
 _PEEK: Final = 4096 + _ACCESS_END
@@ -139,6 +152,13 @@ class LibVfioUserServer:
         # A socket object over the library's connection fd, for peeking (never closed here).
         self._peeker: socket.socket | None = None
         self._trio_thread = threading.get_ident()
+        # The worker is blocked in one of devmodel's callbacks, waiting on the trio thread:
+        # the library is not running, so the trio thread may trigger an interrupt.
+        self._parked = False
+        # An interrupt was left pending because the worker was in the library.
+        self._retry = False
+        # The command of the request `_prepare` last let the trio thread serve.
+        self._peeked_command = 0
         # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
         self._keep: list[Any] = []
 
@@ -208,6 +228,13 @@ class LibVfioUserServer:
                     f"vfu_setup_device_nr_irqs({index})",
                     lib.vfu_setup_device_nr_irqs(ctx, index, spec.count),
                 )
+            irq_state_cb = lvu.IrqStateCallback(self._irq_state)
+            self._keep.append(irq_state_cb)
+            self._check(
+                "vfu_setup_irq_state_callback(INTx)",
+                lib.vfu_setup_irq_state_callback(ctx, lvu.VFU_DEV_INTX_IRQ, irq_state_cb),
+            )
+            backend.irqs.external = self._signal
             self._check("vfu_realize_ctx", lib.vfu_realize_ctx(ctx))
         except BaseException:
             self.close()
@@ -222,6 +249,8 @@ class LibVfioUserServer:
 
     def close(self) -> None:
         """Destroy the context (its socket goes with it). Never while a worker is in it."""
+        if self.backend.irqs.external == self._signal:
+            self.backend.irqs.external = None
         self._forget_peeker()
         ctx, self._ctx = self._ctx, None
         if ctx is not None and not self._attaching:
@@ -262,6 +291,9 @@ class LibVfioUserServer:
                 await self._serve_client(ctx)
             finally:
                 self.connected = False
+                # The library closed the client's eventfds; its masks go too (a new client
+                # starts unmasked, as with the native server). INTx's level stays.
+                self.backend.irqs.close()
                 log.info("client gone")
                 if self._on_client:
                     self._on_client("disconnected")
@@ -315,7 +347,11 @@ class LibVfioUserServer:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + STOP_DRAIN_SECONDS
             while True:
-                rc, _ = await trio.to_thread.run_sync(self._run_some, ctx)
+                self._busy = True
+                try:
+                    rc, _ = await trio.to_thread.run_sync(self._run_some, ctx)
+                finally:
+                    self._busy = False
                 if rc <= 0:
                     return
 
@@ -334,6 +370,8 @@ class LibVfioUserServer:
                     code = ctypes.get_errno()
                     break
                 served += 1
+                if self._peeked_command == _SET_IRQS:
+                    self._redeliver()
             else:
                 if served == RUN_BATCH:
                     # Fair to every other task: a client that streams never runs dry.
@@ -349,6 +387,9 @@ class LibVfioUserServer:
                     rc, code = await trio.to_thread.run_sync(self._run_some, ctx)
                 finally:
                     self._busy = False
+                    if self._retry:  # raised while the worker was in the library
+                        self._retry = False
+                        self._redeliver()
             if rc >= 0:
                 continue
             if code == errno.ENOTCONN:
@@ -389,6 +430,7 @@ class LibVfioUserServer:
             return False
         command, size, flags = _HEADER.unpack_from(head)[1:4]
         size = int(size)
+        self._peeked_command = int(command)
         if command not in (_REGION_READ, _REGION_WRITE) or flags & 0xF != 0:
             # Not an access (or not a request): no region callback may wait. Only a whole
             # message is served inline.
@@ -442,6 +484,7 @@ class LibVfioUserServer:
         def access(ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
             if threading.get_ident() == self._trio_thread:
                 return self._inline(index, buf, count, offset, is_write)
+            self._parked = True
             try:
                 if is_write:
                     from_trio(write, index, offset, ctypes.string_at(buf, count))
@@ -451,6 +494,8 @@ class LibVfioUserServer:
                 return _fail(exc.errno)
             except BaseException:  # nothing may unwind into C; a stop (Cancelled) is EIO
                 return _fail(errno.EIO)
+            finally:
+                self._parked = False
             ctypes.memmove(buf, data, len(data))
             return len(data)
 
@@ -530,6 +575,67 @@ class LibVfioUserServer:
                 return _fail(errno.EIO)
             log.info("device reset by the client")
         return 0
+
+    # --- interrupts -----------------------------------------------------------------------------
+
+    def _signal(self, index: int, vector: int) -> bool:
+        """The IrqTable's signaller (trio thread): True if the interrupt went out, False to
+        leave it pending (no client, no eventfd for it, or the worker in the library)."""
+        ctx = self._ctx
+        if ctx is None or not self.connected:
+            return False
+        if (self._busy and not self._parked) or self._attaching:
+            # The worker is inside the library, which is not thread-safe: left pending, and
+            # signalled once the worker is back (`_redeliver`).
+            self._retry = True
+            return False
+        config = self.backend.function.config
+        if index != (
+            IrqIndex.MSIX
+            if config.msix_enabled
+            else IrqIndex.MSI
+            if config.msi_enabled
+            else IrqIndex.INTX
+        ):
+            # The library's one eventfd array belongs to the mechanism the guest enabled:
+            # a vector left pending under another one must not fire through it.
+            return False
+        if self.lib.vfu_irq_trigger(ctx, vector) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code != errno.ENOENT:  # ENOENT: no eventfd attached, an ordinary pending interrupt
+            log.warning("libvfio-user: interrupt %s/%d: %s", index, vector, os.strerror(code))
+        return False
+
+    def _redeliver(self) -> None:
+        """Try every pending, unmasked vector again: after the worker leaves the library, and
+        after a SET_IRQS (which may have attached the eventfd a vector was waiting for)."""
+        irqs = self.backend.irqs
+        for index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX):
+            irqs.redeliver(index)
+
+    def _irq_state(self, ctx: int, start: int, count: int, mask: bool) -> None:
+        """The client masked or unmasked INTx (the library's IRQ state callback)."""
+        irqs = self.backend.irqs
+
+        def apply() -> None:
+            for vector in range(start, start + count):
+                if mask:
+                    irqs.mask(IrqIndex.INTX, vector)
+                else:
+                    irqs.unmask(IrqIndex.INTX, vector)
+
+        try:
+            if threading.get_ident() == self._trio_thread:
+                apply()
+                return
+            self._parked = True
+            try:
+                trio.from_thread.run_sync(apply)
+            finally:
+                self._parked = False
+        except BaseException:  # nothing may unwind into C
+            log.exception("libvfio-user: applying an INTx %s failed", "mask" if mask else "unmask")
 
     def _log(self, ctx: int, level: int, msg: bytes | None) -> None:
         text = msg.decode(errors="replace") if msg else ""

@@ -28,6 +28,7 @@ __all__ = [
     "CONSTANTS",
     "FUNCTIONS",
     "LIBRARY_ENV",
+    "IrqStateCallback",
     "LibVfioUser",
     "LibVfioUserMissing",
     "LogCallback",
@@ -109,16 +110,19 @@ RegionAccessCallback = ctypes.CFUNCTYPE(
 )
 LogCallback = ctypes.CFUNCTYPE(None, CTX.ctype, INT.ctype, ctypes.c_char_p)
 ResetCallback = ctypes.CFUNCTYPE(INT.ctype, CTX.ctype, RESET_TYPE.ctype)
+IrqStateCallback = ctypes.CFUNCTYPE(None, CTX.ctype, UINT32.ctype, UINT32.ctype, BOOL.ctype)
 
 CALLBACKS: Final[dict[str, tuple[CType | None, tuple[CType, ...]]]] = {
     # typedef name: (return, arguments), as the header declares them
     "vfu_region_access_cb_t": (SSIZE, (CTX, CHARP, SIZE, LOFF, BOOL)),
     "vfu_log_fn_t": (None, (CTX, INT, CType(ctypes.c_char_p, "const char *"))),
     "vfu_reset_cb_t": (INT, (CTX, RESET_TYPE)),
+    "vfu_dev_irq_state_cb_t": (None, (CTX, UINT32, UINT32, BOOL)),
 }
 REGION_CB = CType(RegionAccessCallback, "vfu_region_access_cb_t *")
 LOG_CB = CType(LogCallback, "vfu_log_fn_t *")
 RESET_CB = CType(ResetCallback, "vfu_reset_cb_t *")
+IRQ_STATE_CB = CType(IrqStateCallback, "vfu_dev_irq_state_cb_t *")
 DMA_CB = CType(ctypes.c_void_p, "vfu_dma_register_cb_t *")
 DMA_UNREG_CB = CType(ctypes.c_void_p, "vfu_dma_unregister_cb_t *")
 
@@ -132,6 +136,7 @@ FUNCTIONS: Final[dict[str, tuple[CType | None, tuple[CType, ...]]]] = {
     "vfu_setup_device_reset_cb": (INT, (CTX, RESET_CB)),
     "vfu_setup_device_dma": (INT, (CTX, DMA_CB, DMA_UNREG_CB)),
     "vfu_setup_device_nr_irqs": (INT, (CTX, IRQ_TYPE, UINT32)),
+    "vfu_setup_irq_state_callback": (INT, (CTX, IRQ_TYPE, IRQ_STATE_CB)),
     "vfu_realize_ctx": (INT, (CTX,)),
     "vfu_attach_ctx": (INT, (CTX,)),
     "vfu_get_poll_fd": (INT, (CTX,)),

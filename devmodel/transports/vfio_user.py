@@ -38,6 +38,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.polling import AdaptivePoll
 from devmodel.ratelimit import RateLimitedLogger
+from devmodel.transports.intx_unmask import IntxUnmaskWatcher
 from devmodel.transports.vfio_user_requests import VfioUserRequests
 from devmodel.unixfds import (
     ACCEPT_BACKOFF,
@@ -129,8 +130,25 @@ class VfioUserServer:
         """Run one client's session to its end; the device survives whatever happens here."""
         requests = VfioUserRequests(self.backend, self.capabilities, self._bad_log)
         session = _Session(sock, requests, self.poll)
+        # KVM's resample fd, when the client sets one as INTx's unmask eventfd (intx_unmask.py).
+        watcher = IntxUnmaskWatcher(self.backend.irqs)
+        requests.on_set_irqs = watcher.changed
         try:
-            await session.run()
+            failed: BaseException | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watcher.run)
+                try:
+                    await session.run()
+                except trio.Cancelled:
+                    raise
+                except BaseException as exc:
+                    # Raised after the nursery, so that it stays itself rather than become
+                    # an ExceptionGroup: the handlers below catch it by type.
+                    failed = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
         except ProtocolError as exc:
             self.counters.protocol_errors += 1
             log.error("dropping the client: %s", exc)

@@ -61,6 +61,7 @@ class VfioUserRequests:
         "counters",
         "current",
         "dma",
+        "on_set_irqs",
         "out",
         "slice",
     )
@@ -82,6 +83,8 @@ class VfioUserRequests:
         # How long `process` may run before it yields; the transport restarts it after a wait.
         self.slice = TimeSlice()
         self._bad_log = bad_log or RateLimitedLogger(log)
+        # Called with the index after every SET_IRQS applied (the INTx unmask eventfd watcher).
+        self.on_set_irqs: Callable[[int], None] | None = None
         self._handlers: dict[type, Callable[[Any], Any]] = {
             ev.VersionRequest: self.version,
             ev.DmaMap: self.dma_map,
@@ -269,6 +272,8 @@ class VfioUserRequests:
         except AccessError as exc:
             log.warning("refused SET_IRQS: %s", exc)
             return ev.ErrorReply(e.msg_id, Command.DEVICE_SET_IRQS, exc.errno)
+        if self.on_set_irqs is not None:
+            self.on_set_irqs(e.index)
         return ev.Ack(e.msg_id, Command.DEVICE_SET_IRQS)
 
     def reset(self, e: ev.DeviceReset) -> ev.Ack:

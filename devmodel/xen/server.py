@@ -9,6 +9,7 @@ slot of the shared ioreq page. This module wires the parts together and owns the
 - vcpus.py: the dispatch loop and one worker per vCPU;
 - request.py: one request decoded and served on the backend;
 - posted.py: the buffered ring of posted writes;
+- interrupts.py: the function's MSI/MSI-X messages and INTx line to the hypervisor;
 - p2m.py: the seam for the lending hypercall.
 
 Everything host-specific goes through `XenPlatform` (platform.py): the real one binds Xen's
@@ -34,6 +35,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.pci.function import PciFunction
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.xen.bar_claims import BarClaims
+from devmodel.xen.interrupts import XenInterrupts
 from devmodel.xen.open_host import open_host
 from devmodel.xen.p2m import EmulateEverything, P2mMapper
 from devmodel.xen.pci_ports import PciConfigPorts
@@ -138,6 +140,7 @@ class XenServer:
         self._log = RateLimitedLogger(log)
         self.handler = IoreqHandler(backend, platform, sbdf, mapper, self._log)
         self.claims: BarClaims | None = None
+        self.interrupts = XenInterrupts(platform, sbdf, self._log)
         self.posted = PostedWrites(
             None, counters, self.handler.write, self._log, self.handler.write_now
         )
@@ -196,6 +199,7 @@ class XenServer:
                 self._add_acpi_root(sid)
         elif self.pvh_acpi_root == "on":
             log.warning("PVH ACPI: no PCI root added: the PCI configuration ports are not served")
+        self.interrupts.install(self.device)
         # Enable, then bind: Xen writes the vCPUs' ports into the page only at enable.
         setup.enable()
         self.workers = VcpuWorkers(
@@ -295,6 +299,7 @@ class XenServer:
         self._stopped = True
         if self.workers is not None:
             self.workers.stopped = True
+        self.interrupts.uninstall()
         unclaims: list[Step] = self.claims.release_steps() if self.claims is not None else []
         unclaims += self._port_unclaims
         steps = self.setup.teardown_steps(unclaims)

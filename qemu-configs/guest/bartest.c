@@ -15,7 +15,7 @@
  *
  * Kernel command line (read from /proc/cmdline; any argument names override devmodel.test):
  *   devmodel.test=a,b,c   tests to run in order: enumerate pattern boundary regs timing smp
- *                         watch stall demo bench evict churn xbench xfault soak
+ *                         watch stall demo bench evict churn xbench xfault soak irq
  *   devmodel.pciid=V:D    the function to find (hex, default 1234:10e5)
  *   devmodel.bytes=N      size of the pattern region at the start of BAR0 (K/M/G suffixes;
  *                         default 1M; the last 64 KiB of the BAR are always tested too)
@@ -40,12 +40,14 @@
  *                         (default 50; xfault: resident and peer reads after each fault);
  *                         xbench takes devmodel.rounds (0, the default, means 20)
  *   devmodel.fault_rounds=N  xfault: rounds over the windows (default 4)
+ *   devmodel.irqs=N       irq: doorbell rounds (default 5)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -55,6 +57,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
@@ -79,7 +82,7 @@ struct options {
 	uint64_t rounds, piece, watch_ms, after_ms, pause_ms, window;
 	uint64_t windows, revokes, wait_ms, slots, run_ms;
 	unsigned peer_vendor, peer_device; /* 0: no peer */
-	uint64_t per_round, fault_rounds;
+	uint64_t per_round, fault_rounds, irqs;
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -100,7 +103,8 @@ struct device {
 static struct options opt = {.vendor = 0x1234, .device = 0x10e5, .bytes = 1u << 20,
 			     .iters = 20000, .scratch = -1, .piece = 256u << 10,
 			     .watch_ms = 30000, .window = 1, .windows = 8, .wait_ms = 30000,
-			     .slots = 32, .run_ms = 10000, .per_round = 50, .fault_rounds = 4};
+			     .slots = 32, .run_ms = 10000, .per_round = 50, .fault_rounds = 4,
+			     .irqs = 5};
 static struct device dev, peer;
 
 /* ---- output: one JSON object per line, written with one write() so lines never interleave */
@@ -252,6 +256,8 @@ static void parse_cmdline(void)
 			opt.per_round = parse_size(tok + 19);
 		else if (!strncmp(tok, "devmodel.fault_rounds=", 22))
 			opt.fault_rounds = parse_size(tok + 22);
+		else if (!strncmp(tok, "devmodel.irqs=", 14))
+			opt.irqs = parse_size(tok + 14);
 		else if (!strncmp(tok, "devmodel.test=", 14))
 			split_tests(tok + 14);
 	}
@@ -2214,6 +2220,169 @@ static int test_xfault(void)
 	return !ok;
 }
 
+
+/* ---- irq: the device's interrupts, seen by the guest's kernel */
+
+/* BAR2's interrupt registers (devmodel/pci/registers.py; tests/qemu/test_bartest_source.py
+ * checks these against it). */
+#define INTERRUPTS_REG 0xa0u
+#define DOORBELL_REG 0xa8u
+#define IRQ_STATUS_REG 0xacu
+/* Config space: the command register's high byte holds Interrupt Disable (bit 10 -> bit 2),
+ * the status register's low byte Interrupt Status (bit 3). */
+#define CFG_COMMAND_HI 5
+#define CFG_STATUS_LO 6
+#define CMD_HI_INTX_DISABLE 0x04u
+#define STATUS_LO_INTERRUPT 0x08u
+#define IRQ_WAIT_MS 30000
+
+/* Loads a module from the initramfs (build-initramfs unpacks the guest kernel's uio modules
+ * into /lib/modules); 0 if loaded now or before. */
+static int load_module(const char *name)
+{
+	char path[128];
+	long rc;
+	int fd, err;
+
+	snprintf(path, sizeof(path), "/lib/modules/%s.ko", name);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	rc = syscall(SYS_finit_module, fd, "", 0);
+	err = rc ? errno : 0;
+	close(fd);
+	return err == EEXIST ? 0 : err;
+}
+
+static int cfg_byte(int fd, unsigned off)
+{
+	uint8_t b;
+
+	return pread(fd, &b, 1, off) == 1 ? b : -1;
+}
+
+static int set_intx_disable(int fd, int disable)
+{
+	int hi = cfg_byte(fd, CFG_COMMAND_HI);
+	uint8_t b;
+
+	if (hi < 0)
+		return -1;
+	b = disable ? (uint8_t)(hi | CMD_HI_INTX_DISABLE) : (uint8_t)(hi & ~CMD_HI_INTX_DISABLE);
+	return pwrite(fd, &b, 1, CFG_COMMAND_HI) == 1 ? 0 : -1;
+}
+
+/* INTx end to end, with no driver of our own: bind the function to uio_pci_generic (which
+ * needs PCI 2.3 INTx masking: its handler claims the interrupt only if the config status
+ * register's Interrupt Status bit is set, and masks it with the command register's Interrupt
+ * Disable bit), then per round: unmask the pin, ring BAR2's DOORBELL, wait for /dev/uioN to
+ * count the interrupt, check what the handler saw and did, acknowledge in IRQ_STATUS. Reports
+ * uio's count after each round (1, 2, ...: an interrupt storm or a lost one shows) and
+ * BAR2's INTERRUPTS before and after. Then one more doorbell while the pin is masked: held
+ * (the device asserts it: status set) until the pin is unmasked, then delivered once. */
+static int test_irq(void)
+{
+	char buf[400], uio[300] = "";
+	uint64_t before, after, r, received = 0, flagged = 0, cleared = 0;
+	uint32_t icount;
+	struct pollfd pfd;
+	struct dirent *e;
+	struct line l;
+	DIR *dir;
+	int err, fd, cfg, uiofd, ok, st, hi, masked_held, masked_late;
+
+	if (!dev.found)
+		return fail_line("irq", "no PCI function %04x:%04x", opt.vendor, opt.device);
+	if (!dev.bar2)
+		return fail_line("irq", "cannot map BAR2 of %s", dev.name);
+	if ((err = load_module("uio")) || (err = load_module("uio_pci_generic")))
+		return fail_line("irq", "cannot load the uio modules from /lib/modules: %s "
+				 "(qemu-configs/provision fetches them)", strerror(err));
+	fd = open("/sys/bus/pci/drivers/uio_pci_generic/new_id", O_WRONLY);
+	if (fd < 0)
+		return fail_line("irq", "no uio_pci_generic driver in sysfs: %s", strerror(errno));
+	snprintf(buf, sizeof(buf), "%04x %04x", opt.vendor, opt.device);
+	if (write(fd, buf, strlen(buf)) < 0 && errno != EEXIST) {
+		err = errno;
+		close(fd);
+		return fail_line("irq", "new_id: %s", strerror(err));
+	}
+	close(fd);
+	snprintf(buf, sizeof(buf), "%s/uio", dev.path);
+	dir = opendir(buf);
+	while (dir && (e = readdir(dir)))
+		if (!strncmp(e->d_name, "uio", 3))
+			snprintf(uio, sizeof(uio), "/dev/%s", e->d_name);
+	if (dir)
+		closedir(dir);
+	if (!uio[0])
+		return fail_line("irq", "uio_pci_generic did not bind %s (see the kernel log)",
+				 dev.name);
+	uiofd = open(uio, O_RDWR);
+	snprintf(buf, sizeof(buf), "%s/config", dev.path);
+	cfg = open(buf, O_RDWR);
+	if (uiofd < 0 || cfg < 0)
+		return fail_line("irq", "cannot open %s or %s/config", uio, dev.path);
+	begin(&l, "irq");
+	if (read_file(dev.path, "irq", buf, sizeof(buf)) < 0)
+		buf[0] = 0;
+	add(&l, ",\"uio\":\"%s\",\"irq\":%lu", uio, strtoul(buf, NULL, 10));
+	before = rd(dev.bar2, INTERRUPTS_REG, 8);
+	add(&l, ",\"icounts\":[");
+	for (r = 0; r < opt.irqs; r++) {
+		if (set_intx_disable(cfg, 0))
+			break;
+		wr(dev.bar2, DOORBELL_REG, 4, 0);
+		pfd.fd = uiofd;
+		pfd.events = POLLIN;
+		if (poll(&pfd, 1, IRQ_WAIT_MS) != 1 || read(uiofd, &icount, 4) != 4)
+			break;
+		received++;
+		add(&l, "%s%" PRIu32, r ? "," : "", icount);
+		/* What uio_pci_generic's handler saw and did: the status bit set (so the interrupt
+		 * was claimed), the pin masked. IRQ_STATUS says the device still asserts it. */
+		st = cfg_byte(cfg, CFG_STATUS_LO);
+		hi = cfg_byte(cfg, CFG_COMMAND_HI);
+		if (st >= 0 && hi >= 0 && (st & STATUS_LO_INTERRUPT) && (hi & CMD_HI_INTX_DISABLE) &&
+		    rd(dev.bar2, IRQ_STATUS_REG, 4) == 1)
+			flagged++;
+		wr(dev.bar2, IRQ_STATUS_REG, 4, 1);
+		st = cfg_byte(cfg, CFG_STATUS_LO);
+		if (st >= 0 && !(st & STATUS_LO_INTERRUPT) && rd(dev.bar2, IRQ_STATUS_REG, 4) == 0)
+			cleared++;
+	}
+	add(&l, "]");
+	/* Rung while the pin is masked: the device asserts it (IRQ_STATUS, Interrupt Status) but
+	 * the line stays down; unmasking the pin must then deliver it. */
+	masked_held = masked_late = 0;
+	if (received == opt.irqs && !set_intx_disable(cfg, 1)) {
+		wr(dev.bar2, DOORBELL_REG, 4, 0);
+		st = cfg_byte(cfg, CFG_STATUS_LO);
+		masked_held = st >= 0 && (st & STATUS_LO_INTERRUPT) &&
+			      rd(dev.bar2, IRQ_STATUS_REG, 4) == 1;
+		set_intx_disable(cfg, 0);
+		pfd.fd = uiofd;
+		pfd.events = POLLIN;
+		if (poll(&pfd, 1, IRQ_WAIT_MS) == 1 && read(uiofd, &icount, 4) == 4) {
+			masked_late = icount == opt.irqs + 1;
+			wr(dev.bar2, IRQ_STATUS_REG, 4, 1);
+		}
+	}
+	set_intx_disable(cfg, 0);
+	after = rd(dev.bar2, INTERRUPTS_REG, 8);
+	ok = received == opt.irqs && flagged == opt.irqs && cleared == opt.irqs &&
+	     masked_held && masked_late && after - before == opt.irqs + 1;
+	add(&l, ",\"rounds\":%" PRIu64 ",\"received\":%" PRIu64 ",\"flagged\":%" PRIu64
+		",\"cleared\":%" PRIu64 ",\"masked_held\":%s,\"masked_delivered\":%s"
+		",\"interrupts_before\":%" PRIu64 ",\"interrupts_after\":%" PRIu64 ",\"ok\":%s",
+	    opt.irqs, received, flagged, cleared, masked_held ? "true" : "false",
+	    masked_late ? "true" : "false", before, after, ok ? "true" : "false");
+	emit(&l);
+	close(cfg);
+	close(uiofd);
+	return !ok;
+}
+
 static const struct {
 	const char *name;
 	int (*run)(void);
@@ -2223,6 +2392,7 @@ static const struct {
 	{"watch", test_watch},         {"stall", test_stall},     {"demo", test_demo},
 	{"bench", test_bench},         {"evict", test_evict},     {"churn", test_churn},
 	{"xbench", test_xbench},       {"xfault", test_xfault},     {"soak", test_soak},
+	{"irq", test_irq},
 };
 
 int main(int argc, char **argv)

@@ -27,3 +27,11 @@ def test_bartest_counter_offsets_match_the_register_layout() -> None:
     granule = re.search(r"#define GRANULE_REG (0x[0-9a-fA-F]+)u", source)
     assert granule is not None
     assert REGISTER_BY_NAME["GRANULE"].offset == int(granule.group(1), 16)
+
+
+def test_bartest_interrupt_register_offsets_match_the_register_layout() -> None:
+    source = BARTEST.read_text()
+    for name in ("INTERRUPTS", "DOORBELL", "IRQ_STATUS"):
+        define = re.search(rf"#define {name}_REG (0x[0-9a-fA-F]+)u", source)
+        assert define is not None, name
+        assert REGISTER_BY_NAME[name].offset == int(define.group(1), 16), name

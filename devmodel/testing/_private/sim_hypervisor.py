@@ -141,6 +141,10 @@ class SimHypervisor:
         # Accesses Xen sent to the default device model: (kind, address).
         self.default_accesses: list[tuple[str, int]] = []
         self.msis: list[tuple[int, int]] = []
+        # Every set_pci_intx_level: (segment, bus, device, intx pin, level); `intx_level` is
+        # the line per (segment, bus, device, pin) as Xen keeps it.
+        self.intx_calls: list[tuple[int, int, int, int, int]] = []
+        self.intx_level: dict[tuple[int, int, int, int], int] = {}
         # Xen's own latch of the guest's last 4-byte write to port 0xcf8.
         self.pci_cf8 = 0
         # Set when a server is enabled: the next access first broadcasts an INVALIDATE.
@@ -281,6 +285,10 @@ class SimHypervisor:
         self, segment: int, bus: int, device: int, intx: int, level: int
     ) -> None:
         self._call("set_pci_intx_level")
+        if not (0 <= intx < 4 and level in (0, 1)):
+            raise ValueError(f"bad INTx pin {intx} or level {level}")
+        self.intx_calls.append((segment, bus, device, intx, level))
+        self.intx_level[(segment, bus, device, intx)] = level
 
     def vcpu_count(self) -> int:
         self._call("vcpu_count")
