@@ -1,10 +1,10 @@
 """The device model's own share of a lease round trip: PING -> PONG from a blocking lender.
 
-bench_lease_path.py (and bench/run) time PING -> PONG inside the bench lender, a trio program
-with a lock, a reader task and an Event per PING: its own scheduling is part of the figure,
-while the vfio-user round trip it is compared with comes from a plain blocking client. Here the
-lender is one blocking socket too: PING -> PONG, alternated with a resident read from a
-blocking vfio-user client, against one `devmodel run` (this tree's, or `--src DIR`'s).
+bench_lease_path.py and bench/run first timed PING -> PONG inside a trio lender (a lock, a
+reader task and an Event per PING), whose own scheduling was part of the figure; this script
+showed it, with a lender that is one blocking socket, as the vfio-user client is: PING -> PONG,
+alternated with a resident read from a blocking vfio-user client, against one `devmodel run`
+(this tree's, or `--src DIR`'s). bench/run's lender is now such a one (bench/lean_lender.py).
 Usage: bench/bench_blocking_ping.py [--src DIR] [--n N]. Run it for each tree, in turn.
 """
 

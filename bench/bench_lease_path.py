@@ -12,8 +12,12 @@ alternating order, so that the machine's noise hits them alike:
   - REVOKE -> REVOKED and PING -> PONG while a client process reads (`reads`) or reads and
     posts writes (`posted`) to other windows.
 
-Prints the median and p99 of each figure per device model, and the targets.
-Usage: bench/bench_lease_path.py --baseline-src DIR [--rounds N] [--repeat N] [--pin ...].
+Prints the median and p99 of each figure per device model, and the targets. With
+`--compare-lenders` instead, it measures this tree twice, once from each bench lender
+(bench_leases.LENDERS: the lean blocking one bench/run uses, and the first one, a trio program):
+the difference is the lender's own share of each figure.
+Usage: bench/bench_lease_path.py (--baseline-src DIR | --compare-lenders) [--rounds N]
+[--repeat N] [--pin ...].
 """
 
 from __future__ import annotations
@@ -48,21 +52,32 @@ def us(samples: list[float], q: float | None = None) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--baseline-src", required=True, help="the older checkout to compare")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--baseline-src", help="the older checkout to compare")
+    which.add_argument(
+        "--compare-lenders", action="store_true", help="this tree, from the trio and lean lenders"
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=1000, help="samples per figure and tree")
     parser.add_argument("--pin", choices=PINNING, default="split")
     args = parser.parse_args()
     server, client = cpu_plan(args.pin)
     per_round = max(2, args.repeat // args.rounds)
-    trees = {"baseline": args.baseline_src, "new": None}
+    # name: (the checkout to run, the bench lender)
+    trees: dict[str, tuple[str | None, str]] = (
+        {"trio lender": (None, "trio"), "lean lender": (None, "lean")}
+        if args.compare_lenders
+        else {"baseline": (args.baseline_src, "lean"), "new": (None, "lean")}
+    )
     samples: dict[str, dict[str, list[float]]] = {t: {k: [] for k, _ in FIGURES} for t in trees}
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-lease-path-"))
     setups: dict[str, bl.EndToEnd] = {}
     try:
-        for tree, src in trees.items():
-            (tmp / tree).mkdir()
-            setups[tree] = bl.EndToEnd(tmp / tree, server_cpus=server, client_cpus=client, src=src)
+        for i, (tree, (src, lender)) in enumerate(trees.items()):
+            (tmp / str(i)).mkdir()
+            setups[tree] = bl.EndToEnd(
+                tmp / str(i), server_cpus=server, client_cpus=client, src=src, lender=lender
+            )
         order = list(trees)
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
@@ -75,10 +90,11 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"lease path, {args.rounds} interleaved rounds, {per_round * args.rounds} samples each")
-    print(f"{'figure':48} {'baseline med/p99 us':>22} {'new med/p99 us':>20}")
+    names = [f"{t} med/p99 us" for t in trees]
+    print(f"{'figure':48} {names[0]:>22} {names[1]:>22}")
     for key, label in FIGURES:
         cells = [f"{us(samples[t][key]):8.1f} /{us(samples[t][key], 0.99):8.1f}" for t in trees]
-        print(f"{label:48} {cells[0]:>22} {cells[1]:>20}")
+        print(f"{label:48} {cells[0]:>22} {cells[1]:>22}")
     for tree in trees:
         s = samples[tree]
         rt = us(s["ping"])

@@ -470,12 +470,24 @@ def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, chosen)
 
 
+LENDERS = ("lean", "trio")
+"""The lender processes: `lean`, bench/lean_lender.py (blocking calls, what bench/run uses);
+`trio`, a BenchLender (`--serve-lender`), the first bench lender, kept to compare with."""
+
+
 class LenderProcess:
     """The benchmark's handle on a lender process (pinned to `cpus` if given)."""
 
-    def __init__(self, path: str, cpus: set[int] | None = None) -> None:
+    def __init__(self, path: str, cpus: set[int] | None = None, kind: str = "lean") -> None:
+        if kind not in LENDERS:
+            raise ValueError(f"no lender {kind!r}")
+        argv = (
+            [sys.executable, __file__, "--serve-lender", path]
+            if kind == "trio"
+            else [sys.executable, str(Path(__file__).with_name("lean_lender.py")), path]
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-lender", path],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -1062,11 +1074,12 @@ class EndToEnd:
         client_cpus: set[int] | None = None,
         extra: Sequence[str] = (),
         src: str | None = None,
+        lender: str = "lean",
     ) -> None:
         self.dm_sock = str(tmp / "dm.sock")
         self.client_cpus = client_cpus
         lender_sock = str(tmp / "lender.sock")
-        self.lender = LenderProcess(lender_sock, client_cpus)
+        self.lender = LenderProcess(lender_sock, client_cpus, lender)
         self.client: RawClient | None = None
         try:
             self.devmodel = subprocess.Popen(

@@ -8,10 +8,13 @@ and with servers pinned to one CPU and clients to another where the machine has 
    server that answers without doing anything (bench/echo_server.c, the floor), libvfio-user's
    samples/server (scripts/build-libvfio-user) and `devmodel run` with polling off and on;
 2. the device model's own time per trapped read, in process (bench_vfio_user.py);
-3. the lease path with an independent lender process (bench_leases.py): a fault next to a
-   resident read, PING -> PONG next to the vfio-user round trip, REVOKE -> REVOKED idle and
-   under a client's load, the PAGE_INs of 64 concurrent faults on one window;
-4. `devmodel run`'s start-up time (exec to --ready-fd), idle RSS and idle CPU.
+3. the lease path with an independent lender process (bench_leases.py; the lender is
+   bench/lean_lender.py, blocking calls and no event loop, so that its own share is small and
+   shown: the lender's own part of a fault has its row): a fault next to a resident read,
+   PING -> PONG next to the vfio-user round trip, REVOKE -> REVOKED idle and under a client's
+   load, the PAGE_INs of 64 concurrent faults on one window;
+4. `devmodel run`'s start-up time (exec to --ready-fd), idle RSS and idle CPU, with its
+   bytecode compiled as an installed devmodel has it (`compiled_bytecode`).
 
 Prints one table (figure, median, p99, ratio to its peer, target, pass/MISS) and writes JSON
 (--json; default ~/.cache/devmodel/bench/run-<time>.json) that a later run compares itself
@@ -207,6 +210,23 @@ def libvfio_user_transport_missing() -> str:
     except libvfio_user_lib.LibVfioUserMissing:
         return "not built: scripts/build-libvfio-user builds libvfio-user.so"
     return ""
+
+
+def compiled_bytecode() -> str:
+    """Measure devmodel as installed: with its modules' bytecode compiled, as pip and distro
+    packages leave it. An environment with PYTHONDONTWRITEBYTECODE (this project's development
+    machines set it) would otherwise make every `devmodel run` compile devmodel's sources at
+    start: ~1.3 MB more idle RSS and a slower start that no installed instance pays. Then the
+    bytecode goes to the bench cache (PYTHONPYCACHEPREFIX), not into the source tree. Imports
+    what `devmodel run` imports once, so that the measured starts find it compiled; returns a
+    note for the table's header."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", str(BENCH_CACHE / "pycache"))
+    subprocess.run(
+        [sys.executable, "-c", "import devmodel.__main__, devmodel.cli, devmodel.app"], check=True
+    )
+    prefix = os.environ.get("PYTHONPYCACHEPREFIX")
+    return f"bytecode cached in {prefix}" if prefix else "bytecode cached in __pycache__"
 
 
 def polling_available() -> bool:
@@ -429,6 +449,7 @@ def run(
                     own += bv.device_model_own_times(max(1000, plan.own_reads // plan.rounds))
                     # 3. the lease path.
                     rates = bl.lease_round(e2e, lease_round, lease)
+                    lease["lender_own"] += e2e.lender.ask("own")["grant"]
                     for load, rate in rates.items():
                         loads[load].append(rate)
                     # ... and its fault and resident read over the libvfio-user transport.
@@ -496,6 +517,9 @@ def run(
     res.compare("fault", "resident")
     bound = res_med + rt + 20
     check(fault_row, f"<= resident + RT + 20 us = {bound:.0f} us", lambda m: m <= bound)
+    # Part of the fault, and of the 20 us: the lender's, not devmodel's (bench/lean_lender.py).
+    res.latency("lender_own", "lease: the lender's own part of a fault", lease["lender_own"])
+    res.rows["lender_own"].note = "PAGE_IN received -> GRANT sent, in the bench lender"
     for key, figure, peer in (
         ("lvu_resident", "lease: resident read, libvfio-user transport / vfio-user", "resident"),
         ("lvu_fault", "lease: fault, libvfio-user transport / vfio-user", "fault"),
@@ -679,6 +703,7 @@ def to_json(
     return {
         "schema": SCHEMA,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],  # at the end of the run
         "host": platform.node(),
         "python": platform.python_version(),
         "cpus": cpus,
@@ -798,6 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server, client = cpu_plan(args.pin)
     cpus = sorted(os.sched_getaffinity(0))
+    bytecode = compiled_bytecode()
     t0 = perf()
     try:
         res = run(args, plan, server, client)
@@ -812,7 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"bench/run: {plan.rounds} interleaved rounds, {plan.reads} trapped reads per server, "
-        f"{plan.repeat} samples per lease figure; {pinning}; {elapsed:.0f} s"
+        f"{plan.repeat} samples per lease figure; {pinning}; {bytecode}; load average "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; {elapsed:.0f} s"
     )
     print_table(res, old)
     path = Path(args.json) if args.json else BENCH_CACHE / time.strftime("run-%Y%m%d-%H%M%S.json")

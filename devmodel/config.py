@@ -12,7 +12,6 @@ systemd units and for options shared by every guest.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -507,6 +506,8 @@ def load_file(path: str) -> dict[str, object]:
     for key, value in data.items():
         opt = BY_NAME.get(key)
         if opt is None:
+            import difflib  # noqa: PLC0415 (only for this message: kept out of start-up)
+
             close = difflib.get_close_matches(key, [o.name for o in OPTIONS if o.in_file], 1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown setting {key!r}{hint}")

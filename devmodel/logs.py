@@ -15,7 +15,6 @@ characters; those are escaped so that no peer can forge log lines or drive the t
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -65,6 +64,8 @@ def _without_message(record: logging.LogRecord) -> logging.LogRecord:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        import datetime  # noqa: PLC0415 (JSON logs only: kept out of every instance's start-up)
+
         when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         obj: dict[str, object] = {
             "time": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),

@@ -34,6 +34,9 @@ __all__ = [
     "ACCEPT_SHORTAGES",
     "FD_SIZE",
     "MAX_FDS",
+    "MSG_CMSG_CLOEXEC",
+    "MSG_CTRUNC",
+    "MSG_DONTWAIT",
     "FdsTruncated",
     "ancillary_space",
     "close_fds",
@@ -69,6 +72,13 @@ def ancillary_space(max_fds: int = MAX_FDS) -> int:
 
 _DEFAULT_SPACE: Final = ancillary_space()
 
+# socket's MSG_* constants are IntFlag members: `flags & socket.MSG_CTRUNC` goes through the
+# enum machinery (~0.7 us here) once per receive, which is once per trapped read, and an IntFlag
+# `|` ~0.5 us; with plain ints either is ~20 ns.
+MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
+MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
+
 
 def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     """The ancillary data for `sendmsg` that passes `fds` (nothing for none)."""
@@ -89,7 +99,7 @@ def fds_from_ancillary(ancillary: list[tuple[int, int, bytes]], flags: int) -> l
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(array.array("i", data[: len(data) - len(data) % FD_SIZE]))
-    if flags & socket.MSG_CTRUNC:
+    if flags & MSG_CTRUNC:
         close_fds(fds)
         raise FdsTruncated("file descriptors were truncated in transit (MSG_CTRUNC)")
     return fds
@@ -103,7 +113,7 @@ def recv_nowait(
     On a non-blocking socket with nothing to read, BlockingIOError propagates.
     """
     try:
-        n, ancillary, flags, _ = sock.recvmsg_into([view], space, socket.MSG_CMSG_CLOEXEC)
+        n, ancillary, flags, _ = sock.recvmsg_into([view], space, MSG_CMSG_CLOEXEC)
     except ConnectionResetError:
         return 0, []
     return n, fds_from_ancillary(ancillary, flags)

@@ -42,7 +42,13 @@ from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.grant_checks import check_grant_fd_key
 from devmodel.ratelimit import RateLimitedLogger
-from devmodel.unixfds import FdsTruncated, ancillary_space, fds_from_ancillary
+from devmodel.unixfds import (
+    MSG_CMSG_CLOEXEC,
+    MSG_DONTWAIT,
+    FdsTruncated,
+    ancillary_space,
+    fds_from_ancillary,
+)
 from devmodel_wire.lease import (
     Access,
     BorrowerConnection,
@@ -78,6 +84,7 @@ RECV_BUFFER: Final = 64 << 10
 # The specification asks for room for at least 4 fds per recvmsg; more costs nothing.
 MAX_FDS_PER_RECV: Final = 16
 ANCILLARY_SPACE: Final = ancillary_space(MAX_FDS_PER_RECV)
+_RECV_FLAGS: Final = MSG_CMSG_CLOEXEC | MSG_DONTWAIT  # ints: an IntFlag `|` costs ~0.5 us
 # The reader stops reading while this much is waiting to be written (answers pile up only when
 # the lender does not read them).
 OUTBOUND_HIGH_WATER: Final = 1 << 20
@@ -323,7 +330,7 @@ class _Session:
         data = out.data
         if not self._out and not self._inflight and self.connected:
             try:
-                sent = self._raw.send(data, socket.MSG_DONTWAIT)
+                sent = self._raw.send(data, MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -390,7 +397,7 @@ class _Session:
         while True:
             try:
                 nbytes, ancillary, flags, _ = raw.recvmsg_into(
-                    [self._view], ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                    [self._view], ANCILLARY_SPACE, _RECV_FLAGS
                 )
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(raw)

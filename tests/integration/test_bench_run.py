@@ -28,6 +28,7 @@ ROWS = [
     "resident",
     "ping",
     "fault",
+    "lender_own",
     "lvu_resident",
     "lvu_fault",
     "revoke_idle",

@@ -1,5 +1,6 @@
 """What `devmodel run` loads to serve: nothing it only needs on request (docs/performance.md,
-"Footprint"). Modules are listed by the interpreter itself (PYTHONPROFILEIMPORTTIME)."""
+"Footprint"). Modules are listed by the interpreter itself (PYTHONPROFILEIMPORTTIME), shared
+libraries by /proc/PID/maps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from tests.integration.launching import launched
 # construct by tools and tests that read the protocol declarations, the REPL by `attach`;
 # test tools never.
 NOT_AT_STARTUP = ("prometheus_client", "construct", "hypothesis", "pytest", "devmodel.repl")
+
+# What trio imports for features devmodel never uses, deferred by devmodel/deferred_imports.py
+# (a deferred module's code, when it runs, imports these: so none may be listed), and devmodel's
+# own imports for rare paths (difflib for a config file's typo, datetime for JSON logs).
+NOT_RUN = ("_ssl", "_hashlib", "hashlib", "_bz2", "_lzma", "idna", "difflib", "datetime")
+# ... and the shared libraries those would map (libcrypto alone is 3.5 MB of resident memory).
+NOT_MAPPED = ("libcrypto.so", "libssl.so", "libbz2.so", "liblzma.so")
 
 
 def imported(stderr: str) -> set[str]:
@@ -28,8 +36,14 @@ def test_an_idle_served_instance_loads_nothing_it_does_not_need(tmp_path: Path) 
         with VfioUserClient(dm.socket_path) as client:
             client.attach()
             assert len(client.read(0, 0, 8)) == 8
+            maps = Path(f"/proc/{dm.proc.pid}/maps").read_text()
         assert dm.stop() == 0
         names = imported(dm.stderr())
     assert "devmodel.app" in names and "trio" in names  # the listing works
+    assert "libpython" in maps or "/python" in maps  # the maps too
     loaded = sorted(n for n in names if n.split(".")[0] in NOT_AT_STARTUP or n in NOT_AT_STARTUP)
     assert loaded == []
+    ran = sorted(n for n in names if n.split(".")[0] in NOT_RUN)
+    assert ran == []
+    mapped = sorted({lib for lib in NOT_MAPPED if f"/{lib}" in maps})
+    assert mapped == []
