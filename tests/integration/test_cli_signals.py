@@ -36,6 +36,23 @@ def files_of(dm: Launched) -> list[Path]:
     ]
 
 
+def unread_control_client(dm: Launched) -> socket.socket:
+    """A control client that never reads: its replies fill the socket and devmodel's queue
+    holds the rest, so a stop waits (up to CONTROL_FLUSH) to flush it. Returns once the replies
+    stopped coming (the socket is full), however long the machine takes."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(dm.control_path)
+    sock.sendall(b'{"execute":"qmp_capabilities"}\n' + b'{"execute":"query-metrics"}\n' * 200)
+    deadline = time.monotonic() + 30  # guards against a hang, not measures
+    queued = [-1, -2, -3]
+    while queued[-1] <= 0 or len(set(queued[-3:])) > 1:
+        assert time.monotonic() < deadline, (queued[-3:], dm.stderr())
+        time.sleep(0.05)
+        queued.append(int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, bytes(4)), "little"))
+    return sock
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "quit"])
 def test_a_stop_is_clean_files_removed_lender_told_bye(tmp_path: Path, how: str) -> None:
     lender = ByeRecorder(tmp_path / "lender.sock")
@@ -80,18 +97,8 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     SIGTERM) and the stop is a clean one."""
     dm = launch(tmp_path)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(dm.control_path)
-        sock.sendall(b'{"execute":"qmp_capabilities"}\n' + b'{"execute":"query-metrics"}\n' * 200)
-        # Never read: the replies fill the socket and the queue holds the rest. Wait until
-        # they stopped coming (the socket is full), however long the machine takes.
+        sock = unread_control_client(dm)
         deadline = time.monotonic() + 30  # guards against a hang, not measures
-        queued = [-1, -2, -3]
-        while queued[-1] <= 0 or len(set(queued[-3:])) > 1:
-            assert time.monotonic() < deadline, (queued[-3:], dm.stderr())
-            time.sleep(0.05)
-            queued.append(int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, bytes(4)), "little"))
         dm.proc.send_signal(signal.SIGTERM)
         while "SIGTERM: stopping" not in dm.stderr():
             assert dm.proc.poll() is None, dm.stderr()
@@ -109,16 +116,8 @@ def test_a_signal_during_a_stop_for_another_reason_joins_it(tmp_path: Path) -> N
     toolstack's SIGTERM that follows joins the stop in progress, which ends cleanly."""
     dm = launch(tmp_path)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(dm.control_path)
-        sock.sendall(b'{"execute":"qmp_capabilities"}\n' + b'{"execute":"query-metrics"}\n' * 200)
+        sock = unread_control_client(dm)
         deadline = time.monotonic() + 30  # guards against a hang, not measures
-        queued = [-1, -2, -3]
-        while queued[-1] <= 0 or len(set(queued[-3:])) > 1:
-            assert time.monotonic() < deadline, (queued[-3:], dm.stderr())
-            time.sleep(0.05)
-            queued.append(int.from_bytes(fcntl.ioctl(sock, termios.FIONREAD, bytes(4)), "little"))
         with dm.control() as ctl:
             assert ctl.execute("quit") == {}
         while ": stopping" not in dm.stderr():
