@@ -81,9 +81,9 @@ def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int,
 @pytest.fixture(scope="session", params=TRANSPORT_PARAMS)
 def transport(request: pytest.FixtureRequest) -> str:
     """The vfio-user transport a guest's device model serves it with: "vfio-user" (native)
-    or "libvfio-user". Every test of the shared single-vCPU guest runs over both (one more
-    boot); the smp guest and the per-test boots run on the native one, except the tests that
-    take this fixture themselves (a fault, a revoke: tests/qemu/test_guest_leases.py)."""
+    or "libvfio-user". Every guest test runs over both: the shared boots once per transport,
+    the tests that boot their own guest parametrized by taking this fixture. Session-scoped,
+    so pytest runs every test of one transport before the other's."""
     return str(request.param)
 
 
@@ -98,10 +98,11 @@ def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory
-              ) -> GuestRun:
-    """A two-vCPU guest running the concurrent test."""
-    return _boot(reaper, tmp_path_factory.mktemp("smp-guest"), "two-vCPU", ["smp"], smp=2)
+def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory,
+              transport: str) -> GuestRun:
+    """A two-vCPU guest running the concurrent test (one per transport)."""
+    return _boot(reaper, tmp_path_factory.mktemp(f"smp-guest-{transport}"),
+                 f"two-vCPU ({transport})", ["smp"], smp=2, transport=transport)
 
 
 @pytest.fixture
