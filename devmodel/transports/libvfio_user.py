@@ -9,10 +9,12 @@ Who runs what:
 - The trio loop stays in charge. It waits for `vfu_get_poll_fd()` to be readable, then lets
   the library run non-blocking (LIBVFIO_USER_FLAG_ATTACH_NB: `vfu_attach_ctx` and
   `vfu_run_ctx` return at once, EAGAIN / 0 when there is nothing to do).
-- Before the library reads a request, a peek at the socket (`_plan`) decides who runs it.
-  A request no callback can wait in (a control request, a config access, a BAR access that
-  `read_now`/`write_now` answers: resident memory, a register) is run by `vfu_run_ctx` right
-  in the trio thread, its answer found before the call and handed to the callback.
+- Before the library reads a request, a peek at the socket (`_plan`) decides who runs it,
+  for every whole request the peek sees (one peek per batch: a guest's posted writes arrive
+  in streams). A request no callback can wait in (a control request, a config access, a BAR
+  access that `read_now`/`write_now` answers: resident memory, a register) is run by
+  `vfu_run_ctx` right in the trio thread, its answer found before the call and handed to the
+  callback.
 - Any other request (a fault on an evicted window, a refused access, one not whole in the
   socket yet) is run in one worker thread (trio.to_thread), because the library's region
   callbacks are synchronous: a read of an evicted window must wait for the lender's PAGE_IN,
