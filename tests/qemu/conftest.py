@@ -1,8 +1,8 @@
 """Fixtures for the qemu tests: the provisioned test bed and a few shared guest boots.
 
 A guest boot costs several seconds under TCG, so the tests share boots: one single-vCPU guest
-runs every single-threaded guest test, one two-vCPU guest runs the smp test, and each test
-function checks its own part of the results. On a failure the report carries the guest's
+runs every single-threaded guest test, one two-vCPU guest runs the smp test (each once per
+vfio-user transport), and each test function checks its own part of the results. On a failure the report carries the guest's
 serial console, QEMU's stderr and the device model's stderr.
 """
 
