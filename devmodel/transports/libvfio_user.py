@@ -376,7 +376,9 @@ class LibVfioUserServer:
     def _run_planned(self, ctx: int) -> tuple[int, int]:
         """In the trio thread: let the library serve the requests `_plan` planned, one
         `vfu_run_ctx` each (the library serves one request per call when non-blocking), each
-        callback handed its planned answer. On an error the rest of the plan is dropped."""
+        callback handed its planned answer. On an error the rest of the plan is dropped, and
+        so it is if the library served nothing (it cannot, with the request whole in the socket;
+        the next plan would see the rest again, never a callback the answer of another)."""
         run, plan = self.lib.vfu_run_ctx, self._planned
         try:
             while plan:
@@ -384,6 +386,8 @@ class LibVfioUserServer:
                 rc = run(ctx)
                 if rc < 0:
                     return rc, ctypes.get_errno()
+                if rc == 0:
+                    break
             return 0, 0
         finally:
             self._prepared = None
