@@ -2,8 +2,9 @@
 
 A guest boot costs several seconds under TCG, so the tests share boots: one single-vCPU guest
 runs every single-threaded guest test, one two-vCPU guest runs the smp test (each once per
-vfio-user transport), and each test function checks its own part of the results. On a failure the report carries the guest's
-serial console, QEMU's stderr and the device model's stderr.
+vfio-user transport), and each test function checks its own part of the results. On a
+failure the report carries the guest's serial console, QEMU's stderr and the device model's
+stderr.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 `_plan` decides, from one peek at the socket, how many of the requests there can be served in
 the trio thread (their answers queued for the region callbacks, in order) before one must go to
 the worker thread, where a callback may wait. Getting it wrong either way is a bug: a request
-that may wait, served inline, would have to fail (the trio thread never waits in C); one the library would block on
-(not whole in the socket) would block the event loop. No library is needed: the decision is
-made before the library is called.
+that may wait, served inline, would have to fail (the trio thread never waits in C); one the
+library would block on (not whole in the socket) would block the event loop. No library is
+needed: the decision is made before the library is called.
 """
 
 from __future__ import annotations
