@@ -246,3 +246,39 @@ def test_a_write_that_may_wait_ends_the_batch_unapplied(
     pair[1].recv(40)
     assert s2._plan(pair[1].fileno(), LIMIT) == 0
     s2._forget_peeker()
+
+
+class _FakeLib:
+    """vfu_run_ctx returning the given results in turn, recording what each call's callback
+    would have been handed."""
+
+    def __init__(self, server: LibVfioUserServer, results: list[int]) -> None:
+        self.server = server
+        self.results = results
+        self.handed: list[object] = []
+
+    def vfu_run_ctx(self, ctx: int) -> int:
+        self.handed.append(self.server._prepared)
+        return self.results.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("results", "handed", "rc"),
+    [
+        ([1, 1, 1], 3, 0),  # every planned request served, each with its own answer
+        ([1, 0, 1], 2, 0),  # the library served nothing: the rest of the plan is dropped
+        ([1, -1, 1], 2, -1),  # an error: the rest dropped, the error passed on
+    ],
+    ids=["all", "served-nothing", "error"],
+)
+def test_run_planned_hands_each_request_its_answer_and_stops_on_a_miss(
+    backend: DeviceBackend, results: list[int], handed: int, rc: int
+) -> None:
+    s = server(backend)
+    lib = _FakeLib(s, results)
+    s.lib = cast(Any, lib)
+    plan = [(0, 8 * i, 8, None) for i in range(3)]
+    s._planned.extend(plan)
+    assert s._run_planned(0)[0] == rc
+    assert lib.handed == plan[:handed]
+    assert not s._planned and s._prepared is None
