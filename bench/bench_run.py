@@ -293,6 +293,35 @@ def c_client_round(
     return [[int(v) * 1e-9 for v in line.split()] for line in lines]
 
 
+POSTED_BURST = 200
+"""Posted writes per timed burst (QEMU queues a guest's posted stores back to back like this)."""
+
+
+def posted_round(sockets: dict[str, str], bursts: int) -> dict[str, list[float]]:
+    """Per server, seconds per posted write: `bursts` bursts of POSTED_BURST posted 8-byte BAR0
+    writes (NO_REPLY, as a guest's stores are) sent at once and ended by one read, whose reply
+    says that every write before it was served, as bartest's timing loop ends its writes.
+    Servers are interleaved burst by burst, so that machine noise hits them alike."""
+    clients = {name: bl.RawClient(path) for name, path in sockets.items()}
+    times: dict[str, list[float]] = {name: [] for name in sockets}
+    try:
+        for _ in range(bursts):
+            for name, c in clients.items():
+                stream = b"".join(
+                    bl.posted_write_request(c.msg_id + 1 + i, (i * 8) % 4096, b"posted!!")
+                    for i in range(POSTED_BURST)
+                )
+                c.msg_id += POSTED_BURST
+                t0 = perf()
+                c.sock.sendall(stream)
+                c.read(0)
+                times[name].append((perf() - t0) / POSTED_BURST)
+    finally:
+        for c in clients.values():
+            c.close()
+    return times
+
+
 def time_to_ready(tmp: Path, cpus: set[int] | None, i: int) -> float:
     """Seconds from starting `devmodel run` (fork + exec) to READY=1 on its --ready-fd."""
     sock = str(tmp / f"start{i}.sock")
@@ -374,6 +403,8 @@ def run(
     per_round = max(1, plan.reads // plan.rounds)
     lease_round = max(2, plan.repeat // plan.rounds)
     trapped: dict[str, list[float]] = {"floor": [], "lvu": [], "off": [], "on": [], "dm_lvu": []}
+    posted: dict[str, list[float]] = {"dm": [], "dm_lvu": []}
+    bursts = max(2, per_round // 200)
     # The libvfio-user transport of devmodel itself: (None, why) when its library is missing.
     dm_lvu_note = libvfio_user_transport_missing()
     own: list[float] = []
@@ -445,6 +476,12 @@ def run(
                             bl.stop_process(lvu_proc)
                     for name, samples in zip(names, got, strict=True):
                         trapped[name] += samples
+                    # ... and streamed posted writes, native against the libvfio-user transport.
+                    posted_socks = {"dm": off_sock}
+                    if not dm_lvu_note:
+                        posted_socks["dm_lvu"] = dm_lvu_sock
+                    for name, samples in posted_round(posted_socks, bursts).items():
+                        posted[name] += samples
                     # 2. the device model's own time, in this process.
                     own += bv.device_model_own_times(max(1000, plan.own_reads // plan.rounds))
                     # 3. the lease path.
@@ -501,6 +538,13 @@ def run(
     else:
         res.latency("trapped_dm_lvu", lvu_figure, trapped["dm_lvu"])
         res.compare("trapped_dm_lvu", "trapped_dm_off_vs_floor")
+    res.latency("posted_dm", f"posted write, {POSTED_BURST} streamed: devmodel", posted["dm"])
+    posted_figure = "posted write, streamed: libvfio-user transport / vfio-user"
+    if dm_lvu_note:
+        res.missing("posted_dm_lvu", posted_figure, "us", dm_lvu_note)
+    else:
+        res.latency("posted_dm_lvu", posted_figure, posted["dm_lvu"])
+        res.compare("posted_dm_lvu", "posted_dm")
     own_row = res.latency("own_time", "device model's own time per read (means of 1000)", own)
     res.compare("own_time", "trapped_dm_off_vs_floor")
     check(own_row, "median <= 3 us", lambda m: m <= 3.0)
@@ -639,6 +683,7 @@ PEER_NAMES = {
     "trapped_floor": "floor",
     "trapped_lvu": "libvfio-user",
     "trapped_dm_off_vs_floor": "devmodel RT",
+    "posted_dm": "vfio-user",
     "resident": "resident",
     "ping": "lease RT",
 }

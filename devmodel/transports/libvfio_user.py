@@ -9,10 +9,12 @@ Who runs what:
 - The trio loop stays in charge. It waits for `vfu_get_poll_fd()` to be readable, then lets
   the library run non-blocking (LIBVFIO_USER_FLAG_ATTACH_NB: `vfu_attach_ctx` and
   `vfu_run_ctx` return at once, EAGAIN / 0 when there is nothing to do).
-- Before the library reads a request, a peek at the socket (`_prepare`) decides who runs it.
-  A request no callback can wait in (a control request, a config access, a BAR access that
-  `read_now`/`write_now` answers: resident memory, a register) is run by `vfu_run_ctx` right
-  in the trio thread, its answer found before the call and handed to the callback.
+- Before the library reads a request, a peek at the socket (`_plan`) decides who runs it,
+  for every whole request the peek sees (one peek per batch: a guest's posted writes arrive
+  in streams). A request no callback can wait in (a control request, a config access, a BAR
+  access that `read_now`/`write_now` answers: resident memory, a register) is run by
+  `vfu_run_ctx` right in the trio thread, its answer found before the call and handed to the
+  callback.
 - Any other request (a fault on an evicted window, a refused access, one not whole in the
   socket yet) is run in one worker thread (trio.to_thread), because the library's region
   callbacks are synchronous: a read of an evicted window must wait for the lender's PAGE_IN,
@@ -49,6 +51,7 @@ region size, a uint32_t: BAR0 (a power of two) can be at most 2 GiB here (see MA
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -86,7 +89,8 @@ two. (Upstream libvfio-user grew 64-bit regions after the copy Debian bundles.)"
 STOP_DRAIN_SECONDS: Final = 0.5
 """How long a graceful stop may spend answering what the client already sent."""
 RUN_BATCH: Final = 64
-"""Requests one trip to the worker thread serves at most before the trio thread looks again."""
+"""Requests served at most, in the trio thread or in one trip to the worker, before the trio
+thread looks at its other tasks again."""
 
 _HEADER: Final = struct.Struct("<HHIII")
 """vfio-user's message header: msg_id, command, size, flags, error."""
@@ -98,6 +102,9 @@ _REGION_READ: Final = 9
 _REGION_WRITE: Final = 10
 _PEEK: Final = 4096 + _ACCESS_END
 """How much a peek looks at: a whole write of up to 4 KiB."""
+
+_Planned = tuple[int, int, int, bytes | None]
+"""A BAR access `_plan` answered: region, offset, count, the data read (None: a write)."""
 
 _SYSLOG_LEVELS: Final = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
 """syslog(3) priority -> logging level."""
@@ -147,8 +154,11 @@ class LibVfioUserServer:
         self._stopping = False
         # The wait of the access being served, cancelled by `drain`.
         self._waiting: trio.CancelScope | None = None
-        # The answer `_prepare` found for the request the trio thread lets the library serve.
-        self._prepared: tuple[int, int, int, bytes | None] | None = None
+        # The answers `_plan` found for the requests the trio thread lets the library serve
+        # (None: a request with no BAR access, served by its callback), and the one the
+        # request being served now gets.
+        self._planned: collections.deque[_Planned | None] = collections.deque()
+        self._prepared: _Planned | None = None
         # A socket object over the library's connection fd, for peeking (never closed here).
         self._peeker: socket.socket | None = None
         self._trio_thread = threading.get_ident()
@@ -157,7 +167,7 @@ class LibVfioUserServer:
         self._parked = False
         # An interrupt was left pending because the worker was in the library.
         self._retry = False
-        # The command of the request `_prepare` last let the trio thread serve.
+        # The command of the lone control request `_plan` last let the trio thread serve.
         self._peeked_command = 0
         # ctypes callbacks must outlive the context: the library keeps raw pointers to them.
         self._keep: list[Any] = []
@@ -360,24 +370,29 @@ class LibVfioUserServer:
         while True:
             fd = lib.vfu_get_poll_fd(ctx)
             await trio.lowlevel.wait_readable(fd)
-            # Requests that need no wait are served right here, in the trio thread; the first
-            # one that may wait (or the end of the batch) hands over to the worker.
-            served = 0
-            while served < RUN_BATCH and (inline := self._prepare(fd)):
-                rc = lib.vfu_run_ctx(ctx)
-                self._prepared = None
-                if rc < 0:
-                    code = ctypes.get_errno()
+            # Requests that need no wait are served right here, in the trio thread, planned a
+            # batch per peek; the first one that may wait (or the end of the batch) hands over
+            # to the worker.
+            served, rc, code = 0, 0, 0
+            planned: int | None = 0
+            while served < RUN_BATCH:
+                planned = self._plan(fd, RUN_BATCH - served)
+                if not planned:
                     break
-                served += 1
+                rc, code = self._run_planned(ctx)
+                served += planned
                 if self._peeked_command == _SET_IRQS:
+                    # The client attached eventfds: what was raised without one goes now.
+                    self._peeked_command = 0
                     self._redeliver()
-            else:
+                if rc < 0:
+                    break
+            if rc >= 0:
                 if served == RUN_BATCH:
                     # Fair to every other task: a client that streams never runs dry.
                     await trio.lowlevel.checkpoint()
                     continue
-                if inline is None:
+                if planned is None:
                     continue  # the socket is empty
                 # Not abandoned on cancel: the worker is inside the library, which must
                 # finish the request (a cancelled access answers EIO) before anyone else
@@ -401,6 +416,26 @@ class LibVfioUserServer:
             log.error("libvfio-user dropped the client: %s", os.strerror(code))
             return
 
+    def _run_planned(self, ctx: int) -> tuple[int, int]:
+        """In the trio thread: let the library serve the requests `_plan` planned, one
+        `vfu_run_ctx` each (the library serves one request per call when non-blocking), each
+        callback handed its planned answer. On an error the rest of the plan is dropped, and
+        so it is if the library served nothing (it cannot, with the request whole in the socket;
+        the next plan would see the rest again, never a callback the answer of another)."""
+        run, plan = self.lib.vfu_run_ctx, self._planned
+        try:
+            while plan:
+                self._prepared = plan.popleft()
+                rc = run(ctx)
+                if rc < 0:
+                    return rc, ctypes.get_errno()
+                if rc == 0:
+                    break
+            return 0, 0
+        finally:
+            self._prepared = None
+            plan.clear()
+
     def _peek_socket(self, fd: int) -> socket.socket:
         sock = self._peeker
         if sock is None or sock.fileno() != fd:
@@ -409,15 +444,21 @@ class LibVfioUserServer:
             sock = self._peeker = socket.socket(fileno=fd)
         return sock
 
-    def _prepare(self, fd: int) -> bool | None:
-        """Whether the next request can be served in the trio thread without a wait (None:
-        the socket is empty; a closed connection is False: the worker hears it).
+    def _plan(self, fd: int, limit: int) -> int | None:
+        """How many requests at the head of the socket the trio thread may let the library
+        serve now, without a wait (at most `limit`); 0 when the first one must go to the
+        worker, None when the socket is empty (a closed connection is 0: the worker hears it).
 
-        The library decodes requests itself, so the decision is made on a peek at the
-        socket: a control request, a config access, or a BAR access that `read_now` /
-        `write_now` serves (resident memory, a register) is served inline, its answer kept
-        in `_prepared` for the callback. Anything that may wait, or is not whole in the
-        socket yet (the library would block reading the rest), goes to the worker.
+        The library decodes requests itself, so the decision is made on one peek at the
+        socket, for a batch: a streaming client (a guest's posted writes) costs one peek per
+        batch, not one per request. What may be served inline: a control request or a config
+        access (alone: it may change what the next access finds, so it ends the batch), or a
+        run of BAR accesses that `read_now` / `write_now` serve (resident memory, a register),
+        each planned in order, its answer queued in `_planned` for its callback. A write is
+        applied here, in order with the reads planned after it; with no await between the
+        plan and `_run_planned`, no task (no revoke) sees the plan half done. Anything that
+        may wait, or is not whole in the socket yet (the library would block reading the
+        rest), ends the batch, and goes to the worker if it is first.
         """
         sock = self._peek_socket(fd)
         try:
@@ -425,37 +466,45 @@ class LibVfioUserServer:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
-            return False  # the worker sees the error the library reports
-        if len(head) < _HEADER.size:
-            return False
-        command, size, flags = _HEADER.unpack_from(head)[1:4]
-        size = int(size)
-        self._peeked_command = int(command)
-        if command not in (_REGION_READ, _REGION_WRITE) or flags & 0xF != 0:
-            # Not an access (or not a request): no region callback may wait. Only a whole
-            # message is served inline.
-            return len(head) >= size
-        if len(head) < _ACCESS_END:
-            return False
-        offset, index, count = _ACCESS.unpack_from(head, _HEADER.size)
-        if index == REGION_CONFIG:
-            return bool(command == _REGION_READ or len(head) >= size)
-        if not 0 <= index < len(BAR_INDEXES):
-            return True  # refused by the library itself
-        region = self.backend.lookup(index)
-        if command == _REGION_READ:
-            data = region.read_now(offset, count)
-            if data is None:
-                return False
-            self._prepared = (index, offset, count, data)
-            return True
-        if size != _ACCESS_END + count or len(head) < size:
-            return False
-        data = head[_ACCESS_END:size]
-        if not region.write_now(offset, data):
-            return False
-        self._prepared = (index, offset, count, None)
-        return True
+            return 0  # the worker sees the error the library reports
+        plan = self._planned
+        at, end = 0, len(head)
+        while len(plan) < limit and end - at >= _HEADER.size:
+            command, size, flags = _HEADER.unpack_from(head, at)[1:4]
+            size = int(size)
+            if end - at < max(size, _HEADER.size):
+                break  # only a whole message is served inline
+            if command not in (_REGION_READ, _REGION_WRITE) or flags & 0xF != 0:
+                # Not an access (or not a request): no region callback may wait. Alone.
+                if not plan:
+                    plan.append(None)
+                    self._peeked_command = int(command)
+                break
+            if size < _ACCESS_END:
+                break  # framing the library refuses: the worker hears it
+            offset, index, count = _ACCESS.unpack_from(head, at + _HEADER.size)
+            if index == REGION_CONFIG or not 0 <= index < len(BAR_INDEXES):
+                # Config space never waits; an index with no region the library refuses
+                # itself. Alone.
+                if not plan:
+                    plan.append(None)
+                break
+            region = self.backend.lookup(index)
+            if command == _REGION_READ:
+                if size != _ACCESS_END:
+                    break
+                data = region.read_now(offset, count)
+                if data is None:
+                    break
+                plan.append((index, offset, count, data))
+            else:
+                if size != _ACCESS_END + count:
+                    break
+                if not region.write_now(offset, head[at + _ACCESS_END : at + size]):
+                    break
+                plan.append((index, offset, count, None))
+            at += size
+        return len(plan)
 
     def _attach(self, ctx: int) -> tuple[int, int]:
         """In the worker: accept a client and negotiate its version."""
@@ -502,7 +551,7 @@ class LibVfioUserServer:
         return access
 
     def _inline(self, index: int, buf: int, count: int, offset: int, is_write: bool) -> int:
-        """A callback in the trio thread: config space, or the access `_prepare` answered."""
+        """A callback in the trio thread: config space, or the access `_plan` answered."""
         try:
             if index == REGION_CONFIG:
                 if is_write:

@@ -24,6 +24,8 @@ ROWS = [
     "trapped_dm_on_vs_lvu",
     "trapped_dm_on_vs_floor",
     "trapped_dm_lvu",
+    "posted_dm",
+    "posted_dm_lvu",
     "own_time",
     "resident",
     "ping",

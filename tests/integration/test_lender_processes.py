@@ -39,6 +39,9 @@ from tests.integration.lender_processes import (
 
 __all__ = ["processes"]  # a fixture, used by name
 
+REVOKE_WAIT = 30.0
+"""How long the random-revocation test keeps accessing, at most, for its revokes to come."""
+
 
 def test_contents_survive_eviction_of_everything(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]], transport: str
@@ -135,16 +138,25 @@ def test_random_revocations_under_a_running_guest(
     ) as (lender, _dm, guest):
         revokes = guest.counter(REVOKES)
         model: dict[int, bytes] = {}
-        deadline = time.monotonic() + 1.0
+        # At least a second of accesses, and on until more than 50 revokes came under them:
+        # a loaded host slows the lender's revocations down, which is no failure (the bound
+        # is a last resort, not a timing assertion).
+        start = time.monotonic()
         i = 0
-        while time.monotonic() < deadline:
-            w, k, offset = OFFSETS[(i * 13) % len(OFFSETS)]
-            if i % 2:
-                assert guest.read(offset) == model.get(offset, bytes(8))
-            else:
-                model[offset] = pattern(w, k)
-                guest.write(offset, model[offset])
-            i += 1
+        while True:
+            now = time.monotonic()
+            if now - start >= 1.0 and (
+                now - start >= REVOKE_WAIT or guest.counter(REVOKES) > revokes + 50
+            ):
+                break
+            for _ in range(16):
+                w, k, offset = OFFSETS[(i * 13) % len(OFFSETS)]
+                if i % 2:
+                    assert guest.read(offset) == model.get(offset, bytes(8))
+                else:
+                    model[offset] = pattern(w, k)
+                    guest.write(offset, model[offset])
+                i += 1
         assert guest.counter(REVOKES) > revokes + 50
         assert guest.counter(FAILED_ACCESSES) == 0
     lender.proc.send_signal(signal.SIGINT)

@@ -1,9 +1,10 @@
 """Fixtures for the qemu tests: the provisioned test bed and a few shared guest boots.
 
 A guest boot costs several seconds under TCG, so the tests share boots: one single-vCPU guest
-runs every single-threaded guest test, one two-vCPU guest runs the smp test, and each test
-function checks its own part of the results. On a failure the report carries the guest's
-serial console, QEMU's stderr and the device model's stderr.
+runs every single-threaded guest test, one two-vCPU guest runs the smp test (each once per
+vfio-user transport), and each test function checks its own part of the results. On a
+failure the report carries the guest's serial console, QEMU's stderr and the device model's
+stderr.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def _boot(reaper: Reaper, workdir: Path, name: str, tests: list[str], smp: int,
 @pytest.fixture(scope="session", params=TRANSPORT_PARAMS)
 def transport(request: pytest.FixtureRequest) -> str:
     """The vfio-user transport a guest's device model serves it with: "vfio-user" (native)
-    or "libvfio-user". Every test of the shared single-vCPU guest runs over both (one more
-    boot); the smp guest and the per-test boots run on the native one, except the tests that
-    take this fixture themselves (a fault, a revoke: tests/qemu/test_guest_leases.py)."""
+    or "libvfio-user". Every guest test runs over both: the shared boots once per transport,
+    the tests that boot their own guest parametrized by taking this fixture. Session-scoped,
+    so pytest runs every test of one transport before the other's."""
     return str(request.param)
 
 
@@ -98,10 +99,11 @@ def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
-def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory
-              ) -> GuestRun:
-    """A two-vCPU guest running the concurrent test."""
-    return _boot(reaper, tmp_path_factory.mktemp("smp-guest"), "two-vCPU", ["smp"], smp=2)
+def smp_guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory,
+              transport: str) -> GuestRun:
+    """A two-vCPU guest running the concurrent test (one per transport)."""
+    return _boot(reaper, tmp_path_factory.mktemp(f"smp-guest-{transport}"),
+                 f"two-vCPU ({transport})", ["smp"], smp=2, transport=transport)
 
 
 @pytest.fixture

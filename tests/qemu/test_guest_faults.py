@@ -52,11 +52,12 @@ def _watch(launch: Callable[..., RunningGuest], server: DevmodelServer, *, pause
 
 
 def test_guest_survives_device_model_killed_while_idle(
-    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest]
+    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest],
+    transport: str,
 ) -> None:
     """SIGKILL while the guest does not touch the device: QEMU notices the closed socket, keeps
     the VM running, and answers every later access itself: all-ones reads, dropped writes."""
-    server = start_devmodel()
+    server = start_devmodel(transport=transport)
     guest = _watch(launch, server, pause_ms=PAUSE_MS, after_ms=500)
     server.process.stop(signal.SIGKILL, grace=2)
     run = guest.finish()
@@ -73,14 +74,15 @@ def test_guest_survives_device_model_killed_while_idle(
 
 
 def test_device_model_killed_with_a_request_unread_aborts_qemu(
-    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest]
+    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest],
+    transport: str,
 ) -> None:
     """The device model dies while QEMU's next request sits unread in its socket (made certain
     here by stopping it first, as a tight read loop makes likely): the kernel then resets the
     connection, QEMU's reader gets ECONNRESET, and QEMU 11.1.3 aborts on its own error path
     ("error_setv: Assertion `*errp == NULL' failed"). What should happen, and is asserted once
     QEMU stops aborting: the read gives all-ones and the guest carries on."""
-    server = start_devmodel()
+    server = start_devmodel(transport=transport)
     guest = launch(["watch"], server=server,
                    append="devmodel.watch_ms=15000 devmodel.after_ms=200")
     guest.wait_for(_is_event("watching"), 60)
@@ -101,15 +103,16 @@ def test_device_model_killed_with_a_request_unread_aborts_qemu(
 
 
 def test_qemu_never_reconnects_to_a_restarted_device_model(
-    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest]
+    start_devmodel: Callable[..., DevmodelServer], launch: Callable[..., RunningGuest],
+    transport: str,
 ) -> None:
     """A device model stopped (SIGTERM) and started again on the same socket while the guest
     runs: QEMU connects only when the device is realized, so the new instance never sees a
     client and the guest keeps reading all-ones until it powers off."""
-    first = start_devmodel()
+    first = start_devmodel(transport=transport)
     guest = _watch(launch, first, pause_ms=PAUSE_MS, after_ms=3000)
     assert first.stop() == 0
-    second = start_devmodel(socket_path=first.socket_path)
+    second = start_devmodel(socket_path=first.socket_path, transport=transport)
     guest.wait_for(_is_event("ones"), 30)
     run = guest.finish()
     assert second.stop() == 0
@@ -142,14 +145,14 @@ def stalling_lender(tmp_path: Path) -> Iterator[StallingLender]:
 
 def test_unanswered_page_in_ends_in_all_ones_within_the_deadline(
     start_devmodel: Callable[..., DevmodelServer], boot: Callable[..., GuestRun],
-    stalling_lender: StallingLender,
+    stalling_lender: StallingLender, transport: str,
 ) -> None:
     """The lender evicts a window and never answers its PAGE_IN. Each access there comes back
     all-ones after devmodel's --page-in-timeout (1 s), far inside QEMU's 5 s reply timeout, so
     QEMU never sees a late reply; the other windows work before, in between and after."""
     server = start_devmodel("--lender-socket", str(stalling_lender.path),
                             "--page-in-timeout", f"{PAGE_IN_TIMEOUT:g}",
-                            aperture_size=STALL_APERTURE)
+                            aperture_size=STALL_APERTURE, transport=transport)
     assert stalling_lender.evicted.wait(20), (
         f"the lender never got its window back: {stalling_lender.errors}")
     run = boot(["stall"], server=server, msg_timeout=MSG_TIMEOUT_MS,
@@ -181,14 +184,15 @@ def test_unanswered_page_in_ends_in_all_ones_within_the_deadline(
 
 def test_device_model_killed_with_a_read_in_flight_stalls_the_guest_for_the_msg_timeout(
     start_devmodel: Callable[..., DevmodelServer], boot: Callable[..., GuestRun],
-    stalling_lender: StallingLender,
+    stalling_lender: StallingLender, transport: str,
 ) -> None:
     """The device model has read the guest's request and dies before answering it (here: it
     is killed while that read waits for a page-in). QEMU sees a clean end of stream, but the
     vCPU still waits out x-msg-timeout (the whole VM stalls), then reads all-ones; everything
     after fails at once with "Broken pipe", and QEMU keeps running."""
     server = start_devmodel("--lender-socket", str(stalling_lender.path),
-                            "--page-in-timeout", "4", aperture_size=STALL_APERTURE)
+                            "--page-in-timeout", "4", aperture_size=STALL_APERTURE,
+                            transport=transport)
     assert stalling_lender.evicted.wait(20), stalling_lender.errors
 
     def kill_at_the_page_in() -> None:

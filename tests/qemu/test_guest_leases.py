@@ -191,7 +191,7 @@ def test_fill_evict_everything_verify(
 
 
 def test_two_vcpus_write_through_random_revocation(
-    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest]
+    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest], transport: str
 ) -> None:
     """Two writer threads, one per vCPU, for RUN_MS while the lender revokes windows at random
     and pages them back in (half of them elsewhere in its VRAM): every record each thread reads
@@ -199,7 +199,7 @@ def test_two_vcpus_write_through_random_revocation(
     access fell back to the failure policy, and revokes and page-ins happened while they ran."""
     t0 = time.monotonic()
     stack = stacks("--revoke-rate", str(REVOKE_RATE), "--move-probability",
-                   str(MOVE_PROBABILITY), "--seed", "2", "--poison")
+                   str(MOVE_PROBABILITY), "--seed", "2", "--poison", transport=transport)
     with _explained(stack.lender):
         stack.wait_windows(lambda w: w["resident"] + w["evicted"] == WINDOWS, "all lent")
         guest = launch(["churn"], server=stack.server, smp=2,

@@ -14,9 +14,9 @@ BIG_APERTURE = 1 << 30
 
 
 def test_guest_sees_configured_id_and_1g_aperture(
-    start_devmodel: Callable[..., DevmodelServer], boot: Callable[..., GuestRun]
+    start_devmodel: Callable[..., DevmodelServer], boot: Callable[..., GuestRun], transport: str
 ) -> None:
-    server = start_devmodel(aperture_size="1G", pci_id="1234:beef")
+    server = start_devmodel(aperture_size="1G", pci_id="1234:beef", transport=transport)
     run = boot(["enumerate", "boundary"], server=server, append="devmodel.pciid=1234:beef")
     line = run.line("enumerate")
     assert (line["vendor"], line["device"]) == ("0x1234", "0xbeef")
