@@ -31,7 +31,7 @@ if BENCH not in sys.path:
 
 import xen_table  # noqa: E402
 
-pytestmark = pytest.mark.xen_guest
+pytestmark = [pytest.mark.xen_guest, pytest.mark.xen_full]
 
 STEP = "xen-bench"
 GUEST = "xenbench"
