@@ -133,6 +133,9 @@ def dom0_suite(xenbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFa
     if keep := os.environ.get("DEVMODEL_XEN_WORKDIR"):
         workdir = Path(keep)
         workdir.mkdir(parents=True, exist_ok=True)
+        if any(workdir.iterdir()):
+            # An earlier boot's files would pass for this one's.
+            pytest.fail(f"DEVMODEL_XEN_WORKDIR={keep} is not empty: give a new directory")
     else:
         workdir = tmp_path_factory.mktemp("xenbed")
     argv = [str(xenbed / "run"), "--workdir", str(workdir), "--script", str(chosen.script),
