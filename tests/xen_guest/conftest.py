@@ -49,7 +49,7 @@ class Profile:
 
 
 PROFILES = {
-    # Two guests: about 5 minutes on a quiet 2-core host (docs/xen.md has the runs).
+    # Two guests: 3 minutes on the 2-core host at load average 2, 6-9 at 3-7 (docs/xen.md).
     "ci": Profile("ci", HERE / "dom0-ci", 2700.0),
     # Ten guests one after the other: 25-41 minutes on the 2-core development host at load
     # average 6-10 (other test beds beside it).
