@@ -26,6 +26,8 @@
  *   devmodel.watch_ms=N   watch: how long to wait for all-ones (default 30000)
  *   devmodel.after_ms=N   watch: how long to go on reading after all-ones (default 0)
  *   devmodel.pause_ms=N   watch: idle this long between "watching" and the reads (default 0)
+ *   devmodel.pause_until=NAME  watch: end that pause as soon as BAR2's counter NAME (e.g.
+ *                         lender_losses) has grown, polling it every 10 ms; pause_ms bounds it
  *   devmodel.window=N     stall: the window (in granules) the host made unanswerable (default 1)
  *   devmodel.windows=N    evict, churn, soak: how many lease windows (from window 0) to use
  *                         (default 8)
@@ -83,6 +85,7 @@ struct options {
 	uint64_t windows, revokes, wait_ms, slots, run_ms;
 	unsigned peer_vendor, peer_device; /* 0: no peer */
 	uint64_t per_round, fault_rounds, irqs;
+	const char *pause_until; /* watch: a BAR2 counter's name; NULL: a plain pause */
 	char *tests[MAX_TESTS];
 	int ntests;
 };
@@ -238,6 +241,8 @@ static void parse_cmdline(void)
 			opt.after_ms = parse_size(tok + 18);
 		else if (!strncmp(tok, "devmodel.pause_ms=", 18))
 			opt.pause_ms = parse_size(tok + 18);
+		else if (!strncmp(tok, "devmodel.pause_until=", 21))
+			opt.pause_until = tok + 21;
 		else if (!strncmp(tok, "devmodel.window=", 16))
 			opt.window = parse_size(tok + 16);
 		else if (!strncmp(tok, "devmodel.windows=", 17))
@@ -852,6 +857,8 @@ static void add_counters(struct line *l)
 
 /* ---- watch: what the guest sees when the device model goes away under it */
 
+static long counter_offset(const char *name);
+
 #define WATCH_OFFSET 0x2000u
 
 /* Writes a value, then reads it back in a tight loop until it turns into all-ones (the device
@@ -865,23 +872,39 @@ static int test_watch(void)
 	uint64_t value = (now_ns() * 0x9e3779b97f4a7c15ull) >> 1; /* never all-ones */
 	uint64_t t0, t, got, good = 0, other = 0, last_other = 0, ones_ms = 0;
 	uint64_t a0, s, spent = 0, after_reads = 0, after_ones = 0, after_other = 0;
-	uint64_t first_other = 0, first_other_ms = 0, magic_after = 0;
+	uint64_t first_other = 0, first_other_ms = 0, magic_after = 0, until0 = 0, paused_ms;
+	long until_off = -1;
 	struct line l;
-	int saw = 0;
+	int saw = 0, until_grew = 0;
 
 	if (need_bar0("watch"))
 		return 1;
+	if (opt.pause_until && (!dev.bar2 || (until_off = counter_offset(opt.pause_until)) < 0))
+		return fail_line("watch", "devmodel.pause_until=%s: no such BAR2 counter",
+				 opt.pause_until);
 	wr(dev.bar0, WATCH_OFFSET, 8, value);
 	got = rd(dev.bar0, WATCH_OFFSET, 8);
 	if (got != value)
 		return fail_line("watch", "read back 0x%" PRIx64 " right after writing 0x%" PRIx64,
 				 got, value);
+	if (opt.pause_until)
+		until0 = rd(dev.bar2, (uint64_t)until_off, 8);
 	begin_event(&l, "watching");
 	add(&l, ",\"offset\":\"0x%x\",\"value\":\"0x%" PRIx64 "\"", WATCH_OFFSET, value);
 	emit(&l);
-	/* With a pause, the device model goes away while the guest does not touch the device. */
-	if (opt.pause_ms)
+	/* With a pause, the device model goes away while the guest does not touch BAR0. With
+	 * pause_until the pause ends once BAR2 shows it happened (on a loaded host, how long
+	 * the host takes to pull the plug is not known), pause_ms bounding it. */
+	t0 = now_ns();
+	if (opt.pause_ms && opt.pause_until) {
+		while (rd(dev.bar2, (uint64_t)until_off, 8) == until0 &&
+		       now_ns() - t0 < opt.pause_ms * 1000000)
+			usleep(10000);
+		until_grew = rd(dev.bar2, (uint64_t)until_off, 8) != until0;
+	} else if (opt.pause_ms) {
 		usleep((useconds_t)(opt.pause_ms * 1000));
+	}
+	paused_ms = (now_ns() - t0) / 1000000;
 	t0 = now_ns();
 	for (;;) {
 		got = rd(dev.bar0, WATCH_OFFSET, 8);
@@ -938,7 +961,12 @@ static int test_watch(void)
 	if (after_other)
 		add(&l, ",\"first_recovered\":\"0x%" PRIx64 "\",\"first_recovered_ms\":%" PRIu64,
 		    first_other, first_other_ms);
-	add(&l, ",\"bar2_magic_after\":\"0x%08" PRIx64 "\"", magic_after);
+	add(&l, ",\"bar2_magic_after\":\"0x%08" PRIx64 "\",\"paused_ms\":%" PRIu64, magic_after,
+	    paused_ms);
+	if (opt.pause_until)
+		add(&l, ",\"pause_until\":\"%s\",\"pause_ended_by_counter\":%s", opt.pause_until,
+		    until_grew ? "true" : "false");
+	add_counters(&l);
 	emit(&l);
 	return !saw;
 }
@@ -1278,18 +1306,22 @@ struct churn_thread {
 	pthread_t id;
 	unsigned index;
 	int ncpus, cpu;
-	uint64_t granule, stride, nwin, slots, end_ns;
+	uint64_t granule, stride, nwin, slots, run_ns, start_ns;
 	uint64_t passes, writes;
+	pthread_barrier_t *barrier;
 	struct churn_check c;
 };
 
 /* Pass after pass until the deadline: write every record of this thread with the pass number
  * (8-byte posted stores), then read them all back and check them. Each pass starts at another
- * window, so the threads and the lender's revocations meet everywhere. */
+ * window, so the threads and the lender's revocations meet everywhere. The threads start
+ * together (a barrier, once each is on its vCPU) and each finishes at least one pass: on the
+ * Xen test bed under TCG one vCPU was once descheduled for the whole 20 s of a run, so a
+ * deadline counted from thread creation left its thread with nothing written. */
 static void *churn_run(void *arg)
 {
 	struct churn_thread *th = arg;
-	uint64_t p, i, w, s, off;
+	uint64_t p, i, w, s, off, end_ns;
 	cpu_set_t set;
 
 	if ((int)th->index < th->ncpus) {
@@ -1298,7 +1330,10 @@ static void *churn_run(void *arg)
 		sched_setaffinity(0, sizeof(set), &set);
 	}
 	th->cpu = sched_getcpu();
-	for (p = 1; now_ns() < th->end_ns; p++) {
+	pthread_barrier_wait(th->barrier);
+	th->start_ns = now_ns();
+	end_ns = th->start_ns + th->run_ns;
+	for (p = 1; now_ns() < end_ns || p == 1; p++) {
 		for (i = 0; i < th->nwin; i++) {
 			w = (i + p + th->index * th->nwin / 2) % th->nwin;
 			for (s = 0; s < th->slots; s++) {
@@ -1340,6 +1375,7 @@ static int test_churn(void)
 	uint64_t granule, stride, nwin = opt.windows, slots = opt.slots, t0, s, w, off, ms;
 	uint64_t mismatches = 0;
 	int ncpus = get_nprocs(), started = 0, i;
+	pthread_barrier_t barrier;
 	struct line l;
 
 	if (need_bar0("churn"))
@@ -1357,6 +1393,7 @@ static int test_churn(void)
 	add_counters(&l);
 	emit(&l);
 	memset(th, 0, sizeof(th));
+	pthread_barrier_init(&barrier, NULL, CHURN_THREADS);
 	t0 = now_ns();
 	for (i = 0; i < CHURN_THREADS; i++) {
 		th[i].index = (unsigned)i;
@@ -1365,17 +1402,26 @@ static int test_churn(void)
 		th[i].stride = stride;
 		th[i].nwin = nwin;
 		th[i].slots = slots;
-		th[i].end_ns = t0 + opt.run_ms * 1000000;
+		th[i].run_ns = opt.run_ms * 1000000;
+		th[i].barrier = &barrier;
 		if (pthread_create(&th[i].id, NULL, churn_run, &th[i]))
 			break;
 		started++;
 	}
+	/* Both or none: a thread left alone at the barrier would wait for ever. */
+	if (started != CHURN_THREADS) {
+		for (i = 0; i < started; i++)
+			pthread_cancel(th[i].id);
+		return fail_line("churn", "could not start %d threads", CHURN_THREADS);
+	}
 	for (i = 0; i < started; i++)
 		pthread_join(th[i].id, NULL);
+	pthread_barrier_destroy(&barrier);
 	ms = (now_ns() - t0) / 1000000;
 	/* What the device model did while the threads ran (the final pass comes after). */
 	begin_event(&l, "churned");
-	add(&l, ",\"ms\":%" PRIu64, ms);
+	add(&l, ",\"ms\":%" PRIu64 ",\"start_ms\":%" PRIu64, ms,
+	    (th[0].start_ns - t0) / 1000000);
 	add_counters(&l);
 	emit(&l);
 	for (i = 0; i < started; i++) {

@@ -89,7 +89,9 @@ def start_devmodel(
             stderr=err,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 20
+    # Generous: in the udmabuf VM (TCG, Python importing over 9p) on a loaded 2-core host the
+    # first devmodel took more than 20 s to listen. A bound for a hang, not a speed test.
+    deadline = time.monotonic() + 90
     # Wait until it accepts: a socket file alone may be a stale one left from before.
     while not _accepts(sock):
         if proc.poll() is not None:

@@ -80,6 +80,9 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ),
         ({"socket-path": "/a", "pci-id": "12345"}, "--pci-id"),
         ({"socket-path": "/a", "page-in-timeout": "5"}, "below 4.5 s"),
+        ({"socket-path": "/a", "revoke-timeout": "20"}, "below 4.5 s"),
+        ({"transport": "libvfio-user", "socket-path": "/a", "page-in-timeout": "20"}, "4.5 s"),
+        ({"transport": "xen", "domid": "3", "page-in-timeout": "60"}, "60 s with --transport xen"),
         ({"socket-path": "/a", "page-in-timeout": "soon"}, "not a number of seconds"),
         ({"socket-path": "/a", "domid": "-1"}, "a guest id is from 0"),
         ({"socket-path": "/a", "domid": "32752"}, "a guest id is from 0"),
@@ -113,6 +116,12 @@ def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> N
     message = str(err.value)
     assert words in message, message
     assert "\n" not in message
+
+
+def test_xen_allows_long_page_in_deadlines() -> None:
+    """A Xen vCPU has no reply timeout: the Xen test bed's churn steps give page-ins 20 s."""
+    s = build_settings({"transport": "xen", "domid": "3", "page-in-timeout": "20"})
+    assert s.page_in_timeout == 20.0
 
 
 def test_pvh_acpi_root_is_a_xen_choice() -> None:

@@ -1,12 +1,20 @@
 """Fixtures for the xen_guest tests: the provisioned Xen test bed and one shared boot of it.
 
-A boot of Xen under TCG, with a PVH and an HVM guest started from dom0, takes minutes, so the
-tests share one: `dom0_suite` boots the test bed once and runs tests/xen_guest/dom0-suite in
-dom0, which leaves each step's output and exit status in the run's directory; each test checks
-its own step. On a failure the report carries the end of the machine's console.
+A boot of Xen under TCG, with guests started from dom0, takes minutes, so the tests share one:
+`dom0_suite` boots the test bed once and runs a dom0 script, which leaves each step's output
+and exit status in the run's directory; each test checks its own step. On a failure the report
+carries the end of the machine's console.
+
+Two profiles (DEVMODEL_XEN, as for scripts/check):
+- ci (the default): tests/xen_guest/dom0-ci, one HVM and one PVH guest each running a chain of
+  bartest's tests (test_xen_ci.py, marked xen_ci); what CI runs.
+- full (DEVMODEL_XEN=full): tests/xen_guest/dom0-suite, about ten guests one after the other,
+  one thing checked per guest, and the benchmark (test_xen_guest.py, test_xen_bench.py, marked
+  xen_full).
+Tests of the other profile are deselected; test_xen_dom0.py's (no profile marker) run in both.
 
 These tests run only when selected by marker (`pytest -m xen_guest`): a plain run, such as
-scripts/check's, deselects them (see pytest_collection_modifyitems).
+scripts/check's first one, deselects them (see pytest_collection_modifyitems).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import os
 import re
 import time
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,30 +34,58 @@ from .bed import Dom0Run
 
 REPO = Path(__file__).resolve().parents[2]
 XEN_CONFIGS = REPO / "qemu-configs" / "xen"
-SUITE = Path(__file__).resolve().parent / "dom0-suite"
-# The whole boot: Xen, dom0, the toolstack, every step of dom0-suite (ten guests, one after
-# the other), power-off. It took 25-41 minutes on the 2-core development host at load average
-# 6-10 (other test beds beside it); each guest step has its own bound (dom0/guest --timeout),
-# so this only catches a boot that hangs as a whole.
-BOOT_TIMEOUT = 3600.0
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one boot of the Xen suite runs in dom0, and how long the whole boot may take: Xen,
+    dom0, the toolstack, every step, power-off. Each guest step has its own bound (dom0/guest
+    --timeout), so this only catches a boot that hangs as a whole."""
+
+    name: str
+    script: Path
+    boot_timeout: float
+
+
+PROFILES = {
+    # Two guests: 3 minutes on the 2-core host at load average 2, 6-9 at 3-7 (docs/xen.md).
+    "ci": Profile("ci", HERE / "dom0-ci", 2700.0),
+    # Ten guests one after the other: 25-41 minutes on the 2-core development host at load
+    # average 6-10 (other test beds beside it).
+    "full": Profile("full", HERE / "dom0-suite", 3600.0),
+}
+
+
+def profile() -> Profile:
+    """DEVMODEL_XEN=full: the full profile; anything else (unset, 1, ci): the CI profile."""
+    return PROFILES["full" if os.environ.get("DEVMODEL_XEN", "").strip() == "full" else "ci"]
+
+
 READY_LINE = "XENBED-READY"
 # dom0-suite's line at the end of each step.
 STEP_LINE = re.compile(r"^XENBED-STEP (\S+): exit (\d+) after ([\d.]+) s$", re.MULTILINE)
 MARKER = "xen_guest"
 # dom0/guest's line when a try of a guest died before /init and is retried.
 RETRY_LINE = re.compile(
-    r"^guest (\S+): domain (\d+) (?:triple-faulted|crashed) before /init \(TCG\), retry",
+    r"^guest (\S+): domain (\d+) (?:triple-faulted|crashed|panicked) "
+    r"(?:before /init|running bartest) \(TCG\), retry",
     re.MULTILINE)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the xen_guest tests unless the marker expression names them (-m xen_guest)."""
+    """Deselect the xen_guest tests unless the marker expression names them (-m xen_guest),
+    and then those of the other profile (xen_ci and xen_full mark each profile's; the rest run
+    in both)."""
     if MARKER in (config.option.markexpr or ""):
-        return
-    deselected = [item for item in items if item.get_closest_marker(MARKER)]
+        other = "xen_ci" if profile().name == "full" else "xen_full"
+        deselected = [item for item in items if item.get_closest_marker(other)]
+    else:
+        deselected = [item for item in items if item.get_closest_marker(MARKER)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker(MARKER)]
+        gone = {id(item) for item in deselected}
+        items[:] = [item for item in items if id(item) not in gone]
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +104,7 @@ def xenbed(pytestconfig: pytest.Config) -> Path:
         why = next((line.removeprefix("error: ") for line in reversed(lines)
                     if line.startswith("error: ")), lines[-1] if lines else "?")
         pytest.exit(f"the Xen test bed could not be provisioned: {why} "
-                    "(scripts/check runs the Xen suite only with DEVMODEL_XEN=1)",
+                    "(DEVMODEL_XEN=0 scripts/check skips the Xen suite; CI needs it)",
                     returncode=1)
     return XEN_CONFIGS
 
@@ -85,10 +122,24 @@ _runs: list[Dom0Run] = []
 @pytest.fixture(scope="session")
 def dom0_suite(xenbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactory
                ) -> Dom0Run:
-    """Boot the test bed once and run dom0-suite in dom0; QEMU is gone when this returns."""
-    workdir = tmp_path_factory.mktemp("xenbed")
-    argv = [str(xenbed / "run"), "--workdir", str(workdir), "--script", str(SUITE),
-            "--timeout", f"{BOOT_TIMEOUT:g}"]
+    """Boot the test bed once and run the profile's script in dom0; QEMU is gone when this
+    returns. DEVMODEL_XEN_WORKDIR=DIR keeps the run's files there (CI can archive them)."""
+    chosen = profile()
+    if saved := os.environ.get("DEVMODEL_XEN_SAVED_RUN"):
+        result = saved_run(Path(saved), chosen)
+        _runs.append(result)
+        return result
+    boot_timeout = chosen.boot_timeout
+    if keep := os.environ.get("DEVMODEL_XEN_WORKDIR"):
+        workdir = Path(keep)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if any(workdir.iterdir()):
+            # An earlier boot's files would pass for this one's.
+            pytest.fail(f"DEVMODEL_XEN_WORKDIR={keep} is not empty: give a new directory")
+    else:
+        workdir = tmp_path_factory.mktemp("xenbed")
+    argv = [str(xenbed / "run"), "--workdir", str(workdir), "--script", str(chosen.script),
+            "--timeout", f"{boot_timeout:g}"]
     # DEVMODEL_XEN_TCG_THREAD=single: every emulated CPU in one QEMU thread (run --tcg-thread),
     # to see whether dom0's crashing programs come from a multi-threaded TCG race.
     if tcg_thread := os.environ.get("DEVMODEL_XEN_TCG_THREAD"):
@@ -101,13 +152,25 @@ def dom0_suite(xenbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFa
     while run.wait(0.2) is None:
         if ready is None and READY_LINE in run.stdout():
             ready = time.monotonic() - t0
-        if time.monotonic() - t0 > BOOT_TIMEOUT + 30:
+        if time.monotonic() - t0 > boot_timeout + 30:
             break
     rc = run.stop(grace=5)
     result = Dom0Run(workdir=workdir, returncode=rc, console=run.stdout() + run.log(),
-                     seconds=time.monotonic() - t0, ready_seconds=ready)
+                     seconds=time.monotonic() - t0, ready_seconds=ready, profile=chosen.name)
     _runs.append(result)
     return result
+
+
+def saved_run(workdir: Path, chosen: Profile) -> Dom0Run:
+    """DEVMODEL_XEN_SAVED_RUN=DIR: check an earlier boot's directory instead of booting
+    (`qemu-configs/xen/run --workdir DIR --script tests/xen_guest/dom0-ci >DIR.console`), to
+    read a failure again or work on the checks without a 10-minute boot each time."""
+    status = workdir / "status"
+    console = workdir.parent / f"{workdir.name}.console"
+    return Dom0Run(workdir=workdir,
+                   returncode=int(status.read_text()) if status.exists() else None,
+                   console=console.read_text(errors="replace") if console.exists() else "",
+                   seconds=0.0, ready_seconds=None, profile=chosen.name)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -130,8 +193,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("xen test bed")
         ready = "never" if run.ready_seconds is None else f"{run.ready_seconds:.1f} s"
         terminalreporter.write_line(
-            f"one boot: dom0 toolstack up after {ready}, {run.seconds:.1f} s in all "
-            f"(run exit {run.returncode})")
+            f"one boot ({run.profile} profile, {run.workdir}): dom0 toolstack up after {ready}, "
+            f"{run.seconds:.1f} s in all (run exit {run.returncode})")
         steps = STEP_LINE.findall(run.console)
         for name, status, seconds in steps:
             terminalreporter.write_line(f"  step {name}: exit {status}, {seconds} s")

@@ -8,7 +8,8 @@ TCG's and the host is shared, so no latency is asserted; these check that every 
 measured, is sane (ordered, counted, every value read back right) and came from the server it
 names, and print the table (bench/xen_table.py).
 
-With DEVMODEL_XEN_BENCH_DIR=DIR they check an earlier run's directory instead of booting
+Part of the full profile (DEVMODEL_XEN=full). With DEVMODEL_XEN_BENCH_DIR=DIR they check an
+earlier run's directory instead of booting
 (`qemu-configs/xen/run --workdir DIR -- tests/xen_guest/dom0-bench`).
 """
 
@@ -31,7 +32,7 @@ if BENCH not in sys.path:
 
 import xen_table  # noqa: E402
 
-pytestmark = pytest.mark.xen_guest
+pytestmark = [pytest.mark.xen_guest, pytest.mark.xen_full]
 
 STEP = "xen-bench"
 GUEST = "xenbench"

@@ -1,34 +1,31 @@
-"""The Xen test bed: Xen 4.20 under QEMU TCG, its dom0 toolstack, and HVM and PVH guests.
+"""The Xen suite's full profile (DEVMODEL_XEN=full; tests/xen_guest/dom0-suite): Xen 4.20
+under QEMU TCG, HVM and PVH guests without and with devmodel, one thing checked per guest.
 
 Every test here looks at the one shared boot (conftest's `dom0_suite`): a real hypervisor, not
-the simulated one of tests/xen/.
+the simulated one of tests/xen/. The CI profile (test_xen_ci.py) covers the same ground on two
+guests; this one keeps what only it shows (plain guests, PVH with pci=noacpi, the built-in
+lender beside QEMU).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
-from devmodel.pci.registers import INTERFACE_VERSION, MAGIC, REGISTERS
+from devmodel.pci.registers import INTERFACE_VERSION, MAGIC
 
-from .bed import Dom0Run, most_page_ins_at_once
+from .bed import (
+    GIB,
+    Dom0Run,
+    check_churn,
+    check_devmodel_log,
+    check_served_guest,
+    decode_regs,
+    most_page_ins_at_once,
+)
 
-pytestmark = pytest.mark.xen_guest
-
-
-def test_dom0_toolstack_is_up(dom0_suite: Dom0Run) -> None:
-    """Runs on the real hypervisor: in dom0, `xl info` answers and Xen offers HVM (with HAP,
-    which TCG's emulated SVM gives it) and `xl list` shows Domain-0."""
-    rc, info = dom0_suite.step("xl-info")
-    assert rc == 0, info
-    fields = dict(re.findall(r"^(\w+)\s*: (.*)$", info, re.MULTILINE))
-    assert fields["xen_version"].startswith("4.20."), info
-    assert {"hvm", "hap", "pv"} <= set(fields["virt_caps"].split()), info
-    assert int(fields["nr_cpus"]) == 2, info
-    rc, listing = dom0_suite.step("xl-list")
-    assert rc == 0 and re.search(r"^Domain-0\s+0\s", listing, re.MULTILINE), listing
+pytestmark = [pytest.mark.xen_guest, pytest.mark.xen_full]
 
 
 def test_pvh_guest_boots_to_init(dom0_suite: Dom0Run) -> None:
@@ -57,60 +54,6 @@ def test_hvm_guest_boots_to_init(dom0_suite: Dom0Run) -> None:
     assert report["guest_type"] == "HVM", record
     assert report["cpus"] == "0-1", record
     assert "00:00.0 8086:1237" in report["pci"], record
-
-
-def test_devmodel_opens_xen_handles_in_dom0(dom0_suite: Dom0Run) -> None:
-    """Runs on the real hypervisor: devmodel, imported in dom0 from the read-only checkout with
-    Debian's python3-trio, -construct and -sortedcontainers, loads Xen's tool libraries and
-    opens its devicemodel, foreignmemory, evtchn and xenstore handles."""
-    rc, output = dom0_suite.step("devmodel-handles")
-    assert rc == 0, output
-    assert "devmodel opened and closed its Xen handles" in output
-
-
-GIB = 1 << 30
-FUNCTION = "1234:10e5"
-
-
-def decode_regs(line: dict[str, Any]) -> dict[str, int]:
-    """BAR2's registers from bartest's regs line, with devmodel's own layout."""
-    raw = b"".join(int(d, 16).to_bytes(4, "little") for d in line["dwords"])
-    return {
-        r.name: int.from_bytes(raw[r.offset : r.offset + r.width], "little")
-        for r in REGISTERS
-        if r.offset + r.width <= len(raw)
-    }
-
-
-def check_served_guest(
-    dom0_suite: Dom0Run, name: str, guest_type: str, bar0_size: int = GIB
-) -> dict[str, Any]:
-    """What every guest devmodel served shows: the guest's Linux enumerated the function at
-    00:1e.0 (1234:10e5, class 0x050000) with a 64-bit prefetchable BAR0 of `bar0_size`."""
-    record = dom0_suite.guest(name)
-    report = record["report"]
-    assert report["guest_type"] == guest_type, record
-    assert f"1e.0 {FUNCTION}" in " ".join(report["pci"]), record
-    enumerate_ = dom0_suite.result(name, "enumerate")
-    assert enumerate_["ok"], enumerate_
-    assert (enumerate_["vendor"], enumerate_["device"]) == ("0x1234", "0x10e5"), enumerate_
-    assert enumerate_["class"] == "0x050000", enumerate_
-    bar0 = next(b for b in enumerate_["bars"] if b["index"] == 0)
-    assert bar0["size"] == bar0_size and bar0["mem"] and bar0["mem64"] and bar0["prefetch"], bar0
-    assert int(enumerate_["bar0_reg"], 16) & 0xF == 0xC, enumerate_
-    return enumerate_
-
-
-def check_devmodel_log(dom0_suite: Dom0Run, name: str) -> str:
-    """devmodel served the guest and, stopped after `xl destroy`, said once, quietly, that the
-    ioreq server was already gone (no warning per teardown step)."""
-    rc, output = dom0_suite.step(f"{name}-stop")
-    log = dom0_suite.devmodel_log(name)
-    assert rc == 0, output
-    assert re.search(r"ioreq server \d+ for domain \d+: 2 vCPU\(s\), PCI 0000:00:1e\.0", log), log
-    assert log.count("the ioreq server is already gone") == 1, log
-    assert "WARNING" not in log and "ERROR" not in log, log
-    return log
 
 
 def test_devmodel_serves_an_hvm_guest_beside_qemu(dom0_suite: Dom0Run) -> None:
@@ -190,11 +133,11 @@ def test_a_stopped_lender_is_declared_lost_and_reads_get_all_ones(dom0_suite: Do
     """Runs on the real hypervisor: while the guest idles after writing a value, the reference
     lender evicts everything and is stopped (SIGSTOP). devmodel's liveness PING goes
     unanswered for 2 s, so it declares the lender lost, and the guest's next read of the
-    evicted value gets the failure policy at once (all-ones, not a stall); the device still
+    evicted value gets the failure policy at once (all-ones with the reason `the lender is
+    gone`, not a page-in waiting out its deadline: no time is asserted); the device still
     answers on BAR2 afterwards."""
     watch = dom0_suite.result("hvm-lender-stopped", "watch")
     assert watch["ok"] and watch["saw_all_ones"] and watch["good_reads"] == 0, watch
-    assert watch["ms_to_all_ones"] < 1500, watch
     assert int(watch["bar2_magic_after"], 16) == MAGIC, watch
     rc, output = dom0_suite.step("hvm-lender-stopped-stop")
     assert rc == 0, output
@@ -204,50 +147,6 @@ def test_a_stopped_lender_is_declared_lost_and_reads_get_all_ones(dom0_suite: Do
     assert "read of 8 bytes at 0x2000 failed: the lender is gone" in log, log
     assert re.search(r"'failed_accesses': 1,.*'lender_losses': 1", log), log
     assert log.count("the ioreq server is already gone") == 1, log
-
-
-# dom0-suite's churn guests: bartest's churn over these windows and records per window and
-# thread (its churn_args), while the lender revokes at random.
-CHURN_WINDOWS = 8
-CHURN_SLOTS = 8
-
-
-def check_churn(dom0_suite: Dom0Run, name: str, guest_type: str) -> str:
-    """What a churn guest must show: two writer threads on two vCPUs, no record lost or torn,
-    windows revoked, faulted on and paged back in while they wrote, no access answered with
-    the failure policy, and a quiet devmodel log. Returns a one-line account for the report."""
-    check_served_guest(dom0_suite, name, guest_type, 16 << 20)
-    record = dom0_suite.guest(name)
-    assert record["report"].get("bartest") == 0, record
-    start = dom0_suite.event(name, "churning")
-    assert start["threads"] == 2 and start["cpus"] == 2, start
-    assert (start["windows"], start["slots"]) == (CHURN_WINDOWS, CHURN_SLOTS), start
-    lines = [r for r in dom0_suite.results(name) if r.get("test") == "churn"]
-    threads = sorted((r for r in lines if "thread" in r), key=lambda r: r["thread"])
-    summary = next(r for r in lines if r.get("summary"))
-    assert [t["thread"] for t in threads] == [0, 1], lines
-    assert sorted(t["cpu"] for t in threads) == [0, 1], f"each thread on its own vCPU: {lines}"
-    for t in threads:
-        assert (t["mismatches"], t["lost"], t["torn"], t["other"]) == (0, 0, 0, 0), t
-        assert t["passes"] >= 1 and t["reads"] == t["writes"] > 0, t
-        assert t["writes"] == t["passes"] * CHURN_WINDOWS * CHURN_SLOTS, t
-    final = summary["final"]
-    assert final["records"] == 2 * CHURN_WINDOWS * CHURN_SLOTS == final["reads"], summary
-    assert (final["mismatches"], final["lost"], final["torn"], final["other"]) == (
-        0, 0, 0, 0), final
-    assert summary["ok"] is True, summary
-    # The run proves something only if windows really went and came back under the writers.
-    churned = dom0_suite.event(name, "churned")
-    during = {k: churned["counters"][k] - start["counters"][k]
-              for k in ("revokes", "page_ins", "faults", "failed_accesses")}
-    assert during["revokes"] > 0 and during["page_ins"] > 0 and during["faults"] > 0, during
-    assert summary["counters"]["failed_accesses"] == 0, summary
-    log = check_devmodel_log(dom0_suite, name)
-    assert re.search(r"'failed_accesses': 0,", log), log
-    at_once = most_page_ins_at_once(dom0_suite.devmodel_events(name))
-    return (f"{name}: {threads[0]['passes']}+{threads[1]['passes']} passes in {churned['ms']} ms, "
-            f"revokes {during['revokes']}, page-ins {during['page_ins']}, faults "
-            f"{during['faults']}, at most {at_once} page-ins at once")
 
 
 def test_two_vcpus_write_through_random_revocation_on_hvm(dom0_suite: Dom0Run) -> None:
