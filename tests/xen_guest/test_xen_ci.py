@@ -173,14 +173,19 @@ def test_real_xen_stopped_lender_gets_the_failure_policy(dom0_suite: Dom0Run, ki
 @GUEST_TYPES
 def test_real_xen_devmodel_stops_cleanly_after_the_guest(dom0_suite: Dom0Run, kind: str) -> None:
     """Runs on the real hypervisor: devmodel served the guest's two vCPUs on their own ports,
-    and, stopped after `xl destroy`, said once that the ioreq server was already gone, with no
-    error or traceback in its log; its lender stopped too."""
+    noticed by itself that `xl destroy` ended its guest (xenstore's @releaseDomain watch) and
+    stopped, saying once that the ioreq server was already gone, with no error or traceback
+    in its log; its lender stopped too."""
     name, _ = served(dom0_suite, kind)
     rc, output = dom0_suite.step(f"{name}-stop")
     assert rc == 0, output
     log = dom0_suite.devmodel_log(name)
     assert re.search(r"ioreq server \d+ for domain \d+: 2 vCPU\(s\), PCI 0000:00:1e\.0", log), log
+    gone = re.search(r"domain (\d+) is gone \(@releaseDomain\)", log)
+    assert gone, log
+    assert f"domain {gone[1]} ended: stopping" in log, log
     assert log.count("the ioreq server is already gone") == 1, log
+    assert "stopped; counters: {" in log.strip().splitlines()[-1], log
     assert "ERROR" not in log and "Traceback" not in log, log
     assert "Traceback" not in lender_log(dom0_suite, name), lender_log(dom0_suite, name)
 
