@@ -77,8 +77,16 @@ class FaultLender:
             if line.startswith(prefix):
                 return line
 
-    def said(self, prefix: str) -> list[str]:
-        return [line for line in self.seen if line.startswith(prefix)]
+    def said(self, prefix: str, timeout: float = 20.0) -> list[str]:
+        """The lines starting with `prefix` so far, once there is at least one (or after
+        `timeout`): the lender prints after it acts, so its line can reach the reader thread
+        after the guest already saw the effect."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.seen if line.startswith(prefix)]
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.01)
 
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -318,7 +326,7 @@ def test_lender_stopped_mid_page_in(
         wait_for("the keepalive to give up", lambda: "did not answer a PING" in dm.stderr())
         assert guest.read(0)[0] == ONES
         lender.signal(signal.SIGCONT)
-        wait_for("a new session", lambda: bool(lender.said("session 2")))
+        wait_for("a new session", lambda: bool(lender.said("session 2", timeout=0)))
         lender.wait_line("evicted")
         wait_for("the guest to be served again", lambda: guest.read(0)[0] == tag(0))
     assert len(lender.said("page-in")) == 1
