@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -400,13 +402,12 @@ def test_bad_options_exit_2_with_one_clear_line(tmp_path: Path, args: list[str])
     assert done.stderr.strip().splitlines()[-1].startswith("devmodel run: error:")
 
 
-def test_graceful_stop_answers_what_the_client_already_sent(
-    tmp_path: Path, transport: str
-) -> None:
-    """QEMU 11.1 aborts when the socket is reset under it (unread requests at close), and a
-    vCPU whose request was taken but not answered waits out the whole reply timeout. So a stop
-    that lands while a request waits (here: on a page-in the lender never answers) must answer
-    that request, and the ones queued behind it, and close cleanly: EOF, not ECONNRESET."""
+@contextlib.contextmanager
+def stalling_lender(
+    tmp_path: Path, transport: str, *, page_in_timeout: str
+) -> Iterator[tuple[StallingLender, DevmodelProcess]]:
+    """devmodel (16M aperture) borrowing from a lender that evicted window 1 and never answers
+    its page-in; yields once the eviction happened."""
     lender = StallingLender(tmp_path / "lender.sock", evict=(1,))
     try:
         dm = start_devmodel(
@@ -416,10 +417,23 @@ def test_graceful_stop_answers_what_the_client_already_sent(
             "--lender-socket",
             str(tmp_path / "lender.sock"),
             "--page-in-timeout",
-            "4",
+            page_in_timeout,
             transport=transport,
         )
         assert lender.evicted.wait(10)
+        yield lender, dm
+    finally:
+        lender.close()
+
+
+def test_graceful_stop_answers_what_the_client_already_sent(
+    tmp_path: Path, transport: str
+) -> None:
+    """QEMU 11.1 aborts when the socket is reset under it (unread requests at close), and a
+    vCPU whose request was taken but not answered waits out the whole reply timeout. So a stop
+    that lands while a request waits (here: on a page-in the lender never answers) must answer
+    that request, and the ones queued behind it, and close cleanly: EOF, not ECONNRESET."""
+    with stalling_lender(tmp_path, transport, page_in_timeout="4") as (lender, dm):
         with VfioUserClient(dm.socket_path) as client:
             client.attach()
             client.write(0, 0, b"12345678")
@@ -451,8 +465,6 @@ def test_graceful_stop_answers_what_the_client_already_sent(
             assert not isinstance(end.value, ConnectionResetError)
             assert answered == queued, dm.stderr()
         assert dm.proc.wait(10) == 0
-    finally:
-        lender.close()
 
 
 def test_unanswered_page_in_gets_the_failure_policy_and_the_device_goes_on(
@@ -461,19 +473,7 @@ def test_unanswered_page_in_gets_the_failure_policy_and_the_device_goes_on(
     """A fault the lender never answers ends at the page-in deadline in the failure policy's
     answer (all-ones), and the device then serves as before. Under libvfio-user the read waits
     in the worker thread while the trio thread runs the lender link and the deadline."""
-    lender = StallingLender(tmp_path / "lender.sock", evict=(1,))
-    try:
-        dm = start_devmodel(
-            tmp_path,
-            "--aperture-size",
-            "16M",
-            "--lender-socket",
-            str(tmp_path / "lender.sock"),
-            "--page-in-timeout",
-            "1",
-            transport=transport,
-        )
-        assert lender.evicted.wait(10)
+    with stalling_lender(tmp_path, transport, page_in_timeout="1") as (lender, dm):
         with VfioUserClient(dm.socket_path) as client:
             client.attach()
             client.write(0, 0, b"resident")
@@ -483,5 +483,3 @@ def test_unanswered_page_in_gets_the_failure_policy_and_the_device_goes_on(
             # BAR2's failed-access counter (devmodel/pci/registers.py) saw it.
             assert client.read_u64(2, 0x48) == 1
         assert dm.stop() == 0
-    finally:
-        lender.close()

@@ -25,18 +25,13 @@ from typing import Any
 
 import pytest
 
-from devmodel.control.client import ControlClient
-
+from .lender_stack import GRANULE, STARTUP_TIMEOUT, WINDOWS, LenderStack
 from .testbed import DevmodelServer, LenderProcess, Reaper, RunningGuest
 
 pytestmark = pytest.mark.qemu
 
-APERTURE = "64M"
-GRANULE = 2 << 20
-WINDOWS = (64 << 20) // GRANULE
 # The lender's VRAM holds the whole aperture: the only evictions are the ones a test asks for.
 VRAM = "256M"
-STARTUP_TIMEOUT = 30.0
 
 # Fill-evict-verify: a piece at the start and one against the end of each of these windows.
 TOUCHED = 8
@@ -65,30 +60,14 @@ def _explained(lender: LenderProcess) -> Iterator[None]:
         raise AssertionError(f"{exc}\n{logs}") from exc
 
 
-class Stack:
-    """Lender, device model and a control client on the device model, started in that order."""
+class Stack(LenderStack):
+    """The shared stack with this module's VRAM, which holds the whole aperture."""
 
     def __init__(self, reaper: Reaper, tmp_path: Path,
                  start_devmodel: Callable[..., DevmodelServer], *lender_args: str,
                  transport: str = "vfio-user") -> None:
-        work = tmp_path / "lender"
-        work.mkdir()
-        self.lender = LenderProcess(reaper, work, "--vram", VRAM, *lender_args)
-        self.control_path = tmp_path / "control" / "devmodel.ctl"
-        self.server = start_devmodel(
-            "--lender-socket", str(self.lender.socket_path), "--granule", str(GRANULE),
-            "--control-socket", str(self.control_path), "--domid", "7",
-            aperture_size=APERTURE, transport=transport)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not self.control_path.is_socket():
-            assert time.monotonic() < deadline, "devmodel never opened its control socket"
-            time.sleep(0.02)
-        self.control = ControlClient(str(self.control_path))
-
-    def stats(self) -> dict[str, Any]:
-        stats = self.control.execute("query-stats")
-        assert isinstance(stats, dict)
-        return stats
+        super().__init__(reaper, tmp_path, start_devmodel, *lender_args, vram=VRAM,
+                         transport=transport)
 
     def wait_windows(self, predicate: Callable[[dict[str, int]], bool], what: str,
                      timeout: float = STARTUP_TIMEOUT) -> dict[str, int]:
@@ -100,17 +79,6 @@ class Stack:
                 return windows
             assert time.monotonic() < deadline, f"never {what}: windows {windows}"
             time.sleep(0.05)
-
-    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Device model, then lender (as the demo does): their final counters."""
-        self.control.close()
-        assert self.server.stop() == 0, "devmodel exits 0 on SIGTERM"
-        counters = self.server.counters()
-        assert counters is not None, "devmodel printed no final counters"
-        assert self.lender.stop() == 0, "the lender exits 0 on SIGTERM"
-        summary = self.lender.summary()
-        assert summary is not None, "the lender printed no summary"
-        return counters, summary
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from devmodel.control.client import ControlClient
 from devmodel.testing import VfioUserClient
 
-from .testbed import DevmodelServer, LenderProcess, Reaper, RunningGuest
+from .lender_stack import STARTUP_TIMEOUT, WINDOWS, LenderStack
+from .testbed import DevmodelServer, Reaper, RunningGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -42,14 +42,10 @@ SOAK_SECONDS = int(os.environ.get("DEVMODEL_SOAK_SECONDS", "60"))
 # reference, and the library transport's own paths (faults through its worker thread) are the
 # same at every second of it; the run still has to revoke and page in MIN_PER_SECOND a second.
 LVU_SOAK_DIVISOR = 3
-APERTURE = "64M"
-GRANULE = 2 << 20
-WINDOWS = (64 << 20) // GRANULE
 VRAM = "48M"
 SLOTS = 32
 REVOKE_RATE = 40
 MOVE_PROBABILITY = 0.5
-STARTUP_TIMEOUT = 30.0
 # Boot, the first pass, the final evict-everything and sweep: generous, for a loaded host.
 GUEST_MARGIN = 240.0
 SETTLE_TIMEOUT = 60.0
@@ -76,28 +72,16 @@ def census(pid: int) -> dict[str, int]:
             "memfd_maps": sum("/memfd:" in line for line in maps)}
 
 
-class SoakStack:
-    """Lender, device model and a control client on it, started in that order."""
+class SoakStack(LenderStack):
+    """The shared stack with the soak's lender: a small VRAM, random revokes, moves, poison."""
 
     def __init__(self, reaper: Reaper, tmp_path: Path,
                  start_devmodel: Callable[..., DevmodelServer],
                  transport: str = "vfio-user") -> None:
-        work = tmp_path / "lender"
-        work.mkdir()
-        self.lender = LenderProcess(
-            reaper, work, "--vram", VRAM, "--revoke-rate", str(REVOKE_RATE),
+        super().__init__(
+            reaper, tmp_path, start_devmodel, "--revoke-rate", str(REVOKE_RATE),
             "--move-probability", str(MOVE_PROBABILITY), "--seed", "14", "--poison",
-            "--log-level", "warning")
-        self.control_path = tmp_path / "control" / "devmodel.ctl"
-        self.server = start_devmodel(
-            "--lender-socket", str(self.lender.socket_path), "--granule", str(GRANULE),
-            "--control-socket", str(self.control_path), "--domid", "7",
-            aperture_size=APERTURE, transport=transport)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not self.control_path.is_socket():
-            assert time.monotonic() < deadline, "devmodel never opened its control socket"
-            time.sleep(0.02)
-        self.control = ControlClient(str(self.control_path))
+            "--log-level", "warning", vram=VRAM, transport=transport)
         # The device model sends an event per state change, hundreds a second here: a reader
         # thread drains them, or the device model would drop this client (full send queue).
         self.events = 0
@@ -110,11 +94,6 @@ class SoakStack:
     def pid(self) -> int:
         # setpriv execs the device model: the pid is devmodel's own.
         return self.server.process.proc.pid
-
-    def stats(self) -> dict[str, Any]:
-        stats = self.control.execute("query-stats")
-        assert isinstance(stats, dict)
-        return stats
 
     def wait_stats(self, predicate: Callable[[dict[str, Any]], bool], what: str,
                    timeout: float = SETTLE_TIMEOUT) -> dict[str, Any]:
@@ -144,16 +123,6 @@ class SoakStack:
             if settled(found) or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)
-
-    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
-        self.control.close()
-        assert self.server.stop() == 0, "devmodel exits 0 on SIGTERM"
-        counters = self.server.counters()
-        assert counters is not None, "devmodel printed no final counters"
-        assert self.lender.stop() == 0, "the lender exits 0 on SIGTERM"
-        summary = self.lender.summary()
-        assert summary is not None, "the lender printed no summary"
-        return counters, summary
 
 
 @pytest.fixture
