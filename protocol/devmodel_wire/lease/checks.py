@@ -11,7 +11,7 @@ stay with the engine.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from devmodel_wire.lease.constants import (
     FD_KIND_FEATURE,
@@ -23,8 +23,10 @@ from devmodel_wire.lease.constants import (
     VALID_PROTS,
     NackReason,
 )
-from devmodel_wire.lease.events import Grant
 from pyvfio_user.frozen import frozen
+
+if TYPE_CHECKING:
+    from devmodel_wire.lease.events import Grant
 
 # Linux's values (open(2) access modes, memfd seals), as fstat and fcntl report them.
 O_WRONLY: Final = 0o1
