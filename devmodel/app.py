@@ -36,7 +36,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
@@ -44,7 +44,6 @@ from devmodel import __version__
 from devmodel.aperture import DEFAULT_GRANULE
 from devmodel.backend import DeviceBackend
 from devmodel.config import GRANULE_PICKED, Settings
-from devmodel.control import commands
 from devmodel.control.instance import (
     BuiltinLenderView,
     Instance,
@@ -53,7 +52,6 @@ from devmodel.control.instance import (
     Runtime,
     build_instance,
 )
-from devmodel.control.server import ControlServer
 from devmodel.control.toolstack import (
     PidFile,
     StartupError,
@@ -66,7 +64,6 @@ from devmodel.control.toolstack import (
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig, LeaseEngine
-from devmodel.leases.lender_link import LenderLink
 from devmodel.metrics.http_endpoint import bound_address, open_metrics, serve_metrics
 from devmodel.metrics.timing import AccessTiming
 from devmodel.pci.function import PciFunction
@@ -74,7 +71,15 @@ from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
 from devmodel.sizes import format_size
 from devmodel.transports.vfio_user import VfioUserServer
-from devmodel.xen.platform import XenPlatform
+
+if TYPE_CHECKING:
+    # Imported where used, so that an instance loads only what its settings need (the lease
+    # protocol with a lender socket, the control server and commands with a control socket;
+    # docs/performance.md, "Footprint of an idle instance").
+    from devmodel.control.server import ControlClient, ControlServer
+    from devmodel.leases.lender_link import LenderLink
+    from devmodel.xen.platform import XenPlatform
+    from devmodel_wire.control import Command
 
 log = logging.getLogger("devmodel")
 
@@ -208,6 +213,8 @@ async def _serve(
             raise StartupError(f"cannot create the built-in lender's memory: {exc}") from None
         lender = BuiltinLenderView(builtin)
     else:
+        from devmodel.leases.lender_link import LenderLink  # noqa: PLC0415 (see TYPE_CHECKING)
+
         link = LenderLink(engine, settings.lender_socket, settings.domid)
         lender = LinkLenderView(link)
     vendor, device_id = settings.pci_id
@@ -255,9 +262,11 @@ async def _serve(
         )
         control: ControlServer | None = None
         if settings.control_socket is not None:
+            from devmodel.control.server import ControlServer  # noqa: PLC0415
+
             control = ControlServer(
                 settings.control_socket,
-                lambda client, cmd: commands.execute(inst, client, cmd),
+                functools.partial(_execute, inst),
                 {
                     "qemu": {"major": 0, "minor": 1, "micro": 0},
                     "package": f"devmodel {__version__}",
@@ -265,7 +274,7 @@ async def _serve(
             )
             control.open()
             stack.callback(control.close)
-            control.on_disconnect = commands.console_closed
+            control.on_disconnect = _console_closed
             runtime.control = control
 
         async with trio.open_nursery() as nursery:
@@ -285,6 +294,19 @@ async def _serve(
                 await transport.drain()
             nursery.cancel_scope.cancel()
     log.info("stopped; counters: %s", counters.as_dict())
+
+
+async def _execute(inst: Instance, client: ControlClient, cmd: Command) -> object:
+    """The control server's executor: the commands are loaded at the first one."""
+    from devmodel.control import commands  # noqa: PLC0415 (see TYPE_CHECKING)
+
+    return await commands.execute(inst, client, cmd)
+
+
+def _console_closed(client: ControlClient) -> None:
+    from devmodel.control import commands  # noqa: PLC0415
+
+    commands.console_closed(client)
 
 
 def _transport(

@@ -135,9 +135,9 @@ def build_parser() -> _Parser:
         "second. One that does not answer within --timeout is shown as not answering; a "
         "socket nobody listens on as stale.",
     )
-    from devmodel.control import listing  # noqa: PLC0415 (small, and only trio)
+    from devmodel.control.listing_options import add_arguments  # noqa: PLC0415 (small)
 
-    listing.add_arguments(ls_p)
+    add_arguments(ls_p)
     return parser
 
 

@@ -7,6 +7,7 @@
   mutable `Runtime`, and the lender views (built-in or link) behind one small interface.
 - `console`: the opt-in Python debug console behind the `python` command.
 - `client`: a small blocking client, used by `devmodel attach` and the tests.
-- `listing`: `devmodel ls`, every instance under a directory asked at once, each with a deadline.
+- `listing`: `devmodel ls`, every instance under a directory asked at once, each with a deadline
+  (its options in `listing_options`, which the command line's parser loads without it).
 - `toolstack`: the conventions toolstacks rely on: pidfile, sd_notify, --ready-fd, sockets.
 """

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from devmodel.control.listing_options import DEFAULT_DIR, INTERVAL, TIMEOUT, add_arguments
 from devmodel_wire.control import (
     CAPABILITIES_COMMAND,
     ClientConnection,
@@ -61,11 +62,8 @@ __all__ = [
     "render",
 ]
 
-DEFAULT_DIR: Final = "/run/devmodel"
 SOCKET_NAMES: Final = frozenset({"qmp.sock", "control.sock"})
 MAX_DEPTH: Final = 3
-TIMEOUT: Final = 0.8
-INTERVAL: Final = 0.5
 _UCRED: Final = struct.Struct("3i")
 
 # What `state` says; anything but RUNNING leaves the figures empty.
@@ -379,29 +377,6 @@ def render(instances: Sequence[Instance]) -> str:
 
 
 # ---------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "paths",
-        metavar="DIR",
-        nargs="*",
-        help="where to look for control sockets (default: $DEVMODEL_RUNDIR or "
-        f"{DEFAULT_DIR}, the launch example's runtime directory); a socket may be named too",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=TIMEOUT,
-        help=f"seconds each instance has for each answer (default {TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        default=INTERVAL,
-        help=f"seconds between the two samples of the fault rate (default {INTERVAL:g})",
-    )
-    parser.add_argument("--json", action="store_true", help="one JSON array instead of a table")
 
 
 def main(args: argparse.Namespace) -> int:

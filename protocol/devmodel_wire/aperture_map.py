@@ -25,10 +25,10 @@ and raises `ControlProtocolError` for anything else, so a client never draws a h
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from devmodel_wire.control import ControlProtocolError
+from pyvfio_user.frozen import frozen
 
 __all__ = [
     "CODES",
@@ -67,7 +67,7 @@ MAX_CELLS: Final = 1 << 16
 _MAX_COUNT_DIGITS: Final = 6
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Cell:
     """One cell: its most urgent state, and whether that state covers all of it."""
 
@@ -80,7 +80,7 @@ class Cell:
         return code if self.whole or code == "." else code.lower()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PageIn:
     """One page-in in flight: the PAGE_IN request, the window it fills, accesses waiting."""
 
@@ -90,7 +90,7 @@ class PageIn:
     waiters: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ApertureMap:
     """A checked `query-map` answer."""
 

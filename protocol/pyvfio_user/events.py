@@ -13,51 +13,22 @@ it was sent or handed out: nothing downstream can change what the wire said.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import field
+from typing import ClassVar
 
 from pyvfio_user.constants import Command
+from pyvfio_user.frozen import frozen
 from pyvfio_user.version import Capabilities
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Event:
     """The base of every message a connection hands out or takes."""
 
     msg_id: int
 
 
-_E = TypeVar("_E", bound=Event)
-
-
-def _stores_through_slots(cls: type[_E]) -> type[_E]:
-    """Give a frozen event an `__init__` that stores each field through its slot descriptor.
-
-    A frozen dataclass's generated `__init__` stores every field with `object.__setattr__`,
-    which costs about four times a plain store; for the events of a trapped access (one
-    decoded and one built per guest access) that was a tenth of the device model's time per
-    access. The replacement has the generated one's signature and does the same stores, with
-    the descriptors bound ahead of time. Used on the hot events only.
-    """
-    names = [f.name for f in fields(cls)]
-    env: dict[str, Any] = {f"_set_{n}": getattr(cls, n).__set__ for n in names}
-    params = []
-    for f in fields(cls):
-        if f.default is MISSING:
-            params.append(f.name)
-        else:
-            env[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-    body = "".join(f"    _set_{n}(self, {n})\n" for n in names)
-    exec(f"def __init__(self, {', '.join(params)}):\n{body}", env)
-    init = env["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
-
-
-@dataclass(frozen=True, slots=True)
+@frozen
 class _Version(Event):
     """What both VERSION messages say: the protocol version and the sender's capabilities."""
 
@@ -66,7 +37,7 @@ class _Version(Event):
     capabilities: Capabilities = field(default_factory=Capabilities)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _DmaRange(Event):
     """A DMA_UNMAP and its reply: the range (or, with UNMAP_ALL, every range) unmapped."""
 
@@ -76,7 +47,7 @@ class _DmaRange(Event):
     argsz: int = 24
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _Feature(Event):
     """A DEVICE_FEATURE and its reply; `data` is the feature's own payload, uninterpreted."""
 
@@ -84,7 +55,7 @@ class _Feature(Event):
     data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _IndexQuery(Event):
     """A question about one region or IRQ; `argsz` is the room the client has for the answer."""
 
@@ -93,7 +64,7 @@ class _IndexQuery(Event):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _Access(Event):
     """Where a trapped access lands: an offset into one of the device's regions."""
 
@@ -101,7 +72,7 @@ class _Access(Event):
     region: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class _Dma(Event):
     """Where a server's DMA lands: an address in guest memory the client shared."""
 
@@ -111,7 +82,7 @@ class _Dma(Event):
 # ---------------------------------------------------------------- client to server requests
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class VersionRequest(_Version):
     """Opens the session; `keys` are the capability names the client sent (a reply may only
     use these), `capabilities` what they said, with the specification's defaults elsewhere."""
@@ -121,7 +92,7 @@ class VersionRequest(_Version):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaMap(Event):
     """Guest memory the client shares; `fd` is None when the server may only use DMA_READ/WRITE."""
 
@@ -134,20 +105,20 @@ class DmaMap(Event):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaUnmap(_DmaRange):
     command: ClassVar[Command] = Command.DMA_UNMAP
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceGetInfo(Event):
     command: ClassVar[Command] = Command.DEVICE_GET_INFO
     argsz: int = 16
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceGetRegionInfo(_IndexQuery):
     """A capability chain that needs more than `argsz` is left out; the client asks again."""
 
@@ -155,17 +126,17 @@ class DeviceGetRegionInfo(_IndexQuery):
     argsz: int = 32
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceGetRegionIoFds(_IndexQuery):
     command: ClassVar[Command] = Command.DEVICE_GET_REGION_IO_FDS
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceGetIrqInfo(_IndexQuery):
     command: ClassVar[Command] = Command.DEVICE_GET_IRQ_INFO
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceSetIrqs(Event):
     """`data`: DATA_BOOL's one byte per vector, empty otherwise. `fds`: DATA_EVENTFD's one
     eventfd per vector, in order; none means "de-assign"."""
@@ -180,8 +151,7 @@ class DeviceSetIrqs(Event):
     no_reply: bool = False
 
 
-@_stores_through_slots
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionRead(_Access):
     """A trapped read: the hot path, decoded with one precompiled struct."""
 
@@ -190,8 +160,7 @@ class RegionRead(_Access):
     no_reply: bool = False
 
 
-@_stores_through_slots
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionWrite(_Access):
     """A trapped write; QEMU posts most of them (`no_reply`)."""
 
@@ -200,7 +169,7 @@ class RegionWrite(_Access):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WriteEntry:
     """One write of a REGION_WRITE_MULTI batch (1 to 8 bytes); not a message by itself."""
 
@@ -209,27 +178,27 @@ class WriteEntry:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionWriteMulti(Event):
     command: ClassVar[Command] = Command.REGION_WRITE_MULTI
     writes: tuple[WriteEntry, ...]
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceReset(Event):
     command: ClassVar[Command] = Command.DEVICE_RESET
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceFeature(_Feature):
     command: ClassVar[Command] = Command.DEVICE_FEATURE
     argsz: int = 8
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MigDataRead(Event):
     command: ClassVar[Command] = Command.MIG_DATA_READ
     size: int
@@ -237,7 +206,7 @@ class MigDataRead(Event):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MigDataWrite(Event):
     command: ClassVar[Command] = Command.MIG_DATA_WRITE
     data: bytes
@@ -248,7 +217,7 @@ class MigDataWrite(Event):
 # ---------------------------------------------------------------- server to client requests
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaRead(_Dma):
     """The server reads guest memory the client shared without an fd."""
 
@@ -257,7 +226,7 @@ class DmaRead(_Dma):
     no_reply: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaWrite(_Dma):
     command: ClassVar[Command] = Command.DMA_WRITE
     data: bytes
@@ -267,7 +236,7 @@ class DmaWrite(_Dma):
 # ---------------------------------------------------------------- replies
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class VersionReply(_Version):
     """`keys`: the capability names to send (None: all of them); received, the names sent."""
 
@@ -275,19 +244,19 @@ class VersionReply(_Version):
     keys: frozenset[str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Ack(Event):
     """The payload-less reply that DMA_MAP, SET_IRQS and DEVICE_RESET get; hence the field."""
 
     command: Command
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaUnmapReply(_DmaRange):
     command: ClassVar[Command] = Command.DMA_UNMAP
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceInfo(Event):
     command: ClassVar[Command] = Command.DEVICE_GET_INFO
     flags: int
@@ -295,14 +264,14 @@ class DeviceInfo(Event):
     num_irqs: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class SparseMmapCap:
     """The parts of a region the client may mmap, as (offset, size) pairs."""
 
     areas: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RawRegionCap:
     """A region capability we carry without interpreting (type capabilities and the like)."""
 
@@ -314,7 +283,7 @@ class RawRegionCap:
 RegionCap = SparseMmapCap | RawRegionCap
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionInfo(Event):
     """`argsz`, sending: the argsz the client asked with. When the full reply (32 bytes of info
     plus the capability chain) needs more, only the info goes out, carrying the needed argsz,
@@ -331,7 +300,7 @@ class RegionInfo(Event):
     argsz: int = 32
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class IoFdSubregion:
     """One ioeventfd or ioregionfd of a REGION_IO_FDS reply; `fd_index` indexes its fds."""
 
@@ -343,7 +312,7 @@ class IoFdSubregion:
     data: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionIoFds(Event):
     command: ClassVar[Command] = Command.DEVICE_GET_REGION_IO_FDS
     index: int
@@ -352,7 +321,7 @@ class RegionIoFds(Event):
     argsz: int = 16
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class IrqInfo(Event):
     command: ClassVar[Command] = Command.DEVICE_GET_IRQ_INFO
     index: int
@@ -360,8 +329,7 @@ class IrqInfo(Event):
     count: int
 
 
-@_stores_through_slots
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionReadReply(_Access):
     """The data a trapped read returns; its wire `count` is `len(data)`."""
 
@@ -369,14 +337,13 @@ class RegionReadReply(_Access):
     data: bytes
 
 
-@_stores_through_slots
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionWriteReply(_Access):
     command: ClassVar[Command] = Command.REGION_WRITE
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RegionWriteMultiReply(Event):
     """`wr_cnt`: how many of the batch's writes were done."""
 
@@ -384,36 +351,36 @@ class RegionWriteMultiReply(Event):
     wr_cnt: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DeviceFeatureReply(_Feature):
     command: ClassVar[Command] = Command.DEVICE_FEATURE
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MigDataReadReply(Event):
     command: ClassVar[Command] = Command.MIG_DATA_READ
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class MigDataWriteReply(Event):
     command: ClassVar[Command] = Command.MIG_DATA_WRITE
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaReadReply(_Dma):
     command: ClassVar[Command] = Command.DMA_READ
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmaWriteReply(_Dma):
     command: ClassVar[Command] = Command.DMA_WRITE
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ErrorReply(Event):
     """A reply with the ERROR flag: the header alone, with an errno. `command` is an int
     because the refused request may name a command this side does not know."""
@@ -425,7 +392,7 @@ class ErrorReply(Event):
 # ---------------------------------------------------------------- local events
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class BadRequest(Event):
     """A well-framed request that cannot be honoured as sent.
 

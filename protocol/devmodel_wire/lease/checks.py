@@ -11,8 +11,7 @@ stay with the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from devmodel_wire.lease.constants import (
     FD_KIND_FEATURE,
@@ -24,7 +23,10 @@ from devmodel_wire.lease.constants import (
     VALID_PROTS,
     NackReason,
 )
-from devmodel_wire.lease.events import Grant
+from pyvfio_user.frozen import frozen
+
+if TYPE_CHECKING:
+    from devmodel_wire.lease.events import Grant
 
 # Linux's values (open(2) access modes, memfd seals), as fstat and fcntl report them.
 O_WRONLY: Final = 0o1
@@ -97,7 +99,7 @@ def check_grant(
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class FdFacts:
     """What the kernel says about a grant's fd: all `check_fd_facts` needs to judge it."""
 
@@ -137,7 +139,7 @@ pages cannot disappear under a mapping while the borrower holds the fd (udmabuf 
 memfd pages it was made from), so touching the mapping cannot raise SIGBUS."""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class DmabufFacts:
     """What the kernel says about a dma-buf grant's fd: all `check_dmabuf_facts` needs."""
 

@@ -10,7 +10,6 @@ both compare equal to the number on the wire.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, get_args
 
 from devmodel_wire.lease.constants import (
@@ -22,9 +21,10 @@ from devmodel_wire.lease.constants import (
     MsgType,
     RevokeMode,
 )
+from pyvfio_user.frozen import frozen
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Hello:
     """Opens the session: the borrower offers, the lender answers with what was agreed.
 
@@ -44,7 +44,7 @@ class Hello:
     minor: int = VERSION_MINOR
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Bye:
     """Ends the session; the sender closes the socket right after it."""
 
@@ -53,7 +53,7 @@ class Bye:
     text: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Error:
     """Says that one received message was refused and had no effect.
 
@@ -68,19 +68,19 @@ class Error:
     text: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Ping:
     TYPE: ClassVar[MsgType] = MsgType.PING
     token: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Pong:
     TYPE: ClassVar[MsgType] = MsgType.PONG
     token: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Grant:
     """Lends `[offset, offset + length)` of the aperture, backed by `fd` from `fd_offset`.
 
@@ -108,13 +108,13 @@ class Grant:
         return self.flags & GRANT_FD_KIND_MASK
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GrantAck:
     TYPE: ClassVar[MsgType] = MsgType.GRANT_ACK
     lease_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GrantNack:
     TYPE: ClassVar[MsgType] = MsgType.GRANT_NACK
     lease_id: int
@@ -122,14 +122,14 @@ class GrantNack:
     text: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Revoke:
     TYPE: ClassVar[MsgType] = MsgType.REVOKE
     lease_id: int
     mode: RevokeMode
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Revoked:
     """Promises that nothing on the borrower side can touch the lease's pages any more."""
 
@@ -137,7 +137,7 @@ class Revoked:
     lease_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PageIn:
     TYPE: ClassVar[MsgType] = MsgType.PAGE_IN
     request_id: int
@@ -146,7 +146,7 @@ class PageIn:
     access: Access
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class PageInDone:
     """Completes a PAGE_IN; the GRANTs serving it, if any, were sent before it."""
 
