@@ -365,16 +365,26 @@ class _Session:
         """Send `event` now if the socket takes it, else queue it for the writer; the order of
         calls is the order on the wire.
 
-        When nothing is queued or being written, the bytes go out right here, from the caller's
-        context (the reader answering a PING or a REVOKE, a guest access asking for a page-in):
-        one non-blocking send, no hand-off to the writer task and no scheduler pass before the
-        lender sees them. Whatever the socket does not take (full buffer, error) is queued, and
-        the writer deals with it under its deadline, as before.
+        When the writer is not in the middle of a write, the bytes go out right here, from the
+        caller's context (the reader answering a PING or a REVOKE, a guest access asking for a
+        page-in): one non-blocking send, no hand-off to the writer task and no scheduler pass
+        before the lender sees them, with whatever was queued and not yet taken by the writer
+        (GRANT_ACKs held back by `poll_answer`) in front of them: a PAGE_IN must not wait
+        behind a queue that only the writer's next turn would empty. Whatever the socket does
+        not take (full buffer, error) is queued, and the writer deals with it under its
+        deadline, as before.
         """
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
         data = out.data
-        if not self._out and not self._inflight and self.connected:
+        if not self._inflight and self.connected:
+            if self._out:
+                queued = b"".join(self._out)
+                self._out.clear()
+                self._out_bytes -= len(queued)
+                self._progress.set()
+                self._progress = trio.Event()
+                data = queued + data
             try:
                 sent = self._raw.send(data, MSG_DONTWAIT)
             except BlockingIOError:
