@@ -202,7 +202,7 @@ async def lender_session(
 ) -> AsyncIterator[tuple[LenderLinkRig, ScriptedLender, int]]:
     """A `lender_link_rig` whose first session is open, and a sealed memfd of `memfd_size` for
     the lender to grant from (closed at the end)."""
-    async with lender_link_rig(tmp_path, **rig_options) as rig:
+    async with lender_link_rig(tmp_path, **rig_options) as rig:  # type: ignore[arg-type]
         peer = await rig.lender.session()
         fd = sealed_memfd(memfd_size, memfd_name)
         try:
