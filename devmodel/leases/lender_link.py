@@ -307,6 +307,9 @@ class _Session:
         self._slice = TimeSlice()
         # GRANT_ACKs held back until the accesses their grant served have run.
         self._after_served: list[Event] = []
+        # GRANT_ACKs of grants `poll_answer` handled, not yet encoded: the writer's next turn
+        # or the next `send`, whichever comes first, encodes them ahead of its own bytes.
+        self._held: list[Event] = []
         # The reader is parked on the empty socket with every event handled: only then may an
         # access handle the lender's messages itself (`poll_answer`).
         self._idle = False
@@ -374,6 +377,8 @@ class _Session:
         not take (full buffer, error) is queued, and the writer deals with it under its
         deadline, as before.
         """
+        if self._held:
+            self._encode_held()
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
         data = out.data
@@ -396,9 +401,11 @@ class _Session:
             data = data[sent:]
         self._append(data)
 
-    def _queue(self, event: Event) -> None:
-        """Send `event` from the writer task, after whatever runs now, in order with `send`."""
-        self._append(self.conn.send(event).data)
+    def _encode_held(self) -> None:
+        """Queue the GRANT_ACKs `poll_answer` held back, ahead of anything encoded after."""
+        held, self._held = self._held, []
+        for ack in held:
+            self._append(self.conn.send(ack).data)
 
     def _append(self, data: bytes) -> None:
         self._out.append(data)
@@ -407,6 +414,8 @@ class _Session:
 
     async def _writer(self) -> None:
         while True:
+            if self._held:
+                self._encode_held()
             if not self._out:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
@@ -429,6 +438,9 @@ class _Session:
 
     async def say_bye(self, bye: Bye) -> None:
         """Best effort, short deadline: whatever is queued, then BYE, if the state allows."""
+        if self._held:
+            with contextlib.suppress(ProtocolError):
+                self._encode_held()
         try:
             tail = self.conn.send(bye).data
         except ProtocolError:
@@ -539,9 +551,10 @@ class _Session:
             self._end_from(exc)
             return True  # the session is ending: its waiters are failed, nothing to wait for
         if self._after_served:
-            acks, self._after_served = self._after_served, []
-            for ack in acks:
-                self._queue(ack)
+            # Encoded and sent later (`_encode_held`), off the path of the access's answer.
+            self._held += self._after_served
+            self._after_served = []
+            self._wakeup.set()
         return True if done() else None
 
     def _refused(self, exc: LeaseProtocolError) -> None:
