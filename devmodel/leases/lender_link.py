@@ -529,9 +529,9 @@ class _Session:
         Only while the reader is parked on the empty socket (`_idle`): then nothing it read is
         unhandled and it is in no step of its own, so handling the next messages here keeps
         the order the reader would. Whatever ends the session here ends it as it would in the
-        reader (`_guarded`). GRANT_ACKs of grants that served accesses go to the writer, which
-        sends them once this access has answered the guest and the loop parks, behind nothing
-        sent later (`send` queues behind them).
+        reader (`_guarded`). GRANT_ACKs of grants that served accesses are held back until this
+        access has answered (`_handle_buffered`), as the reader's checkpoints hold them, and
+        go out ahead of anything sent after them.
         """
         if done():
             return True
@@ -540,22 +540,33 @@ class _Session:
         try:
             if not self._receive_nowait():
                 return None
-            while True:
-                event = self._buffered_event()
-                if event is NEED_DATA:
-                    break
-                if event is None:
-                    raise _Ended("the lender closed the connection")
-                self._handle(event)  # type: ignore[arg-type]
+            self._handle_buffered()
+            # Served: one more look, for what the lender sent right behind its GRANT (its
+            # PAGE_IN_DONE). Handled here, it costs a receive; left to the reader, a wake-up
+            # of the loop in the middle of the guest's next access.
+            if done() and self._receive_nowait():
+                self._handle_buffered()
         except BaseException as exc:
             self._end_from(exc)
             return True  # the session is ending: its waiters are failed, nothing to wait for
-        if self._after_served:
-            # Encoded and sent later (`_encode_held`), off the path of the access's answer.
-            self._held += self._after_served
-            self._after_served = []
-            self._wakeup.set()
         return True if done() else None
+
+    def _handle_buffered(self) -> None:
+        """Handle every complete event the connection holds (`poll_answer`)."""
+        while True:
+            event = self._buffered_event()
+            if event is NEED_DATA:
+                return
+            if event is None:
+                raise _Ended("the lender closed the connection")
+            self._handle(event)  # type: ignore[arg-type]
+            if self._after_served:
+                # Held, then encoded and sent by the writer's next turn or ahead of the next
+                # `send` (a REVOKED for a REVOKE right behind this GRANT, say), whichever comes
+                # first: after this access, never after what follows it on the wire.
+                self._held += self._after_served
+                self._after_served = []
+                self._wakeup.set()
 
     def _refused(self, exc: LeaseProtocolError) -> None:
         self.link._log.warning("refused a message from the lender: %s", exc)

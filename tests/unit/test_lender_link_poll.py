@@ -275,7 +275,7 @@ async def test_a_lender_breaking_the_protocol_inside_the_poll_ends_only_its_sess
         try:
             await r.connected()
             assert await r.engine.read(0, 8) == mark(0)
-            await wait_until(lambda: not r.link.connected)
+            await wait_until(lambda: bool(r.link.last_end_reason))
             assert "protocol error" in r.link.last_end_reason
             # The session's leases went with it: the failure policy, not stale memory.
             assert await r.engine.read(0, 8) == ONES
