@@ -174,11 +174,8 @@ def text_plots(result: Mapping[str, Any], width: int = 78, height: int = 20) -> 
         # The log axis is drawn as log10 of the latency on a linear one, with ticks at the
         # powers of ten: plotext's own log scale picks odd tick values.
         for (_, _, values, fractions), marker in zip(curves, _TEXT_MARKERS, strict=False):
-            points = [
-                (math.log10(max(v, 1e-3)), f)
-                for v, f in zip(values, fractions, strict=True)
-                if v <= hi
-            ]
+            points = [(math.log10(max(v, 1e-3)), f) for v, f in zip(values, fractions, strict=True)
+                      if v <= hi]
             fig.draw(fig.signal([x for x, _ in points], [f for _, f in points], marker=marker))
         # The legend goes under the plot, not over the curves (plotext draws it inside).
         legend = [

@@ -254,15 +254,7 @@ def steps() -> None:
             assert ring is not None
             raw = encode_ioreq(
                 IoReq(
-                    BAR0 + 0x100,
-                    0,
-                    1,
-                    8,
-                    40,
-                    IoreqState.READY,
-                    False,
-                    IOREQ_READ,
-                    False,
+                    BAR0 + 0x100, 0, 1, 8, 40, IoreqState.READY, False, IOREQ_READ, False,
                     IoreqType.COPY,
                 )
             )
@@ -408,7 +400,9 @@ def main() -> int:
         print(line)
     print("medians of each round's median:")
     for tree in trees:
-        cells = ", ".join(f"{kind} {statistics.median(medians[tree][kind]):.2f}" for kind in KINDS)
+        cells = ", ".join(
+            f"{kind} {statistics.median(medians[tree][kind]):.2f}" for kind in KINDS
+        )
         print(f"  {tree}: {cells}")
     return 0
 

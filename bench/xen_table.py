@@ -49,7 +49,8 @@ class XenRow:
 def results(run_dir: Path, guest: str) -> list[dict[str, Any]]:
     """bartest's result lines in a guest's console: a PVH guest's as xenconsoled logs it, an
     HVM guest's serial file."""
-    for path in (run_dir / "log" / "console" / f"guest-{guest}.log", run_dir / f"{guest}.serial"):
+    for path in (run_dir / "log" / "console" / f"guest-{guest}.log",
+                 run_dir / f"{guest}.serial"):
         if path.exists():
             text = path.read_text(errors="replace")
             return [json.loads(m) for m in RESULT_LINE.findall(text)]
@@ -59,28 +60,19 @@ def results(run_dir: Path, guest: str) -> list[dict[str, Any]]:
 def xbench_rows(lines: list[dict[str, Any]]) -> list[XenRow]:
     """One row per vCPU count, target and size, devmodel's first, the peer's after them."""
     series = [r for r in lines if r.get("test") == "xbench" and "target" in r]
-    peer = {
-        (r["vcpus"], r["size"]): r["reads"]["median_ns"]
-        for r in series
-        if r["target"] == "peer_bar0"
-    }
+    peer = {(r["vcpus"], r["size"]): r["reads"]["median_ns"] for r in series
+            if r["target"] == "peer_bar0"}
     rows = []
-    for r in sorted(
-        series, key=lambda r: (r["vcpus"], r["target"] == "peer_bar0", r["target"], r["size"])
-    ):
+    for r in sorted(series, key=lambda r: (r["vcpus"], r["target"] == "peer_bar0",
+                                           r["target"], r["size"])):
         reads = r["reads"]
         vcpus = f"{r['vcpus']} vCPU" + ("s at once" if r["vcpus"] > 1 else "")
         base = peer.get((r["vcpus"], r["size"]))
-        ratio = reads["median_ns"] / base if base and r["target"] != "peer_bar0" else None
-        rows.append(
-            XenRow(
-                f"{r['size']}-byte read, {TARGETS.get(r['target'], r['target'])}, {vcpus}",
-                reads["median_ns"],
-                reads["p99_ns"],
-                reads["count"],
-                ratio,
-            )
-        )
+        ratio = (reads["median_ns"] / base
+                 if base and r["target"] != "peer_bar0" else None)
+        rows.append(XenRow(f"{r['size']}-byte read, {TARGETS.get(r['target'], r['target'])}, "
+                           f"{vcpus}", reads["median_ns"], reads["p99_ns"], reads["count"],
+                           ratio))
     return rows
 
 
@@ -91,12 +83,8 @@ def xfault_rows(lines: list[dict[str, Any]]) -> list[XenRow]:
         peer = r["peer"]["median_ns"] if r.get("peer", {}).get("count") else None
         resident = r["resident"]["median_ns"] or None
         for key, figure, base, name in (
-            (
-                "fault",
-                "first read of an evicted window (page-in), devmodel BAR0",
-                resident,
-                "resident",
-            ),
+            ("fault", "first read of an evicted window (page-in), devmodel BAR0", resident,
+             "resident"),
             ("fault", "  the same, against the C peer", peer, "C peer"),
             ("resident", "resident read of those windows, devmodel BAR0", peer, "C peer"),
             ("peer", "8-byte read, C peer BAR0 (same guest)", None, ""),
@@ -127,21 +115,15 @@ def fmt_ns(ns: float | None) -> str:
 def format_table(run_dir: Path) -> str:
     rows = table_rows(run_dir)
     if not rows:
-        return (
-            f"no xen-bench results in {run_dir} (looked for bartest's lines in the "
-            f"{BENCH_GUEST} guest's console)"
-        )
-    head = (
-        f"{'Xen figure (guest vCPU to dom0, real event channels)':<68} {'median':>9} "
-        f"{'p99':>9} {'count':>6}  ratio"
-    )
+        return (f"no xen-bench results in {run_dir} (looked for bartest's lines in the "
+                f"{BENCH_GUEST} guest's console)")
+    head = f"{'Xen figure (guest vCPU to dom0, real event channels)':<68} {'median':>9} " \
+           f"{'p99':>9} {'count':>6}  ratio"
     out = [head, "-" * len(head)]
     for row in rows:
         ratio = f"{row.ratio:.2f}x {row.peer}" if row.ratio is not None else ""
-        out.append(
-            f"{row.figure:<68} {fmt_ns(row.median):>9} {fmt_ns(row.p99):>9} "
-            f"{row.count:>6}  {ratio}".rstrip()
-        )
+        out.append(f"{row.figure:<68} {fmt_ns(row.median):>9} {fmt_ns(row.p99):>9} "
+                   f"{row.count:>6}  {ratio}".rstrip())
     return "\n".join(out)
 
 

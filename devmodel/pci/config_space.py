@@ -157,20 +157,11 @@ def config_layout(
         ConfigField("VENDOR_ID", VENDOR_ID, 2, identity.vendor_id),
         ConfigField("DEVICE_ID", DEVICE_ID, 2, identity.device_id),
         ConfigField(
-            "COMMAND",
-            COMMAND,
-            2,
-            0,
-            COMMAND_WRITABLE,
+            "COMMAND", COMMAND, 2, 0, COMMAND_WRITABLE,
             description="memory space, bus master, INTx disable",
         ),
         ConfigField(
-            "STATUS",
-            STATUS,
-            2,
-            STS_CAP_LIST,
-            0,
-            STATUS_RW1C,
+            "STATUS", STATUS, 2, STS_CAP_LIST, 0, STATUS_RW1C,
             description="capability list; error bits RW1C; interrupt status",
         ),
         ConfigField("REVISION_ID", REVISION_ID, 1, identity.revision),
@@ -186,11 +177,7 @@ def config_layout(
         address_mask = ~(bar.size - 1)
         fields.append(
             ConfigField(
-                f"BAR{bar.number}",
-                reg,
-                4,
-                bar.type_bits,
-                address_mask & 0xFFFFFFF0,
+                f"BAR{bar.number}", reg, 4, bar.type_bits, address_mask & 0xFFFFFFF0,
                 description=f"{bar.size:#x} bytes, {'64' if bar.is_64bit else '32'}-bit"
                 f"{', prefetchable' if bar.prefetchable else ''}",
             )
@@ -199,11 +186,7 @@ def config_layout(
         if bar.is_64bit:
             fields.append(
                 ConfigField(
-                    f"BAR{bar.number + 1}",
-                    reg + 4,
-                    4,
-                    0,
-                    (address_mask >> 32) & 0xFFFFFFFF,
+                    f"BAR{bar.number + 1}", reg + 4, 4, 0, (address_mask >> 32) & 0xFFFFFFFF,
                     description=f"upper half of BAR{bar.number}",
                 )
             )
@@ -226,11 +209,7 @@ def config_layout(
         ConfigField("MSI_CAP_ID", MSI_CAP, 1, CAP_ID_MSI),
         ConfigField("MSI_NEXT", MSI_CAP + 1, 1, MSIX_CAP),
         ConfigField(
-            "MSI_CONTROL",
-            MSI_CONTROL,
-            2,
-            MSI_CTL_64BIT,
-            MSI_CTL_ENABLE,
+            "MSI_CONTROL", MSI_CONTROL, 2, MSI_CTL_64BIT, MSI_CTL_ENABLE,
             description="64-bit, 1 vector (multiple message enable read-only 0), no masking",
         ),
         ConfigField("MSI_ADDRESS_LO", MSI_ADDRESS_LO, 4, 0, 0xFFFFFFFC),
@@ -239,27 +218,14 @@ def config_layout(
         ConfigField("MSIX_CAP_ID", MSIX_CAP, 1, CAP_ID_MSIX),
         ConfigField("MSIX_NEXT", MSIX_CAP + 1, 1, 0, description="end of list"),
         ConfigField(
-            "MSIX_CONTROL",
-            MSIX_CONTROL,
-            2,
-            msix.vectors - 1,
+            "MSIX_CONTROL", MSIX_CONTROL, 2, msix.vectors - 1,
             MSIX_CTL_ENABLE | MSIX_CTL_FUNCTION_MASK,
             description=f"{msix.vectors} vectors; enable and function mask writable",
         ),
-        ConfigField(
-            "MSIX_TABLE",
-            MSIX_TABLE,
-            4,
-            msix.table_offset | msix.bar,
-            description=f"table at BAR{msix.bar} + {msix.table_offset:#x}",
-        ),
-        ConfigField(
-            "MSIX_PBA",
-            MSIX_PBA,
-            4,
-            msix.pba_offset | msix.bar,
-            description=f"PBA at BAR{msix.bar} + {msix.pba_offset:#x}",
-        ),
+        ConfigField("MSIX_TABLE", MSIX_TABLE, 4, msix.table_offset | msix.bar,
+                    description=f"table at BAR{msix.bar} + {msix.table_offset:#x}"),
+        ConfigField("MSIX_PBA", MSIX_PBA, 4, msix.pba_offset | msix.bar,
+                    description=f"PBA at BAR{msix.bar} + {msix.pba_offset:#x}"),
     ]
     return tuple(sorted(fields, key=lambda f: f.offset))
 
@@ -273,7 +239,9 @@ class ConfigSpace:
 
     __slots__ = ("_bars", "_image", "_reset_image", "_w1c", "_wmask", "fields", "msix")
 
-    def __init__(self, identity: PciIdentity, bars: Sequence[BarSpec], msix: MsixLayout) -> None:
+    def __init__(
+        self, identity: PciIdentity, bars: Sequence[BarSpec], msix: MsixLayout
+    ) -> None:
         self.fields = config_layout(identity, bars, msix)
         self.msix = msix
         self._bars = {bar.number: bar for bar in bars}

@@ -106,25 +106,16 @@ REGISTERS: tuple[Register, ...] = (
     Register("POLL_MISSES", 0x90, 8, RO, "transport socket polls that ran out of budget"),
     Register("POLL_NS", 0x98, 8, RO, "CPU time spent polling the transport socket, in ns"),
     Register(
-        "INTERRUPTS",
-        0xA0,
-        8,
-        RO,
+        "INTERRUPTS", 0xA0, 8, RO,
         "interrupts raised: MSI/MSI-X messages signalled or left pending, INTx assertions",
     ),
     Register(
-        "DOORBELL",
-        0xA8,
-        4,
-        WO,
+        "DOORBELL", 0xA8, 4, WO,
         "write a vector: raise it (MSI-X vector 0-3 if MSI-X is on, else MSI or INTx, "
         "vector 0); other vectors are ignored",
     ),
     Register(
-        "IRQ_STATUS",
-        0xAC,
-        4,
-        RW1C,
+        "IRQ_STATUS", 0xAC, 4, RW1C,
         "bit 0: INTx asserted (by the doorbell); write 1 to deassert it",
     ),
     Register(
@@ -133,10 +124,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("PAGE_IN_POLL_MISSES", 0xB8, 8, RO, "page-in waits that ran out of polling budget"),
     Register("PAGE_IN_POLL_NS", 0xC0, 8, RO, "CPU time spent polling the lender socket, in ns"),
     Register(
-        "MSIX_TABLE",
-        MSIX_TABLE_OFFSET,
-        MSIX_ENTRY_SIZE * MSIX_VECTORS,
-        RW,
+        "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "
         "vector control)",
     ),

@@ -134,10 +134,8 @@ class IoreqHandler:
         if where is None:
             self.counters.bad_accesses += 1
             self._log.warning(
-                "%s of %d bytes at %#x: no BAR of ours there",
-                "read" if is_read else "write",
-                size,
-                addr,
+                "%s of %d bytes at %#x: no BAR of ours there", "read" if is_read else "write",
+                size, addr,
             )
             return ones(size) if is_read else None
         region, offset = where
