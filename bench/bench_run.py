@@ -139,6 +139,11 @@ class Results:
         return row
 
 
+def _ratio_at_most(res: Results, key: str, limit: float) -> bool | None:
+    ratio = res.rows[key].ratio
+    return None if ratio is None else ratio <= limit
+
+
 def check(row: Row, target: str, ok: Callable[[float], bool | None]) -> None:
     row.target = target
     if row.median is not None:
@@ -503,7 +508,8 @@ def run(
                         ready.append(time_to_ready(tmp, server_cpus, r * plan.starts + i))
                 stats = e2e.lender.ask("stats")
             counts_engine = trio.run(bl.engine_coalescing, plan.coalesce_rounds, 64)
-            counts_link, wrong = trio.run(bl.link_coalescing, tmp, plan.coalesce_rounds, 64)
+            link = trio.run(bl.link_coalescing, tmp, plan.coalesce_rounds, 64)
+            counts_link, wrong = link.counts, link.wrong
             idle = idle_figures(off_sock, dm_off, on_sock, dm_on, plan.idle)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -600,6 +606,14 @@ def run(
             passed=all(c == 1 for c in counts) and not wrong,
             note=f"{wrong} wrong reads" if wrong else "",
         )
+    )
+    # ... and how long the last of them waited, against one fault alone (the same lender,
+    # which answers after 5 ms, and the same link; the bench's in-process pair).
+    res.latency("fault_alone", "lease: one fault alone (lender answers in 5 ms)", link.alone)
+    res.latency("fault_64", "lease: 64 concurrent faults, the last served", link.slowest)
+    res.compare("fault_64", "fault_alone")
+    check(
+        res.rows["fault_64"], "<= 1.10x one fault", lambda _m: _ratio_at_most(res, "fault_64", 1.10)
     )
     if stats["nacks"] or stats["errors"]:
         res.rows["fault"].note = f"lender saw {stats['nacks']} refusals, {stats['errors']} errors"

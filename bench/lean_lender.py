@@ -177,10 +177,13 @@ class LeanLender:
         if msg_type == PAGE_IN:
             self.stats["page_ins"] += 1
             offset, length, _access = _unpack_page_in(rx, pos + HEADER_SIZE)
-            if self.page_in(msg_id, offset, length):
+            self._granted = 0.0
+            if self.page_in(msg_id, offset, length) and self._granted:
                 # The lender's own share of a fault: from the PAGE_IN's arrival to the GRANT's
                 # sendmsg returning (what the faulting access waits for: the grant serves it)
-                # and to the PAGE_IN_DONE's.
+                # and to the PAGE_IN_DONE's. A PAGE_IN for memory lent again meanwhile (a
+                # load client touched a window between REVOKED and its new GRANT) is answered
+                # with PAGE_IN_DONE alone: no GRANT, no sample.
                 self.own_page_in.append((self._granted - arrived, perf() - arrived))
         elif msg_type == REVOKED:
             index = self.by_lease.pop(msg_id)

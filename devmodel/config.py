@@ -26,7 +26,7 @@ from devmodel.aperture import (
 )
 from devmodel.leases.policy import FailurePolicy
 from devmodel.pci.identity import parse_pci_id
-from devmodel.polling import DEFAULT_POLL_MAX_US, MAX_POLL_MAX_US
+from devmodel.polling import DEFAULT_PAGE_IN_POLL_MAX_US, DEFAULT_POLL_MAX_US, MAX_POLL_MAX_US
 from devmodel.sizes import format_size, parse_size
 
 # QEMU's vfio-user client gives up on a reply after 5 s; every wait must end before that.
@@ -369,6 +369,17 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "int",
     ),
     Option(
+        "page-in-poll-max-us",
+        _poll_us,
+        DEFAULT_PAGE_IN_POLL_MAX_US,
+        "with --lender-socket: an access that asked the lender for a page-in polls the "
+        "lender's socket for the GRANT for up to this many microseconds (self-tuned below it) "
+        "before it sleeps; 0 turns this off "
+        f"(default {DEFAULT_PAGE_IN_POLL_MAX_US})",
+        "N",
+        "int",
+    ),
+    Option(
         "control-socket",
         _socket_path,
         None,
@@ -463,6 +474,7 @@ class Settings:
     revoke_timeout: float = 2.0
     failure_policy: FailurePolicy = FailurePolicy.ALL_ONES
     poll_max_us: int = DEFAULT_POLL_MAX_US
+    page_in_poll_max_us: int = DEFAULT_PAGE_IN_POLL_MAX_US
     control_socket: str | None = None
     log_format: str = "text"
     log_level: str = "info"

@@ -34,6 +34,11 @@ class DeviceCounters:
     poll_hits: int = 0
     poll_misses: int = 0
     poll_ns: int = 0
+    # The same for the lender's socket, polled by an access waiting for its page-in's GRANT
+    # (devmodel/leases/lender_link.py, `poll_answer`).
+    page_in_poll_hits: int = 0
+    page_in_poll_misses: int = 0
+    page_in_poll_ns: int = 0
     # Interrupts the device raised (the BAR2 doorbell): MSI/MSI-X messages signalled or left
     # pending, INTx assertions.
     interrupts: int = 0

@@ -30,32 +30,49 @@ from typing import Final, TypeVar
 
 from devmodel.counters import DeviceCounters
 
-__all__ = ["DEFAULT_POLL_MAX_US", "MAX_POLL_MAX_US", "POLL_INITIAL_NS", "AdaptivePoll"]
+__all__ = [
+    "DEFAULT_PAGE_IN_POLL_MAX_US",
+    "DEFAULT_POLL_MAX_US",
+    "MAX_POLL_MAX_US",
+    "PAGE_IN_POLL",
+    "POLL_INITIAL_NS",
+    "TRANSPORT_POLL",
+    "AdaptivePoll",
+]
 
 T = TypeVar("T")
 
 POLL_INITIAL_NS: Final = 4_000
 """The first budget after 0 (QEMU's too): and below it, 0."""
 DEFAULT_POLL_MAX_US: Final = 50
+DEFAULT_PAGE_IN_POLL_MAX_US: Final = 100
+"""A lender's GRANT comes later than a client's next request: the lender must be woken on its
+own CPU and map or find the memory. An instant lender answers in 30-60 us on the test VMs."""
 MAX_POLL_MAX_US: Final = 1_000
 """A spin longer than a millisecond would eat the loop's whole time slice (fairness.py)."""
+TRANSPORT_POLL: Final = ("poll_hits", "poll_misses", "poll_ns")
+"""DeviceCounters' names for the transport socket's polling."""
+PAGE_IN_POLL: Final = ("page_in_poll_hits", "page_in_poll_misses", "page_in_poll_ns")
+"""... and for the lender socket's, while an access waits for a page-in (lender_link.py)."""
 
 
 class AdaptivePoll:
     """One socket's polling budget and the spin that uses it.
 
     Use: `got = poll.poll(attempt)`; if None, park until readable, receive, then `parked()`.
-    Counters: `poll_hits` (a spin got a message), `poll_misses` (a spin ran out of budget) and
-    `poll_ns` (time spent spinning: CPU time, since a spin never sleeps).
+    Counters (in `counters`, under the names `names` gives; DeviceCounters' transport ones by
+    default): hits (a spin got a message), misses (a spin ran out of budget) and the time spent
+    spinning (CPU time, since a spin never sleeps), in ns.
     """
 
-    __slots__ = ("_clock", "_started", "budget_ns", "counters", "max_ns")
+    __slots__ = ("_clock", "_names", "_started", "budget_ns", "counters", "max_ns")
 
     def __init__(
         self,
         max_ns: int,
         counters: DeviceCounters,
         clock: Callable[[], int] = perf_counter_ns,
+        names: tuple[str, str, str] = TRANSPORT_POLL,
     ) -> None:
         if max_ns < 0:
             raise ValueError("the polling budget cannot be negative")
@@ -63,6 +80,7 @@ class AdaptivePoll:
         self.budget_ns = 0
         self.counters = counters
         self._clock = clock
+        self._names = names
         self._started = 0
 
     def poll(self, attempt: Callable[[], T | None]) -> T | None:
@@ -76,22 +94,35 @@ class AdaptivePoll:
         if not budget:
             return None
         deadline = start + budget
-        counters = self.counters
         while True:
             got = attempt()
             now = clock()
             if got is not None:
-                counters.poll_hits += 1
-                counters.poll_ns += now - start
+                self._count(0, now - start)
                 return got
             if now >= deadline:
-                counters.poll_misses += 1
-                counters.poll_ns += now - start
+                self._count(1, now - start)
                 return None
+
+    def _count(self, which: int, spun_ns: int) -> None:
+        c = self.counters
+        names = self._names
+        setattr(c, names[which], getattr(c, names[which]) + 1)
+        setattr(c, names[2], getattr(c, names[2]) + spun_ns)
 
     def parked(self) -> None:
         """The message came after a park: tune the budget to how long the whole wait took."""
         self.adjust(self._clock() - self._started)
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The clock the budget is kept in (what `parked_until` expects)."""
+        return self._clock
+
+    def parked_until(self, arrived_ns: int) -> None:
+        """`parked`, when the message was received at `arrived_ns` (the clock's) by another
+        task, and the waiter learns of it later."""
+        self.adjust(arrived_ns - self._started)
 
     def adjust(self, waited_ns: int) -> None:
         """QEMU's rule (see the module): keep, grow or shrink the budget after a wait."""

@@ -383,6 +383,13 @@ async def query_stats(inst: Instance, client: ControlClient, args: dict[str, obj
             "hits": inst.counters.poll_hits,
             "misses": inst.counters.poll_misses,
             "cpu_ns": inst.counters.poll_ns,
+            # The lender's socket, polled by accesses waiting for a page-in's GRANT.
+            "page_in": {
+                "max_us": inst.settings.page_in_poll_max_us,
+                "hits": inst.counters.page_in_poll_hits,
+                "misses": inst.counters.page_in_poll_misses,
+                "cpu_ns": inst.counters.page_in_poll_ns,
+            },
         },
     }
 

@@ -67,6 +67,18 @@ class LenderPort(Protocol):
     def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool: ...
 
 
+class AnswerPoller(Protocol):
+    """What an access that has asked for a page-in may do before it parks."""
+
+    def poll_answer(self, done: Callable[[], bool]) -> bool:
+        """Try for a short while to receive and handle the lender's answer; True if `done()`."""
+        ...
+
+    def answer_parked(self) -> None:
+        """The answer came after the access parked (so the poller can tune its budget)."""
+        ...
+
+
 class AccessObserver(Protocol):
     """Told how long each access and each revoke took (devmodel.metrics.timing fills
     histograms with it). Called on the access path: it must be cheap and must not raise."""
@@ -130,6 +142,9 @@ class LeaseEngine:
         self.counters = counters
         self.config = config or EngineConfig()
         self.port: LenderPort | None = None
+        # Polls the lender for a page-in's answer before an access parks (the lender link,
+        # when polling is on); None: accesses park at once.
+        self.answer_poller: AnswerPoller | None = None
         # Transports that map resident windows into the guest (the Xen fast path) register
         # here; a revoke awaits every hook before it drops the engine's own access.
         self.unmap_hooks: list[UnmapHook] = []
@@ -371,8 +386,13 @@ class LeaseEngine:
                 waited = True
             pending = Pending(offset, size, data)
             w.waiters.append(pending)
-            with trio.move_on_at(deadline):
-                await pending.done.wait()
+            done = pending.done
+            poller = self.answer_poller if state is S.PAGING_IN else None
+            if poller is None or not poller.poll_answer(done.is_set):
+                with trio.move_on_at(deadline):
+                    await done.wait()
+                if poller is not None and done.is_set():
+                    poller.answer_parked()
             if pending.served:
                 if pending.error is not None:
                     raise pending.error

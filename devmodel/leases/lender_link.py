@@ -33,6 +33,7 @@ import random
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
 from typing import Final
 
 import trio
@@ -41,6 +42,7 @@ from devmodel.fairness import TimeSlice
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.grant_checks import check_grant_fd_key
+from devmodel.polling import AdaptivePoll
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.unixfds import (
     MSG_CMSG_CLOEXEC,
@@ -130,6 +132,7 @@ class LenderLink:
         ping_timeout: float = 2.0,
         bye_timeout: float = 0.2,
         features: int = FEATURES_KNOWN,
+        poll: AdaptivePoll | None = None,
     ) -> None:
         if not 0 < reconnect_min <= reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
@@ -156,6 +159,11 @@ class LenderLink:
         self._last_failure = ""
         self._log = RateLimitedLogger(log)
         engine.port = self
+        # Polling for the answer to a page-in from the access that waits for it (see
+        # `poll_answer`); None: such an access always parks.
+        self.poll = poll
+        if poll is not None:
+            engine.answer_poller = self
 
     @property
     def connected(self) -> bool:
@@ -175,6 +183,30 @@ class LenderLink:
             self._log.warning("cannot ask the lender for a page-in: %s", exc)
             return False
         return True
+
+    def poll_answer(self, done: Callable[[], bool]) -> bool:
+        """Spin on the lender's socket for the polling budget, handling what comes in, until
+        `done()`; False if it did not come in time (the access then parks as before).
+
+        Called by an access that has just sent a PAGE_IN and would otherwise park until the
+        GRANT: trio would idle the CPU, the GRANT would wake it, and two scheduler passes
+        (the reader, then the access) would follow before the guest's reply. A lender that
+        answers at once does so within tens of microseconds; catching its GRANT here serves
+        the access in its own task (docs/performance.md, "The lease path"). The messages are
+        handled exactly as the reader handles them, in order, and only while the reader waits
+        for the socket with nothing half done (`_Session.poll_answer`).
+        """
+        s = self._session
+        poll = self.poll
+        if s is None or poll is None or not s.usable:
+            return False
+        return poll.poll(lambda: s.poll_answer(done)) is not None
+
+    def answer_parked(self) -> None:
+        """The answer came after the access parked: tune the budget (AdaptivePoll.parked)."""
+        s = self._session
+        if self.poll is not None and s is not None:
+            self.poll.parked_until(s.received_ns)
 
     # ------------------------------------------------------------------ connection loop
 
@@ -275,6 +307,16 @@ class _Session:
         self._slice = TimeSlice()
         # GRANT_ACKs held back until the accesses their grant served have run.
         self._after_served: list[Event] = []
+        # GRANT_ACKs of grants `poll_answer` handled, not yet encoded: the writer's next turn
+        # or the next `send`, whichever comes first, encodes them ahead of its own bytes.
+        self._held: list[Event] = []
+        # The reader is parked on the empty socket with every event handled: only then may an
+        # access handle the lender's messages itself (`poll_answer`).
+        self._idle = False
+        # When the last receive returned, on the polling budget's clock: when the answer to a
+        # parked access came (LenderLink.answer_parked).
+        self._clock = link.poll.clock if link.poll is not None else perf_counter_ns
+        self.received_ns = 0
 
     @property
     def usable(self) -> bool:
@@ -300,18 +342,25 @@ class _Session:
         """Run one task of the session; whatever it raises ends the session, not the process."""
         try:
             await fn(*args)
-        except _Ended as exc:
+        except Exception as exc:
+            self._end_from(exc)
+
+    def _end_from(self, exc: BaseException) -> None:
+        """End the session for what a task of it raised (anything but an Exception: re-raised)."""
+        if isinstance(exc, _Ended):
             self.end(exc)
-        except ProtocolError as exc:
+        elif isinstance(exc, ProtocolError):
             reply = getattr(exc, "reply", None)
             self.end(_Ended(f"protocol error: {exc}", reply if isinstance(reply, Bye) else None))
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             self.end(_Ended(f"socket error: {exc.strerror or exc}"))
-        except Exception as exc:
+        elif isinstance(exc, Exception):
             # A bug, possibly provoked by a lender: log it fully but keep the device model up.
-            log.exception("internal error in the lender link")
+            log.exception("internal error in the lender link", exc_info=exc)
             text = clip(f"internal error: {type(exc).__name__}")
             self.end(_Ended(f"internal error: {exc!r}", Bye(ByeReason.INTERNAL_ERROR, text)))
+        else:
+            raise exc
 
     # ------------------------------------------------------------------ output
 
@@ -319,16 +368,28 @@ class _Session:
         """Send `event` now if the socket takes it, else queue it for the writer; the order of
         calls is the order on the wire.
 
-        When nothing is queued or being written, the bytes go out right here, from the caller's
-        context (the reader answering a PING or a REVOKE, a guest access asking for a page-in):
-        one non-blocking send, no hand-off to the writer task and no scheduler pass before the
-        lender sees them. Whatever the socket does not take (full buffer, error) is queued, and
-        the writer deals with it under its deadline, as before.
+        When the writer is not in the middle of a write, the bytes go out right here, from the
+        caller's context (the reader answering a PING or a REVOKE, a guest access asking for a
+        page-in): one non-blocking send, no hand-off to the writer task and no scheduler pass
+        before the lender sees them, with whatever was queued and not yet taken by the writer
+        (GRANT_ACKs held back by `poll_answer`) in front of them: a PAGE_IN must not wait
+        behind a queue that only the writer's next turn would empty. Whatever the socket does
+        not take (full buffer, error) is queued, and the writer deals with it under its
+        deadline, as before.
         """
+        if self._held:
+            self._encode_held()
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
         data = out.data
-        if not self._out and not self._inflight and self.connected:
+        if not self._inflight and self.connected:
+            if self._out:
+                queued = b"".join(self._out)
+                self._out.clear()
+                self._out_bytes -= len(queued)
+                self._progress.set()
+                self._progress = trio.Event()
+                data = queued + data
             try:
                 sent = self._raw.send(data, MSG_DONTWAIT)
             except BlockingIOError:
@@ -338,12 +399,23 @@ class _Session:
             if sent == len(data):
                 return
             data = data[sent:]
+        self._append(data)
+
+    def _encode_held(self) -> None:
+        """Queue the GRANT_ACKs `poll_answer` held back, ahead of anything encoded after."""
+        held, self._held = self._held, []
+        for ack in held:
+            self._append(self.conn.send(ack).data)
+
+    def _append(self, data: bytes) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
         self._wakeup.set()
 
     async def _writer(self) -> None:
         while True:
+            if self._held:
+                self._encode_held()
             if not self._out:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
@@ -366,6 +438,9 @@ class _Session:
 
     async def say_bye(self, bye: Bye) -> None:
         """Best effort, short deadline: whatever is queued, then BYE, if the state allows."""
+        if self._held:
+            with contextlib.suppress(ProtocolError):
+                self._encode_held()
         try:
             tail = self.conn.send(bye).data
         except ProtocolError:
@@ -394,16 +469,23 @@ class _Session:
         # receiver here follows: a message that lost fds in transit (MSG_CTRUNC) cannot be
         # read correctly, so the connection ends.
         raw = self._raw
-        while True:
+        while not self._receive_nowait():
+            self._idle = True
             try:
-                nbytes, ancillary, flags, _ = raw.recvmsg_into(
-                    [self._view], ANCILLARY_SPACE, _RECV_FLAGS
-                )
-            except BlockingIOError:
                 await trio.lowlevel.wait_readable(raw)
-                self._slice.restart()  # others ran meanwhile: a new slice starts
-                continue
-            break
+            finally:
+                self._idle = False
+            self._slice.restart()  # others ran meanwhile: a new slice starts
+
+    def _receive_nowait(self) -> bool:
+        """One non-blocking receive into the connection; False if the socket was empty."""
+        try:
+            nbytes, ancillary, flags, _ = self._raw.recvmsg_into(
+                [self._view], ANCILLARY_SPACE, _RECV_FLAGS
+            )
+        except BlockingIOError:
+            return False
+        self.received_ns = self._clock()
         try:
             fds = fds_from_ancillary(ancillary, flags)
         except FdsTruncated:
@@ -414,9 +496,19 @@ class _Session:
         self._last_heard = trio.current_time()
         self._heard.set()
         self.conn.receive_data(self._view[:nbytes], fds)
+        return True
 
     async def _next_event(self) -> Event | None:
         """The next event (None at the end of the stream); refused messages are answered here."""
+        while True:
+            event = self._buffered_event()
+            if event is NEED_DATA:
+                await self._receive()
+                continue
+            return event  # type: ignore[return-value]
+
+    def _buffered_event(self) -> Event | object | None:
+        """The next complete event, NEED_DATA, or None at the end of the stream."""
         while True:
             try:
                 event = self.conn.next_event()
@@ -426,12 +518,55 @@ class _Session:
                     raise _Ended(f"protocol error: {exc}", bye) from None
                 self._refused(exc)
                 continue
-            if event is NEED_DATA:
-                await self._receive()
-                continue
             if event is CLOSED:
                 return None
             return event
+
+    def poll_answer(self, done: Callable[[], bool]) -> bool | None:
+        """One try of `LenderLink.poll_answer`: receive without waiting and handle every
+        event that came, as the reader would; True once `done()`, None to try again.
+
+        Only while the reader is parked on the empty socket (`_idle`): then nothing it read is
+        unhandled and it is in no step of its own, so handling the next messages here keeps
+        the order the reader would. Whatever ends the session here ends it as it would in the
+        reader (`_guarded`). GRANT_ACKs of grants that served accesses are held back until this
+        access has answered (`_handle_buffered`), as the reader's checkpoints hold them, and
+        go out ahead of anything sent after them.
+        """
+        if done():
+            return True
+        if not self._idle or self.failure is not None:
+            return None
+        try:
+            if not self._receive_nowait():
+                return None
+            self._handle_buffered()
+            # Served: one more look, for what the lender sent right behind its GRANT (its
+            # PAGE_IN_DONE). Handled here, it costs a receive; left to the reader, a wake-up
+            # of the loop in the middle of the guest's next access.
+            if done() and self._receive_nowait():
+                self._handle_buffered()
+        except BaseException as exc:
+            self._end_from(exc)
+            return True  # the session is ending: its waiters are failed, nothing to wait for
+        return True if done() else None
+
+    def _handle_buffered(self) -> None:
+        """Handle every complete event the connection holds (`poll_answer`)."""
+        while True:
+            event = self._buffered_event()
+            if event is NEED_DATA:
+                return
+            if event is None:
+                raise _Ended("the lender closed the connection")
+            self._handle(event)  # type: ignore[arg-type]
+            if self._after_served:
+                # Held, then encoded and sent by the writer's next turn or ahead of the next
+                # `send` (a REVOKED for a REVOKE right behind this GRANT, say), whichever comes
+                # first: after this access, never after what follows it on the wire.
+                self._held += self._after_served
+                self._after_served = []
+                self._wakeup.set()
 
     def _refused(self, exc: LeaseProtocolError) -> None:
         self.link._log.warning("refused a message from the lender: %s", exc)

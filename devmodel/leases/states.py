@@ -11,6 +11,10 @@ from typing import Final
 
 
 class WindowState(enum.Enum):
+    # Members are singletons: identity hashing (C) instead of Enum's hash of the name (a Python
+    # call) for every TRANSITIONS lookup on the fault, grant and revoke paths.
+    __hash__ = object.__hash__
+
     VACANT = "vacant"  # nothing lent (windows in this state are not stored)
     RESIDENT = "resident"  # lent and backed: accesses are served
     REVOKING = "revoking"  # the lender asked for it back: new accesses wait, then re-fault
@@ -20,6 +24,8 @@ class WindowState(enum.Enum):
 
 
 class Trigger(enum.Enum):
+    __hash__ = object.__hash__  # as WindowState's
+
     GRANT = "grant"  # a GRANT covering the window was accepted
     REVOKE = "revoke"  # a REVOKE of the window's lease arrived
     REVOKED_EVICT = "revoked-evict"  # the revoke finished; contents kept by the lender

@@ -54,6 +54,9 @@ COUNTER_HELP: Final = {
     "poll_hits": "transport socket polls that caught a message without parking",
     "poll_misses": "transport socket polls that ran out of budget (then parked)",
     "poll_ns": "CPU time spent polling the transport socket, in nanoseconds",
+    "page_in_poll_hits": "page-in waits whose GRANT a poll of the lender socket caught",
+    "page_in_poll_misses": "page-in waits that ran out of polling budget (then parked)",
+    "page_in_poll_ns": "CPU time spent polling the lender socket for a GRANT, in nanoseconds",
     "interrupts": "interrupts the device raised (MSI/MSI-X messages, INTx assertions)",
 }
 

@@ -119,6 +119,11 @@ REGISTERS: tuple[Register, ...] = (
         "bit 0: INTx asserted (by the doorbell); write 1 to deassert it",
     ),
     Register(
+        "PAGE_IN_POLL_HITS", 0xB0, 8, RO, "page-in waits whose GRANT a lender-socket poll caught"
+    ),
+    Register("PAGE_IN_POLL_MISSES", 0xB8, 8, RO, "page-in waits that ran out of polling budget"),
+    Register("PAGE_IN_POLL_NS", 0xC0, 8, RO, "CPU time spent polling the lender socket, in ns"),
+    Register(
         "MSIX_TABLE", MSIX_TABLE_OFFSET, MSIX_ENTRY_SIZE * MSIX_VECTORS, RW,
         f"MSI-X table, {MSIX_VECTORS} entries of 16 bytes (address, upper address, data, "
         "vector control)",

@@ -184,7 +184,10 @@ class VfioUserRequests:
             self._refused("read", event.region, event.offset, exc)
             reply: Any = ev.ErrorReply(event.msg_id, Command.REGION_READ, exc.errno)
         else:
-            reply = ev.RegionReadReply(event.msg_id, event.offset, event.region, data)
+            self.current = None
+            encoded = conn.read_reply_owed(event.msg_id, event.offset, event.region, data)
+            self.out.append(_outgoing(Outgoing, (encoded, ())))
+            return
         self.current = None
         self.out.append(conn.send(reply))
 

@@ -444,6 +444,24 @@ class ServerConnection(_Base):
         n = len(data)
         return _HEADER_AND_ACCESS.pack(msg_id, _READ, 32 + n, _REPLY, 0, offset, region, n) + data
 
+    def read_reply_owed(self, msg_id: int, offset: int, region: int, data: bytes) -> bytes:
+        """The reply to an owed read (`owe_read`, or a REGION_READ from `next_event`), encoded
+        as `send(RegionReadReply(...))` would encode it, and paid the same way, without
+        building the event: the answer to a read that waited for its memory."""
+        key = (msg_id, _READ)
+        owed = self._owed
+        n = owed.get(key, 0)
+        if not n:
+            raise ProtocolError(
+                f"RegionReadReply answers no request that awaits a reply (message {msg_id}, "
+                f"command {_READ}; posted requests get none)"
+            )
+        if n == 1:
+            del owed[key]
+        else:
+            owed[key] = n - 1
+        return self.read_reply(msg_id, offset, region, data)
+
     def owe_read(self, msg_id: int, offset: int, region: int, count: int) -> ev.RegionRead:
         """A read taken with `next_read` that will be answered later: its event, now owed a
         reply exactly as if `next_event` had returned it."""

@@ -39,6 +39,8 @@ ROWS = [
     "revoke_posted",
     "ping_posted",
     "coalesce",
+    "fault_alone",
+    "fault_64",
     "ready",
     "idle_rss",
     "idle_cpu_off",
@@ -79,7 +81,8 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     if rows["trapped_dm_on_vs_lvu"]["median"] is None:
         assert rows["trapped_dm_on_vs_lvu"]["note"].startswith("not available in this build")
     assert rows["coalesce"]["passed"] is True
-    for key in ("own_time", "fault", "revoke_idle", "revoke_reads", "ready", "idle_rss"):
+    targeted = ("own_time", "fault", "revoke_idle", "revoke_reads", "fault_64", "ready", "idle_rss")
+    for key in targeted:
         assert rows[key]["target"] and rows[key]["passed"] in (True, False), key
     assert f"results: {out}" in done.stdout
     # Latency rows keep their distribution, drawn as PNG plots next to the JSON.

@@ -27,14 +27,15 @@ class LenderStack:
 
     def __init__(self, reaper: Reaper, tmp_path: Path,
                  start_devmodel: Callable[..., DevmodelServer], *lender_args: str,
-                 vram: str, transport: str = "vfio-user") -> None:
+                 vram: str, transport: str = "vfio-user",
+                 devmodel_args: tuple[str, ...] = ()) -> None:
         work = tmp_path / "lender"
         work.mkdir()
         self.lender = LenderProcess(reaper, work, "--vram", vram, *lender_args)
         self.control_path = tmp_path / "control" / "devmodel.ctl"
         self.server = start_devmodel(
             "--lender-socket", str(self.lender.socket_path), "--granule", str(GRANULE),
-            "--control-socket", str(self.control_path), "--domid", "7",
+            "--control-socket", str(self.control_path), "--domid", "7", *devmodel_args,
             aperture_size=APERTURE, transport=transport)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not self.control_path.is_socket():

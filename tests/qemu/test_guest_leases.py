@@ -65,9 +65,9 @@ class Stack(LenderStack):
 
     def __init__(self, reaper: Reaper, tmp_path: Path,
                  start_devmodel: Callable[..., DevmodelServer], *lender_args: str,
-                 transport: str = "vfio-user") -> None:
+                 transport: str = "vfio-user", devmodel_args: tuple[str, ...] = ()) -> None:
         super().__init__(reaper, tmp_path, start_devmodel, *lender_args, vram=VRAM,
-                         transport=transport)
+                         transport=transport, devmodel_args=devmodel_args)
 
     def wait_windows(self, predicate: Callable[[dict[str, int]], bool], what: str,
                      timeout: float = STARTUP_TIMEOUT) -> dict[str, int]:
@@ -86,8 +86,10 @@ def stacks(reaper: Reaper, tmp_path: Path, start_devmodel: Callable[..., Devmode
            ) -> Iterator[Callable[..., Stack]]:
     made: list[Stack] = []
 
-    def make(*lender_args: str, transport: str = "vfio-user") -> Stack:
-        made.append(Stack(reaper, tmp_path, start_devmodel, *lender_args, transport=transport))
+    def make(*lender_args: str, transport: str = "vfio-user",
+             devmodel_args: tuple[str, ...] = ()) -> Stack:
+        made.append(Stack(reaper, tmp_path, start_devmodel, *lender_args, transport=transport,
+                          devmodel_args=devmodel_args))
         return made[-1]
 
     yield make
@@ -158,16 +160,22 @@ def test_fill_evict_everything_verify(
           f"the revokes, {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.parametrize("polling", ["on", "off"])
 def test_two_vcpus_write_through_random_revocation(
-    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest], transport: str
+    stacks: Callable[..., Stack], launch: Callable[..., RunningGuest], transport: str,
+    polling: str,
 ) -> None:
     """Two writer threads, one per vCPU, for RUN_MS while the lender revokes windows at random
     and pages them back in (half of them elsewhere in its VRAM): every record each thread reads
     back is the one it wrote last, and so is every record at the end; none lost or torn, no
-    access fell back to the failure policy, and revokes and page-ins happened while they ran."""
+    access fell back to the failure policy, and revokes and page-ins happened while they ran.
+    With polling on (the defaults) and off (the client's socket and the lender's, for a
+    page-in's answer: `--poll-max-us 0 --page-in-poll-max-us 0`)."""
     t0 = time.monotonic()
+    off = ("--poll-max-us", "0", "--page-in-poll-max-us", "0")
     stack = stacks("--revoke-rate", str(REVOKE_RATE), "--move-probability",
-                   str(MOVE_PROBABILITY), "--seed", "2", "--poison", transport=transport)
+                   str(MOVE_PROBABILITY), "--seed", "2", "--poison", transport=transport,
+                   devmodel_args=off if polling == "off" else ())
     with _explained(stack.lender):
         stack.wait_windows(lambda w: w["resident"] + w["evicted"] == WINDOWS, "all lent")
         guest = launch(["churn"], server=stack.server, smp=2,
@@ -207,7 +215,10 @@ def test_two_vcpus_write_through_random_revocation(
         assert lender["random_evictions"] > 0 and lender["moves"] > 0
         assert lender["page_in_failures"] == lender["protocol_errors"] == 0
         assert lender["grant_nacks"] == lender["quarantined"] == 0
-    print(f"churn: {threads[0]['passes']}+{threads[1]['passes']} passes, "
+        if polling == "off":  # nothing polled at all
+            spins = ("poll_hits", "poll_misses", "page_in_poll_hits", "page_in_poll_misses")
+            assert all(counters[k] == 0 for k in spins), counters
+    print(f"churn ({polling}, {transport}): {threads[0]['passes']}+{threads[1]['passes']} passes, "
           f"{threads[0]['reads'] + threads[1]['reads']} records checked by the writers and "
           f"{final['reads']} at the end, 0 lost/torn; during the run revokes {during['revokes']}, "
           f"page-ins {during['page_ins']}, faults {during['faults']}; totals: devmodel page-ins "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from devmodel.counters import DeviceCounters
-from devmodel.polling import POLL_INITIAL_NS, AdaptivePoll
+from devmodel.polling import PAGE_IN_POLL, POLL_INITIAL_NS, AdaptivePoll
 
 MAX = 50_000
 
@@ -106,3 +106,28 @@ def test_a_park_that_was_short_grows_the_budget() -> None:
 def test_a_negative_maximum_is_refused() -> None:
     with pytest.raises(ValueError):
         AdaptivePoll(-1, DeviceCounters())
+
+
+def test_the_page_in_poll_counts_under_its_own_names() -> None:
+    counters = DeviceCounters()
+    clock = FakeClock()
+    poll = AdaptivePoll(MAX, counters, clock, PAGE_IN_POLL)
+    poll.budget_ns = 3_000
+    assert poll.poll(lambda: None) is None
+    poll.budget_ns = 10_000
+    assert poll.poll(lambda: "grant") == "grant"
+    assert (counters.page_in_poll_hits, counters.page_in_poll_misses) == (1, 1)
+    assert counters.page_in_poll_ns == 3_000 + 1_000
+    assert (counters.poll_hits, counters.poll_misses, counters.poll_ns) == (0, 0, 0)
+
+
+def test_a_park_is_judged_by_when_the_answer_arrived_not_when_the_waiter_woke() -> None:
+    """The access learns of its GRANT after the reader handled it and the scheduler ran it:
+    only the arrival says whether a longer spin would have caught it."""
+    poll, clock = poller()
+    assert poll.poll(lambda: None) is None  # budget 0: the wait starts at once
+    arrived = clock() + 20_000  # within the maximum ...
+    clock.now = arrived + 200_000  # ... though the waiter woke far beyond it
+    poll.parked_until(arrived)
+    assert poll.budget_ns == POLL_INITIAL_NS
+    assert poll.clock is clock

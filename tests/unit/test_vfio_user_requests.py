@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devmodel.backend import DeviceBackend
 from devmodel.pci import config_space as cs
@@ -17,8 +19,9 @@ from devmodel.testing import drain, memory_backend
 from devmodel.transports.vfio_user_requests import VfioUserRequests
 from pyvfio_user import constants as c
 from pyvfio_user import events as ev
-from pyvfio_user.connection import ClientConnection
+from pyvfio_user.connection import ClientConnection, ServerConnection
 from pyvfio_user.constants import Command
+from pyvfio_user.errors import ProtocolError
 from pyvfio_user.sansio import NEED_DATA
 
 APERTURE = 2 << 20
@@ -212,6 +215,31 @@ async def test_plain_reads_take_the_shortcut_and_answer_as_send_would(pair: Pair
     (got,) = await pair.exchange(ev.RegionRead(pair.msg_id(), 64, 0, 8))
     assert isinstance(got, ev.RegionReadReply) and got.data == b"\x11" * 8
     assert counters.trapped_reads == before + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    msg_id=st.integers(0, 0xFFFF),
+    offset=st.integers(0, 2**64 - 1),
+    region=st.integers(0, 2**32 - 1),
+    data=st.binary(max_size=64),
+    owed=st.integers(1, 3),
+)
+def test_an_owed_read_is_paid_and_encoded_as_send_would(
+    msg_id: int, offset: int, region: int, data: bytes, owed: int
+) -> None:
+    """`read_reply_owed` (the reply to a read that waited): the bytes of
+    `send(RegionReadReply)`, the same debt paid, and no reply for a read nobody owes."""
+    fast, general = ServerConnection(), ServerConnection()
+    for conn in (fast, general):
+        for _ in range(owed):
+            conn.owe_read(msg_id, offset, region, len(data))
+    for _ in range(owed):
+        got = fast.read_reply_owed(msg_id, offset, region, data)
+        assert got == general.send(ev.RegionReadReply(msg_id, offset, region, data)).data
+    for conn in (fast, general):
+        with pytest.raises(ProtocolError):
+            conn.read_reply_owed(msg_id, offset, region, data)
 
 
 async def test_reads_the_shortcut_leaves_alone_take_the_general_way(pair: Pair) -> None:

@@ -21,6 +21,7 @@ import devmodel_wire.lease as lp
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
+from devmodel.polling import AdaptivePoll
 from devmodel.testing._private.fds import sealed_memfd
 from devmodel.testing._private.lease_fakes import RW
 from devmodel.unixfds import rights
@@ -167,6 +168,7 @@ async def lender_link_rig(
     *,
     page_in_timeout: float = 1.0,
     revoke_timeout: float = 1.0,
+    poll: AdaptivePoll | None = None,
     **link_options: float,
 ) -> AsyncIterator[LenderLinkRig]:
     """A real LeaseEngine and LenderLink, and a listening socket the test plays lender on."""
@@ -178,7 +180,9 @@ async def lender_link_rig(
     engine = LeaseEngine(LINK_APERTURE, LINK_GRANULE, DeviceCounters(), config)
     options: dict[str, float] = {"reconnect_min": 0.01, "reconnect_max": 0.05}
     options.update(link_options)
-    link = LenderLink(engine, path, LINK_GUEST, **options)  # type: ignore[arg-type]
+    if poll is not None:
+        poll.counters = engine.counters  # the page-in poll counts where the engine does
+    link = LenderLink(engine, path, LINK_GUEST, poll=poll, **options)  # type: ignore[arg-type]
     lender = LenderListener(listener, path)
     try:
         async with trio.open_nursery() as nursery:
@@ -198,7 +202,7 @@ async def lender_session(
 ) -> AsyncIterator[tuple[LenderLinkRig, ScriptedLender, int]]:
     """A `lender_link_rig` whose first session is open, and a sealed memfd of `memfd_size` for
     the lender to grant from (closed at the end)."""
-    async with lender_link_rig(tmp_path, **rig_options) as rig:
+    async with lender_link_rig(tmp_path, **rig_options) as rig:  # type: ignore[arg-type]
         peer = await rig.lender.session()
         fd = sealed_memfd(memfd_size, memfd_name)
         try:

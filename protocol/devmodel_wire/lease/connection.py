@@ -51,6 +51,10 @@ class Role(enum.Enum):
 
 
 class State(enum.Enum):
+    # Members are singletons: identity hashing (C), not Enum's Python-level hash of the name,
+    # for the SEND/RECEIVE table lookups every message makes.
+    __hash__ = object.__hash__
+
     START = "START"
     HELLO_SENT = "HELLO_SENT"  # borrower: offered, waiting for the lender's answer
     HELLO_RECEIVED = "HELLO_RECEIVED"  # lender: must answer HELLO or BYE
