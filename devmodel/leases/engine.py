@@ -142,7 +142,7 @@ class LeaseEngine:
         # Accesses inside the engine right now. Only the slow path counts: a resident access
         # never suspends, so nobody could ever see it in flight.
         self.in_flight = 0
-        self._table = WindowTable()
+        self._table = WindowTable(granule)
         self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
         self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
         self._requests: dict[int, _Request] = {}
@@ -293,7 +293,7 @@ class LeaseEngine:
             self._fail_waiters(w.waiters, "device closing")
             _unmap_own(w)
         self._fds.close_all()
-        self._table = WindowTable()
+        self._table = WindowTable(self._granule)
         self._live.clear()
         self._evicted.clear()
 
@@ -370,7 +370,7 @@ class LeaseEngine:
                 self.counters.faults += 1
                 waited = True
             pending = Pending(offset, size, data)
-            w.waiters.append(pending)
+            w.wait(pending)
             with trio.move_on_at(deadline):
                 await pending.done.wait()
             if pending.served:
@@ -383,8 +383,10 @@ class LeaseEngine:
                 # on it, each to its own deadline, instead of asking again, so a silent lender
                 # sees one PAGE_IN per window, not one per access; its late answer ends it.
                 holder = self._table.find(offset)
-                if holder is not None and pending in holder.waiters:
+                if holder is not None and holder.waiters and pending in holder.waiters:
                     holder.waiters.remove(pending)
+                    if not holder.waiters:
+                        holder.waiters = None
                 return self._fail(offset, size, data, "page-in deadline passed"), True
             if pending.retry:
                 continue
@@ -479,7 +481,7 @@ class LeaseEngine:
                     rest = Window(
                         start, stop - start, old.state, old.lease_id, request_id=old.request_id
                     )
-                    rest.waiters = old.take_waiters(start, stop)
+                    rest.waiters = old.take_waiters(start, stop) or None
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
@@ -603,10 +605,10 @@ class LeaseEngine:
             w.state = transition(w.state, Trigger.REVOKED_RELEASE)
             self._table.remove(w)
         self._emit("LEASE_REVOKED", {"lease": lease_id, "mode": mode.name})
-        for p in w.waiters:
+        for p in w.waiters or ():
             p.retry = True
             p.done.set()
-        w.waiters = []
+        w.waiters = None
 
     async def _unmap(self, lease_id: int, w: Window) -> None:
         """Have every transport unmap the window; REVOKED waits for this, however long.
@@ -682,7 +684,7 @@ class LeaseEngine:
                 )
                 w.request_id = 0
                 self._fail_waiters(w.waiters, why)
-                w.waiters = []
+                w.waiters = None
                 if release:
                     self._table.remove(w)
                     self._forget_evicted(w)
@@ -701,7 +703,7 @@ class LeaseEngine:
             if w.state is not S.LOST:
                 w.state = transition(w.state, Trigger.LENDER_LOST)
             self._fail_waiters(w.waiters, "lender lost")
-            w.waiters = []
+            w.waiters = None
             w.request_id = 0  # its PAGE_IN died with the lender; no answer can match it now
         self._live.clear()
         self._evicted.clear()
@@ -712,8 +714,8 @@ class LeaseEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _fail_waiters(self, waiters: list[Pending], why: str) -> None:
-        for p in waiters:
+    def _fail_waiters(self, waiters: list[Pending] | None, why: str) -> None:
+        for p in waiters or ():
             if not p.done.is_set():
                 p.done.set()
 

@@ -44,15 +44,28 @@ class Window:
     request_id: int = 0  # the PAGE_IN this window waits on (PAGING_IN)
     # A dma-buf lease's mapping (it cannot be read with pread); None for a memfd lease.
     mem: DmabufMapping | None = None
-    waiters: list[Pending] = field(default_factory=list)
+    # Accesses waiting on the window; None while there are none, which is nearly always: an
+    # empty list per window would be 56 of the ~200 bytes a lease costs at a million leases.
+    waiters: list[Pending] | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
+    def wait(self, pending: Pending) -> None:
+        """Queue `pending` on the window (in arrival order)."""
+        if self.waiters is None:
+            self.waiters = [pending]
+        else:
+            self.waiters.append(pending)
+
     def take_waiters(self, start: int, end: int) -> list[Pending]:
         """Remove and return the waiters whose access lies in [start, end)."""
-        inside = [p for p in self.waiters if start <= p.offset < end]
+        waiters = self.waiters
+        if not waiters:
+            return []
+        inside = [p for p in waiters if start <= p.offset < end]
         if inside:
-            self.waiters = [p for p in self.waiters if not start <= p.offset < end]
+            rest = [p for p in waiters if not start <= p.offset < end]
+            self.waiters = rest or None
         return inside

@@ -1142,7 +1142,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             assert w.end <= APERTURE
             # No access waits between steps; only an unanswered PAGE_IN outlives one.
             assert w.state in (S.RESIDENT, S.EVICTED, S.PAGING_IN, S.LOST), w
-            assert w.waiters == []
+            assert w.waiters is None  # none, and no empty list left behind
             if w.state is S.PAGING_IN:
                 assert w.request_id in self.outstanding, w
             else:
