@@ -204,7 +204,7 @@ class LeaseEngine:
         if not self._observed:
             try:
                 data = (
-                    os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                    os.pread(w.fd, size, w.fd_base + offset)
                     if mem is None
                     else mem.read(offset - w.start, size)
                 )
@@ -214,7 +214,7 @@ class LeaseEngine:
         start = _now()
         try:
             data = (
-                os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                os.pread(w.fd, size, w.fd_base + offset)
                 if mem is None
                 else mem.read(offset - w.start, size)
             )
@@ -243,7 +243,7 @@ class LeaseEngine:
         start = _now() if observed else 0
         try:
             done = (
-                os.pwrite(w.fd, data, w.fd_offset + offset - w.start)
+                os.pwrite(w.fd, data, w.fd_base + offset)
                 if mem is None
                 else mem.write(offset - w.start, data)
             )
@@ -393,7 +393,7 @@ class LeaseEngine:
             return self._fail(offset, size, data, "page-in failed"), True
 
     def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
-        at = w.fd_offset + offset - w.start
+        at = w.fd_base + offset
         mem = w.mem  # a dma-buf lease: a mapping of the granted range, sync-bracketed
         try:
             if data is None:
@@ -479,13 +479,26 @@ class LeaseEngine:
             for start, stop in ((old.start, offset), (end, old.end)):
                 if start < stop:
                     rest = Window(
-                        start, stop - start, old.state, old.lease_id, request_id=old.request_id
+                        start,
+                        stop - start,
+                        old.state,
+                        lease_id=old.lease_id,
+                        request_id=old.request_id,
                     )
                     rest.waiters = old.take_waiters(start, stop) or None
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
-        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot, mem=mem)
+        w = Window(
+            offset,
+            length,
+            S.RESIDENT,
+            fd=kept,
+            fd_base=fd_offset - offset,
+            mem=mem,
+            prot=prot,
+            lease_id=lease_id,
+        )
         self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
