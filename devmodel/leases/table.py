@@ -15,7 +15,8 @@ boundary is on one), and a dict maps a block's number to what lies in that block
   most 8 * BLOCK_UNITS / FEW_MAX = 128 bytes per window, and 8 bytes per window in a block
   full of one-granule windows.
 
-A lookup is one dict probe and one index (or a short bisect), whatever the table's size. The
+A lookup is one dict probe and one index (or a short bisect), whatever the table's size;
+before it, the window found last (outside slots) is tried, since accesses come in runs. The
 order that the engine and the queries need (`__iter__`, `overlapping`) comes from walking the
 blocks in order; those walk, they do not look up.
 """
@@ -100,6 +101,7 @@ class WindowTable:
         "_count",
         "_few_again",
         "_few_max",
+        "_last",
         "_mask",
         "_unit",
         "_unit_shift",
@@ -121,6 +123,12 @@ class WindowTable:
         self._few_again = max(few_max // 2, 2)
         self._blocks: dict[int, _Block] = {}
         self._count = 0
+        # The window found last in a block without slots, or None; remove() forgets it.
+        # Accesses come in runs on one window, and this check is cheaper than the dict probe
+        # (~60 ns less per access with one lease). A window found through slots is not
+        # remembered: the check would then read that window's start next time, a cache miss
+        # at a million windows that the slots exist to avoid.
+        self._last: Window | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -142,19 +150,26 @@ class WindowTable:
 
     def find(self, offset: int) -> Window | None:
         """The window containing `offset`, if any."""
+        w = self._last
+        if w is not None and w.start <= offset < w.start + w.length:
+            return w
         v = self._blocks.get(offset >> self._block_shift)
         if v is None:
             return None
         if type(v) is _Slots:
             return v[(offset >> self._unit_shift) & self._mask]
         if type(v) is Window:
-            return v if v.start <= offset < v.start + v.length else None
-        assert type(v) is _Few
-        i = bisect_right(v.starts, offset) - 1
-        if i < 0:
-            return None
-        w = v.windows[i]
-        return w if offset < w.start + w.length else None
+            w = v
+        else:
+            assert type(v) is _Few
+            i = bisect_right(v.starts, offset) - 1
+            if i < 0:
+                return None
+            w = v.windows[i]
+        if w.start <= offset < w.start + w.length:
+            self._last = w
+            return w
+        return None
 
     def overlapping(self, start: int, end: int) -> list[Window]:
         """Windows that intersect [start, end), in order."""
@@ -225,6 +240,8 @@ class WindowTable:
         start = window.start
         if self.find(start) is not window:
             return
+        if self._last is window:
+            self._last = None
         blocks = self._blocks
         shift, unit_shift = self._block_shift, self._unit_shift
         for b in range(start >> shift, ((start + window.length - 1) >> shift) + 1):

@@ -4,8 +4,9 @@ The table is two-level (devmodel/leases/table.py): a dict of blocks, each holdin
 window, a short sorted list or one slot per unit. Every form change (a second window in a
 block, one past the list's limit, back under half of it, the last one gone) and every window
 that spans blocks is a place where a stale slot or an off-by-one would answer wrongly and
-silently; so the tests run with tiny blocks and limits, where a few windows cross all of them,
-next to the real geometry, and look up every unit boundary after every step.
+silently, as would a remembered window kept past its removal; so the tests run with tiny
+blocks and limits, where a few windows cross all of them, next to the real geometry, and look
+up every unit boundary after every step.
 """
 
 from __future__ import annotations
