@@ -100,7 +100,7 @@ def show(name: str, samples: Sequence[float], unit: float = 1e-6, label: str = "
 def show_ratio(
     what: str, subject: float, peer: float, unit: float = 1e-6, label: str = "us"
 ) -> None:
-    print(f"    ratio {what}: {subject / peer:.2f}x (+{(subject - peer) / unit:.2f} {label})")
+    print(f"    ratio {what}: {subject / peer:.2f}x ({(subject - peer) / unit:+.2f} {label})")
 
 
 def show_pair(ratio: str, peer: tuple[str, list[float]], subject: tuple[str, list[float]]) -> None:
