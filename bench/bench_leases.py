@@ -12,10 +12,11 @@ and the order of magnitude mean anything.
      client hammers the same window and others, next to a PING/PONG round trip on the socket;
   c) PAGE_INs sent for 64 concurrent faults on one window (must be 1: exit status 1 otherwise);
   d) a million 4 KiB leases: grants per second, bytes per lease and lookup time, against a
-     dict of tuples and a bisect over a sorted list.
+     dict of tuples, a bisect over a sorted list and the SortedDict table the engine had
+     before its two-level one (`before`: lookups and resident reads of the same windows).
 
-Usage: bench/bench_leases.py [--quick] [--leases N] [--repeat N]. Not a test; the smoke test
-is tests/unit/test_bench_leases.py.
+Usage: bench/bench_leases.py [--quick] [--leases N] [--repeat N] [--only-leases]. Not a
+test; the smoke test is tests/unit/test_bench_leases.py.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def show(name: str, samples: Sequence[float], unit: float = 1e-6, label: str = "
 def show_ratio(
     what: str, subject: float, peer: float, unit: float = 1e-6, label: str = "us"
 ) -> None:
-    print(f"    ratio {what}: {subject / peer:.2f}x (+{(subject - peer) / unit:.2f} {label})")
+    print(f"    ratio {what}: {subject / peer:.2f}x ({(subject - peer) / unit:+.2f} {label})")
 
 
 def show_pair(ratio: str, peer: tuple[str, list[float]], subject: tuple[str, list[float]]) -> None:
@@ -943,6 +944,43 @@ def traced_bytes_per_lease(n: int) -> float:
     return (after - before) / n
 
 
+NO_SORTED = "sortedcontainers is not installed (pip install sortedcontainers)"
+
+
+class SortedTable:
+    """The window table as it was before the two-level one (devmodel/leases/table.py): a
+    SortedDict by start, searched with `irange`, with the window found last remembered. Kept
+    as the benchmark's `before` peer, for lookups only."""
+
+    def __init__(self, windows: Sequence[Any]) -> None:
+        from sortedcontainers import SortedDict  # noqa: PLC0415 (a bench extra, may be missing)
+
+        self._by_start: Any = SortedDict((w.start, w) for w in windows)
+        self._last: Any = None
+
+    def find(self, offset: int) -> Any:
+        w = self._last
+        if w is not None and w.start <= offset < w.start + w.length:
+            return w
+        d = self._by_start
+        start = next(d.irange(maximum=offset, reverse=True), None)
+        if start is None:
+            return None
+        w = d[start]
+        if offset < start + w.length:
+            self._last = w
+            return w
+        return None
+
+
+def sorted_table(engine: LeaseEngine) -> SortedTable | None:
+    """The engine's windows in a SortedTable; None if sortedcontainers is not installed."""
+    try:
+        return SortedTable(list(engine.windows()))
+    except ImportError:
+        return None
+
+
 def lookups(
     engine: LeaseEngine,
     peer: dict[int, tuple[int, int, int, int, int, int]],
@@ -958,31 +996,19 @@ def lookups(
     find = engine.window_at
     get = peer.get
     bisect_right = bisect.bisect_right
-    # What a faster WindowTable.find could do: search the same SortedDict through its sublists
-    # (two bisects, then the dict) instead of walking the positional index that `peekitem`
-    # needs, which is most of find's time at a million leases. Private attributes: this is a
-    # measurement, not an API.
-    table: Any = engine._table
-    by_start: Any = table._by_start
-    sorted_keys: Any = by_start._list
+    before = sorted_table(engine)
 
     def by_engine() -> None:
         for off in offsets:
             w = find(off)
             assert w is not None
 
-    def by_sublists() -> None:
-        maxes, lists = sorted_keys._maxes, sorted_keys._lists
+    def by_before() -> None:
+        assert before is not None
+        look = before.find
         for off in offsets:
-            pos = bisect_right(maxes, off)
-            if pos == len(maxes):
-                key = maxes[-1]
-            else:
-                sub = lists[pos]
-                i = bisect_right(sub, off)
-                key = sub[i - 1] if i else maxes[pos - 1]
-            w = by_start[key]
-            assert off < w.start + w.length
+            w = look(off)
+            assert w is not None
 
     def by_bisect() -> None:
         for off in offsets:
@@ -1001,7 +1027,7 @@ def lookups(
     times: dict[str, list[float]] = {}
     runs: list[tuple[str, Callable[[], None]]] = [
         ("engine", by_engine),
-        ("sublists", by_sublists),
+        *([("before", by_before)] if before is not None else []),
         ("bisect", by_bisect),
         ("dict", by_dict),
         ("empty", empty),
@@ -1017,35 +1043,67 @@ def lookups(
     base = show("the loop alone", times["empty"], 1e-9, "ns")
     p_bisect = show("peer: bisect on a sorted list of starts", times["bisect"], 1e-9, "ns")
     show("peer: dict per granule (not sparse)", times["dict"], 1e-9, "ns")
-    p_sub = show("peer: same SortedDict via its sublists", times["sublists"], 1e-9, "ns")
+    if before is not None:
+        p_before = show("before: the SortedDict table (SortedTable)", times["before"], 1e-9, "ns")
+    else:
+        print(f"    {'before: the SortedDict table':<44} not measured: {NO_SORTED}")
     e = show("engine.window_at (WindowTable.find)", times["engine"], 1e-9, "ns")
     show_ratio("engine/bisect (loop excluded)", e - base, p_bisect - base, 1e-9, "ns")
-    show_ratio("engine/sublists (loop excluded)", e - base, p_sub - base, 1e-9, "ns")
+    if before is not None:
+        show_ratio("engine/before (loop excluded)", e - base, p_before - base, 1e-9, "ns")
 
 
 def resident_reads(engine: LeaseEngine, n: int, granule: int, repeat: int) -> None:
-    """An 8-byte resident read, full table against a one-lease engine, interleaved."""
+    """An 8-byte resident read, full table against a one-lease engine, interleaved; then the
+    same windows read through the SortedDict table (`before`), against the one-lease engine
+    again. Two loops, not one: `before`'s walk through its SortedDict would evict from the
+    caches what the full engine's next read needs, and charge that to it."""
     one = LeaseEngine(engine.size, granule, DeviceCounters())
     home = sealed_memfd(granule, "bench-one")
     one.grant(1, 0, granule, 0, RW, home)
+    # The same windows (same fds, same objects) behind the table the engine had before: only
+    # the lookup differs. It never grants or revokes, so sharing the windows is safe.
+    before: LeaseEngine | None = None
+    table = sorted_table(engine)
+    if table is not None:
+        before = LeaseEngine(engine.size, granule, DeviceCounters())
+        before_any: Any = before
+        before_any._table = table
     rng = random.Random(5)
-    full_t, one_t = [], []
-    try:
+
+    def pairs(subject: LeaseEngine) -> tuple[list[float], list[float]]:
+        one_t: list[float] = []
+        subject_t: list[float] = []
         for _ in range(max(repeat, 1000)):
             off = rng.randrange(n) * granule
             t0 = perf()
             drive(one.read(0, 8))
             t1 = perf()
-            drive(engine.read(off, 8))
+            drive(subject.read(off, 8))
             t2 = perf()
             one_t.append(t1 - t0)
-            full_t.append(t2 - t1)
+            subject_t.append(t2 - t1)
+        return one_t, subject_t
+
+    try:
+        one_t, full_t = pairs(engine)
+        print(f"  resident 8-byte read (LeaseEngine.read), {n:,} leases against one:")
+        show_pair(
+            "full/one",
+            ("engine with one lease (peer)", one_t),
+            (f"engine with {n:,} leases", full_t),
+        )
+        if before is None:
+            print(f"    before: the SortedDict table: not measured: {NO_SORTED}")
+            return
+        one_t, before_t = pairs(before)
+        show_pair(
+            "before/one",
+            ("engine with one lease (peer)", one_t),
+            (f"before: SortedDict table, {n:,} leases", before_t),
+        )
     finally:
         one.close()
-    print(f"  resident 8-byte read (LeaseEngine.read), {n:,} leases against one:")
-    show_pair(
-        "full/one", ("engine with one lease (peer)", one_t), (f"engine with {n:,} leases", full_t)
-    )
 
 
 # ---------------------------------------------------------------------------- main
@@ -1225,6 +1283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--leases", type=int, help="leases for section d (default 1,000,000)")
     parser.add_argument("--repeat", type=int, help="samples per measurement (default 2000)")
+    parser.add_argument(
+        "--only-leases", action="store_true", help="section d only (the million leases)"
+    )
     parser.add_argument("--serve-lender", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--hammer", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--load", choices=LOADS, default="rw", help=argparse.SUPPRESS)
@@ -1241,6 +1302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="devmodel-bench-leases-"))
     status = 0
     try:
+        if args.only_leases:
+            big_table(leases, repeat)
+            return status
         stats = e2e(tmp, repeat)
         print("c) PAGE_INs sent for 64 concurrent faults on one window (must be 1 each time)")
         rounds = max(3, repeat // 100)

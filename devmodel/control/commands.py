@@ -144,7 +144,7 @@ def _window(w: Window) -> dict[str, object]:
         "state": w.state.value,
         "lease": w.lease_id,
         "prot": prot,
-        "waiters": len(w.waiters),
+        "waiters": len(w.waiters or ()),
     }
     if w.state is WindowState.PAGING_IN:
         out["request"] = w.request_id
@@ -289,7 +289,7 @@ async def query_map(inst: Instance, client: ControlClient, args: dict[str, objec
                     "request": w.request_id,
                     "offset": w.start,
                     "length": w.length,
-                    "waiters": len(w.waiters),
+                    "waiters": len(w.waiters or ()),
                 }
             )
         if st is run_state and w.start == run_end:

@@ -157,7 +157,7 @@ class LeaseEngine:
         # Accesses inside the engine right now. Only the slow path counts: a resident access
         # never suspends, so nobody could ever see it in flight.
         self.in_flight = 0
-        self._table = WindowTable()
+        self._table = WindowTable(granule)
         self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
         self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
         self._requests: dict[int, _Request] = {}
@@ -219,7 +219,7 @@ class LeaseEngine:
         if not self._observed:
             try:
                 data = (
-                    os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                    os.pread(w.fd, size, w.fd_base + offset)
                     if mem is None
                     else mem.read(offset - w.start, size)
                 )
@@ -229,7 +229,7 @@ class LeaseEngine:
         start = _now()
         try:
             data = (
-                os.pread(w.fd, size, w.fd_offset + offset - w.start)
+                os.pread(w.fd, size, w.fd_base + offset)
                 if mem is None
                 else mem.read(offset - w.start, size)
             )
@@ -258,7 +258,7 @@ class LeaseEngine:
         start = _now() if observed else 0
         try:
             done = (
-                os.pwrite(w.fd, data, w.fd_offset + offset - w.start)
+                os.pwrite(w.fd, data, w.fd_base + offset)
                 if mem is None
                 else mem.write(offset - w.start, data)
             )
@@ -308,7 +308,7 @@ class LeaseEngine:
             self._fail_waiters(w.waiters, "device closing")
             _unmap_own(w)
         self._fds.close_all()
-        self._table = WindowTable()
+        self._table = WindowTable(self._granule)
         self._live.clear()
         self._evicted.clear()
 
@@ -385,7 +385,7 @@ class LeaseEngine:
                 self.counters.faults += 1
                 waited = True
             pending = Pending(offset, size, data)
-            w.waiters.append(pending)
+            w.wait(pending)
             done = pending.done
             poller = self.answer_poller if state is S.PAGING_IN else None
             if poller is None or not poller.poll_answer(done.is_set):
@@ -403,15 +403,17 @@ class LeaseEngine:
                 # on it, each to its own deadline, instead of asking again, so a silent lender
                 # sees one PAGE_IN per window, not one per access; its late answer ends it.
                 holder = self._table.find(offset)
-                if holder is not None and pending in holder.waiters:
+                if holder is not None and holder.waiters and pending in holder.waiters:
                     holder.waiters.remove(pending)
+                    if not holder.waiters:
+                        holder.waiters = None
                 return self._fail(offset, size, data, "page-in deadline passed"), True
             if pending.retry:
                 continue
             return self._fail(offset, size, data, "page-in failed"), True
 
     def _perform(self, w: Window, offset: int, size: int, data: bytes | None) -> bytes:
-        at = w.fd_offset + offset - w.start
+        at = w.fd_base + offset
         mem = w.mem  # a dma-buf lease: a mapping of the granted range, sync-bracketed
         try:
             if data is None:
@@ -497,13 +499,26 @@ class LeaseEngine:
             for start, stop in ((old.start, offset), (end, old.end)):
                 if start < stop:
                     rest = Window(
-                        start, stop - start, old.state, old.lease_id, request_id=old.request_id
+                        start,
+                        stop - start,
+                        old.state,
+                        lease_id=old.lease_id,
+                        request_id=old.request_id,
                     )
-                    rest.waiters = old.take_waiters(start, stop)
+                    rest.waiters = old.take_waiters(start, stop) or None
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
-        w = Window(offset, length, S.RESIDENT, lease_id, kept, fd_offset, prot, mem=mem)
+        w = Window(
+            offset,
+            length,
+            S.RESIDENT,
+            fd=kept,
+            fd_base=fd_offset - offset,
+            mem=mem,
+            prot=prot,
+            lease_id=lease_id,
+        )
         self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
@@ -623,10 +638,10 @@ class LeaseEngine:
             w.state = transition(w.state, Trigger.REVOKED_RELEASE)
             self._table.remove(w)
         self._emit("LEASE_REVOKED", {"lease": lease_id, "mode": mode.name})
-        for p in w.waiters:
+        for p in w.waiters or ():
             p.retry = True
             p.done.set()
-        w.waiters = []
+        w.waiters = None
 
     async def _unmap(self, lease_id: int, w: Window) -> None:
         """Have every transport unmap the window; REVOKED waits for this, however long.
@@ -702,7 +717,7 @@ class LeaseEngine:
                 )
                 w.request_id = 0
                 self._fail_waiters(w.waiters, why)
-                w.waiters = []
+                w.waiters = None
                 if release:
                     self._table.remove(w)
                     self._forget_evicted(w)
@@ -721,7 +736,7 @@ class LeaseEngine:
             if w.state is not S.LOST:
                 w.state = transition(w.state, Trigger.LENDER_LOST)
             self._fail_waiters(w.waiters, "lender lost")
-            w.waiters = []
+            w.waiters = None
             w.request_id = 0  # its PAGE_IN died with the lender; no answer can match it now
         self._live.clear()
         self._evicted.clear()
@@ -732,8 +747,8 @@ class LeaseEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _fail_waiters(self, waiters: list[Pending], why: str) -> None:
-        for p in waiters:
+    def _fail_waiters(self, waiters: list[Pending] | None, why: str) -> None:
+        for p in waiters or ():
             if not p.done.is_set():
                 p.done.set()
 

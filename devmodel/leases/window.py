@@ -37,22 +37,45 @@ class Window:
     start: int
     length: int
     state: WindowState
-    lease_id: int = 0
+    # The fields a resident access reads come first (state above, then these), so that with
+    # a million windows an access touches one or two cache lines of its window, not three.
     fd: int = -1
-    fd_offset: int = 0
-    prot: int = 0
-    request_id: int = 0  # the PAGE_IN this window waits on (PAGING_IN)
+    # Where aperture offset 0 would be in `fd`: an access at `offset` is at fd_base + offset.
+    # One int instead of fd_offset and start: a lender that lends at fd offset = aperture
+    # offset (the usual way) makes it 0, a small int that no access has to fetch from memory.
+    fd_base: int = 0
     # A dma-buf lease's mapping (it cannot be read with pread); None for a memfd lease.
     mem: DmabufMapping | None = None
-    waiters: list[Pending] = field(default_factory=list)
+    prot: int = 0
+    lease_id: int = 0
+    request_id: int = 0  # the PAGE_IN this window waits on (PAGING_IN)
+    # Accesses waiting on the window; None while there are none, which is nearly always: an
+    # empty list per window would be 56 of the ~220 bytes a lease costs at a million leases.
+    waiters: list[Pending] | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
+    @property
+    def fd_offset(self) -> int:
+        """The lease's offset in `fd` (its GRANT's fd_offset) for a granted window."""
+        return self.fd_base + self.start
+
+    def wait(self, pending: Pending) -> None:
+        """Queue `pending` on the window (in arrival order)."""
+        if self.waiters is None:
+            self.waiters = [pending]
+        else:
+            self.waiters.append(pending)
+
     def take_waiters(self, start: int, end: int) -> list[Pending]:
         """Remove and return the waiters whose access lies in [start, end)."""
-        inside = [p for p in self.waiters if start <= p.offset < end]
+        waiters = self.waiters
+        if not waiters:
+            return []
+        inside = [p for p in waiters if start <= p.offset < end]
         if inside:
-            self.waiters = [p for p in self.waiters if not start <= p.offset < end]
+            rest = [p for p in waiters if not start <= p.offset < end]
+            self.waiters = rest or None
         return inside

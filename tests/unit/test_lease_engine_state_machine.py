@@ -72,6 +72,7 @@ from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
+from devmodel.leases.table import BLOCK_UNITS, FEW_MAX, WindowTable
 from devmodel.pci.errors import AccessError
 from devmodel.testing import (
     F_SEAL_GROW,
@@ -104,6 +105,9 @@ S = WindowState
 G = PAGE  # granule
 NG = 16  # granules in the aperture: small, so that ranges collide often
 APERTURE = NG * G
+# (units per block, windows a block keeps as a list) of the engine's window table: the real
+# ones (all NG granules in one block), and small ones that put windows across blocks.
+TABLE_GEOMETRIES = [(BLOCK_UNITS, FEW_MAX), (2, 2), (4, 3)]
 TIMEOUT = 2.0
 STEP_LIMIT = 10 * TIMEOUT  # virtual seconds (free under the autojumping clock)
 SEALS = F_SEAL_SHRINK | F_SEAL_GROW
@@ -328,6 +332,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             st.tuples(st.integers(0, NG - 1), st.integers(1, 3), st.booleans(), st.booleans()),
             max_size=5,
         ),
+        table=st.sampled_from(TABLE_GEOMETRIES),
     )
     def setup(
         self,
@@ -335,12 +340,17 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         max_leases: int,
         p2m: bool,
         start_with: list[tuple[int, int, bool, bool]],
+        table: tuple[int, int],
     ) -> None:
         self.policy = policy
         self.max_leases = max_leases
         self.engine = make_engine(
             APERTURE, G, policy=policy, page_in_timeout=TIMEOUT, max_leases=max_leases
         )
+        # The engine's table with small blocks (the engine builds it with the real ones): so
+        # that windows span blocks and blocks change form (one window, a list, slots) here too.
+        block_units, few_max = table
+        self.engine._table = WindowTable(G, block_units=block_units, few_max=few_max)
         self.lender = CheckingLender(self.engine, self._page_in_sent_now)
         self._wrap_page_in_done()
         if p2m:
@@ -1142,7 +1152,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
             assert w.end <= APERTURE
             # No access waits between steps; only an unanswered PAGE_IN outlives one.
             assert w.state in (S.RESIDENT, S.EVICTED, S.PAGING_IN, S.LOST), w
-            assert w.waiters == []
+            assert w.waiters is None  # none, and no empty list left behind
             if w.state is S.PAGING_IN:
                 assert w.request_id in self.outstanding, w
             else:
