@@ -832,6 +832,55 @@ async def link_coalescing(tmp: Path, rounds: int, waiters: int) -> Coalescing:
     return got
 
 
+async def timed_read(engine: LeaseEngine, results: list[bytes], took: list[float]) -> None:
+    start = time.perf_counter()
+    results.append(await engine.read(0, 8))
+    took.append(time.perf_counter() - start)
+
+
+async def process_coalescing(
+    tmp: Path, rounds: int, waiters: int, cpus: set[int] | None = None, delay: float = 0.005
+) -> Coalescing:
+    """Concurrent faults against a lender in its own process, as a real one is: the engine
+    and its LenderLink in this process, the lean lender (answering each PAGE_IN after `delay`)
+    in another, pinned to `cpus`. Each round times one fault alone, then `waiters` concurrent
+    faults on one window, each from its own start to its answer; `slowest` is the longest of
+    them. (A lender in this loop could only start its delay once every waiter had run up to
+    its wait, which the figure would then count.)"""
+    path = str(tmp / "coalesce-process.sock")
+    lender = LenderProcess(path, cpus)
+    engine = small_engine()
+    link = LenderLink(engine, path, GUEST)
+    got = Coalescing()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run)
+            await trio.to_thread.run_sync(lender.ask, "ready")
+            await trio.to_thread.run_sync(lender.ask, "delay", delay)
+            before = engine.counters.page_ins
+            for _ in range(rounds):
+                for n in (1, waiters):
+                    await trio.to_thread.run_sync(lender.ask, "evict", 0)
+                    before = engine.counters.page_ins
+                    results: list[bytes] = []
+                    took: list[float] = []
+                    with trio.fail_after(10):
+                        async with trio.open_nursery() as readers:
+                            for _ in range(n):
+                                readers.start_soon(timed_read, engine, results, took)
+                    if n == 1:
+                        got.alone.append(took[0])
+                        continue
+                    got.slowest.append(max(took))
+                    got.counts.append(engine.counters.page_ins - before)
+                    got.wrong += sum(r != struct.pack("<Q", MARK) for r in results)
+            nursery.cancel_scope.cancel()
+    finally:
+        engine.close()
+        lender.stop()
+    return got
+
+
 # ---------------------------------------------------------------------------- d) a million
 
 
@@ -1315,9 +1364,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"  through the lender link and a lender on a socket, {rounds} rounds: "
             f"PAGE_INs per round {sorted(set(link.counts))}, wrong reads {link.wrong}; "
-            f"the slowest of 64 served after {slowest * 1e3:.2f} ms, one fault alone "
-            f"{alone * 1e3:.2f} ms: {slowest / alone:.2f}x (target <= 1.10x; medians)"
+            f"the last of 64 served {slowest * 1e3:.2f} ms after the first began (the lender "
+            f"in this loop starts its delay only once all 64 wait), one fault alone "
+            f"{alone * 1e3:.2f} ms"
         )
+        proc = trio.run(process_coalescing, tmp, rounds, 64)
+        alone, slowest = statistics.median(proc.alone), statistics.median(proc.slowest)
+        print(
+            f"  against a lender process (answers after 5 ms), {rounds} rounds: PAGE_INs per "
+            f"round {sorted(set(proc.counts))}, wrong reads {proc.wrong}; the slowest of 64 "
+            f"waited {slowest * 1e3:.2f} ms, one fault alone {alone * 1e3:.2f} ms: "
+            f"{slowest / alone:.2f}x (target <= 1.10x; medians)"
+        )
+        link.counts += proc.counts
+        link.wrong += proc.wrong
         if any(c != 1 for c in counts + link.counts) or link.wrong:
             print("  FAILED: concurrent faults on one window must send exactly one PAGE_IN")
             status = 1

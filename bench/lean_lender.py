@@ -115,6 +115,9 @@ class LeanLender:
         for i in range(aperture // window):
             os.pwrite(self.home, struct.pack("<Q", MARK + i), i * window)
         self.rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.home]))]
+        # Seconds a PAGE_IN waits before it is answered (command `delay`): a lender that has
+        # to bring the memory back first, so that concurrent faults all wait on one answer.
+        self.page_in_delay = 0.0
         count = aperture // window
         self.state = [EVICTED] * count
         self.lease = [0] * count
@@ -220,6 +223,8 @@ class LeanLender:
         if any(state[i] == REVOKING for i in covered):
             self.deferred.append((request_id, offset, length))
             return False
+        if self.page_in_delay:
+            time.sleep(self.page_in_delay)
         for i in covered:
             if state[i] == EVICTED:
                 self.grant(i)
@@ -310,6 +315,9 @@ def command(lender: LeanLender, words: list[str]) -> bool:
     elif words[0] == "revokes":
         revokes, pings = lender.revoke_series(int(words[1]), int(words[2]))
         reply(revokes=revokes, pings=pings)
+    elif words[0] == "delay":
+        lender.page_in_delay = float(words[1])
+        reply(ok=True)
     elif words[0] == "stats":
         reply(**lender.stats)
     elif words[0] == "own":

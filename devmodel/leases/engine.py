@@ -523,10 +523,25 @@ class LeaseEngine:
         self._live[lease_id] = w
         self.counters.grants += 1
         self._emit("LEASE_GRANTED", {"lease": lease_id, "offset": offset, "length": length})
-        # Forward progress: the accesses that waited for this memory are served now.
+        # Forward progress: the accesses that waited for this memory are served now, in the
+        # order they came. Coalesced reads of the same bytes share one successful read of them
+        # (no await and no write between them: the bytes cannot differ); a write among the
+        # waiters forgets what was read, and a failed read is not shared, so each access that
+        # fails is counted and answered as it would be alone.
+        counters = self.counters
+        same: dict[tuple[int, int], bytes] = {}
         for p in served:
             try:
-                p.result = self._perform(w, p.offset, p.size, p.data)
+                if p.data is not None:
+                    same.clear()
+                    p.result = self._perform(w, p.offset, p.size, p.data)
+                elif (got := same.get((p.offset, p.size))) is not None:
+                    p.result = got
+                else:
+                    failed = counters.failed_accesses
+                    p.result = self._perform(w, p.offset, p.size, None)
+                    if counters.failed_accesses == failed:
+                        same[(p.offset, p.size)] = p.result
             except AccessError as exc:  # the ERROR policy: a write to a read-only grant, say
                 p.error = exc
             p.served = True

@@ -407,6 +407,31 @@ async def test_waiters_are_served_inside_the_grant(
     assert os.pread(home, 8, 0) == bytes(8)
 
 
+async def test_coalesced_reads_share_a_read_only_until_a_write_between_them(
+    mock_clock: trio.testing.MockClock, engine: LeaseEngine, lender: FakeLender
+) -> None:
+    """The grant serves its waiters in the order they came: reads of the same bytes may share
+    one read of them, but a read that came after a write to those bytes sees the write."""
+    await evicted_window(engine, lender, 0, PAGE)
+    fresh = lender.own(memfd(PAGE, fill=b"\x42" * PAGE))
+    async with trio.open_nursery() as nursery:
+        before = [spawn(nursery, engine.read, 64, 8) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        write = spawn(nursery, engine.write, 64, b"\x99" * 8)
+        await trio.testing.wait_all_tasks_blocked()
+        after = [spawn(nursery, engine.read, 64, 8) for _ in range(3)]
+        other = spawn(nursery, engine.read, 128, 4)
+        await trio.testing.wait_all_tasks_blocked()
+        pi = lender.take()
+        lender.grant(0, PAGE, fresh, 0)
+        engine.page_in_done(pi.request_id, PageInStatus.OK)
+    assert [r.get() for r in before] == [b"\x42" * 8] * 3
+    assert write.get() is None
+    assert [r.get() for r in after] == [b"\x99" * 8] * 3
+    assert other.get() == b"\x42" * 4
+    assert engine.counters.failed_accesses == 0 and len(lender.page_ins) == 1
+
+
 # ---------------------------------------------------------------------------- failed page-ins
 
 
