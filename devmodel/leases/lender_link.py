@@ -535,8 +535,8 @@ class _Session:
         """
         if done():
             return True
-        if not self._idle or self.failure is not None:
-            return None
+        if not self._idle or self.failure is not None or self._out_bytes > OUTBOUND_HIGH_WATER:
+            return None  # the reader's turn (and its back-pressure on a lender that stops reading)
         try:
             if not self._receive_nowait():
                 return None
