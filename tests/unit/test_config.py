@@ -17,7 +17,7 @@ from devmodel.config import (
     load_file,
 )
 from devmodel.leases.policy import FailurePolicy
-from devmodel.polling import DEFAULT_POLL_MAX_US
+from devmodel.polling import DEFAULT_PAGE_IN_POLL_MAX_US, DEFAULT_POLL_MAX_US
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -108,6 +108,8 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"socket-path": "/a", "poll-max-us": "-1"}, "from 0 (off) to 1000 microseconds"),
         ({"socket-path": "/a", "poll-max-us": "5000"}, "from 0 (off) to 1000 microseconds"),
         ({"socket-path": "/a", "poll-max-us": "fast"}, "a number of microseconds"),
+        ({"socket-path": "/a", "page-in-poll-max-us": "1001"}, "from 0 (off) to 1000"),
+        ({"socket-path": "/a", "page-in-poll-max-us": "-5"}, "from 0 (off) to 1000"),
     ],
 )
 def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> None:
@@ -182,6 +184,18 @@ def test_polling_is_an_option_on_the_command_line_and_in_the_file(tmp_path: Path
     path = write(tmp_path, "poll-max-us = 20\n")
     s = build_settings({"socket-path": "/a"}, load_file(path), path)
     assert s.poll_max_us == 20 and s.as_dict()["poll-max-us"] == 20
+
+
+def test_the_page_in_poll_is_an_option_on_the_command_line_and_in_the_file(
+    tmp_path: Path,
+) -> None:
+    default = build_settings({"socket-path": "/a"}).page_in_poll_max_us
+    assert default == DEFAULT_PAGE_IN_POLL_MAX_US > 0
+    off = build_settings({"socket-path": "/a", "page-in-poll-max-us": "0"})
+    assert off.page_in_poll_max_us == 0
+    path = write(tmp_path, "page-in-poll-max-us = 250\n")
+    s = build_settings({"socket-path": "/a"}, load_file(path), path)
+    assert s.page_in_poll_max_us == 250 and s.as_dict()["page-in-poll-max-us"] == 250
 
 
 # ---------------------------------------------------------------------------- default granule
