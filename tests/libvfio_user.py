@@ -1,11 +1,14 @@
 """Finding libvfio-user for tests: the shared library and header scripts/build-libvfio-user
-installs into the cache (scripts/check runs it), or a skip whose reason names what is missing."""
+installs into the cache (scripts/check runs it), or a skip whose reason names what is missing;
+under CI (which builds it, and stops if it cannot) a missing piece fails instead."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -14,19 +17,27 @@ from devmodel.transports import libvfio_user_lib as lvu
 BUILD = "scripts/build-libvfio-user builds it (scripts/check runs it)"
 
 
+def missing(reason: str) -> NoReturn:
+    """Skip for `reason` on a developer's machine; fail under CI, where the build is part of
+    the check and a skip would hide a test that never ran."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: libvfio-user's build must be complete)")
+    pytest.skip(reason)
+
+
 def library_path() -> Path:
     """The .so the transport loads (DEVMODEL_LIBVFIO_USER or the cached build)."""
     try:
         return lvu.load().path
     except lvu.LibVfioUserMissing as exc:
-        pytest.skip(f"libvfio-user missing: {exc}")
+        missing(f"libvfio-user missing: {exc}")
 
 
 def include_dir() -> Path:
     """The header directory installed next to the library (cache/libvfio-user/include)."""
     include = library_path().parent.parent / "include"
     if not (include / "libvfio-user.h").is_file():
-        pytest.skip(f"libvfio-user's header missing: no {include}/libvfio-user.h; {BUILD}")
+        missing(f"libvfio-user's header missing: no {include}/libvfio-user.h; {BUILD}")
     return include
 
 

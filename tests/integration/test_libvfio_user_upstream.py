@@ -17,9 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.libvfio_user import BUILD, library_path
+from tests.libvfio_user import BUILD, library_path, missing
 
 # What the suite of Debian trixie's copy (QEMU 10.0.x, subprojects/libvfio-user) holds: 21
 # files, 196 tests. Fewer means the suite did not run as a whole (a collection that silently
@@ -31,10 +29,10 @@ def upstream_suite() -> Path:
     library = library_path()
     suite = library.parent.parent / "src" / "test" / "py"
     if not (suite / "libvfio_user.py").is_file():
-        pytest.skip(f"libvfio-user's own test suite missing: no {suite}/libvfio_user.py next to "
-                    f"{library}; {BUILD}")
+        missing(f"libvfio-user's own test suite missing: no {suite}/libvfio_user.py next to "
+                f"{library}; {BUILD}")
     if not (library.parent / "libvfio-user.so").is_file():
-        pytest.skip(f"the suite loads LIBVFIO_SO_DIR/libvfio-user.so: {library.parent} has none")
+        missing(f"the suite loads LIBVFIO_SO_DIR/libvfio-user.so: {library.parent} has none")
     return suite
 
 
