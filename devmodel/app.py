@@ -69,7 +69,7 @@ from devmodel.metrics.timing import AccessTiming
 from devmodel.pci.function import PciFunction
 from devmodel.pci.identity import PciIdentity
 from devmodel.pci.registers import Feature
-from devmodel.polling import PAGE_IN_POLL, AdaptivePoll
+from devmodel.polling import PageInPoll
 from devmodel.sizes import format_size
 from devmodel.transports.vfio_user import VfioUserServer
 
@@ -218,7 +218,7 @@ async def _serve(
 
         poll = None
         if settings.page_in_poll_max_us:
-            poll = AdaptivePoll(settings.page_in_poll_max_us * 1000, counters, names=PAGE_IN_POLL)
+            poll = PageInPoll(settings.page_in_poll_max_us * 1000, counters)
         link = LenderLink(engine, settings.lender_socket, settings.domid, poll=poll)
         lender = LinkLenderView(link)
     vendor, device_id = settings.pci_id

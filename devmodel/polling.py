@@ -34,10 +34,9 @@ __all__ = [
     "DEFAULT_PAGE_IN_POLL_MAX_US",
     "DEFAULT_POLL_MAX_US",
     "MAX_POLL_MAX_US",
-    "PAGE_IN_POLL",
     "POLL_INITIAL_NS",
-    "TRANSPORT_POLL",
     "AdaptivePoll",
+    "PageInPoll",
 ]
 
 T = TypeVar("T")
@@ -50,29 +49,24 @@ DEFAULT_PAGE_IN_POLL_MAX_US: Final = 100
 own CPU and map or find the memory. An instant lender answers in 30-60 us on the test VMs."""
 MAX_POLL_MAX_US: Final = 1_000
 """A spin longer than a millisecond would eat the loop's whole time slice (fairness.py)."""
-TRANSPORT_POLL: Final = ("poll_hits", "poll_misses", "poll_ns")
-"""DeviceCounters' names for the transport socket's polling."""
-PAGE_IN_POLL: Final = ("page_in_poll_hits", "page_in_poll_misses", "page_in_poll_ns")
-"""... and for the lender socket's, while an access waits for a page-in (lender_link.py)."""
 
 
 class AdaptivePoll:
     """One socket's polling budget and the spin that uses it.
 
     Use: `got = poll.poll(attempt)`; if None, park until readable, receive, then `parked()`.
-    Counters (in `counters`, under the names `names` gives; DeviceCounters' transport ones by
-    default): hits (a spin got a message), misses (a spin ran out of budget) and the time spent
-    spinning (CPU time, since a spin never sleeps), in ns.
+    Counters: `poll_hits` (a spin got a message), `poll_misses` (a spin ran out of budget) and
+    `poll_ns` (time spent spinning: CPU time, since a spin never sleeps); PageInPoll keeps the
+    same three under its own names.
     """
 
-    __slots__ = ("_clock", "_names", "_started", "budget_ns", "counters", "max_ns")
+    __slots__ = ("_clock", "_started", "budget_ns", "counters", "max_ns")
 
     def __init__(
         self,
         max_ns: int,
         counters: DeviceCounters,
         clock: Callable[[], int] = perf_counter_ns,
-        names: tuple[str, str, str] = TRANSPORT_POLL,
     ) -> None:
         if max_ns < 0:
             raise ValueError("the polling budget cannot be negative")
@@ -80,7 +74,6 @@ class AdaptivePoll:
         self.budget_ns = 0
         self.counters = counters
         self._clock = clock
-        self._names = names
         self._started = 0
 
     def poll(self, attempt: Callable[[], T | None]) -> T | None:
@@ -98,17 +91,21 @@ class AdaptivePoll:
             got = attempt()
             now = clock()
             if got is not None:
-                self._count(0, now - start)
+                self._hit(now - start)
                 return got
             if now >= deadline:
-                self._count(1, now - start)
+                self._missed(now - start)
                 return None
 
-    def _count(self, which: int, spun_ns: int) -> None:
+    def _hit(self, spun_ns: int) -> None:
         c = self.counters
-        names = self._names
-        setattr(c, names[which], getattr(c, names[which]) + 1)
-        setattr(c, names[2], getattr(c, names[2]) + spun_ns)
+        c.poll_hits += 1
+        c.poll_ns += spun_ns
+
+    def _missed(self, spun_ns: int) -> None:
+        c = self.counters
+        c.poll_misses += 1
+        c.poll_ns += spun_ns
 
     def parked(self) -> None:
         """The message came after a park: tune the budget to how long the whole wait took."""
@@ -134,3 +131,20 @@ class AdaptivePoll:
             self.budget_ns = budget if budget >= POLL_INITIAL_NS else 0
         elif budget < self.max_ns:
             self.budget_ns = min(budget * 2 if budget else POLL_INITIAL_NS, self.max_ns)
+
+
+class PageInPoll(AdaptivePoll):
+    """The lender socket's poll while an access waits for a page-in (lender_link.py): the
+    same budget and rule, counted in DeviceCounters' `page_in_poll_*`."""
+
+    __slots__ = ()
+
+    def _hit(self, spun_ns: int) -> None:
+        c = self.counters
+        c.page_in_poll_hits += 1
+        c.page_in_poll_ns += spun_ns
+
+    def _missed(self, spun_ns: int) -> None:
+        c = self.counters
+        c.page_in_poll_misses += 1
+        c.page_in_poll_ns += spun_ns

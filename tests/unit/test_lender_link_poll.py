@@ -27,7 +27,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
-from devmodel.polling import PAGE_IN_POLL, AdaptivePoll
+from devmodel.polling import AdaptivePoll, PageInPoll
 from devmodel.testing import (
     LINK_APERTURE as APERTURE,
 )
@@ -54,10 +54,8 @@ def ticking_clock() -> Callable[[], int]:
 
 def poll_with(tries: int, max_tries: int | None = None) -> AdaptivePoll:
     """A page-in poll whose budget is `tries` clock readings now (and at most `max_tries`);
-    its counters are replaced by the engine's when the link takes it (`linked`)."""
-    poll = AdaptivePoll(
-        (max_tries or tries) * 1_000, DeviceCounters(), ticking_clock(), PAGE_IN_POLL
-    )
+    the rig that takes it gives it the engine's counters."""
+    poll = PageInPoll((max_tries or tries) * 1_000, DeviceCounters(), ticking_clock())
     poll.budget_ns = tries * 1_000
     return poll
 

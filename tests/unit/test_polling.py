@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from devmodel.counters import DeviceCounters
-from devmodel.polling import PAGE_IN_POLL, POLL_INITIAL_NS, AdaptivePoll
+from devmodel.polling import POLL_INITIAL_NS, AdaptivePoll, PageInPoll
 
 MAX = 50_000
 
@@ -111,7 +111,7 @@ def test_a_negative_maximum_is_refused() -> None:
 def test_the_page_in_poll_counts_under_its_own_names() -> None:
     counters = DeviceCounters()
     clock = FakeClock()
-    poll = AdaptivePoll(MAX, counters, clock, PAGE_IN_POLL)
+    poll = PageInPoll(MAX, counters, clock)
     poll.budget_ns = 3_000
     assert poll.poll(lambda: None) is None
     poll.budget_ns = 10_000
