@@ -335,12 +335,15 @@ class _Base:
 
     def _pay(self, event: ev.Event, command: int) -> None:
         """Account for a reply we send: it must answer a request of the peer's."""
-        key = (event.msg_id, command)
+        self._pay_key(event.msg_id, command, type(event).__name__)
+
+    def _pay_key(self, msg_id: int, command: int, name: str) -> None:
+        key = (msg_id, command)
         owed = self._owed
         n = owed.get(key, 0)
         if not n:
             raise ProtocolError(
-                f"{type(event).__name__} answers no request that awaits a reply "
+                f"{name} answers no request that awaits a reply "
                 f"(message {key[0]}, command {key[1]}; posted requests get none)"
             )
         if n == 1:
@@ -448,18 +451,7 @@ class ServerConnection(_Base):
         """The reply to an owed read (`owe_read`, or a REGION_READ from `next_event`), encoded
         as `send(RegionReadReply(...))` would encode it, and paid the same way, without
         building the event: the answer to a read that waited for its memory."""
-        key = (msg_id, _READ)
-        owed = self._owed
-        n = owed.get(key, 0)
-        if not n:
-            raise ProtocolError(
-                f"RegionReadReply answers no request that awaits a reply (message {msg_id}, "
-                f"command {_READ}; posted requests get none)"
-            )
-        if n == 1:
-            del owed[key]
-        else:
-            owed[key] = n - 1
+        self._pay_key(msg_id, _READ, "RegionReadReply")
         return self.read_reply(msg_id, offset, region, data)
 
     def owe_read(self, msg_id: int, offset: int, region: int, count: int) -> ev.RegionRead:
