@@ -139,9 +139,11 @@ class Results:
         return row
 
 
-def _ratio_at_most(res: Results, key: str, limit: float) -> bool | None:
-    ratio = res.rows[key].ratio
-    return None if ratio is None else ratio <= limit
+def check_ratio(row: Row, bound: float, peer_name: str) -> None:
+    """A target on the row's ratio to its peer: at most `bound` times it."""
+    row.target = f"<= {bound:.2f}x {peer_name}"
+    if row.ratio is not None:
+        row.passed = row.ratio <= bound
 
 
 def check(row: Row, target: str, ok: Callable[[float], bool | None]) -> None:
@@ -536,10 +538,7 @@ def run(
             else:
                 res.latency(key, figure, trapped[mode])
                 res.compare(key, peer)
-            row = res.rows[key]
-            row.target = f"<= {bound:.2f}x {peer_name}"
-            if row.ratio is not None:
-                row.passed = row.ratio <= bound
+            check_ratio(res.rows[key], bound, peer_name)
     lvu_figure = "trapped read: devmodel, libvfio-user transport / devmodel"
     if dm_lvu_note:
         res.missing("trapped_dm_lvu", lvu_figure, "us", dm_lvu_note)
@@ -614,9 +613,7 @@ def run(
     res.latency("fault_alone", "lease: one fault alone (lender answers in 5 ms)", proc.alone)
     res.latency("fault_64", "lease: 64 concurrent faults, the slowest", proc.slowest)
     res.compare("fault_64", "fault_alone")
-    check(
-        res.rows["fault_64"], "<= 1.10x one fault", lambda _m: _ratio_at_most(res, "fault_64", 1.10)
-    )
+    check_ratio(res.rows["fault_64"], 1.10, "one fault")
     if stats["nacks"] or stats["errors"]:
         res.rows["fault"].note = f"lender saw {stats['nacks']} refusals, {stats['errors']} errors"
         res.rows["fault"].passed = False
