@@ -95,7 +95,7 @@ CONTROL_FLUSH = 0.5
 # waiting when it is cancelled (an error reply, promptly; QEMU must not wait out its timeout).
 STOP_GRACE = 0.25
 
-__all__ = ["STOP_SIGNALS", "StartupError", "open_listener", "run"]
+__all__ = ["STOP_SIGNALS", "StartupError", "lender_link", "open_listener", "run"]
 
 
 def open_listener(settings: Settings) -> socket.socket:
@@ -214,12 +214,7 @@ async def _serve(
             raise StartupError(f"cannot create the built-in lender's memory: {exc}") from None
         lender = BuiltinLenderView(builtin)
     else:
-        from devmodel.leases.lender_link import LenderLink  # noqa: PLC0415 (see TYPE_CHECKING)
-
-        poll = None
-        if settings.page_in_poll_max_us:
-            poll = PageInPoll(settings.page_in_poll_max_us * 1000, counters)
-        link = LenderLink(engine, settings.lender_socket, settings.domid, poll=poll)
+        link = lender_link(settings, engine, counters)
         lender = LinkLenderView(link)
     vendor, device_id = settings.pci_id
     identity = PciIdentity(vendor_id=vendor, device_id=device_id)
@@ -300,6 +295,25 @@ async def _serve(
                 await transport.drain()
             nursery.cancel_scope.cancel()
     log.info("stopped; counters: %s", counters.as_dict())
+
+
+def lender_link(settings: Settings, engine: LeaseEngine, counters: DeviceCounters) -> LenderLink:
+    """The link to the lender at `--lender-socket`, with the deadlines the settings give it."""
+    from devmodel.leases.lender_link import LenderLink  # noqa: PLC0415 (see TYPE_CHECKING)
+
+    assert settings.lender_socket is not None
+    poll = None
+    if settings.page_in_poll_max_us:
+        poll = PageInPoll(settings.page_in_poll_max_us * 1000, counters)
+    return LenderLink(
+        engine,
+        settings.lender_socket,
+        settings.domid,
+        hello_timeout=settings.lender_hello_timeout,
+        ping_timeout=settings.lender_ping_timeout,
+        write_timeout=settings.lender_write_timeout,
+        poll=poll,
+    )
 
 
 async def _execute(inst: Instance, client: ControlClient, cmd: Command) -> object:

@@ -29,6 +29,7 @@ from devmodel.config import (
     LIBVFIO_USER_MAX_APERTURE,
     OPTIONS,
     ConfigError,
+    Settings,
     build_settings,
     describe_options,
     limits,
@@ -234,15 +235,20 @@ def _startup_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def run_settings(args: argparse.Namespace) -> Settings:
+    """`run`'s settings from its parsed arguments and `--config` file; ConfigError if bad."""
+    given = {o.name: getattr(args, o.attr) for o in OPTIONS if hasattr(args, o.attr)}
+    file_values = load_config_file(args.config) if args.config else None
+    return build_settings(given, file_values, args.config)
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from devmodel.app import run  # noqa: PLC0415 (imports trio's whole world)
 
     if args.print_capabilities:
         return _print_capabilities()
-    given = {o.name: getattr(args, o.attr) for o in OPTIONS if hasattr(args, o.attr)}
     try:
-        file_values = load_config_file(args.config) if args.config else None
-        settings = build_settings(given, file_values, args.config)
+        settings = run_settings(args)
     except ConfigError as exc:
         parser.error(str(exc))
     logs.setup(settings.domid, settings.log_format, settings.log_level)

@@ -35,6 +35,11 @@ MAX_TIMEOUT: Final = 4.5
 # transport may wait longer: under a loaded host the lender can take more than a few seconds
 # to answer a page-in. This bound only catches a mistyped value.
 MAX_XEN_TIMEOUT: Final = 60.0
+# The lender link's own deadlines (HELLO, PING, a write) bound no guest access, so QEMU's 5 s
+# does not apply: a very loaded host may need more than the 2 s default. A minute is more than
+# any live lender needs; the bound only catches a mistyped value (milliseconds, say).
+MAX_LENDER_TIMEOUT: Final = 60.0
+DEFAULT_LENDER_TIMEOUT: Final = 2.0
 # Xen: domids from DOMID_FIRST_RESERVED (0x7FF0) on are special (DOMID_SELF, DOMID_IO...).
 MAX_DOMID: Final = 0x7FEF
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -106,6 +111,26 @@ def _seconds(value: object) -> float:
         raise ValueError(
             f"timeouts must be above 0 and below {MAX_TIMEOUT} s "
             f"(QEMU gives up on a reply after 5 s; {MAX_XEN_TIMEOUT:g} s with --transport xen)"
+        )
+    return seconds
+
+
+def _lender_seconds(value: object) -> float:
+    """A lender link deadline: any positive number of seconds up to MAX_LENDER_TIMEOUT."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("expects a number of seconds")
+    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+    else:
+        seconds = float(value)
+    # Written so that NaN fails it too (every comparison with NaN is false).
+    if not 0 < seconds <= MAX_LENDER_TIMEOUT:
+        raise ValueError(
+            f"lender link timeouts must be above 0 and at most {MAX_LENDER_TIMEOUT:g} s, "
+            f"not {value}"
         )
     return seconds
 
@@ -380,6 +405,37 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "int",
     ),
     Option(
+        "lender-hello-timeout",
+        _lender_seconds,
+        DEFAULT_LENDER_TIMEOUT,
+        "with --lender-socket: how long the lender has to answer devmodel's HELLO once "
+        "connected; a handshake that takes longer is abandoned and retried with backoff "
+        f"(default {DEFAULT_LENDER_TIMEOUT:g}; at most {MAX_LENDER_TIMEOUT:g})",
+        "SECONDS",
+        "seconds",
+    ),
+    Option(
+        "lender-ping-timeout",
+        _lender_seconds,
+        DEFAULT_LENDER_TIMEOUT,
+        "with --lender-socket: how long the lender has to answer the PING devmodel sends "
+        "after 5 s of silence; no answer within it ends the session (its leases are dropped) "
+        "and devmodel reconnects. Raise it on a very loaded host "
+        f"(default {DEFAULT_LENDER_TIMEOUT:g}; at most {MAX_LENDER_TIMEOUT:g})",
+        "SECONDS",
+        "seconds",
+    ),
+    Option(
+        "lender-write-timeout",
+        _lender_seconds,
+        DEFAULT_LENDER_TIMEOUT,
+        "with --lender-socket: how long a message to the lender may wait for the lender to "
+        "read its socket; a lender that reads nothing for longer ends the session "
+        f"(default {DEFAULT_LENDER_TIMEOUT:g}; at most {MAX_LENDER_TIMEOUT:g})",
+        "SECONDS",
+        "seconds",
+    ),
+    Option(
         "control-socket",
         _socket_path,
         None,
@@ -475,6 +531,9 @@ class Settings:
     failure_policy: FailurePolicy = FailurePolicy.ALL_ONES
     poll_max_us: int = DEFAULT_POLL_MAX_US
     page_in_poll_max_us: int = DEFAULT_PAGE_IN_POLL_MAX_US
+    lender_hello_timeout: float = DEFAULT_LENDER_TIMEOUT
+    lender_ping_timeout: float = DEFAULT_LENDER_TIMEOUT
+    lender_write_timeout: float = DEFAULT_LENDER_TIMEOUT
     control_socket: str | None = None
     log_format: str = "text"
     log_level: str = "info"
@@ -658,6 +717,7 @@ def limits() -> dict[str, object]:
         "granules": list(GRANULES),
         "timeout_max_seconds": MAX_TIMEOUT,
         "timeout_max_seconds_xen": MAX_XEN_TIMEOUT,
+        "lender_timeout_max_seconds": MAX_LENDER_TIMEOUT,
         "domid_max": MAX_DOMID,
         "socket_path_max_bytes": MAX_SOCKET_PATH,
         "poll_max_us_max": MAX_POLL_MAX_US,

@@ -91,6 +91,14 @@ class LinkLenderView:
             "connected": link.connected,
             "sessions": link.sessions,
             "last_end_reason": link.last_end_reason,
+            # The deadlines the link holds the lender to, in seconds (--lender-*-timeout): a
+            # session that ended "within N s" can be matched to the setting that ended it.
+            "timeouts": {
+                "hello": link.hello_timeout,
+                "ping": link.ping_timeout,
+                "ping_interval": link.ping_interval,
+                "write": link.write_timeout,
+            },
         }
 
 

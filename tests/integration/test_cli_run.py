@@ -28,6 +28,8 @@ from tests.libvfio_user import available as libvfio_user_available
         ["--granule", "8K"],
         ["--domid", "abc"],
         ["--page-in-timeout", "9"],
+        ["--lender-ping-timeout", "0"],
+        ["--lender-write-timeout", "90"],
         ["--failure-policy", "sometimes"],
         ["--log-format", "xml"],
         ["--metrics-listen", "10.1.2.3:9000"],
@@ -52,6 +54,7 @@ def test_bad_options_exit_2_with_exactly_one_line(tmp_path: Path, args: list[str
         ("apperture-size = 1\n", "did you mean 'aperture-size'"),
         ("domid = = 3\n", "not valid TOML"),
         ('failure-policy = "maybe"\n', "failure-policy: must be one of"),
+        ("lender-ping-timeout = -2\n", "lender-ping-timeout: lender link timeouts must be above 0"),
     ],
 )
 def test_bad_config_files_exit_2_with_one_line(tmp_path: Path, text: str, words: str) -> None:
@@ -155,6 +158,30 @@ def test_config_file_with_command_line_overrides(tmp_path: Path) -> None:
         assert answer["config-file"] == str(config)
         assert dm.stop() == 0
     assert " dom12 " in dm.stderr()
+
+
+def test_lender_link_timeouts_from_the_file_and_the_command_line_reach_the_running_link(
+    tmp_path: Path,
+) -> None:
+    """No lender listens there: the link keeps retrying, which changes nothing here."""
+    config = tmp_path / "guest.toml"
+    lender = tmp_path / "no-lender.sock"
+    config.write_text(f'lender-socket = "{lender}"\nlender-ping-timeout = 30\n')
+    argv = ("--config", str(config), "--lender-write-timeout", "7.5")
+    with launched(tmp_path, *argv) as dm:
+        with dm.control() as ctl:
+            status = ctl.execute("query-status")
+            answer = ctl.execute("query-config")
+        assert isinstance(status, dict) and isinstance(answer, dict)
+        link = status["lender"]
+        assert isinstance(link, dict) and link["socket"] == str(lender)
+        assert link["timeouts"] == {"hello": 2.0, "ping": 30.0, "ping_interval": 5.0, "write": 7.5}
+        settings, sources = answer["settings"], answer["sources"]
+        assert settings["lender-ping-timeout"] == 30.0
+        assert sources["lender-ping-timeout"] == str(config)
+        assert settings["lender-write-timeout"] == 7.5
+        assert sources["lender-write-timeout"] == "command line"
+        assert dm.stop() == 0
 
 
 # ---------------------------------------------------------------------------- readiness

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devmodel.config import (
     GRANULE_PICKED,
+    MAX_LENDER_TIMEOUT,
     OPTIONS,
     ConfigError,
     Settings,
@@ -18,6 +21,9 @@ from devmodel.config import (
 )
 from devmodel.leases.policy import FailurePolicy
 from devmodel.polling import DEFAULT_PAGE_IN_POLL_MAX_US, DEFAULT_POLL_MAX_US
+
+LENDER_TIMEOUTS = ("lender-hello-timeout", "lender-ping-timeout", "lender-write-timeout")
+LENDER_RANGE = "lender link timeouts must be above 0 and at most 60 s"
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -110,6 +116,15 @@ def test_an_fd_on_the_command_line_replaces_the_files_socket_path(tmp_path: Path
         ({"socket-path": "/a", "poll-max-us": "fast"}, "a number of microseconds"),
         ({"socket-path": "/a", "page-in-poll-max-us": "1001"}, "from 0 (off) to 1000"),
         ({"socket-path": "/a", "page-in-poll-max-us": "-5"}, "from 0 (off) to 1000"),
+        # The lender link's deadlines: positive, finite, at most a minute; the option named.
+        *(
+            ({"socket-path": "/a", name: bad}, f"argument --{name}: {LENDER_RANGE}, not {bad}")
+            for name in LENDER_TIMEOUTS
+            for bad in ("0", "-1", "60.5", "3600", "nan", "inf", "-inf")
+        ),
+        ({"socket-path": "/a", "lender-ping-timeout": "soon"}, "'soon' is not a number of seconds"),
+        ({"socket-path": "/a", "lender-write-timeout": "2s"}, "'2s' is not a number of seconds"),
+        ({"socket-path": "/a", "lender-hello-timeout": ""}, "'' is not a number of seconds"),
     ],
 )
 def test_bad_values_are_one_line_errors(cli: dict[str, object], words: str) -> None:
@@ -149,6 +164,24 @@ def test_remote_metrics_need_the_explicit_flag() -> None:
         ('aperture-size = "3M"\nsocket-path = "/a"\n', "dm.toml: aperture-size: aperture size"),
         ("socket-path = '/a'\ndebug-console = 'perhaps'\n", "debug-console: expects true"),
         ("socket-path = '/a'\ndomid = true\n", "domid: expects a guest"),
+        (
+            "socket-path = '/a'\nlender-ping-timeout = true\n",
+            "dm.toml: lender-ping-timeout: expects a number of seconds",
+        ),
+        (
+            "socket-path = '/a'\nlender-ping-timeout = 0\n",
+            f"dm.toml: lender-ping-timeout: {LENDER_RANGE}, not 0",
+        ),
+        (
+            "socket-path = '/a'\nlender-write-timeout = 120\n",
+            f"dm.toml: lender-write-timeout: {LENDER_RANGE}, not 120",
+        ),
+        ("socket-path = '/a'\nlender-write-timeout = inf\n", "lender-write-timeout: lender link"),
+        ("socket-path = '/a'\nlender-hello-timeout = nan\n", "lender-hello-timeout: lender link"),
+        ("socket-path = '/a'\nlender-hello-timeout = '1m'\n", "'1m' is not a number of seconds"),
+        ("socket-path = '/a'\nlender-ping-timeout = [5]\n", "expects a single value"),
+        ("lender-ping-timeout = 2000-01-01\n", "lender-ping-timeout: expects a number of seconds"),
+        ("lender-ping-timout = 5\n", "(did you mean 'lender-ping-timeout'?)"),
     ],
 )
 def test_bad_files_are_one_line_errors(tmp_path: Path, text: str, words: str) -> None:
@@ -196,6 +229,59 @@ def test_the_page_in_poll_is_an_option_on_the_command_line_and_in_the_file(
     path = write(tmp_path, "page-in-poll-max-us = 250\n")
     s = build_settings({"socket-path": "/a"}, load_file(path), path)
     assert s.page_in_poll_max_us == 250 and s.as_dict()["page-in-poll-max-us"] == 250
+
+
+def test_the_lender_link_timeouts_are_options_on_the_command_line_and_in_the_file(
+    tmp_path: Path,
+) -> None:
+    default = build_settings({"socket-path": "/a"})
+    for name in LENDER_TIMEOUTS:
+        assert default.as_dict()[name] == 2.0 and name not in default.sources
+    # Not bounded by QEMU's 5 s (no guest access waits on them), with any transport.
+    s = build_settings(
+        {"socket-path": "/a", "lender-ping-timeout": "30", "lender-hello-timeout": "0.5"}
+    )
+    assert (s.lender_ping_timeout, s.lender_hello_timeout, s.lender_write_timeout) == (
+        30.0,
+        0.5,
+        2.0,
+    )
+    xen = build_settings({"transport": "xen", "domid": "3", "lender-write-timeout": "60"})
+    assert xen.lender_write_timeout == 60.0
+    path = write(
+        tmp_path,
+        "lender-ping-timeout = 10\nlender-write-timeout = 7.5\nlender-hello-timeout = 3\n",
+    )
+    s = build_settings({"socket-path": "/a", "lender-hello-timeout": "4"}, load_file(path), path)
+    assert (s.lender_ping_timeout, s.lender_write_timeout, s.lender_hello_timeout) == (
+        10.0,
+        7.5,
+        4.0,
+    )
+    assert isinstance(s.lender_ping_timeout, float)  # an integer in the file: seconds anyway
+    assert s.sources["lender-ping-timeout"] == path
+    assert s.sources["lender-hello-timeout"] == "command line"
+    assert s.as_dict()["lender-write-timeout"] == 7.5
+
+
+@given(
+    st.sampled_from(LENDER_TIMEOUTS),
+    st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**6), 10**6),
+    st.booleans(),
+)
+def test_a_lender_timeout_is_taken_exactly_when_it_is_positive_and_at_most_a_minute(
+    name: str, value: float, as_text: bool
+) -> None:
+    raw: object = repr(value) if as_text else value
+    ok = 0 < value <= MAX_LENDER_TIMEOUT
+    try:
+        s = build_settings({"socket-path": "/a", name: raw})
+    except ConfigError as exc:
+        assert not ok, exc
+        assert f"argument --{name}: " in str(exc) and "\n" not in str(exc)
+    else:
+        assert ok
+        assert s.as_dict()[name] == float(value)
 
 
 # ---------------------------------------------------------------------------- default granule

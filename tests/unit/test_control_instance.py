@@ -65,6 +65,7 @@ def test_lender_views_describe_the_lender_each_kind_has() -> None:
         "connected": False,
         "sessions": 0,
         "last_end_reason": "",
+        "timeouts": {"hello": 2.0, "ping": 2.0, "ping_interval": 5.0, "write": 2.0},
     }
     engine.close()
     lender.close()

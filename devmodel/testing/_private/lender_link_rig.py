@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,9 +169,14 @@ async def lender_link_rig(
     page_in_timeout: float = 1.0,
     revoke_timeout: float = 1.0,
     poll: PageInPoll | None = None,
+    make_link: Callable[[LeaseEngine, str], LenderLink] | None = None,
     **link_options: float,
 ) -> AsyncIterator[LenderLinkRig]:
-    """A real LeaseEngine and LenderLink, and a listening socket the test plays lender on."""
+    """A real LeaseEngine and LenderLink, and a listening socket the test plays lender on.
+
+    `make_link(engine, socket_path)`, when given, builds the link instead (as `devmodel run`
+    does from its settings, say), and `poll` and `link_options` are not used.
+    """
     path = str(tmp_path / "lender.sock")
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(path)
@@ -182,7 +187,10 @@ async def lender_link_rig(
     options.update(link_options)
     if poll is not None:
         poll.counters = engine.counters  # the page-in poll counts where the engine does
-    link = LenderLink(engine, path, LINK_GUEST, poll=poll, **options)  # type: ignore[arg-type]
+    if make_link is not None:
+        link = make_link(engine, path)
+    else:
+        link = LenderLink(engine, path, LINK_GUEST, poll=poll, **options)  # type: ignore[arg-type]
     lender = LenderListener(listener, path)
     try:
         async with trio.open_nursery() as nursery:
