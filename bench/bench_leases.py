@@ -1271,12 +1271,22 @@ LEASE_LOADS = ("reads", "posted")
 def lease_round(e2e: EndToEnd, n: int, into: dict[str, list[float]]) -> dict[str, float]:
     """One round of the lease path's figures, `n` samples each, added to `into` under
     fault, resident, revoke, ping, revoke_LOAD and ping_LOAD; returns each load client's
-    access rate (accesses/s), so a revoke under load says how hard the guest pushed."""
+    access rate (accesses/s), so a revoke under load says how hard the guest pushed.
+
+    The faults and resident reads are also split by their place in each pair (see
+    `measure_e2e_faults`): `fault_idle` and `resident_idle` came first after the lender's
+    evict, to a device model that had parked, as a PING or a REVOKE finds it;
+    `fault_warm` and `resident_warm` came right after the other read of the pair."""
     if e2e.client is None:
         e2e.client = RawClient(e2e.dm_sock)
     fault, resident = measure_e2e_faults(e2e.client, e2e.lender, n)
     into["fault"] += fault
     into["resident"] += resident
+    # Pair i reads the evicted window first when i is even (measure_e2e_faults).
+    into["fault_idle"] += fault[0::2]
+    into["fault_warm"] += fault[1::2]
+    into["resident_idle"] += resident[1::2]
+    into["resident_warm"] += resident[0::2]
     e2e.client.close()
     e2e.client = None  # the load clients take the device's socket
     answer = e2e.lender.ask("revokes", 0, n)

@@ -41,8 +41,10 @@ PLOTS: Final[tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]] = (
         "fault",
         "Lease path: a fault on an evicted window (instant lender process)",
         (
-            ("resident", "resident read (vfio-user round trip)"),
-            ("fault", "fault: read of an evicted window"),
+            ("resident_idle", "resident read, first after the evict"),
+            ("resident_warm", "resident read, right after a fault"),
+            ("fault_idle", "fault, first after the evict"),
+            ("fault_warm", "fault, right after a resident read"),
         ),
     ),
     (

@@ -221,6 +221,8 @@ async def _serve(
     device = PciFunction(identity, engine, counters, features=Feature.LENT)
     # The one backend every transport calls (its region bus follows the function's BARs).
     backend = DeviceBackend(device)
+    if link is not None and link.poll is not None:
+        backend.follow_up = link.poll.follow_up
     runtime = Runtime()
     on_event = runtime.emit
     engine.on_event = on_event

@@ -40,7 +40,7 @@ BAR_INDEXES = range(6)
 class DeviceBackend:
     """One PCI function behind one region bus; owns the function's decode-change hook."""
 
-    __slots__ = ("bus", "counters", "function", "lookup", "route")
+    __slots__ = ("bus", "counters", "follow_up", "function", "lookup", "route")
 
     def __init__(self, function: PciFunction) -> None:
         if function.on_decode_change is not None:
@@ -86,6 +86,10 @@ class DeviceBackend:
         self.route: Callable[[int], tuple[Region, int] | None] = bus.route
         """The region at a guest address; the Xen transport may put a page of its own in
         front (devmodel/xen/pvh_acpi.py serves a PVH guest's ACPI tables that way)."""
+        self.follow_up: Callable[[], None] | None = None
+        """Work an access put off until the guest has its answer (the page-in poll's, see
+        devmodel.polling.PageInPoll), or None. A transport calls it once an access's reply is
+        sent, before it waits for the next request; it never waits or raises."""
         function.on_decode_change = self._decode_changed
         self._decode_changed()
 

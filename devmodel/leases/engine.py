@@ -317,6 +317,10 @@ class LeaseEngine:
     def windows(self) -> Iterator[Window]:
         return iter(self._table)
 
+    def outstanding_page_ins(self) -> int:
+        """PAGE_INs sent and not yet ended by their PAGE_IN_DONE (or the lender's loss)."""
+        return len(self._requests)
+
     def window_at(self, offset: int) -> Window | None:
         return self._table.find(offset)
 

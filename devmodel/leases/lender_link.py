@@ -42,7 +42,7 @@ from devmodel.fairness import TimeSlice
 from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.grant_checks import check_grant_fd_key
-from devmodel.polling import AdaptivePoll
+from devmodel.polling import PageInPoll
 from devmodel.ratelimit import RateLimitedLogger
 from devmodel.unixfds import (
     MSG_CMSG_CLOEXEC,
@@ -132,7 +132,7 @@ class LenderLink:
         ping_timeout: float = 2.0,
         bye_timeout: float = 0.2,
         features: int = FEATURES_KNOWN,
-        poll: AdaptivePoll | None = None,
+        poll: PageInPoll | None = None,
     ) -> None:
         if not 0 < reconnect_min <= reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
@@ -541,15 +541,28 @@ class _Session:
             if not self._receive_nowait():
                 return None
             self._handle_buffered()
-            # Served: one more look, for what the lender sent right behind its GRANT (its
-            # PAGE_IN_DONE). Handled here, it costs a receive; left to the reader, a wake-up
-            # of the loop in the middle of the guest's next access.
-            if done() and self._receive_nowait():
-                self._handle_buffered()
         except BaseException as exc:
             self._end_from(exc)
             return True  # the session is ending: its waiters are failed, nothing to wait for
-        return True if done() else None
+        if not done():
+            return None
+        # Served. What the lender sent right behind its GRANT (its PAGE_IN_DONE) is received
+        # once the guest has its reply (PageInPoll.follow_up), not before it.
+        poll = self.link.poll
+        if poll is not None:
+            poll.defer(self.follow_up)
+        return True
+
+    def follow_up(self) -> None:
+        """Receive and handle, without waiting, what came behind a polled answer; under the
+        same conditions as `poll_answer` (else the reader takes it, as it takes everything)."""
+        if not self._idle or self.failure is not None or self._out_bytes > OUTBOUND_HIGH_WATER:
+            return
+        try:
+            if self._receive_nowait():
+                self._handle_buffered()
+        except BaseException as exc:
+            self._end_from(exc)
 
     def _handle_buffered(self) -> None:
         """Handle every complete event the connection holds (`poll_answer`)."""

@@ -367,7 +367,10 @@ class LibVfioUserServer:
 
     async def _serve_requests(self, ctx: int) -> None:
         lib = self.lib
+        follow_up = self.backend.follow_up
         while True:
+            if follow_up is not None:
+                follow_up()  # the library's replies are out: what an access put off runs now
             fd = lib.vfu_get_poll_fd(ctx)
             await trio.lowlevel.wait_readable(fd)
             # Requests that need no wait are served right here, in the trio thread, planned a

@@ -216,6 +216,16 @@ class _Session:
             got = poll.poll(self._try_recv)
             if got is not None:
                 return got
+        follow_up = self.requests.backend.follow_up
+        if follow_up is not None:
+            # About to park: what an access put off until its reply was out runs now, after
+            # any request the spin caught, instead of waking the loop again for it.
+            follow_up()
+            got = self._try_recv()
+            if got is not None:
+                if poll is not None:
+                    poll.parked()
+                return got
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             # Others ran while this loop was parked: its time slice starts again.

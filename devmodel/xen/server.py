@@ -212,6 +212,7 @@ class XenServer:
             self._log,
             self.handler.serve_now,
             self.handler.mmio_now,
+            self.backend.follow_up,
         )
         setup.announce(state_key)
 

@@ -89,6 +89,7 @@ class VcpuWorkers:
         log: RateLimitedLogger,
         serve_now: ServeNowFn = _later,
         mmio_now: MmioNowFn = _mmio_later,
+        follow_up: Callable[[], None] | None = None,
     ) -> None:
         self.platform = platform
         self.ioreq = ioreq
@@ -99,6 +100,8 @@ class VcpuWorkers:
         self.serve = serve
         self.serve_now = serve_now
         self.mmio_now = mmio_now
+        # What an access put off until its vCPU has the answer (DeviceBackend.follow_up).
+        self.follow_up = follow_up
         self.served = 0
         self.handed = 0
         """Requests handed to a worker (the rest were answered in the dispatcher)."""
@@ -206,6 +209,8 @@ class VcpuWorkers:
                 self._answer(vcpu, ones(req.size) if req.is_read else None)
                 raise
             self._answer(vcpu, data)
+            if self.follow_up is not None:
+                self.follow_up()
 
     def _answer(self, vcpu: int, data: int | None) -> None:
         if self.stopped or not self.busy[vcpu]:

@@ -28,8 +28,12 @@ ROWS = [
     "posted_dm_lvu",
     "own_time",
     "resident",
+    "resident_idle",
+    "resident_warm",
     "ping",
     "fault",
+    "fault_idle",
+    "fault_warm",
     "lender_own",
     "lvu_resident",
     "lvu_fault",
@@ -81,7 +85,15 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     if rows["trapped_dm_on_vs_lvu"]["median"] is None:
         assert rows["trapped_dm_on_vs_lvu"]["note"].startswith("not available in this build")
     assert rows["coalesce"]["passed"] is True
-    targeted = ("own_time", "fault", "revoke_idle", "revoke_reads", "fault_64", "ready", "idle_rss")
+    targeted = (
+        "own_time",
+        "fault_idle",
+        "revoke_idle",
+        "revoke_reads",
+        "fault_64",
+        "ready",
+        "idle_rss",
+    )
     for key in targeted:
         assert rows[key]["target"] and rows[key]["passed"] in (True, False), key
     assert f"results: {out}" in done.stdout

@@ -37,7 +37,11 @@ def synthetic_result(bench_run: ModuleType) -> dict[str, Any]:
         ("trapped_dm_off_vs_floor", 30),
         ("trapped_dm_on_vs_floor", 20),
         ("resident", 30),
+        ("resident_idle", 40),
+        ("resident_warm", 25),
         ("fault", 90),
+        ("fault_idle", 95),
+        ("fault_warm", 85),
         ("ping", 25),
         ("revoke_idle", 35),
     ):

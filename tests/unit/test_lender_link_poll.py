@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
 import socket
 import struct
 import threading
@@ -27,7 +28,7 @@ from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
 from devmodel.leases.states import WindowState
-from devmodel.polling import AdaptivePoll, PageInPoll
+from devmodel.polling import PageInPoll
 from devmodel.testing import (
     LINK_APERTURE as APERTURE,
 )
@@ -52,7 +53,7 @@ def ticking_clock() -> Callable[[], int]:
     return lambda: next(ticks)
 
 
-def poll_with(tries: int, max_tries: int | None = None) -> AdaptivePoll:
+def poll_with(tries: int, max_tries: int | None = None) -> PageInPoll:
     """A page-in poll whose budget is `tries` clock readings now (and at most `max_tries`);
     the rig that takes it gives it the engine's counters."""
     poll = PageInPoll((max_tries or tries) * 1_000, DeviceCounters(), ticking_clock())
@@ -83,7 +84,7 @@ class ThreadRig:
 
 
 @contextlib.asynccontextmanager
-async def thread_rig(tmp_path: Path, poll: AdaptivePoll) -> AsyncIterator[ThreadRig]:
+async def thread_rig(tmp_path: Path, poll: PageInPoll) -> AsyncIterator[ThreadRig]:
     """A real LeaseEngine and LenderLink (polling with `poll`) and a blocking listening socket
     for a ThreadLender."""
     path = str(tmp_path / "thread-lender.sock")
@@ -255,6 +256,36 @@ async def test_messages_behind_the_grant_are_handled_in_order(tmp_path: Path, me
                 WindowState.RESIDENT
             ]
             assert r.counters.page_in_poll_hits == 4
+        finally:
+            lender.stop()
+        assert lender.error is None
+
+
+async def test_what_follows_the_grant_waits_for_the_follow_up(tmp_path: Path, memfd: int) -> None:
+    """The access returns at its GRANT: the PAGE_IN_DONE right behind it is not received
+    before the guest's reply could go out, but by the follow-up the transport runs once it
+    has (PageInPoll.follow_up); no trio checkpoint runs in between, so the reader could not
+    have taken it."""
+    poll = poll_with(1_000_000)
+    async with thread_rig(tmp_path, poll) as r:
+        lender = ThreadLender(memfd)
+        lender.start(r.listener)
+        try:
+            await r.connected()
+            for i in range(3):
+                assert await r.engine.read(i * GRANULE, 8) == mark(i)
+                # Still outstanding: the request ends with its PAGE_IN_DONE, not yet received.
+                assert r.engine.outstanding_page_ins() == 1
+                session = r.link._session
+                assert session is not None
+                # Block (no checkpoint) until the lender's PAGE_IN_DONE is there to read.
+                readable, _, _ = select.select([session._raw], [], [], 10)
+                assert readable
+                poll.follow_up()
+                assert r.engine.outstanding_page_ins() == 0
+                poll.follow_up()  # nothing left: harmless
+            assert r.counters.page_in_poll_hits == 3
+            await wait_until(lambda: len(acks(lender)) == WINDOWS + 3)
         finally:
             lender.stop()
         assert lender.error is None

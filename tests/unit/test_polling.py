@@ -131,3 +131,16 @@ def test_a_park_is_judged_by_when_the_answer_arrived_not_when_the_waiter_woke() 
     poll.parked_until(arrived)
     assert poll.budget_ns == POLL_INITIAL_NS
     assert poll.clock is clock
+
+
+def test_the_page_in_poll_runs_what_it_put_off_once() -> None:
+    """`follow_up` runs the work `defer` left, once; the latest deferral wins; nothing left
+    is nothing done."""
+    poll = PageInPoll(MAX, DeviceCounters(), FakeClock())
+    ran: list[str] = []
+    poll.follow_up()  # nothing deferred: nothing happens
+    poll.defer(lambda: ran.append("first"))
+    poll.defer(lambda: ran.append("second"))
+    poll.follow_up()
+    poll.follow_up()
+    assert ran == ["second"]

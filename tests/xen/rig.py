@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
+from devmodel.backend.device import DeviceBackend
 from devmodel.counters import DeviceCounters
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig, LeaseEngine
@@ -62,7 +63,7 @@ def build_device(
 @contextlib.asynccontextmanager
 async def serving(
     sim: SimHypervisor,
-    device: PciFunction,
+    device: PciFunction | DeviceBackend,
     counters: DeviceCounters,
     **kwargs: object,
 ) -> AsyncIterator[XenServer]:

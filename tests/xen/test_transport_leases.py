@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import trio
 import trio.testing
 
+from devmodel.backend.device import DeviceBackend
 from devmodel.leases.builtin_lender import BuiltinLender
 from devmodel.leases.engine import EngineConfig
 from devmodel.leases.policy import FailurePolicy
 from devmodel.testing import FakeLender, SimHypervisor, memfd, pattern
+from devmodel.xen.server import XenServer
 from devmodel_wire.lease.constants import RevokeMode
 from tests.xen.rig import APERTURE, BAR0, Rig, build_device, builtin_rig, serving
 
@@ -203,3 +205,49 @@ async def test_builtin_lender_default_emulates_everything() -> None:
         await engine.revoke(window.lease_id, RevokeMode.EVICT)  # the no-op unmap returns
     engine.close()
     lender.close()
+
+
+async def test_a_vcpu_answered_after_a_wait_runs_the_follow_up() -> None:
+    """An access that waited (a page-in) is answered by its vCPU's worker, which then runs
+    what the device put off until the vCPU had its answer (DeviceBackend.follow_up: the
+    page-in poll's PAGE_IN_DONE); an access answered at once needs none."""
+    device, engine, counters = build_device()
+    backend = DeviceBackend(device)
+    lender = FakeLender(engine)
+    home = lender.own(memfd(APERTURE, fill=pattern(3, APERTURE)))
+    for offset in range(0, APERTURE, WINDOW):
+        lender.grant(offset, WINDOW, home)
+    answered: list[int] = []
+    follow_ups: list[int] = []  # at each: how many requests the vCPUs had been answered
+    servers: list[XenServer] = []
+
+    def follow_up() -> None:
+        workers = servers[0].workers
+        assert workers is not None
+        follow_ups.append(workers.served)
+
+    backend.follow_up = follow_up
+    sim = SimHypervisor(vcpus=1)
+    try:
+        async with serving(sim, backend, counters) as server:
+            servers.append(server)
+            rig = Rig(sim, device, engine, counters, server)
+            await rig.enable()
+            with trio.fail_after(10):
+                await rig.cpu.read(BAR0, 8)  # resident: answered in the dispatcher
+                assert follow_ups == []
+                await rig.engine.revoke(lender.granted[0], RevokeMode.EVICT)
+
+                async def reader() -> None:
+                    answered.append(await rig.cpu.read(BAR0 + 8, 8))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    lender.answer(await lender.next_page_in(), home)
+                assert answered == [int.from_bytes(pattern(3, APERTURE)[8:16], "little")]
+                # Once, and after the answer: the answer that waited is already counted.
+                assert server.workers is not None
+                assert follow_ups == [server.workers.served]
+    finally:
+        engine.close()
+        lender.close()

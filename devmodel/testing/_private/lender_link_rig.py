@@ -21,7 +21,7 @@ import devmodel_wire.lease as lp
 from devmodel.counters import DeviceCounters
 from devmodel.leases.engine import EngineConfig, LeaseEngine
 from devmodel.leases.lender_link import LenderLink
-from devmodel.polling import AdaptivePoll
+from devmodel.polling import PageInPoll
 from devmodel.testing._private.fds import sealed_memfd
 from devmodel.testing._private.lease_fakes import RW
 from devmodel.unixfds import rights
@@ -168,7 +168,7 @@ async def lender_link_rig(
     *,
     page_in_timeout: float = 1.0,
     revoke_timeout: float = 1.0,
-    poll: AdaptivePoll | None = None,
+    poll: PageInPoll | None = None,
     make_link: Callable[[LeaseEngine, str], LenderLink] | None = None,
     **link_options: float,
 ) -> AsyncIterator[LenderLinkRig]:
