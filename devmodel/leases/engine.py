@@ -157,7 +157,7 @@ class LeaseEngine:
         # Accesses inside the engine right now. Only the slow path counts: a resident access
         # never suspends, so nobody could ever see it in flight.
         self.in_flight = 0
-        self._table = WindowTable(granule)
+        self._table = WindowTable(granule, size=size)
         self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
         self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
         self._requests: dict[int, _Request] = {}
@@ -359,7 +359,7 @@ class LeaseEngine:
 
     def close(self) -> None:
         # The table goes first: no access can reach a window through it once its memory goes.
-        old, self._table = self._table, WindowTable(self._granule)
+        old, self._table = self._table, WindowTable(self._granule, size=self._size)
         for w in list(old):
             self._fail_waiters(w.waiters, "device closing")
             self._update(w, drop_memory=True)
