@@ -228,16 +228,23 @@ class WindowTable:
         # The fast entries of the whole aperture, whole blocks of them: untouched pages of a
         # private anonymous mapping read as zeros and cost nothing (MAP_NORESERVE: a 1 TiB
         # aperture of 4 KiB units is 2 GiB of address space, never of memory).
-        self._size = size
+        # A host that refuses the address space (strict overcommit) gets per-block entries and
+        # the slower lookup instead (size 0 below): correct, one cache miss more per access.
+        self._size = 0
         self._entries = memoryview(array("q"))
         if size:
             blocks = -(-size >> self._block_shift)
-            flat = mmap.mmap(
-                -1,
-                (blocks * block_units) << 3,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-            )
-            self._entries = memoryview(flat).cast("q")
+            try:
+                flat = mmap.mmap(
+                    -1,
+                    (blocks * block_units) << 3,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                )
+            except OSError:
+                pass
+            else:
+                self._entries = memoryview(flat).cast("q")
+                self._size = size
         # The window found last in a block without slots, or None; remove() forgets it.
         # Accesses come in runs on one window, and this check is cheaper than the dict probe
         # (~60 ns less per access with one lease). A window found through slots is not
