@@ -372,22 +372,26 @@ class LeaseEngine:
     ) -> None:
         """The one place where a window's state, fd or memory changes after it was added to
         the table (tests/unit/test_lease_fast_entries.py checks that no other code assigns
-        them): drop its memory (its dma-buf mapping, then its fd) if asked, apply `trigger`
-        through the transition table, then refresh its fast entries in the table. One
+        them): apply `trigger` through the transition table, drop its memory (its dma-buf
+        mapping, then its fd) if asked, then refresh its fast entries in the table. One
         synchronous step: the revoke guarantee, which the fast entries carry for a crowded
         block (devmodel/leases/table.py), holds as soon as this returns, and no access can
-        run before it does (the engine's accesses run in this thread, between awaits)."""
-        if drop_memory:
-            mem = w.mem
-            if mem is not None:
-                w.mem = None
-                mem.close()
-            if w.fd >= 0:
-                self._fds.release(w.fd)
-                w.fd = -1
-        if trigger is not None:
-            w.state = transition(w.state, trigger)
-        self._table.refresh(w)
+        run before it does (the engine's accesses run in this thread, between awaits). The
+        refresh runs whatever raised before it (an illegal transition, a failed unmap), so the
+        entries never outlive what they were computed from."""
+        try:
+            if trigger is not None:
+                w.state = transition(w.state, trigger)
+            if drop_memory:
+                mem = w.mem
+                if mem is not None:
+                    w.mem = None
+                    mem.close()
+                if w.fd >= 0:
+                    self._fds.release(w.fd)
+                    w.fd = -1
+        finally:
+            self._table.refresh(w)
 
     # ------------------------------------------------------------------ queries
 
