@@ -88,7 +88,9 @@ def test_rsdp_rewrite_keeps_both_checksums_valid(
 ) -> None:
     old = rsdp_bytes(revision, rsdt, xsdt)
     assert parse_rsdp(old).rsdt_address == rsdt
-    new = rewrite_rsdp(old, rsdt_address=new_rsdt, xsdt_address=new_xsdt if revision >= 2 else None)
+    new = rewrite_rsdp(
+        old, rsdt_address=new_rsdt, xsdt_address=new_xsdt if revision >= 2 else None
+    )
     assert len(new) == len(old) and checksum_ok(new[:20])
     parsed = parse_rsdp(new)
     assert parsed.rsdt_address == new_rsdt and parsed.revision == revision

@@ -152,7 +152,9 @@ async def test_stats_metrics_config_and_console() -> None:
         },
     }
     assert {"poll_hits", "poll_misses", "poll_ns"} <= set(stats["counters"])
-    assert {"page_in_poll_hits", "page_in_poll_misses", "page_in_poll_ns"} <= set(stats["counters"])
+    assert {"page_in_poll_hits", "page_in_poll_misses", "page_in_poll_ns"} <= set(
+        stats["counters"]
+    )
     metrics = await call(inst, "query-metrics")
     assert isinstance(metrics, dict) and "devmodel_grants_total" in str(metrics["text"])
     names = await call(inst, "query-commands")

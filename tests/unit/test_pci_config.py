@@ -19,12 +19,8 @@ from devmodel.pci.registers import MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, MSIX_VECT
 
 MiB, GiB = 1 << 20, 1 << 30
 IDENTITY = PciIdentity(
-    vendor_id=0x1AF4,
-    device_id=0x10F0,
-    subsystem_vendor_id=0x5853,
-    subsystem_id=0x0001,
-    class_code=0x058001,
-    revision=7,
+    vendor_id=0x1AF4, device_id=0x10F0, subsystem_vendor_id=0x5853, subsystem_id=0x0001,
+    class_code=0x058001, revision=7,
 )
 
 
@@ -95,10 +91,8 @@ def test_parse_pci_id(text: str, expected: tuple[int, int]) -> None:
     assert parse_pci_id(text) == expected
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "1234", "1234:", "12345:0001", "0x1234:0x10e5", "zzzz:0000", "1234-10e5", "ffff:0001"],
-)
+@pytest.mark.parametrize("text", ["", "1234", "1234:", "12345:0001", "0x1234:0x10e5", "zzzz:0000",
+                                  "1234-10e5", "ffff:0001"])
 def test_parse_pci_id_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"PCI ID|ffff"):
         parse_pci_id(text)
@@ -106,14 +100,8 @@ def test_parse_pci_id_rejects(text: str) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [
-        {"vendor_id": 0xFFFF},
-        {"vendor_id": 0x10000},
-        {"device_id": -1},
-        {"class_code": 1 << 24},
-        {"revision": 256},
-        {"subsystem_id": 0x10000},
-    ],
+    [{"vendor_id": 0xFFFF}, {"vendor_id": 0x10000}, {"device_id": -1},
+     {"class_code": 1 << 24}, {"revision": 256}, {"subsystem_id": 0x10000}],
 )
 def test_identity_validates(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
@@ -239,16 +227,8 @@ def test_byte_registers_writable(fn: PciFunction, reg: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "reg",
-    [
-        cs.INTERRUPT_PIN,
-        cs.HEADER_TYPE,
-        cs.BIST,
-        cs.MIN_GNT,
-        cs.MAX_LAT,
-        cs.CAPABILITIES_POINTER,
-        cs.REVISION_ID,
-    ],
+    "reg", [cs.INTERRUPT_PIN, cs.HEADER_TYPE, cs.BIST, cs.MIN_GNT, cs.MAX_LAT,
+            cs.CAPABILITIES_POINTER, cs.REVISION_ID]
 )
 def test_byte_registers_read_only(fn: PciFunction, reg: int) -> None:
     before = u8(fn, reg)

@@ -33,7 +33,9 @@ APERTURE = 256 * MiB
 
 @pytest.fixture
 def fn() -> Iterator[PciFunction]:
-    f = PciFunction(PciIdentity(), OwnedMemory(APERTURE), DeviceCounters(), features=Feature.LENT)
+    f = PciFunction(
+        PciIdentity(), OwnedMemory(APERTURE), DeviceCounters(), features=Feature.LENT
+    )
     yield f
     f.close()
     f.aperture.close()

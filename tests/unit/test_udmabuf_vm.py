@@ -17,16 +17,12 @@ PYTHON = sys.executable
 
 def test_junit_key_of_functions_classes_and_parameters() -> None:
     assert junit_key("tests/udmabuf/test_kernel.py::test_a") == (
-        "tests.udmabuf.test_kernel",
-        "test_a",
-    )
+        "tests.udmabuf.test_kernel", "test_a")
     assert junit_key("tests/x/test_y.py::TestZ::test_w[a/b::c-1.5]") == (
-        "tests.x.test_y.TestZ",
-        "test_w[a/b::c-1.5]",
-    )
+        "tests.x.test_y.TestZ", "test_w[a/b::c-1.5]")
 
 
-SAMPLE = """
+SAMPLE = '''
 import pytest
 
 def test_pass():
@@ -64,7 +60,7 @@ class TestGroup:
     @pytest.mark.parametrize("n", [1, 2], ids=["one", "a::b.c"])
     def test_param(self, n):
         assert n == 1
-"""
+'''
 
 
 def test_outcomes_read_back_from_pytests_own_junit_report(tmp_path: Path) -> None:
@@ -73,51 +69,21 @@ def test_outcomes_read_back_from_pytests_own_junit_report(tmp_path: Path) -> Non
     pkg.mkdir()
     (pkg / "test_sample.py").write_text(SAMPLE)
     junit = tmp_path / "junit.xml"
-    subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:trio",
-            f"--junitxml={junit}",
-            "sub/test_sample.py",
-        ],
-        cwd=tmp_path,
-        check=False,
-        capture_output=True,
-    )
+    subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:trio",
+                    f"--junitxml={junit}", "sub/test_sample.py"],
+                   cwd=tmp_path, check=False, capture_output=True)
     base = "sub/test_sample.py::"
-    ids = [
-        base + name
-        for name in (
-            "test_pass",
-            "test_fail",
-            "test_skip",
-            "test_xfail",
-            "test_setup_error",
-            "test_fail_and_teardown_error",
-            "test_pass_and_teardown_error",
-            "TestGroup::test_param[one]",
-            "TestGroup::test_param[a::b.c]",
-            "test_never_run",
-        )
-    ]
+    ids = [base + name for name in (
+        "test_pass", "test_fail", "test_skip", "test_xfail", "test_setup_error",
+        "test_fail_and_teardown_error", "test_pass_and_teardown_error",
+        "TestGroup::test_param[one]", "TestGroup::test_param[a::b.c]", "test_never_run")]
     got = outcomes_from_junit(junit.read_text(), ids)
     kinds = {nodeid.removeprefix(base): outcome.kind for nodeid, outcome in got.items()}
     assert kinds == {
-        "test_pass": "passed",
-        "test_fail": "failed",
-        "test_skip": "skipped",
-        "test_xfail": "xfailed",
-        "test_setup_error": "failed",
-        "test_fail_and_teardown_error": "failed",
-        "test_pass_and_teardown_error": "failed",
-        "TestGroup::test_param[one]": "passed",
-        "TestGroup::test_param[a::b.c]": "failed",
+        "test_pass": "passed", "test_fail": "failed", "test_skip": "skipped",
+        "test_xfail": "xfailed", "test_setup_error": "failed",
+        "test_fail_and_teardown_error": "failed", "test_pass_and_teardown_error": "failed",
+        "TestGroup::test_param[one]": "passed", "TestGroup::test_param[a::b.c]": "failed",
         "test_never_run": "failed",
     }
     assert "arithmetic" in got[base + "test_fail"].text
@@ -133,7 +99,7 @@ def test_outcomes_read_back_from_pytests_own_junit_report(tmp_path: Path) -> Non
     assert "no result" in got[base + "test_never_run"].text
 
 
-FAKE_RUN = """#!/bin/sh
+FAKE_RUN = '''#!/bin/sh
 # A fake qemu-configs/udmabuf/run: records its arguments and writes a JUnit report in which
 # the first udmabuf test fails, the second is skipped and every other one passes.
 workdir=$3
@@ -159,7 +125,7 @@ n=0
 echo "UDMABUF-VM-READY after 1.5 s"
 echo "UDMABUF-VM-DONE status 1 after 2.5 s"
 exit 1
-"""
+'''
 
 
 def test_stand_ins_report_one_vm_runs_outcomes_under_the_test_ids(tmp_path: Path) -> None:
@@ -170,32 +136,13 @@ def test_stand_ins_report_one_vm_runs_outcomes_under_the_test_ids(tmp_path: Path
     fake.chmod(0o755)
     log = tmp_path / "runs.log"
     # TMPDIR: the run directory a failed VM run leaves behind goes with tmp_path.
-    env = {
-        **os.environ,
-        RUN_ENV: str(fake),
-        VIA_VM_ENV: "1",
-        "FAKE_RUN_LOG": str(log),
-        "TMPDIR": str(tmp_path),
-    }
+    env = {**os.environ, RUN_ENV: str(fake), VIA_VM_ENV: "1", "FAKE_RUN_LOG": str(log),
+           "TMPDIR": str(tmp_path)}
     env.pop("DEVMODEL_UDMABUF_VM", None)
     proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "udmabuf",
-            "-rA",
-            "tests/udmabuf/test_kernel.py",
-        ],
-        cwd=REPO,
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+        [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "-m", "udmabuf", "-rA",
+         "tests/udmabuf/test_kernel.py"],
+        cwd=REPO, env=env, check=False, capture_output=True, text=True)
     out = proc.stdout
     runs = log.read_text().splitlines()
     assert len(runs) == 1, runs
@@ -220,22 +167,16 @@ def test_a_plain_run_sends_them_to_the_vm_and_not_qemu_leaves_them_out(tmp_path:
     fake.write_text(FAKE_RUN)
     fake.chmod(0o755)
     log = tmp_path / "runs.log"
-    env = {
-        **os.environ,
-        RUN_ENV: str(fake),
-        VIA_VM_ENV: "1",
-        "FAKE_RUN_LOG": str(log),
-        "TMPDIR": str(tmp_path),
-    }
+    env = {**os.environ, RUN_ENV: str(fake), VIA_VM_ENV: "1", "FAKE_RUN_LOG": str(log),
+           "TMPDIR": str(tmp_path)}
     env.pop("DEVMODEL_UDMABUF_VM", None)
     base = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "tests/udmabuf"]
     plain = subprocess.run(base, cwd=REPO, env=env, check=False, capture_output=True, text=True)
     assert len(log.read_text().splitlines()) == 1, plain.stdout
     assert "1 failed" in plain.stdout and "1 skipped" in plain.stdout, plain.stdout
     log.unlink()
-    no_qemu = subprocess.run(
-        [*base, "-m", "not qemu"], cwd=REPO, env=env, check=False, capture_output=True, text=True
-    )
+    no_qemu = subprocess.run([*base, "-m", "not qemu"], cwd=REPO, env=env, check=False,
+                             capture_output=True, text=True)
     assert no_qemu.returncode == 5, no_qemu.stdout
     assert "deselected" in no_qemu.stdout
     assert not log.exists()

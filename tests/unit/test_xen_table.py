@@ -23,14 +23,8 @@ import xen_table  # noqa: E402
 
 
 def stats(median: int, count: int = 640) -> dict[str, int]:
-    return {
-        "count": count,
-        "median_ns": median,
-        "p99_ns": 2 * median,
-        "min_ns": median // 2,
-        "max_ns": 3 * median,
-        "mean_ns": median,
-    }
+    return {"count": count, "median_ns": median, "p99_ns": 2 * median, "min_ns": median // 2,
+            "max_ns": 3 * median, "mean_ns": median}
 
 
 def line(fields: dict[str, Any]) -> str:
@@ -44,34 +38,14 @@ def run_dir(tmp_path: Path) -> Path:
     for vcpus in (1, 2):
         for target, median in medians.items():
             for size in (4, 8):
-                out.append(
-                    line(
-                        {
-                            "test": "xbench",
-                            "ok": True,
-                            "vcpus": vcpus,
-                            "target": target,
-                            "size": size,
-                            "mismatches": 0,
-                            "reads": stats(median * vcpus),
-                        }
-                    )
-                )
-        out.append(
-            line({"test": "xbench", "ok": True, "summary": True, "vcpus": vcpus, "ratio": {}})
-        )
-    out.append(
-        line(
-            {
-                "test": "xfault",
-                "ok": True,
-                "fault": stats(200_000_000, 32),
-                "first_read_resident": stats(0, 0),
-                "resident": stats(4_000_000),
-                "peer": stats(500_000),
-            }
-        )
-    )
+                out.append(line({"test": "xbench", "ok": True, "vcpus": vcpus,
+                                 "target": target, "size": size, "mismatches": 0,
+                                 "reads": stats(median * vcpus)}))
+        out.append(line({"test": "xbench", "ok": True, "summary": True, "vcpus": vcpus,
+                         "ratio": {}}))
+    out.append(line({"test": "xfault", "ok": True, "fault": stats(200_000_000, 32),
+                     "first_read_resident": stats(0, 0), "resident": stats(4_000_000),
+                     "peer": stats(500_000)}))
     console = tmp_path / "log" / "console"
     console.mkdir(parents=True)
     (console / "guest-xenbench.log").write_text("".join(out))
@@ -93,9 +67,8 @@ def test_rows_give_devmodels_medians_over_the_peers(run_dir: Path) -> None:
     assert rows["resident read of those windows, devmodel BAR0"].ratio == pytest.approx(8.0)
 
 
-def test_the_table_prints_times_and_ratios(
-    run_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_table_prints_times_and_ratios(run_dir: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
     assert xen_table.main([str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert "3.00 ms" in table and "6.00x C peer" in table and "50.00x resident" in table
