@@ -1021,6 +1021,10 @@ class SortedTable:
             return w
         return None
 
+    # The engine's resident access asks for a fast entry (devmodel/leases/table.py); this
+    # table has none, so it answers with the window, as the engine did before.
+    find_fast = find
+
 
 def sorted_table(engine: LeaseEngine) -> SortedTable | None:
     """The engine's windows in a SortedTable; None if sortedcontainers is not installed."""

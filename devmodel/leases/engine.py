@@ -35,7 +35,7 @@ from devmodel.leases.backing import FdKey, FdStore, GrantRefused
 from devmodel.leases.dmabuf import DmabufMapping, DmabufSupport
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import LIVE, Trigger, WindowState, transition
-from devmodel.leases.table import WindowTable
+from devmodel.leases.table import FAST_FD_MASK, FAST_SHIFT, WindowTable
 from devmodel.leases.window import Pending, Window
 from devmodel.pci.errors import AccessError
 from devmodel.ratelimit import RateLimitedLogger
@@ -157,7 +157,7 @@ class LeaseEngine:
         # Accesses inside the engine right now. Only the slow path counts: a resident access
         # never suspends, so nobody could ever see it in flight.
         self.in_flight = 0
-        self._table = WindowTable(granule)
+        self._table = WindowTable(granule, size=size)
         self._live: dict[int, Window] = {}  # lease id -> RESIDENT/REVOKING window
         self._evicted: dict[int, set[Window]] = {}  # lease id -> its EVICTED/PAGING_IN pieces
         self._requests: dict[int, _Request] = {}
@@ -211,8 +211,16 @@ class LeaseEngine:
         """`read` when it needs no wait: the bytes of a RESIDENT window, timed and traced as
         `read` does; None (nothing done, nothing counted) when the access must wait or fail,
         and then the caller awaits `read`. Same rule as `read`: only a RESIDENT window is read,
-        so nothing touches a page after its revoke."""
-        w = self._table.find(offset)
+        so nothing touches a page after its revoke.
+
+        In a crowded block the table answers with the unit's fast entry instead of the window
+        (devmodel/leases/table.py): fd and fd_base in one int, non-zero only while the window
+        is RESIDENT (`_update` keeps it so), so the access reads one cache line, not two."""
+        found = self._table.find_fast(offset)
+        if type(found) is int:
+            return self._read_fast(found, offset, size)
+        # mypy narrows on isinstance only (int has subclasses); isinstance costs ~15 ns more.
+        w: Window | None = found  # type: ignore[assignment]
         if w is None or w.state is not _RESIDENT:
             return None
         mem = w.mem  # a dma-buf lease: read through its mapping, sync-bracketed
@@ -244,13 +252,38 @@ class LeaseEngine:
             self._tracer(False, offset, data, ns)
         return data
 
+    def _read_fast(self, entry: int, offset: int, size: int) -> bytes | None:
+        """`read_now` through a fast entry (the window is RESIDENT and memfd-backed)."""
+        if not self._observed:
+            try:
+                data = os.pread((entry >> 1) & FAST_FD_MASK, size, (entry >> FAST_SHIFT) + offset)
+            except OSError:
+                return None
+            return data if len(data) == size else None
+        start = _now()
+        try:
+            data = os.pread((entry >> 1) & FAST_FD_MASK, size, (entry >> FAST_SHIFT) + offset)
+        except OSError:
+            return None
+        if len(data) != size:
+            return None
+        ns = _now() - start
+        if self._timing is not None:
+            self._timing.access(ns)
+        if self._tracer is not None:
+            self._tracer(False, offset, data, ns)
+        return data
+
     def write_now(self, offset: int, data: bytes) -> bool:
         """`write` when it needs no wait: True once `data` is in a RESIDENT writable window,
         timed and traced as `write` does; False (nothing done, nothing counted) when the
         access must wait or fail, and then the caller awaits `write`. The revoke guarantee is
         `read_now`'s: only a RESIDENT window is written, with no await between the state test
-        and the `pwrite`."""
-        w = self._table.find(offset)
+        (or the fast entry's read) and the `pwrite`."""
+        found = self._table.find_fast(offset)
+        if type(found) is int:
+            return self._write_fast(found, offset, data)
+        w: Window | None = found  # type: ignore[assignment]  # as in read_now
         if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
             return False
         mem = w.mem  # a dma-buf lease: written through its mapping, sync-bracketed
@@ -266,6 +299,27 @@ class LeaseEngine:
                 return False
         except OSError:
             return False  # a write seal, say: the awaited write answers with the policy
+        if observed:
+            ns = _now() - start
+            if self._timing is not None:
+                self._timing.access(ns)
+            if self._tracer is not None:
+                self._tracer(True, offset, data, ns)
+        return True
+
+    def _write_fast(self, entry: int, offset: int, data: bytes) -> bool:
+        """`write_now` through a fast entry (the window is RESIDENT and memfd-backed)."""
+        if not entry & 1:
+            return False  # read-only: the awaited write answers with the policy
+        observed = self._observed
+        start = _now() if observed else 0
+        try:
+            if os.pwrite((entry >> 1) & FAST_FD_MASK, data, (entry >> FAST_SHIFT) + offset) != len(
+                data
+            ):
+                return False
+        except OSError:
+            return False
         if observed:
             ns = _now() - start
             if self._timing is not None:
@@ -304,13 +358,40 @@ class LeaseEngine:
         """Device reset: lent memory belongs to the lender, so nothing here changes."""
 
     def close(self) -> None:
-        for w in list(self._table):
+        # The table goes first: no access can reach a window through it once its memory goes.
+        old, self._table = self._table, WindowTable(self._granule, size=self._size)
+        for w in list(old):
             self._fail_waiters(w.waiters, "device closing")
-            _unmap_own(w)
+            self._update(w, drop_memory=True)
         self._fds.close_all()
-        self._table = WindowTable(self._granule)
         self._live.clear()
         self._evicted.clear()
+
+    def _update(
+        self, w: Window, trigger: Trigger | None = None, *, drop_memory: bool = False
+    ) -> None:
+        """The one place where a window's state, fd or memory changes after it was added to
+        the table (tests/unit/test_lease_fast_entries.py checks that no other code assigns
+        them): apply `trigger` through the transition table, drop its memory (its dma-buf
+        mapping, then its fd) if asked, then refresh its fast entries in the table. One
+        synchronous step: the revoke guarantee, which the fast entries carry for a crowded
+        block (devmodel/leases/table.py), holds as soon as this returns, and no access can
+        run before it does (the engine's accesses run in this thread, between awaits). The
+        refresh runs whatever raised before it (an illegal transition, a failed unmap), so the
+        entries never outlive what they were computed from."""
+        try:
+            if trigger is not None:
+                w.state = transition(w.state, trigger)
+            if drop_memory:
+                mem = w.mem
+                if mem is not None:
+                    w.mem = None
+                    mem.close()
+                if w.fd >= 0:
+                    self._fds.release(w.fd)
+                    w.fd = -1
+        finally:
+            self._table.refresh(w)
 
     # ------------------------------------------------------------------ queries
 
@@ -456,7 +537,7 @@ class LeaseEngine:
             return False
         rid = self._next_request
         self._next_request += 1
-        w.state = transition(w.state, Trigger.FAULT)
+        self._update(w, Trigger.FAULT)
         w.request_id = rid
         self._requests[rid] = _Request(rid, w.start, w.end, deadline)
         self.counters.page_ins += 1
@@ -620,7 +701,7 @@ class LeaseEngine:
             if w is None:
                 self._revoke_evicted(lease_id, mode)
             else:
-                w.state = transition(w.state, Trigger.REVOKE)
+                self._update(w, Trigger.REVOKE)
                 self.counters.revokes += 1
                 self._revoked(lease_id, w, mode)
         finally:
@@ -633,7 +714,7 @@ class LeaseEngine:
         if w is None:
             self._revoke_evicted(lease_id, mode)
             return
-        w.state = transition(w.state, Trigger.REVOKE)
+        self._update(w, Trigger.REVOKE)
         self.counters.revokes += 1
         # 1. New accesses now wait (state REVOKING). 2. Transports unmap the window.
         await self._unmap(lease_id, w)
@@ -646,15 +727,12 @@ class LeaseEngine:
         """The end of a revoke, once nothing outside the engine maps the window."""
         # 4. Drop our own access to the memory (a dma-buf's mapping first), then (by
         # returning) acknowledge.
-        _unmap_own(w)
-        self._fds.release(w.fd)
-        w.fd = -1
         del self._live[lease_id]
         if mode is RevokeMode.EVICT:
-            w.state = transition(w.state, Trigger.REVOKED_EVICT)
+            self._update(w, Trigger.REVOKED_EVICT, drop_memory=True)
             self._evicted.setdefault(lease_id, set()).add(w)
         else:
-            w.state = transition(w.state, Trigger.REVOKED_RELEASE)
+            self._update(w, Trigger.REVOKED_RELEASE, drop_memory=True)
             self._table.remove(w)
         self._emit("LEASE_REVOKED", {"lease": lease_id, "mode": mode.name})
         for p in w.waiters or ():
@@ -695,7 +773,7 @@ class LeaseEngine:
         if mode is RevokeMode.EVICT:
             return  # already holds no memory
         for w in list(pieces):
-            w.state = transition(w.state, Trigger.RELEASE)
+            self._update(w, Trigger.RELEASE)
             self._table.remove(w)
             self._fail_waiters(w.waiters, "lease released")
         del self._evicted[lease_id]
@@ -731,9 +809,7 @@ class LeaseEngine:
             if w.state is S.PAGING_IN and w.request_id == request_id:
                 if not quiet:
                     self._emit("PAGE_IN_FAILED", {"request": request_id, "reason": why})
-                w.state = transition(
-                    w.state, Trigger.RELEASE if release else Trigger.PAGE_IN_FAILED
-                )
+                self._update(w, Trigger.RELEASE if release else Trigger.PAGE_IN_FAILED)
                 w.request_id = 0
                 self._fail_waiters(w.waiters, why)
                 w.waiters = None
@@ -748,12 +824,7 @@ class LeaseEngine:
         same, but that is no lender failure to count or report.
         """
         for w in list(self._table):
-            _unmap_own(w)
-            if w.fd >= 0:
-                self._fds.release(w.fd)
-                w.fd = -1
-            if w.state is not S.LOST:
-                w.state = transition(w.state, Trigger.LENDER_LOST)
+            self._update(w, None if w.state is S.LOST else Trigger.LENDER_LOST, drop_memory=True)
             self._fail_waiters(w.waiters, "lender lost")
             w.waiters = None
             w.request_id = 0  # its PAGE_IN died with the lender; no answer can match it now
@@ -774,14 +845,6 @@ class LeaseEngine:
     def _emit(self, name: str, data: dict[str, object]) -> None:
         if self.on_event is not None:
             self.on_event(name, data)
-
-
-def _unmap_own(w: Window) -> None:
-    """Remove the engine's own mapping of a dma-buf lease (nothing for a memfd lease)."""
-    mem = w.mem
-    if mem is not None:
-        w.mem = None
-        mem.close()
 
 
 __all__ = [

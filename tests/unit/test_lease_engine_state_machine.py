@@ -72,7 +72,7 @@ from devmodel.leases.backing import GrantRefused
 from devmodel.leases.engine import LeaseEngine, UnknownLease
 from devmodel.leases.policy import FailurePolicy
 from devmodel.leases.states import WindowState
-from devmodel.leases.table import BLOCK_UNITS, FEW_MAX, WindowTable
+from devmodel.leases.table import BLOCK_UNITS, FAST_FD_MASK, FEW_MAX, WindowTable
 from devmodel.pci.errors import AccessError
 from devmodel.testing import (
     F_SEAL_GROW,
@@ -100,14 +100,16 @@ from devmodel_wire.lease.constants import (
     PageInStatus,
     RevokeMode,
 )
+from tests.unit.lease_table_support import check_fast_entries, check_find_fast
 
 S = WindowState
 G = PAGE  # granule
 NG = 16  # granules in the aperture: small, so that ranges collide often
 APERTURE = NG * G
 # (units per block, windows a block keeps as a list) of the engine's window table: the real
-# ones (all NG granules in one block), and small ones that put windows across blocks.
-TABLE_GEOMETRIES = [(BLOCK_UNITS, FEW_MAX), (2, 2), (4, 3)]
+# ones (all NG granules in one block), small ones that put windows across blocks, and ones
+# whose blocks get crowded (slots and fast entries) with three windows.
+TABLE_GEOMETRIES = [(BLOCK_UNITS, FEW_MAX), (2, 2), (4, 3), (4, 2), (8, 2), (16, 2)]
 TIMEOUT = 2.0
 STEP_LIMIT = 10 * TIMEOUT  # virtual seconds (free under the autojumping clock)
 SEALS = F_SEAL_SHRINK | F_SEAL_GROW
@@ -350,7 +352,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
         # The engine's table with small blocks (the engine builds it with the real ones): so
         # that windows span blocks and blocks change form (one window, a list, slots) here too.
         block_units, few_max = table
-        self.engine._table = WindowTable(G, block_units=block_units, few_max=few_max)
+        self.engine._table = WindowTable(G, size=APERTURE, block_units=block_units, few_max=few_max)
         self.lender = CheckingLender(self.engine, self._page_in_sent_now)
         self._wrap_page_in_done()
         if p2m:
@@ -771,6 +773,7 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     revoking = spawn(nursery, self._revoke, lease, mode)
                     await trio.sleep(0.01)
                     assert e.window_at(rec.offset).state is S.REVOKING  # type: ignore[union-attr]
+                    self._nothing_served_now(rec.offset, rec.length)
                     boxes = self._spawn_accesses(nursery, accesses)
                     await trio.sleep(0.05)
                     assert not any(b.done for b in boxes)
@@ -1164,6 +1167,32 @@ class LeaseEngineMachine(RuleBasedStateMachine):
                     assert self.waiting_on.get(g) == w.request_id, (g, w)
             assert e.window_at(w.start) is w and e.window_at(w.end - 1) is w
         assert seen == self.states
+
+    def _nothing_served_now(self, offset: int, length: int) -> None:
+        """No access reaches [offset, offset + length) without waiting: `read_now` and
+        `write_now` (fast entries included) decline, and nothing is written."""
+        e = self.e
+        for at in range(offset, offset + length, G // 2):
+            assert e.read_now(at, 8) is None, at
+            assert e.write_now(at, POISON) is False, at
+
+    @invariant()
+    def fast_entries_match_the_windows(self) -> None:
+        """The revoke guarantee as the table's fast entries carry it: after every step each
+        entry is what its window calls for (RESIDENT, memfd, this fd and fd_base) or 0, and
+        no granule that is not RESIDENT is read or written without a wait."""
+        if self.engine is None:
+            return
+        e = self.e
+        table = e._table
+        check_fast_entries(table)
+        for g in range(NG):
+            w = e.window_at(g * G)
+            check_find_fast(table, g * G, w)
+            if w is None or w.state is not S.RESIDENT:
+                self._nothing_served_now(g * G, G)
+            elif type(got := table.find_fast(g * G)) is int:
+                assert fd_is_open((got >> 1) & FAST_FD_MASK)
 
     @invariant()
     def fds_belong_to_live_leases_only(self) -> None:

@@ -7,17 +7,35 @@ that spans blocks is a place where a stale slot or an off-by-one would answer wr
 silently, as would a remembered window kept past its removal; so the tests run with tiny
 blocks and limits, where a few windows cross all of them, next to the real geometry, and look
 up every unit boundary after every step.
+
+The fast entries of crowded blocks (fd and fd_base packed in one int, for the resident access)
+carry the revoke guarantee: after every step, including changes of a window's state, fd,
+fd_base, prot or mapping followed by `refresh`, every unit's entry must be what its window
+calls for, 0 outside crowded blocks, and `find_fast` must answer with the window or with that
+entry.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
+from devmodel.leases.dmabuf import DmabufMapping
 from devmodel.leases.states import WindowState
-from devmodel.leases.table import BLOCK_UNITS, FEW_MAX, WindowTable, _Few, _Slots
+from devmodel.leases.table import (
+    BLOCK_UNITS,
+    FAST_FD_MASK,
+    FEW_MAX,
+    WindowTable,
+    _Few,
+    _Slots,
+    fast_entry,
+)
 from devmodel.leases.window import Window
+from tests.unit.lease_table_support import check_fast_entries, check_find_fast
 
 SLOTS = 48  # units in the model aperture; windows are 1 to 12 units
 
@@ -27,6 +45,35 @@ GEOMETRIES = [(BLOCK_UNITS, FEW_MAX), (1, 2), (4, 2), (4, 3), (8, 4), (16, 2)]
 # Unit sizes: 1, a page, and a granule that is no power of two (its unit is the largest
 # power of two dividing it; windows are multiples of the granule).
 GRANULES = [1, 4096, 3 * 4096]
+
+
+S = WindowState
+# A dma-buf lease's mapping, as far as the table cares: something that is not None.
+MAPPING = cast(DmabufMapping, object())
+# What a window may look like (state, fd, fd_base in units, prot, mapped): the ones with fast
+# entries, and each way of having none (not RESIDENT, a mapping, an fd or fd_base that does
+# not fit the packing).
+VARIANTS: list[tuple[WindowState, int, int, int, bool]] = [
+    (S.RESIDENT, 3, 0, 3, False),
+    (S.RESIDENT, 9, -5, 1, False),
+    (S.RESIDENT, FAST_FD_MASK, 7, 3, False),
+    (S.RESIDENT, 1, 1 << 28, 3, False),  # fd_base 2**40 at 4 KiB units: just too far
+    (S.RESIDENT, FAST_FD_MASK + 1, 0, 3, False),
+    (S.RESIDENT, -1, 0, 3, False),
+    (S.RESIDENT, 4, 0, 3, True),
+    (S.REVOKING, 3, 0, 3, False),
+    (S.EVICTED, -1, 0, 3, False),
+    (S.PAGING_IN, -1, 0, 3, False),
+    (S.LOST, -1, 0, 1, False),
+]
+
+
+def shape(w: Window, variant: int, unit: int) -> Window:
+    """Give `w` the fields of VARIANTS[variant] (fd_base in units of `unit`)."""
+    w.state, w.fd, base, w.prot, mapped = VARIANTS[variant % len(VARIANTS)]
+    w.fd_base = base * max(unit, 4096)
+    w.mem = MAPPING if mapped else None
+    return w
 
 
 def naive_find(windows: list[Window], offset: int) -> Window | None:
@@ -56,14 +103,21 @@ def check_form(table: WindowTable, few_max: int) -> None:
             assert type(v) is Window
 
 
+variants = st.integers(0, len(VARIANTS) - 1)
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.integers(0, SLOTS - 1), st.integers(1, 12)),
+        st.tuples(st.just("add"), st.integers(0, SLOTS - 1), st.integers(1, 12), variants),
         # A run of one-unit windows from a (where free): crowds blocks into slots quickly.
-        st.tuples(st.just("add run"), st.integers(0, SLOTS - 1), st.integers(2, 16)),
-        st.tuples(st.just("remove"), st.integers(0, 1 << 10), st.just(0)),
-        st.tuples(st.just("remove stale"), st.integers(0, 1 << 10), st.just(0)),
-        st.tuples(st.just("overlapping"), st.integers(-2, SLOTS + 2), st.integers(0, 16)),
+        st.tuples(st.just("add run"), st.integers(0, SLOTS - 1), st.integers(2, 16), variants),
+        st.tuples(st.just("remove"), st.integers(0, 1 << 10), st.just(0), st.just(0)),
+        st.tuples(st.just("remove stale"), st.integers(0, 1 << 10), st.just(0), st.just(0)),
+        st.tuples(
+            st.just("overlapping"), st.integers(-2, SLOTS + 2), st.integers(0, 16), st.just(0)
+        ),
+        # A window's state, fd, fd_base, prot or mapping changes, then `refresh` (as the
+        # engine's _update does); "change stale" does it to a removed window.
+        st.tuples(st.just("change"), st.integers(0, 1 << 10), st.just(0), variants),
+        st.tuples(st.just("change stale"), st.integers(0, 1 << 10), st.just(0), variants),
     ),
     max_size=60,
 )
@@ -74,18 +128,23 @@ operations = st.lists(
     operations,
     st.sampled_from(GEOMETRIES),
     st.sampled_from(GRANULES),
+    st.booleans(),
 )
 def test_table_answers_as_a_plain_list_does(
-    ops: list[tuple[str, int, int]], geometry: tuple[int, int], granule: int
+    ops: list[tuple[str, int, int, int]], geometry: tuple[int, int], granule: int, sized: bool
 ) -> None:
     block_units, few_max = geometry
-    table = WindowTable(granule, block_units=block_units, few_max=few_max)
+    g = granule
+    # `sized`: with the flat array of fast entries over the aperture, which find_fast reads;
+    # without it each crowded block keeps its own.
+    size = SLOTS * g if sized else 0
+    table = WindowTable(granule, size=size, block_units=block_units, few_max=few_max)
+    unit = granule & -granule
     model: list[Window] = []
     gone: list[Window] = []  # removed windows: removing one again must change nothing
-    g = granule
-    for op, a, b in ops:
+    for op, a, b, variant in ops:
         if op == "add":
-            w = Window(a * g, min(b, SLOTS - a) * g, WindowState.RESIDENT)
+            w = shape(Window(a * g, min(b, SLOTS - a) * g, S.RESIDENT), variant, unit)
             meets = naive_overlapping(model, w.start, w.end)
             if not meets:  # the engine never overlaps
                 table.add(w)
@@ -96,8 +155,8 @@ def test_table_answers_as_a_plain_list_does(
                 gone.append(meets[0])
                 model.append(w)
         elif op == "add run":
-            for unit in range(a, min(a + b, SLOTS)):
-                w = Window(unit * g, g, WindowState.EVICTED)
+            for u in range(a, min(a + b, SLOTS)):
+                w = shape(Window(u * g, g, S.EVICTED), variant + u, unit)
                 if not naive_overlapping(model, w.start, w.end):
                     table.add(w)
                     model.append(w)
@@ -107,6 +166,13 @@ def test_table_answers_as_a_plain_list_does(
             gone.append(w)
         elif op == "remove stale" and gone:
             table.remove(gone[a % len(gone)])
+        elif op == "change" and model:
+            w = shape(model[a % len(model)], variant, unit)
+            table.refresh(w)
+        elif op == "change stale" and gone:
+            # Another window may hold its units now: its entries must stay as they are.
+            w = shape(gone[a % len(gone)], variant, unit)
+            table.refresh(w)
         elif op == "overlapping":
             got = table.overlapping(a * g, (a + b) * g)
             assert ids(got) == ids(naive_overlapping(model, a * g, (a + b) * g))
@@ -117,12 +183,15 @@ def test_table_answers_as_a_plain_list_does(
             assert ids(got) == ids(want)
         # After every step: every unit's first and last byte, and past both ends; a range
         # from every unit boundary, one unit and five units long.
-        for unit in range(-2, SLOTS + 2):
-            for offset in {unit * g, unit * g + g - 1}:
-                assert table.find(offset) is naive_find(model, offset), (op, offset)
+        for u in range(-2, SLOTS + 2):
+            for offset in {u * g, u * g + g - 1}:
+                holder = naive_find(model, offset)
+                check_find_fast(table, offset, holder)
+                assert table.find(offset) is holder, (op, offset)
             for units in (1, 5):
-                got = table.overlapping(unit * g, (unit + units) * g)
-                assert ids(got) == ids(naive_overlapping(model, unit * g, (unit + units) * g))
+                got = table.overlapping(u * g, (u + units) * g)
+                assert ids(got) == ids(naive_overlapping(model, u * g, (u + units) * g))
+        check_fast_entries(table)
         assert ids(table.overlapping(-(1 << 40), 1 << 40)) == ids(
             sorted(model, key=lambda w: w.start)
         )
@@ -132,6 +201,27 @@ def test_table_answers_as_a_plain_list_does(
     for w in list(model):
         table.remove(w)
     assert len(table) == 0 and table._blocks == {}  # nothing left behind, not even a block
+    assert not any(table._entries)  # nor an entry
+
+
+def test_a_crowded_block_answers_with_fast_entries_until_a_window_changes() -> None:
+    """The access's view: in a crowded block `find_fast` gives the entry (fd, fd_base,
+    writable) of a RESIDENT window and, once `refresh` saw it change, the window again."""
+    table = WindowTable(4096, size=1 << 24, block_units=8, few_max=2)
+    windows = [Window(i * 4096, 4096, S.RESIDENT, fd=5, prot=3) for i in range(4)]
+    for w in windows:
+        table.add(w)
+    assert form(table) is _Slots
+    entry = table.find_fast(2 * 4096 + 8)
+    assert entry == fast_entry(windows[2]) == (5 << 1) | 1
+    windows[2].state = S.REVOKING
+    table.refresh(windows[2])
+    assert table.find_fast(2 * 4096 + 8) is windows[2]
+    for w in windows[:2]:
+        table.remove(w)
+    assert form(table) is _Few  # back to a list: every entry of the block is 0
+    assert not any(table._entries)
+    assert table.find_fast(3 * 4096) is windows[3]
 
 
 def test_a_window_replaced_at_the_same_start_is_never_answered() -> None:
@@ -209,3 +299,5 @@ def test_geometry_is_checked() -> None:
     for unit, block_units, few_max in [(0, 512, 32), (1, 3, 32), (1, 0, 32), (1, 512, 1)]:
         with pytest.raises(ValueError, match="geometry"):
             WindowTable(unit, block_units=block_units, few_max=few_max)
+    with pytest.raises(ValueError, match="geometry"):
+        WindowTable(4096, size=-1)
