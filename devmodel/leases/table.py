@@ -188,6 +188,7 @@ class WindowTable:
         "_block_shift",
         "_blocks",
         "_count",
+        "_crowded",
         "_entries",
         "_few_again",
         "_few_max",
@@ -225,6 +226,7 @@ class WindowTable:
         self._few_again = max(few_max // 2, 2)
         self._blocks: dict[int, _Block] = {}
         self._count = 0
+        self._crowded = 0  # blocks with slots (and fast entries); `refresh` skips a table of none
         # The fast entries of the whole aperture, whole blocks of them: untouched pages of a
         # private anonymous mapping read as zeros and cost nothing (MAP_NORESERVE: a 1 TiB
         # aperture of 4 KiB units is 2 GiB of address space, never of memory).
@@ -337,6 +339,8 @@ class WindowTable:
         """Recompute the fast entries of `window`'s units in every crowded block it covers,
         after its state, fd, fd_base, prot or mem changed. A window the table does not hold
         (removed, or replaced at its start) is left alone, as are slots another window holds."""
+        if not self._crowded:
+            return  # no block has entries: the revoke path of a small table pays one test
         start = window.start
         blocks = self._blocks
         shift, unit_shift = self._block_shift, self._unit_shift
@@ -417,6 +421,7 @@ class WindowTable:
                     blocks[b] = _Slots(
                         [*v.windows, window], b << shift, unit_shift, self._units, self._view(b)
                     )
+                    self._crowded += 1
             else:
                 assert isinstance(v, _Slots)
                 v.fill(window, window, b << shift, unit_shift)
@@ -447,4 +452,5 @@ class WindowTable:
                 if v.members <= self._few_again:  # >= 2: still a list of two or more
                     v.clear_entries()
                     blocks[b] = _Few(v.windows())
+                    self._crowded -= 1
         self._count -= 1

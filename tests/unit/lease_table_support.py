@@ -18,6 +18,8 @@ def check_fast_entries(table: WindowTable) -> None:
             want = [fast_entry(w) for w in v]
             assert list(v.fast) == want, b
             crowded[b] = v
+    # `refresh` skips a table whose count says it has no crowded block: the count must be true.
+    assert table._crowded == len(crowded)
     if not table._size:
         return
     entries = table._entries
