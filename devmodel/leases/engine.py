@@ -215,63 +215,37 @@ class LeaseEngine:
 
         In a crowded block the table answers with the unit's fast entry instead of the window
         (devmodel/leases/table.py): fd and fd_base in one int, non-zero only while the window
-        is RESIDENT (`_update` keeps it so), so the access reads one cache line, not two."""
+        is RESIDENT and memfd-backed (`_update` keeps it so), so the access reads one cache
+        line, not two."""
         found = self._table.find_fast(offset)
         if type(found) is int:
-            return self._read_fast(found, offset, size)
-        # mypy narrows on isinstance only (int has subclasses); isinstance costs ~15 ns more.
-        w: Window | None = found  # type: ignore[assignment]
-        if w is None or w.state is not _RESIDENT:
-            return None
-        mem = w.mem  # a dma-buf lease: read through its mapping, sync-bracketed
-        if not self._observed:
-            try:
-                data = (
-                    os.pread(w.fd, size, w.fd_base + offset)
-                    if mem is None
-                    else mem.read(offset - w.start, size)
-                )
-            except OSError:
+            fd = (found >> 1) & FAST_FD_MASK
+            at = (found >> FAST_SHIFT) + offset
+            mem = None
+        else:
+            # mypy narrows on isinstance only (int has subclasses); isinstance costs ~15 ns more.
+            w: Window | None = found  # type: ignore[assignment]
+            if w is None or w.state is not _RESIDENT:
                 return None
-            return data if len(data) == size else None
-        start = _now()
+            fd = w.fd
+            at = w.fd_base + offset
+            mem = w.mem
+        # mem: a dma-buf lease, read through its mapping (sync-bracketed), which maps exactly
+        # the granted range: fd offset `at` is `at - mem.fd_offset` into it.
+        observed = self._observed
+        began = _now() if observed else 0
         try:
-            data = (
-                os.pread(w.fd, size, w.fd_base + offset)
-                if mem is None
-                else mem.read(offset - w.start, size)
-            )
+            data = os.pread(fd, size, at) if mem is None else mem.read(at - mem.fd_offset, size)
         except OSError:
             return None
         if len(data) != size:
             return None
-        ns = _now() - start
-        if self._timing is not None:
-            self._timing.access(ns)
-        if self._tracer is not None:
-            self._tracer(False, offset, data, ns)
-        return data
-
-    def _read_fast(self, entry: int, offset: int, size: int) -> bytes | None:
-        """`read_now` through a fast entry (the window is RESIDENT and memfd-backed)."""
-        if not self._observed:
-            try:
-                data = os.pread((entry >> 1) & FAST_FD_MASK, size, (entry >> FAST_SHIFT) + offset)
-            except OSError:
-                return None
-            return data if len(data) == size else None
-        start = _now()
-        try:
-            data = os.pread((entry >> 1) & FAST_FD_MASK, size, (entry >> FAST_SHIFT) + offset)
-        except OSError:
-            return None
-        if len(data) != size:
-            return None
-        ns = _now() - start
-        if self._timing is not None:
-            self._timing.access(ns)
-        if self._tracer is not None:
-            self._tracer(False, offset, data, ns)
+        if observed:
+            ns = _now() - began
+            if self._timing is not None:
+                self._timing.access(ns)
+            if self._tracer is not None:
+                self._tracer(False, offset, data, ns)
         return data
 
     def write_now(self, offset: int, data: bytes) -> bool:
@@ -282,46 +256,28 @@ class LeaseEngine:
         (or the fast entry's read) and the `pwrite`."""
         found = self._table.find_fast(offset)
         if type(found) is int:
-            return self._write_fast(found, offset, data)
-        w: Window | None = found  # type: ignore[assignment]  # as in read_now
-        if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
-            return False
-        mem = w.mem  # a dma-buf lease: written through its mapping, sync-bracketed
+            if not found & 1:
+                return False  # read-only: the awaited write answers with the policy
+            fd = (found >> 1) & FAST_FD_MASK
+            at = (found >> FAST_SHIFT) + offset
+            mem = None
+        else:
+            w: Window | None = found  # type: ignore[assignment]  # as in read_now
+            if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
+                return False
+            fd = w.fd
+            at = w.fd_base + offset
+            mem = w.mem
         observed = self._observed
-        start = _now() if observed else 0
+        began = _now() if observed else 0
         try:
-            done = (
-                os.pwrite(w.fd, data, w.fd_base + offset)
-                if mem is None
-                else mem.write(offset - w.start, data)
-            )
+            done = os.pwrite(fd, data, at) if mem is None else mem.write(at - mem.fd_offset, data)
             if done != len(data):
                 return False
         except OSError:
             return False  # a write seal, say: the awaited write answers with the policy
         if observed:
-            ns = _now() - start
-            if self._timing is not None:
-                self._timing.access(ns)
-            if self._tracer is not None:
-                self._tracer(True, offset, data, ns)
-        return True
-
-    def _write_fast(self, entry: int, offset: int, data: bytes) -> bool:
-        """`write_now` through a fast entry (the window is RESIDENT and memfd-backed)."""
-        if not entry & 1:
-            return False  # read-only: the awaited write answers with the policy
-        observed = self._observed
-        start = _now() if observed else 0
-        try:
-            if os.pwrite((entry >> 1) & FAST_FD_MASK, data, (entry >> FAST_SHIFT) + offset) != len(
-                data
-            ):
-                return False
-        except OSError:
-            return False
-        if observed:
-            ns = _now() - start
+            ns = _now() - began
             if self._timing is not None:
                 self._timing.access(ns)
             if self._tracer is not None:
