@@ -95,18 +95,21 @@ def _pci_id(value: object) -> tuple[int, int]:
     return parse_pci_id(value)
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool):
+def _as_seconds(value: object) -> float:
+    """A number of seconds as a config file or the command line gives it (a number or its
+    text); a boolean is refused, though Python counts it as an int."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError("expects a number of seconds")
     if isinstance(value, str):
         try:
-            seconds = float(value)
+            return float(value)
         except ValueError:
             raise ValueError(f"{value!r} is not a number of seconds") from None
-    elif isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        raise ValueError("expects a number of seconds")
+    return float(value)
+
+
+def _seconds(value: object) -> float:
+    seconds = _as_seconds(value)
     if not 0 < seconds < MAX_XEN_TIMEOUT:
         raise ValueError(
             f"timeouts must be above 0 and below {MAX_TIMEOUT} s "
@@ -117,15 +120,7 @@ def _seconds(value: object) -> float:
 
 def _lender_seconds(value: object) -> float:
     """A lender link deadline: any positive number of seconds up to MAX_LENDER_TIMEOUT."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError("expects a number of seconds")
-    if isinstance(value, str):
-        try:
-            seconds = float(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number of seconds") from None
-    else:
-        seconds = float(value)
+    seconds = _as_seconds(value)
     # Written so that NaN fails it too (every comparison with NaN is false).
     if not 0 < seconds <= MAX_LENDER_TIMEOUT:
         raise ValueError(
