@@ -52,18 +52,21 @@ def available() -> str:
 
 def _transport_params() -> list[object]:
     why = available()
+    # Under CI the param is not skipped (as `missing` fails there): the tests run and fail,
+    # naming the library that is not there, instead of passing without the transport.
+    skip = bool(why) and not os.environ.get("CI")
     return [
         "vfio-user",
         pytest.param(
             "libvfio-user",
-            marks=pytest.mark.skipif(bool(why), reason=f"libvfio-user transport: {why}"),
+            marks=pytest.mark.skipif(skip, reason=f"libvfio-user transport: {why}"),
         ),
     ]
 
 
 TRANSPORT_PARAMS = _transport_params()
 """Both vfio-user transports, for a fixture's params; the libvfio-user one skips with the
-missing piece named when the library is not built here."""
+missing piece named when the library is not built here (and, under CI, runs and fails)."""
 
 
 def raw_exchange(
