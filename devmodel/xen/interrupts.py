@@ -48,6 +48,9 @@ class XenInterrupts:
         self._log = logger or RateLimitedLogger(log)
         self.level = False
         self.injected = 0
+        # Times the line went up, as Xen saw it: with `injected` and `errors`, what the log's
+        # stop line reports (the Xen suite compares it with the guest's own count).
+        self.raised = 0
         self.errors = 0
         self._function: PciFunction | None = None
 
@@ -55,6 +58,10 @@ class XenInterrupts:
         function.msi_output = self.msi
         function.intx_output = self.intx
         self._function = function
+
+    def summary(self) -> str:
+        """For the stop line of the log: what reached the hypervisor, what failed."""
+        return f"INTx raised {self.raised}, MSI injected {self.injected}, failed {self.errors}"
 
     def uninstall(self) -> None:
         """Detach from the function; lower the line if it is up."""
@@ -84,4 +91,6 @@ class XenInterrupts:
             self.errors += 1
             self._log.warning("cannot set INTx to %d: %s", int(level), exc)
             return
+        if level and not self.level:
+            self.raised += 1
         self.level = level

@@ -327,4 +327,8 @@ class XenServer:
                     continue
                 log.warning("stopping: cannot %s: %s", what, exc)
         self.setup.closed()
-        log.info("ioreq server stopped after %d requests", self.served)
+        log.info(
+            "ioreq server stopped after %d requests; interrupts: %s",
+            self.served,
+            self.interrupts.summary(),
+        )

@@ -36,6 +36,8 @@ async def test_intx_rises_on_the_doorbell_and_falls_when_acknowledged() -> None:
         assert not await cpu.config_read(cs.STATUS, 2) & cs.STS_INTERRUPT
         assert await cpu.read(INTERRUPTS, 8) == 2
         assert sim.msis == []
+        # Raised twice as Xen saw it (the doorbell, then the unmask), what the stop line says.
+        assert rig.server.interrupts.summary() == "INTx raised 2, MSI injected 0, failed 0"
 
 
 async def test_a_raised_line_is_lowered_when_the_server_stops() -> None:
