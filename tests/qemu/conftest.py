@@ -196,9 +196,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         end = run.event("end") or {}
         server = ("" if run.server_returncode is None
                   else f", device model exit {run.server_returncode}")
+        retried = (f", after {run.early_deaths} boot(s) that died before /init"
+                   if run.early_deaths else "")
         terminalreporter.write_line(
             f"{name}: {run.seconds:.1f} s from launch to exit, guest uptime at its end line "
-            f"{end.get('uptime', '?')} s{server}"
+            f"{end.get('uptime', '?')} s{server}{retried}"
         )
         for line in run.lines("timing") + [r for r in run.lines("smp") if "thread" in r]:
             who = f"thread {line['thread']}" if "thread" in line else "timing"
@@ -207,4 +209,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 f"posted write4 {line['write4_ns']} ns, BAR2 read4 {line['reg_read4_ns']} ns "
                 f"({line['iters']} iterations)"
             )
+    deaths = sum(run.early_deaths for _, run in _boots)
+    terminalreporter.write_line(
+        f"boots whose kernel died before /init under TCG, booted again: {deaths}")
 

@@ -66,6 +66,19 @@ STOPPED_COUNTERS = "stopped; counters: "
 HARD_TIMEOUT_MARGIN = 15.0
 # Most of a log is the kernel's boot chatter; on failure show its end, which is what matters.
 LOG_TAIL = 12_000
+# What qemu-configs/guest/init prints first: the kernel got as far as userspace.
+INIT_STARTED = "devmodel guest: /init started"
+# A guest whose kernel panics before /init runs is booted again, at most this many times. Under
+# TCG with two vCPUs a boot now and then ends in an `int3` Oops while the kernel patches its own
+# code, before it ever touches the device (a known weakness of multi-threaded TCG, not of
+# devmodel). A guest that reached /init is never retried: from there on, whatever happens is
+# the test's evidence. The Xen test bed's guests follow the same rule (qemu-configs/xen/dom0/guest).
+EARLY_DEATH_RETRIES = 2
+
+
+def died_before_init(serial: str) -> bool:
+    """Whether this console is of a kernel that panicked before /init started."""
+    return INIT_STARTED not in serial and "Kernel panic" in serial
 
 # The device model's BAR0 as `devmodel run` starts it here (its default).
 APERTURE = 256 << 20
@@ -282,6 +295,8 @@ class GuestRun:
     results: list[dict[str, Any]]
     server: DevmodelServer | None = None
     server_returncode: int | None = None
+    # Boots before this one whose kernel died before /init (EARLY_DEATH_RETRIES).
+    early_deaths: int = 0
 
     def lines(self, test: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r.get("test") == test]
@@ -296,9 +311,11 @@ class GuestRun:
         return next((r for r in self.results if r.get("event") == name), None)
 
     def log_sections(self) -> list[tuple[str, str]]:
+        retried = (f", after {self.early_deaths} boot(s) that died before /init"
+                   if self.early_deaths else "")
         sections = [
-            (f"guest serial console ({self.seconds:.1f} s, run-qemu exit {self.returncode})",
-             tail(self.serial)),
+            (f"guest serial console ({self.seconds:.1f} s, run-qemu exit {self.returncode}"
+             f"{retried})", tail(self.serial)),
             (f"QEMU stderr ({shlex.join(self.argv)})", tail(self.qemu_stderr)),
         ]
         if self.server is not None:
@@ -353,9 +370,32 @@ class RunningGuest:
         # Called with the finished run (the conftest's timing summary listens here).
         self.on_finish: Callable[[GuestRun], None] | None = None
         self.timeout = timeout
+        self.workdir = workdir
+        self.reaper = reaper
+        self.early_deaths = 0
+        self._boot()
+
+    def _boot(self) -> None:
         self.t0 = time.monotonic()
-        self.qemu = reaper.add(Process("qemu", argv, workdir / "qemu.stderr",
-                                       stdout_path=workdir / "serial.log"))
+        self.qemu = self.reaper.add(Process("qemu", self.argv, self.workdir / "qemu.stderr",
+                                            stdout_path=self.workdir / "serial.log"))
+
+    def _reboot_if_died_early(self) -> bool:
+        """If QEMU has exited and its kernel died before /init, boot again (at most
+        EARLY_DEATH_RETRIES times; the dead boot's console and stderr are kept beside, as
+        serial.log.deadN and qemu.stderr.deadN): True when it did."""
+        if self.qemu.proc.poll() is None or self.early_deaths >= EARLY_DEATH_RETRIES:
+            return False
+        if not died_before_init(self.qemu.stdout()):
+            return False
+        self.qemu.stop(signal.SIGKILL, grace=0)
+        self.early_deaths += 1
+        for name in ("serial.log", "qemu.stderr"):
+            path = self.workdir / name
+            if path.exists():
+                path.rename(self.workdir / f"{name}.dead{self.early_deaths}")
+        self._boot()
+        return True
 
     def results(self) -> list[dict[str, Any]]:
         """The result lines the guest printed so far."""
@@ -372,6 +412,9 @@ class RunningGuest:
             found = next((r for r in self.results() if predicate(r)), None)
             if found is not None:
                 return found
+            if self._reboot_if_died_early():
+                deadline = time.monotonic() + timeout  # the new boot gets the whole wait
+                continue
             exited = self.qemu.proc.poll() is not None
             if exited or time.monotonic() > deadline:
                 why = f"QEMU exited ({self.qemu.proc.returncode})" if exited else (
@@ -385,12 +428,16 @@ class RunningGuest:
         serial = self.qemu.stdout()
         return GuestRun(argv=self.argv, serial=serial, qemu_stderr=self.qemu.log(),
                         returncode=returncode, seconds=time.monotonic() - self.t0,
-                        results=list(parse_results(serial)), server=self.server)
+                        results=list(parse_results(serial)), server=self.server,
+                        early_deaths=self.early_deaths)
 
     def finish(self) -> GuestRun:
         """Wait for the guest to power off (or run-qemu's timeout) and return what it printed."""
-        left = self.timeout + HARD_TIMEOUT_MARGIN - (time.monotonic() - self.t0)
-        rc = self.qemu.wait(max(left, 0.1))
+        while True:
+            left = self.timeout + HARD_TIMEOUT_MARGIN - (time.monotonic() - self.t0)
+            rc = self.qemu.wait(max(left, 0.1))
+            if rc is None or not self._reboot_if_died_early():
+                break
         run = self.snapshot(rc)
         self.qemu.stop(signal.SIGKILL, grace=0)
         if self.on_finish is not None:
