@@ -4,10 +4,16 @@ under the original test ids from a single VM run (a fake one here: no boot)."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.udmabuf.vm import RUN_ENV, VIA_VM_ENV, junit_key, outcomes_from_junit
 
@@ -180,3 +186,42 @@ def test_a_plain_run_sends_them_to_the_vm_and_not_qemu_leaves_them_out(tmp_path:
     assert no_qemu.returncode == 5, no_qemu.stdout
     assert "deselected" in no_qemu.stdout
     assert not log.exists()
+
+
+def _udmabuf_run_script() -> Any:
+    """qemu-configs/udmabuf/run, a script without a .py suffix, as a module."""
+    path = REPO / "qemu-configs" / "udmabuf" / "run"
+    loader = importlib.machinery.SourceFileLoader("udmabuf_run", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("console", "status", "expected"),
+    [
+        # The kernel died before /init: no status, booted again by main().
+        ("echo 'Kernel panic - not syncing: Fatal exception in interrupt'", None, (125, True)),
+        # It reached /init and then died: no status, never booted again.
+        ("echo 'udmabuf VM: /init started'; echo 'Kernel panic - not syncing'", None,
+         (125, False)),
+        # The command ran and reported.
+        ("echo 'udmabuf VM: /init started'", "3", (3, False)),
+    ],
+)
+def test_udmabuf_run_tells_a_kernel_that_died_before_init(
+    tmp_path: Path, console: str, status: str | None, expected: tuple[int, bool]
+) -> None:
+    """`run` as the VM's console shows it, with a shell standing in for QEMU."""
+    run = _udmabuf_run_script()
+    status_path = tmp_path / "status"
+    fake = console + (f"; echo {status} > {status_path}" if status else "")
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        got = run.run(["sh", "-c", fake], dict(os.environ), 30.0, status_path)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert got == expected
