@@ -2636,21 +2636,21 @@ static int test_msi(void)
 		}
 		want[v] += v + 1;
 	}
-	/* Entry 1 masked, rung: the device (devmodel on Xen, QEMU over vfio-user) holds it
-	 * pending in the PBA; unmasking it delivers it. */
+	/* Entry 1 masked, then rung: held, not delivered, until unmasked. The PBA bit is
+	 * reported, not required: on Xen it is devmodel's PBA, which must show it; over
+	 * vfio-user QEMU emulates the PBA, and while a vector is masked it detaches that
+	 * vector's eventfd, so devmodel holds the interrupt pending where QEMU's PBA does not
+	 * show it (the hosts' tests check each). A late delivery while masked, had there been
+	 * one, would still show below as a count one too many. */
 	wr(dev.bar2, toff + MSIX_ENTRY + 12, 4, MSIX_CTRL_MASKBIT);
 	msi_counts(now);
 	k = (unsigned)now[1];
 	wr(dev.bar2, DOORBELL_REG, 4, 1);
 	rd(dev.bar2, INTERRUPTS_REG, 4); /* the doorbell has reached the device */
-	for (r = 0; r < MSI_WAIT_MS && !(pba_masked & 2); r++) {
-		pba_masked = rd(dev.bar2, pba & ~7u, 8);
-		if (!(pba_masked & 2))
-			nanosleep(&(struct timespec){0, 1000000}, NULL);
-	}
+	pba_masked = rd(dev.bar2, pba & ~7u, 8);
 	nanosleep(&settle, NULL);
 	msi_counts(now);
-	held = (pba_masked & 2) && now[1] == k;
+	held = now[1] == k;
 	wr(dev.bar2, toff + MSIX_ENTRY + 12, 4, 0);
 	delivered = msi_wait(1, (uint64_t)k + 1, now);
 	pba_after = rd(dev.bar2, pba & ~7u, 8);

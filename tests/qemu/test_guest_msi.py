@@ -49,14 +49,16 @@ def test_guest_receives_each_msix_vector_at_its_own_target(guest: GuestRun) -> N
     assert line["msix_counts"] == [1, 2 + 1, 3, 4], line
 
 
-def test_masked_msix_vector_is_held_pending_then_delivered(guest: GuestRun) -> None:
-    """A doorbell for a masked entry is not delivered but shows in the PBA (QEMU's, which
-    emulates it over vfio-user); unmasking delivers it once and clears the bit."""
+def test_masked_msix_vector_is_held_then_delivered(guest: GuestRun) -> None:
+    """A doorbell for a masked entry is not delivered; unmasking delivers it, once (the exact
+    counts below would show a late or a second delivery). QEMU emulates the PBA, and while the
+    entry is masked it detaches the vector's eventfd (SET_IRQS with no fd): devmodel then holds
+    the interrupt pending in its own IRQ table and signals it when QEMU attaches the eventfd
+    again at the unmask, so QEMU's PBA, which the guest reads, stays clear throughout."""
     line = msi_line(guest)
     assert line["masked_held"] is True, line
-    assert int(line["masked_pba"], 16) & 0b10, line
     assert line["masked_delivered"] is True, line
-    assert int(line["pba_after"], 16) & 0b10 == 0, line
+    assert line["masked_pba"] == line["pba_after"] == "0x0", line
 
 
 def test_every_target_counted_exactly_its_interrupts(guest: GuestRun) -> None:
