@@ -94,7 +94,7 @@ def guest(testbed: Path, reaper: Reaper, tmp_path_factory: pytest.TempPathFactor
     """One single-vCPU guest that ran every single-threaded test (one per transport)."""
     return _boot(reaper, tmp_path_factory.mktemp(f"guest-{transport}"),
                  f"single-vCPU ({transport})",
-                 ["enumerate", "pattern", "boundary", "regs", "timing", "irq"], smp=1,
+                 ["enumerate", "pattern", "boundary", "regs", "timing", "irq", "msi"], smp=1,
                  transport=transport)
 
 

@@ -3,7 +3,7 @@ an HVM guest beside QEMU-xen and a PVH guest with no QEMU.
 
 Every test here looks at the one shared boot (conftest's `dom0_suite`, running
 tests/xen_guest/dom0-ci): each guest ran one chain of bartest's tests (enumerate, regs,
-boundary, irq on HVM only, evict, churn, watch) in one boot, served by its own devmodel
+boundary, irq on HVM only, msi, evict, churn, watch) in one boot, served by its own devmodel
 borrowing from its own reference lender in dom0. Each test checks one piece of that chain's
 evidence, for each guest type (the `[hvm]` and `[pvh]` variants).
 """
@@ -152,9 +152,75 @@ def test_real_xen_hvm_devmodel_raised_each_interrupt_once(dom0_suite: Dom0Run) -
     raised = IRQ_ROUNDS + 1  # the rounds and the masked doorbell
     assert line["interrupts_after"] - line["interrupts_before"] == raised, line
     log = dom0_suite.devmodel_log(name)
-    assert f"interrupts: INTx raised {raised}, MSI injected 0, failed 0" in log, log
-    assert re.search(rf"stopped; counters: {{.*'interrupts': {raised}\b", log), log
+    # The msi test runs next in the same guest: its messages are on the same stop line.
+    injected = MSI_ROUNDS + sum(MSIX_RUNG) + 1
+    assert f"interrupts: INTx raised {raised}, MSI injected {injected}, failed 0" in log, log
+    assert re.search(rf"stopped; counters: {{.*'interrupts': {raised + injected}\b", log), log
     assert "cannot set INTx" not in log, log
+
+
+# bartest's msi test: MSI rung devmodel.irqs (5) times at the first target, MSI-X entry v rung
+# v + 1 times at target v, then entry 1 once more while masked.
+MSI_ROUNDS = 5
+MSIX_RUNG = [1, 2, 3, 4]
+MSI_TARGETS = ["PIN", "PIW", "NPI", "ERR"]
+
+
+def msi_line(dom0_suite: Dom0Run, kind: str) -> dict[str, Any]:
+    """The guest's msi result, after the checks that it ran at all (it found the MSI and MSI-X
+    capabilities and the four counters in /proc/interrupts)."""
+    name, _ = served(dom0_suite, kind)
+    line = dom0_suite.result(name, "msi")
+    assert line.get("error") is None, line
+    assert [t["counter"] for t in line["targets"]] == MSI_TARGETS, line
+    assert line["msi_cap"] == "0x40" and line["msix_cap"] == "0x50", line
+    return line
+
+
+@GUEST_TYPES
+def test_real_xen_guest_receives_each_msi_once(dom0_suite: Dom0Run, kind: str) -> None:
+    """Runs on the real hypervisor: with the MSI capability programmed by the guest, each
+    doorbell becomes one `xendevicemodel_inject_msi` of the guest's own address and data, and
+    arrives once at the vector it names (nothing else moves)."""
+    line = msi_line(dom0_suite, kind)
+    assert line["msi_received"] == line["msi_rounds"] == MSI_ROUNDS, line
+    assert line["msi_counts"] == [MSI_ROUNDS, 0, 0, 0], line
+
+
+@GUEST_TYPES
+def test_real_xen_guest_receives_each_msix_vector_at_its_own_target(
+        dom0_suite: Dom0Run, kind: str) -> None:
+    """Runs on the real hypervisor: devmodel composes each MSI-X message from the guest's table
+    entry; entry v's doorbells arrive at target v only, as many as were rung."""
+    line = msi_line(dom0_suite, kind)
+    assert line["msix_rung"] == line["msix_received"] == sum(MSIX_RUNG), line
+    assert line["msix_counts"] == [1, 2 + 1, 3, 4], line  # entry 1: and the masked doorbell
+
+
+@GUEST_TYPES
+def test_real_xen_masked_msix_vector_is_held_pending_then_delivered(
+        dom0_suite: Dom0Run, kind: str) -> None:
+    """Runs on the real hypervisor: a doorbell for a masked entry is not injected but left
+    pending in devmodel's PBA; the guest's unmask (a trapped table write) injects it, once."""
+    line = msi_line(dom0_suite, kind)
+    assert line["masked_held"] is True and int(line["masked_pba"], 16) & 0b10, line
+    assert line["masked_delivered"] is True and int(line["pba_after"], 16) & 0b10 == 0, line
+    assert line["counts"] == line["expected"] == [MSI_ROUNDS + 1, 2 + 1, 3, 4], line
+    assert line["ok"] is True, line
+
+
+@GUEST_TYPES
+def test_real_xen_devmodel_injected_each_msi_once(dom0_suite: Dom0Run, kind: str) -> None:
+    """Runs on the real hypervisor: BAR2's INTERRUPTS and devmodel's stop line agree with the
+    guest: every MSI and MSI-X doorbell injected once through the hypercall, none failed."""
+    name, _ = GUESTS[kind]
+    line = msi_line(dom0_suite, kind)
+    injected = MSI_ROUNDS + sum(MSIX_RUNG) + 1
+    assert line["interrupts_after"] - line["interrupts_before"] == injected, line
+    raised = IRQ_ROUNDS + 1 if kind == "hvm" else 0  # the irq test runs on HVM only
+    log = dom0_suite.devmodel_log(name)
+    assert f"interrupts: INTx raised {raised}, MSI injected {injected}, failed 0" in log, log
+    assert "cannot inject MSI" not in log, log
 
 
 @GUEST_TYPES
