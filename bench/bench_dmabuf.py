@@ -72,6 +72,8 @@ class Lender:
     memfd for windows 0-1 and from the dma-buf for windows 2-3, at fd offset = aperture
     offset."""
 
+    answers_later = False  # inline (LenderPort)
+
     def __init__(self, engine: LeaseEngine, memfd: int, dmabuf: int) -> None:
         self.engine = engine
         self.memfd = memfd

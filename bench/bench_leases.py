@@ -167,6 +167,7 @@ class InstantPort:
         self.engine = engine
         self.home = home
         self.inline = inline
+        self.answers_later = not inline  # LenderPort
         self.page_ins = 0
         self.pending: list[tuple[int, int, int]] = []
         self.next_lease = 1

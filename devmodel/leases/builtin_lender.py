@@ -21,6 +21,8 @@ F_SEAL_GROW: int = getattr(fcntl, "F_SEAL_GROW", 0x0004)
 
 
 class BuiltinLender:
+    answers_later = False  # it grants inside send_page_in (LenderPort)
+
     def __init__(self, engine: LeaseEngine, chunk: int | None = None) -> None:
         self.engine = engine
         self.chunk = chunk or engine.size

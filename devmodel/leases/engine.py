@@ -58,11 +58,20 @@ log = logging.getLogger("devmodel.leases")
 S = WindowState
 # The fast paths' state test: a global, not an Enum member read off its class (~60 ns more).
 _RESIDENT = WindowState.RESIDENT
+_EVICTED = WindowState.EVICTED
 _now = time.perf_counter_ns
 
 
 class LenderPort(Protocol):
     """How the engine reaches the lender: asks for a page-in; False if no lender is there."""
+
+    answers_later: bool
+    """True if no answer can come before `send_page_in` returns: the lender is in another
+    process, and what it sends is handled only by a later receive. The engine then asks as
+    soon as an access finds its window evicted (`read_now`, `write_now`) and books the
+    request once the PAGE_IN is out, so the access's way into the slow path overlaps the
+    lender's work instead of delaying the question. False for a lender in this process,
+    which may grant inside the call: its request is booked first."""
 
     def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool: ...
 
@@ -118,7 +127,6 @@ class _Request:
     request_id: int
     start: int
     end: int
-    deadline: float
 
 
 EventSink = Callable[[str, dict[str, object]], None]
@@ -226,6 +234,8 @@ class LeaseEngine:
             # mypy narrows on isinstance only (int has subclasses); isinstance costs ~15 ns more.
             w: Window | None = found  # type: ignore[assignment]
             if w is None or w.state is not _RESIDENT:
+                if w is not None and w.state is _EVICTED:
+                    self._ask_early(w, Access.READ)
                 return None
             fd = w.fd
             at = w.fd_base + offset
@@ -264,6 +274,8 @@ class LeaseEngine:
         else:
             w: Window | None = found  # type: ignore[assignment]  # as in read_now
             if w is None or w.state is not _RESIDENT or not w.prot & PROT_WRITE:
+                if w is not None and w.state is _EVICTED:
+                    self._ask_early(w, Access.WRITE)
                 return False
             fd = w.fd
             at = w.fd_base + offset
@@ -418,7 +430,7 @@ class LeaseEngine:
             faulted = True
             if state is S.EVICTED:
                 access = Access.READ if data is None else Access.WRITE
-                if not self._start_page_in(w, access, deadline):
+                if not self._start_page_in(w, access):
                     return self._fail(offset, size, data, "no lender to page in from"), True
                 continue  # an in-process lender may have answered already
             # REVOKING or PAGING_IN: wait for it, within the deadline.
@@ -487,21 +499,36 @@ class LeaseEngine:
         self.config.policy.write_result()
         return b""
 
-    def _start_page_in(self, w: Window, access: Access, deadline: float) -> bool:
+    def _start_page_in(self, w: Window, access: Access) -> bool:
         port = self.port
         if port is None:
             return False
         rid = self._next_request
-        self._next_request += 1
-        self._update(w, Trigger.FAULT)
-        w.request_id = rid
-        self._requests[rid] = _Request(rid, w.start, w.end, deadline)
-        self.counters.page_ins += 1
-        self._emit("PAGE_IN_REQUESTED", {"request": rid, "offset": w.start, "length": w.length})
+        self._book_page_in(w, rid)
         if not port.send_page_in(rid, w.start, w.length, access):
             self._page_in_failed(rid, "lender unreachable")
             return False
         return True
+
+    def _ask_early(self, w: Window, access: Access) -> None:
+        """The PAGE_IN for an access that has just found `w` evicted, from the fast path's
+        miss, if the lender answers later (`LenderPort.answers_later`): sent first, booked
+        after, with nothing in between that could handle an answer. Nothing happens if it
+        cannot be sent: the slow path, which the access enters next, asks again and answers
+        it as a failed page-in, counted and reported once."""
+        port = self.port
+        if port is not None and port.answers_later:
+            rid = self._next_request
+            if port.send_page_in(rid, w.start, w.length, access):
+                self._book_page_in(w, rid)
+
+    def _book_page_in(self, w: Window, rid: int) -> None:
+        self._next_request = rid + 1
+        self._update(w, Trigger.FAULT)
+        w.request_id = rid
+        self._requests[rid] = _Request(rid, w.start, w.end)
+        self.counters.page_ins += 1
+        self._emit("PAGE_IN_REQUESTED", {"request": rid, "offset": w.start, "length": w.length})
 
     # ------------------------------------------------------------------ lender side
 

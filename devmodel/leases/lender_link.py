@@ -173,6 +173,9 @@ class LenderLink:
 
     # ------------------------------------------------------------------ LenderPort
 
+    answers_later = True
+    """The lender's answers come over the socket, read after `send_page_in` returns."""
+
     def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> bool:
         s = self._session
         if s is None or not s.usable:

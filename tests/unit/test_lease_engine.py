@@ -525,6 +525,70 @@ async def test_write_fault_asks_for_write_access_and_lands_in_the_new_backing(ri
     assert os.pread(home, 8, 8) == bytes(8)
 
 
+@pytest.mark.parametrize("write", [False, True])
+async def test_a_lender_that_answers_later_is_asked_from_the_fast_paths_miss(
+    rig: Rig, write: bool
+) -> None:
+    """The socket lender's order (LenderPort.answers_later): the fast path's miss sends the
+    PAGE_IN and books it, and the access that then awaits waits for it without asking again."""
+    e, lender = rig.engine, rig.lender
+    lender.answers_later = True
+    home = rig.fd(APERTURE, fill=pattern(4, 2 * PAGE))
+    lease = lender.grant(0, 2 * PAGE, home)
+    await e.revoke(lease, EVICT)
+    if write:
+        assert e.write_now(PAGE + 8, b"\x42" * 8) is False
+    else:
+        assert e.read_now(PAGE + 8, 8) is None
+    access = Access.WRITE if write else Access.READ
+    assert lender.page_ins == [RecordedPageIn(1, 0, 2 * PAGE, access)]
+    assert rig.state(0) is S.PAGING_IN and e.outstanding_page_ins() == 1
+    assert e.counters.page_ins == 1 and e.counters.faults == 0
+    assert [n for n, _ in rig.events][-1] == "PAGE_IN_REQUESTED"
+    async with trio.open_nursery() as nursery:
+        if write:
+            box = spawn(nursery, e.write, PAGE + 8, b"\x42" * 8)
+        else:
+            box = spawn(nursery, e.read, PAGE + 8, 8)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not box.done and len(lender.page_ins) == 1  # it waits on the one PAGE_IN
+        lender.answer(lender.take(), home)
+    if write:
+        assert box.get() is None and os.pread(home, 8, PAGE + 8) == b"\x42" * 8
+    else:
+        assert box.get() == pattern(4, 2 * PAGE)[PAGE + 8 : PAGE + 16]
+    c = e.counters
+    assert (c.page_ins, c.faults, c.failed_accesses) == (1, 1, 0)
+
+
+async def test_a_miss_does_not_ask_a_lender_that_answers_inside_the_call(rig: Rig) -> None:
+    """An in-process lender may grant inside send_page_in: its PAGE_IN is booked first, by the
+    slow path, so the fast path's miss leaves the window as it was."""
+    e, lender = rig.engine, rig.lender
+    home = rig.fd(APERTURE)
+    lease = lender.grant(0, PAGE, home)
+    await e.revoke(lease, EVICT)
+    assert e.read_now(8, 8) is None and e.write_now(8, b"\x01") is False
+    assert lender.page_ins == [] and rig.state(0) is S.EVICTED
+
+
+async def test_a_miss_that_cannot_reach_the_lender_is_counted_once(rig: Rig) -> None:
+    """The fast path's PAGE_IN fails silently (nothing booked); the slow path asks again and
+    answers with the policy, counted and reported as one failed page-in."""
+    e, lender = rig.engine, rig.lender
+    lender.answers_later = True
+    home = rig.fd(APERTURE)
+    lease = lender.grant(0, PAGE, home)
+    await e.revoke(lease, EVICT)
+    lender.reachable = False
+    assert await e.read(0, 8) == b"\xff" * 8
+    assert len(lender.page_ins) == 2 and rig.state(0) is S.EVICTED
+    c = e.counters
+    assert (c.page_ins, c.failed_accesses, e.outstanding_page_ins()) == (1, 1, 0)
+    names = [n for n, _ in rig.events]
+    assert names[-2:] == ["PAGE_IN_REQUESTED", "PAGE_IN_FAILED"]
+
+
 async def test_page_in_answered_inline_by_an_in_process_lender(rig: Rig) -> None:
     e, lender = rig.engine, rig.lender
     home = rig.fd(APERTURE, fill=pattern(9, 4 * PAGE))

@@ -47,6 +47,8 @@ class Recorder:
 class SilentPort:
     """A lender that takes page-in requests and answers only when told."""
 
+    answers_later = True  # LenderPort: asked from the fast path's miss
+
     def __init__(self, engine: LeaseEngine) -> None:
         self.requests: list[tuple[int, int, int]] = []
         engine.port = self

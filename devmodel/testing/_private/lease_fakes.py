@@ -61,11 +61,21 @@ class FakeLender:
     """A LenderPort that records PAGE_INs; tests answer them by granting and PAGE_IN_DONE."""
 
     def __init__(
-        self, engine: LeaseEngine, *, reachable: bool = True, inline: Answer | None = None
+        self,
+        engine: LeaseEngine,
+        *,
+        reachable: bool = True,
+        inline: Answer | None = None,
+        answers_later: bool = False,
     ) -> None:
         self.engine = engine
         engine.port = self
         self.reachable = reachable
+        # LenderPort: True to be asked from the fast path's miss, as a socket lender is (only
+        # without `inline`: an inline answer comes inside the call).
+        if answers_later and inline is not None:
+            raise ValueError("an inline lender answers inside send_page_in, not later")
+        self.answers_later = answers_later
         # Called inside send_page_in: an in-process lender that answers at once.
         self.inline = inline
         self.page_ins: list[RecordedPageIn] = []
