@@ -74,8 +74,15 @@ class Window:
         waiters = self.waiters
         if not waiters:
             return []
-        inside = [p for p in waiters if start <= p.offset < end]
+        # One pass, no comprehensions: a grant takes the waiters of a fault this way while the
+        # guest waits for it, and a comprehension is a call of its own.
+        inside: list[Pending] = []
+        rest: list[Pending] = []
+        for p in waiters:
+            if start <= p.offset < end:
+                inside.append(p)
+            else:
+                rest.append(p)
         if inside:
-            rest = [p for p in waiters if not start <= p.offset < end]
             self.waiters = rest or None
         return inside
