@@ -114,7 +114,9 @@ class Runtime:
     def emit(self, name: str, data: dict[str, object]) -> None:
         """Count an event and send it to every control client (the engine's `on_event`)."""
         self.events[name] += 1
-        self.broadcast(name, data)
+        control = self.control
+        if control is not None and control.clients:  # most of the time nobody listens
+            control.broadcast(name, data)
 
     def broadcast(self, name: str, data: dict[str, object]) -> None:
         """Send an event to every control client, uncounted (the commands' own events)."""

@@ -564,7 +564,7 @@ class LeaseEngine:
             served += old.take_waiters(offset, end)
             self._table.remove(old)
             self._forget_evicted(old)
-            for start, stop in ((old.start, offset), (end, old.end)):
+            for start, stop in ((old.start, offset), (end, old.start + old.length)):
                 if start < stop:
                     rest = Window(
                         start,
