@@ -66,7 +66,6 @@ from devmodel_wire.lease import (
     LeaseProtocolError,
     MsgType,
     NackReason,
-    PageIn,
     PageInDone,
     PageInStatus,
     Ping,
@@ -188,7 +187,7 @@ class LenderLink:
         if s is None or not s.usable:
             return False
         try:
-            s.send(PageIn(request_id, offset, length, access))
+            s.send_page_in(request_id, offset, length, access)
         except LeaseProtocolError as exc:
             self._log.warning("cannot ask the lender for a page-in: %s", exc)
             return False
@@ -398,7 +397,15 @@ class _Session:
             self._encode_held()
         out = self.conn.send(event)
         assert not out.fds  # the borrower never sends file descriptors
-        data = out.data
+        self._write(out.data)
+
+    def send_page_in(self, request_id: int, offset: int, length: int, access: Access) -> None:
+        """`send(PageIn(...))`, through the connection's one-call PAGE_IN."""
+        if self._held:
+            self._encode_held()
+        self._write(self.conn.send_page_in(request_id, offset, length, access))
+
+    def _write(self, data: bytes) -> None:
         if not self._inflight and self.connected:
             if self._out:
                 queued = b"".join(self._out)

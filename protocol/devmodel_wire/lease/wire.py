@@ -126,6 +126,26 @@ def encode(event: ev.Event) -> bytes:
         raise LeaseProtocolError(f"cannot encode {event.TYPE.name}: {exc}", fatal=False) from None
 
 
+def encode_page_in(request_id: int, offset: int, length: int, access: int) -> bytes:
+    """`encode(PageIn(request_id, offset, length, access))` without the event: the same bytes
+    and the same errors, packed in the same order (tests/unit/test_lease_page_in_fast.py).
+
+    A guest's fault sends this, and the vCPU waits until the lender has it, so it skips the
+    event object and `encode`'s dispatch on the event's type.
+    """
+    try:
+        if access not in _ACCESSES:
+            raise ValueError(f"unknown access type {access}")
+        body = PAGE_IN_BODY.pack(offset, length, access)
+        return _PAGE_IN_HEADER(MsgType.PAGE_IN, 0, _PAGE_IN_SIZE, request_id) + body
+    except (struct.error, ValueError, OverflowError) as exc:
+        raise LeaseProtocolError(f"cannot encode PAGE_IN: {exc}", fatal=False) from None
+
+
+_PAGE_IN_HEADER: Final = HEADER.pack
+_PAGE_IN_SIZE: Final = HEADER_SIZE + PAGE_IN_BODY.size
+
+
 # -- decoding ---------------------------------------------------------------------------------
 
 
