@@ -558,25 +558,6 @@ class LeaseEngine:
         if kind == FdKind.DMABUF:
             mem = self._map_dmabuf(kept, fd_offset, length, prot)
         end = offset + length
-        served: list[Pending] = []
-        for old in pieces:
-            transition(old.state, Trigger.GRANT)  # validates; the part granted becomes RESIDENT
-            served += old.take_waiters(offset, end)
-            self._table.remove(old)
-            self._forget_evicted(old)
-            for start, stop in ((old.start, offset), (end, old.start + old.length)):
-                if start < stop:
-                    rest = Window(
-                        start,
-                        stop - start,
-                        old.state,
-                        lease_id=old.lease_id,
-                        request_id=old.request_id,
-                    )
-                    rest.waiters = old.take_waiters(start, stop) or None
-                    self._table.add(rest)
-                    if rest.state in (S.EVICTED, S.PAGING_IN):
-                        self._evicted.setdefault(rest.lease_id, set()).add(rest)
         w = Window(
             offset,
             length,
@@ -587,7 +568,17 @@ class LeaseEngine:
             prot=prot,
             lease_id=lease_id,
         )
-        self._table.add(w)
+        served: list[Pending] = []
+        if len(pieces) == 1 and pieces[0].start == offset and pieces[0].length == length:
+            # The usual grant: a page-in's answer for just the window it asked for.
+            old = pieces[0]
+            transition(old.state, Trigger.GRANT)  # validates; the window becomes RESIDENT
+            served = old.take_waiters(offset, end)
+            self._table.replace(old, w)
+            self._forget_evicted(old)
+        else:
+            self._grant_over(pieces, offset, end, served)
+            self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
         self._emit("LEASE_GRANTED", {"lease": lease_id, "offset": offset, "length": length})
@@ -615,6 +606,30 @@ class LeaseEngine:
             p.served = True
             p.done.set()
         return len(served)
+
+    def _grant_over(
+        self, pieces: list[Window], offset: int, end: int, served: list[Pending]
+    ) -> None:
+        """Take `[offset, end)` out of the windows it meets, keeping what lies outside it as
+        windows of their own, and their waiters inside it into `served`."""
+        for old in pieces:
+            transition(old.state, Trigger.GRANT)  # validates; the part granted becomes RESIDENT
+            served += old.take_waiters(offset, end)
+            self._table.remove(old)
+            self._forget_evicted(old)
+            for start, stop in ((old.start, offset), (end, old.start + old.length)):
+                if start < stop:
+                    rest = Window(
+                        start,
+                        stop - start,
+                        old.state,
+                        lease_id=old.lease_id,
+                        request_id=old.request_id,
+                    )
+                    rest.waiters = old.take_waiters(start, stop) or None
+                    self._table.add(rest)
+                    if rest.state in (S.EVICTED, S.PAGING_IN):
+                        self._evicted.setdefault(rest.lease_id, set()).add(rest)
 
     def _map_dmabuf(self, fd: int, fd_offset: int, length: int, prot: int) -> DmabufMapping:
         """Map a dma-buf lease's range, or release `fd` and raise GrantRefused (BAD_FD: the

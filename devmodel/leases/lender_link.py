@@ -604,6 +604,8 @@ class _Session:
                 self._held += self._after_served
                 self._after_served = []
                 self._wakeup.set()
+            if self.conn.drained():
+                return
 
     def _refused(self, exc: LeaseProtocolError) -> None:
         self.link._log.warning("refused a message from the lender: %s", exc)

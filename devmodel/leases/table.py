@@ -428,6 +428,29 @@ class WindowTable:
                 v.members += 1
         self._count += 1
 
+    def replace(self, old: Window, new: Window) -> None:
+        """Put `new` in the place of `old`, which the table holds and which covers the same
+        range: every block keeps its form and only swaps the reference (and a crowded block
+        the fast entries), where `remove` then `add` would look both up and rebuild the
+        block's list. The grant that answers a page-in replaces the window it was asked for
+        this way, while the fault waits for it."""
+        start = old.start
+        if new.start != start or new.length != old.length or self.find(start) is not old:
+            raise ValueError(f"{new.start:#x}+{new.length:#x} cannot replace {old}")
+        if self._last is old:
+            self._last = new
+        blocks = self._blocks
+        shift, unit_shift = self._block_shift, self._unit_shift
+        for b in range(start >> shift, ((start + old.length - 1) >> shift) + 1):
+            v = blocks[b]
+            if type(v) is Window:
+                blocks[b] = new
+            elif type(v) is _Few:
+                v.windows[v.windows.index(old)] = new
+            else:
+                assert isinstance(v, _Slots)
+                v.fill(old, new, b << shift, unit_shift)
+
     def remove(self, window: Window) -> None:
         """Remove `window` if the table holds it (one it does not hold is no error)."""
         start = window.start

@@ -136,8 +136,11 @@ def drain(conn: lp.BorrowerConnection | lp.LenderConnection) -> list[Outcome]:
     """Everything next_event() yields until NEED_DATA, CLOSED or a fatal error."""
     seen: list[Outcome] = []
     while True:
+        # `drained()` promises NEED_DATA (a receiver stops on it without asking again).
+        drained = conn.drained()
         try:
             got = conn.next_event()
+            assert got is NEED_DATA or not drained, got
         except lp.LeaseProtocolError as exc:
             seen.append(Failure(exc.fatal, exc.code, exc.reply))
             if exc.fatal:

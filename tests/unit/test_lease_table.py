@@ -111,6 +111,8 @@ operations = st.lists(
         st.tuples(st.just("add run"), st.integers(0, SLOTS - 1), st.integers(2, 16), variants),
         st.tuples(st.just("remove"), st.integers(0, 1 << 10), st.just(0), st.just(0)),
         st.tuples(st.just("remove stale"), st.integers(0, 1 << 10), st.just(0), st.just(0)),
+        # A window replaced by another of the same range (the grant that answers a page-in).
+        st.tuples(st.just("replace"), st.integers(0, 1 << 10), st.just(0), variants),
         st.tuples(
             st.just("overlapping"), st.integers(-2, SLOTS + 2), st.integers(0, 16), st.just(0)
         ),
@@ -166,6 +168,15 @@ def test_table_answers_as_a_plain_list_does(
             gone.append(w)
         elif op == "remove stale" and gone:
             table.remove(gone[a % len(gone)])
+        elif op == "replace" and model:
+            i = a % len(model)
+            old = model[i]
+            new = shape(Window(old.start, old.length, S.RESIDENT), variant, unit)
+            table.replace(old, new)
+            model[i] = new
+            gone.append(old)
+            with pytest.raises(ValueError):  # it is not there any more
+                table.replace(old, shape(Window(old.start, old.length, S.RESIDENT), 0, unit))
         elif op == "change" and model:
             w = shape(model[a % len(model)], variant, unit)
             table.refresh(w)
@@ -234,6 +245,21 @@ def test_a_window_replaced_at_the_same_start_is_never_answered() -> None:
     assert table.find(1) is new
     assert table.find(3) is None
     assert len(table) == 1
+
+
+def test_replace_takes_only_a_held_window_of_the_same_range() -> None:
+    table = WindowTable()
+    old = Window(0, 4, WindowState.EVICTED)
+    table.add(old)
+    for start, length in ((0, 2), (0, 8), (2, 2)):
+        with pytest.raises(ValueError):
+            table.replace(old, Window(start, length, WindowState.RESIDENT))
+    assert table.find(3) is old  # refused: nothing changed
+    new = Window(0, 4, WindowState.RESIDENT)
+    table.replace(old, new)
+    assert table.find(0) is table.find(3) is new and len(table) == 1
+    with pytest.raises(ValueError):
+        table.replace(Window(8, 4, WindowState.EVICTED), Window(8, 4, WindowState.RESIDENT))
 
 
 def test_a_removed_window_is_forgotten() -> None:

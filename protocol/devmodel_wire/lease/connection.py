@@ -298,6 +298,18 @@ class _Connection:
 
     # -- what the caller may inspect ----------------------------------------------------------
 
+    def drained(self) -> bool:
+        """True when `next_event()` can only answer NEED_DATA: nothing is buffered, the stream
+        has not ended, the connection has not failed or closed. A receiver that handles what
+        one receive brought asks this after each event instead of calling `next_event()` once
+        more just to hear NEED_DATA (four calls on the way from a GRANT to the guest)."""
+        return (
+            self._read == len(self._buf)
+            and not self._eof
+            and self._state is not State.ERROR
+            and self._state is not State.CLOSED
+        )
+
     @property
     def state(self) -> State:
         return self._state
