@@ -16,22 +16,6 @@ from devmodel_wire.lease.checks import FdFacts, check_dmabuf_facts, check_fd_fac
 from devmodel_wire.lease.constants import FdKind, NackReason
 
 
-def _facts_and_key(fd: int) -> tuple[FdFacts, FdKey] | None:
-    try:
-        st = os.fstat(fd)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError:
-        return None
-    seals: int | None
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        seals = None
-    mode = flags & os.O_ACCMODE
-    facts = FdFacts(stat.S_ISREG(st.st_mode), mode, seals, st.st_size)
-    return facts, (st.st_dev, st.st_ino, mode)
-
-
 def check_grant_fd(
     fd: int,
     *,
@@ -66,12 +50,21 @@ def check_grant_fd_key(
     """
     if kind == FdKind.DMABUF:
         return _check_dmabuf_key(fd, fd_offset, length, prot, dmabuf or DmabufSupport())
-    got = _facts_and_key(fd)
-    if got is None:
+    # The facts asked here, not in a helper: this runs inside every fault's wait.
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
         return NackReason.BAD_FD, None
-    facts, key = got
+    seals: int | None
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = None
+    mode = flags & os.O_ACCMODE
+    facts = FdFacts(stat.S_ISREG(st.st_mode), mode, seals, st.st_size)
     reason = check_fd_facts(facts, fd_offset=fd_offset, length=length, prot=prot)
-    return reason, (key if reason is None else None)
+    return reason, ((st.st_dev, st.st_ino, mode) if reason is None else None)
 
 
 def _check_dmabuf_key(

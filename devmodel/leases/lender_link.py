@@ -321,11 +321,12 @@ class _Session:
         self._features = 0
         self._next_token = 1
         self._slice = TimeSlice()
-        # GRANT_ACKs held back until the accesses their grant served have run.
-        self._after_served: list[Event] = []
-        # GRANT_ACKs of grants `poll_answer` handled, not yet encoded: the writer's next turn
+        # The lease ids of GRANT_ACKs held back until the accesses their grant served have
+        # run (ids: the event is built once the access is answered, not while it waits).
+        self._after_served: list[int] = []
+        # The same, of grants `poll_answer` handled, not yet encoded: the writer's next turn
         # or the next `send`, whichever comes first, encodes them ahead of its own bytes.
-        self._held: list[Event] = []
+        self._held: list[int] = []
         # The reader is parked on the empty socket with every event handled: only then may an
         # access handle the lender's messages itself (`poll_answer`).
         self._idle = False
@@ -428,8 +429,8 @@ class _Session:
     def _encode_held(self) -> None:
         """Queue the GRANT_ACKs `poll_answer` held back, ahead of anything encoded after."""
         held, self._held = self._held, []
-        for ack in held:
-            self._append(self.conn.send(ack).data)
+        for lease_id in held:
+            self._append(self.conn.send(GrantAck(lease_id)).data)
 
     def _append(self, data: bytes) -> None:
         self._out.append(data)
@@ -687,8 +688,8 @@ class _Session:
         await trio.lowlevel.cancel_shielded_checkpoint()
         await trio.lowlevel.cancel_shielded_checkpoint()
         acks, self._after_served = self._after_served, []
-        for ack in acks:
-            self.send(ack)
+        for lease_id in acks:
+            self.send(GrantAck(lease_id))
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Grant):
@@ -746,7 +747,7 @@ class _Session:
             self._nack(g.lease_id, refused.reason, str(refused))
             return
         if served:
-            self._after_served.append(GrantAck(g.lease_id))
+            self._after_served.append(g.lease_id)
         else:
             self.send(GrantAck(g.lease_id))
 
