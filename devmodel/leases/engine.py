@@ -664,7 +664,11 @@ class LeaseEngine:
             )
         if len(self._live) >= self.config.max_leases:
             raise GrantRefused(NackReason.TOO_MANY_LEASES, f"{len(self._live)} leases are live")
-        pieces = self._table.overlapping(offset, offset + length)
+        w = self._table.find(offset)
+        if w is not None and w.start == offset and w.length == length:
+            pieces = [w]  # the window a page-in asked for: nothing else can meet its range
+        else:
+            pieces = self._table.overlapping(offset, offset + length)
         for w in pieces:
             if w.state in LIVE:
                 raise GrantRefused(
