@@ -73,7 +73,11 @@ class ThreadRig:
         return self.engine.counters
 
     async def connected(self) -> None:
-        """Connected, and every window lent and evicted (ThreadLender's opening)."""
+        """Connected, every window lent and evicted (ThreadLender's opening), and the link's
+        reader parked on the empty socket again. Only then may an access poll (the reader may
+        be in no step of its own): a reader that used up its time slice on the opening waits
+        at a checkpoint instead, and an access that never awaits would find it there in every
+        poll (a flake of these tests on a slow machine, seen ~1 run in 13)."""
         await wait_until(lambda: self.link.connected)
         await wait_until(
             lambda: (
@@ -81,6 +85,11 @@ class ThreadRig:
                 and all(w.state is WindowState.EVICTED for w in self.engine.windows())
             )
         )
+        await wait_until(self.reader_parked)
+
+    def reader_parked(self) -> bool:
+        session = self.link._session
+        return session is not None and session._idle
 
 
 @contextlib.asynccontextmanager

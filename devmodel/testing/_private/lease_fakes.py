@@ -93,6 +93,10 @@ class FakeLender:
         if not self.reachable:
             return False
         self.unanswered.append(pi)
+        if self.inline is not None and self.answers_later:
+            # The engine books an early PAGE_IN after this returns (LenderPort.answers_later):
+            # an answer inside the call would come before it.
+            raise AssertionError("an inline lender cannot answer later: set answers_later")
         if self._arrival is not None:
             self._arrival.set()
             self._arrival = None
