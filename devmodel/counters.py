@@ -26,7 +26,9 @@ class DeviceCounters:
     grants: int = 0
     grant_nacks: int = 0
     revokes: int = 0
-    # Accesses that had to wait for a revoke or a page-in.
+    # Accesses that met their memory not resident and had to wait for a revoke or a page-in;
+    # one that asked for its page-in from the fast path's miss counts once, there, even when
+    # the grant came before it reached the wait (LeaseEngine._ask_early).
     faults: int = 0
     lender_losses: int = 0
     # Adaptive polling of the transport's socket (devmodel/polling.py): spins that caught a

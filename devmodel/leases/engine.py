@@ -127,6 +127,9 @@ class _Request:
     request_id: int
     start: int
     end: int
+    # Asked from the fast path's miss (`_ask_early`), whose access was counted as a fault
+    # there; the first access to wait on it is that one, or stands in for it.
+    early: bool = False
 
 
 EventSink = Callable[[str, dict[str, object]], None]
@@ -435,8 +438,12 @@ class LeaseEngine:
                 continue  # an in-process lender may have answered already
             # REVOKING or PAGING_IN: wait for it, within the deadline.
             if not waited:
-                self.counters.faults += 1
                 waited = True
+                req = self._requests.get(w.request_id) if state is S.PAGING_IN else None
+                if req is not None and req.early:
+                    req.early = False  # counted when it was asked (`_ask_early`)
+                else:
+                    self.counters.faults += 1
             pending = Pending(offset, size, data)
             w.wait(pending)
             done = pending.done
@@ -520,15 +527,20 @@ class LeaseEngine:
         if port is not None and port.answers_later:
             rid = self._next_request
             if port.send_page_in(rid, w.start, w.length, access):
-                self._book_page_in(w, rid)
+                self._book_page_in(w, rid).early = True
+                # The access has met its memory evicted: a fault, whether or not it still
+                # has to wait when it reaches the slow path (a transport that hands it to a
+                # worker, libvfio-user's, may find the grant there before it).
+                self.counters.faults += 1
 
-    def _book_page_in(self, w: Window, rid: int) -> None:
+    def _book_page_in(self, w: Window, rid: int) -> _Request:
         self._next_request = rid + 1
         self._update(w, Trigger.FAULT)
         w.request_id = rid
-        self._requests[rid] = _Request(rid, w.start, w.end)
+        req = self._requests[rid] = _Request(rid, w.start, w.end)
         self.counters.page_ins += 1
         self._emit("PAGE_IN_REQUESTED", {"request": rid, "offset": w.start, "length": w.length})
+        return req
 
     # ------------------------------------------------------------------ lender side
 

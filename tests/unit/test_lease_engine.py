@@ -543,7 +543,8 @@ async def test_a_lender_that_answers_later_is_asked_from_the_fast_paths_miss(
     access = Access.WRITE if write else Access.READ
     assert lender.page_ins == [RecordedPageIn(1, 0, 2 * PAGE, access)]
     assert rig.state(0) is S.PAGING_IN and e.outstanding_page_ins() == 1
-    assert e.counters.page_ins == 1 and e.counters.faults == 0
+    # Counted as a fault at once: the access met its memory evicted, whether it waits or not.
+    assert e.counters.page_ins == 1 and e.counters.faults == 1
     assert [n for n, _ in rig.events][-1] == "PAGE_IN_REQUESTED"
     async with trio.open_nursery() as nursery:
         if write:
@@ -559,6 +560,35 @@ async def test_a_lender_that_answers_later_is_asked_from_the_fast_paths_miss(
         assert box.get() == pattern(4, 2 * PAGE)[PAGE + 8 : PAGE + 16]
     c = e.counters
     assert (c.page_ins, c.faults, c.failed_accesses) == (1, 1, 0)
+
+
+async def test_an_access_asked_from_the_miss_is_one_fault_however_long_it_waits(rig: Rig) -> None:
+    """The fault is counted when the fast path's miss asks: once for that access whether the
+    grant beats it to the slow path (libvfio-user's worker hand-off) or it waits there; an
+    access that waits beside it on the same page-in is a fault of its own."""
+    e, lender = rig.engine, rig.lender
+    lender.answers_later = True
+    home = rig.fd(APERTURE, fill=pattern(5, 2 * PAGE))
+    lease = lender.grant(0, PAGE, home)
+    other = lender.grant(PAGE, PAGE, home, PAGE)
+    await e.revoke(lease, EVICT)
+    await e.revoke(other, EVICT)
+    # Answered before the access comes back: it reads resident memory, one fault all the same.
+    assert e.read_now(8, 8) is None
+    lender.answer(lender.take(), home)
+    assert await e.read(8, 8) == pattern(5, 2 * PAGE)[8:16]
+    assert (e.counters.faults, e.counters.page_ins) == (1, 1)
+    # Two accesses on one page-in: the asking one and one beside it, both waiting.
+    assert e.read_now(PAGE, 8) is None
+    async with trio.open_nursery() as nursery:
+        first = spawn(nursery, e.read, PAGE, 8)
+        second = spawn(nursery, e.read, PAGE + 8, 8)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(lender.page_ins) == 2  # one PAGE_IN per window
+        lender.answer(lender.take(), home, PAGE)
+    assert first.get() == pattern(5, 2 * PAGE)[PAGE : PAGE + 8]
+    assert second.get() == pattern(5, 2 * PAGE)[PAGE + 8 : PAGE + 16]
+    assert (e.counters.faults, e.counters.page_ins) == (3, 2)
 
 
 async def test_a_miss_does_not_ask_a_lender_that_answers_inside_the_call(rig: Rig) -> None:
