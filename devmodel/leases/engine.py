@@ -97,7 +97,9 @@ class AccessObserver(Protocol):
 
     def fault(self, ns: int) -> None:
         """The access just given to `access` faulted: its memory was not resident when it
-        came (evicted, paging in or being revoked), so it asked for a page-in or waited."""
+        came (evicted, paging in or being revoked), so it asked for a page-in or waited. An
+        access whose early PAGE_IN (`_ask_early`) was answered before it reached the slow
+        path is counted in `faults` but timed only as an access."""
 
     def revoke(self, ns: int) -> None:
         """A revoke finished (or failed) after `ns` nanoseconds."""

@@ -62,7 +62,8 @@ COUNTER_HELP: Final = {
 
 HISTOGRAM_HELP: Final = {
     "access": "time the device model spent on a trapped access to lent memory",
-    "fault": "time a faulting access took, page-in or revoke wait included",
+    "fault": "time a faulting access took, page-in or revoke wait included (one whose grant "
+    "came before it reached the wait is in faults, not timed here)",
     "revoke": "time from a revoke's start to its acknowledgement",
 }
 
