@@ -582,7 +582,7 @@ class LeaseEngine:
             prot=prot,
             lease_id=lease_id,
         )
-        served: list[Pending] = []
+        served: list[Pending]
         if len(pieces) == 1 and pieces[0].start == offset and pieces[0].length == length:
             # The usual grant: a page-in's answer for just the window it asked for.
             old = pieces[0]
@@ -591,7 +591,7 @@ class LeaseEngine:
             self._table.replace(old, w)
             self._forget_evicted(old)
         else:
-            self._grant_over(pieces, offset, end, served)
+            served = self._grant_over(pieces, offset, end)
             self._table.add(w)
         self._live[lease_id] = w
         self.counters.grants += 1
@@ -621,11 +621,10 @@ class LeaseEngine:
             p.done.set()
         return len(served)
 
-    def _grant_over(
-        self, pieces: list[Window], offset: int, end: int, served: list[Pending]
-    ) -> None:
+    def _grant_over(self, pieces: list[Window], offset: int, end: int) -> list[Pending]:
         """Take `[offset, end)` out of the windows it meets, keeping what lies outside it as
-        windows of their own, and their waiters inside it into `served`."""
+        windows of their own; the waiters inside it, in order."""
+        served: list[Pending] = []
         for old in pieces:
             transition(old.state, Trigger.GRANT)  # validates; the part granted becomes RESIDENT
             served += old.take_waiters(offset, end)
@@ -644,6 +643,7 @@ class LeaseEngine:
                     self._table.add(rest)
                     if rest.state in (S.EVICTED, S.PAGING_IN):
                         self._evicted.setdefault(rest.lease_id, set()).add(rest)
+        return served
 
     def _map_dmabuf(self, fd: int, fd_offset: int, length: int, prot: int) -> DmabufMapping:
         """Map a dma-buf lease's range, or release `fd` and raise GrantRefused (BAD_FD: the

@@ -4,6 +4,8 @@ state the two give the same bytes, or the same error, and leave the same bookkee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,9 +36,9 @@ lengths = st.one_of(
 accesses = st.one_of(st.sampled_from(list(lp.Access)), st.integers(-1, 4), st.just(2**32))
 
 
-def outcome(call: object) -> tuple[str, object]:
+def outcome(call: Callable[[], object]) -> tuple[str, object]:
     try:
-        return "ok", call() if callable(call) else call
+        return "ok", call()
     except lp.LeaseProtocolError as exc:
         return "error", (str(exc), exc.fatal)
 
